@@ -1,0 +1,36 @@
+# make demo : build the environment, make a synthetic face dataset, train on 2 CPU ranks, report accuracy
+# make test : build the environment and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+# A machine without an NVIDIA driver gets the CPU build of torch, never the multi-GB CUDA one.
+ifeq ($(shell command -v nvidia-smi),)
+TORCH_SPEC := torch==$(TORCH_VERSION)+cpu
+TORCH_FALLBACK_INDEX := --index-url https://download.pytorch.org/whl/cpu
+else
+TORCH_SPEC := torch==$(TORCH_VERSION)
+TORCH_FALLBACK_INDEX :=
+endif
+STAMP := $(VENV)/.installed
+
+.PHONY: env test demo clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/cpu.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q "$(TORCH_SPEC)" $(TORCH_FALLBACK_INDEX)
+	$(BIN)/pip install -q -r requirements/cpu.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python tools/make_demo_data.py --out data/demo
+	$(BIN)/torchrun --nproc_per_node=2 -m sface_dist.train configs/demo.yaml
+
+clean:
+	rm -rf $(VENV) runs/demo data/demo
