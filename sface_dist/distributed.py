@@ -1,0 +1,232 @@
+"""Process-group setup and the autograd-aware collectives of the sharded head.
+
+``init_distributed`` reads the torchrun (or SLURM) environment and picks NCCL on
+CUDA, gloo on CPU; without that environment it runs as a single process.
+
+The head's data flow is two collectives with autograd rules:
+
+* ``gather_embeddings``: all-gather of ragged per-rank batches; its backward is a
+  reduce-scatter (sum) of the gradient, because every rank scores every row
+  against its own classes;
+* ``reduce_from_shards``: all-reduce (sum) of per-shard loss partials; its
+  backward is the identity, because each shard's partial depends only on that
+  shard's classes.
+"""
+
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+
+# torch >= 2.13 renames the fixed-size collectives; older releases only have the *_tensor names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistEnv:
+    """Initialise the default process group from torchrun or SLURM variables.
+
+    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; under
+    ``srun`` the SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID variables are used and
+    MASTER_ADDR/MASTER_PORT must be exported by the batch script.
+    """
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if world_size > 1 and not dist.is_initialized():
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise RuntimeError(f"{name} is not set: launch with torchrun, or export it in the SLURM script")
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+            device_id=device if backend == "nccl" else None,
+        )
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def group_rank(group: ProcessGroup | None) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def group_size(group: ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous ``[start, end)`` slice of classes owned by ``rank``; sizes differ by at most one."""
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def gather_sizes(count: int, device: torch.device, group: ProcessGroup | None) -> list[int]:
+    """Every rank's row count (one small all-gather)."""
+    world = group_size(group)
+    if world == 1:
+        return [count]
+    local = torch.tensor([count], dtype=torch.int64, device=device)
+    sizes = torch.empty(world, dtype=torch.int64, device=device)
+    _all_gather_single(sizes, local, group=group)
+    return sizes.tolist()
+
+
+def _padded(tensor: Tensor, rows: int) -> Tensor:
+    if tensor.shape[0] == rows:
+        return tensor.contiguous()
+    pad = tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))
+    return torch.cat([tensor, pad])
+
+
+def _all_gather_ragged(tensor: Tensor, sizes: list[int], group: ProcessGroup | None) -> Tensor:
+    """Concatenate every rank's ``tensor`` (first dims ``sizes``) in rank order.
+
+    Pads to the largest size so that the fixed-size all-gather works on every
+    backend, then drops the padding.
+    """
+    rows = max(sizes)
+    out = tensor.new_empty((len(sizes) * rows, *tensor.shape[1:]))
+    _all_gather_single(out, _padded(tensor, rows), group=group)
+    return torch.cat([out[r * rows : r * rows + n] for r, n in enumerate(sizes)])
+
+
+class _GatherEmbeddings(torch.autograd.Function):
+    """All-gather forward, reduce-scatter (sum) backward."""
+
+    @staticmethod
+    def forward(ctx, local: Tensor, sizes: list[int], group: ProcessGroup | None) -> Tensor:
+        ctx.sizes, ctx.group = sizes, group
+        return _all_gather_ragged(local, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        sizes, group = ctx.sizes, ctx.group
+        rows = max(sizes)
+        chunks = torch.split(grad.contiguous(), sizes)
+        padded = torch.cat([_padded(chunk, rows) for chunk in chunks])
+        local = grad.new_empty((rows, *grad.shape[1:]))
+        _reduce_scatter_single(local, padded, op=dist.ReduceOp.SUM, group=group)
+        return local[: sizes[group_rank(group)]], None, None
+
+
+def gather_embeddings(
+    local: Tensor, group: ProcessGroup | None, sizes: list[int] | None = None
+) -> tuple[Tensor, list[int]]:
+    """All-gather ragged row blocks from every rank; differentiable (backward = reduce-scatter).
+
+    Returns the gathered tensor and the per-rank row counts.
+    """
+    if group_size(group) == 1:
+        return local, [local.shape[0]]
+    if sizes is None:
+        sizes = gather_sizes(local.shape[0], local.device, group)
+    return _GatherEmbeddings.apply(local, sizes, group), sizes
+
+
+def gather_labels(local: Tensor, sizes: list[int], group: ProcessGroup | None) -> Tensor:
+    """All-gather labels (no gradient) with the row counts from ``gather_embeddings``."""
+    if group_size(group) == 1:
+        return local
+    return _all_gather_ragged(local, sizes, group)
+
+
+class _ReduceFromShards(torch.autograd.Function):
+    """All-reduce (sum) forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, partial: Tensor, group: ProcessGroup | None) -> Tensor:
+        total = partial.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def reduce_from_shards(partial: Tensor, group: ProcessGroup | None) -> Tensor:
+    """Sum per-shard partials into the global value; gradient flows to each local partial unchanged."""
+    if group_size(group) == 1:
+        return partial
+    return _ReduceFromShards.apply(partial, group)
+
+
+def all_reduce_sum(tensor: Tensor, group: ProcessGroup | None) -> Tensor:
+    """Plain (non-differentiable) in-place sum across ranks, for diagnostics."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def all_reduce_max(tensor: Tensor, group: ProcessGroup | None) -> Tensor:
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
+def barrier(group: ProcessGroup | None = None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def _allreduce_sum_hook(group: ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """DDP communication hook that sums gradients instead of averaging them."""
+    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def data_parallel(module: nn.Module, env: DistEnv, group: ProcessGroup | None = None) -> nn.Module:
+    """Wrap the backbone in DDP with *summed* gradients (identity when running alone).
+
+    The head's loss is already the global-batch loss and the embedding gradient
+    reaching each rank is exact (reduce-scatter in ``gather_embeddings``), so each
+    rank's backbone gradient is its rows' share of the global gradient: summing,
+    not averaging, gives the gradient of one process on the whole batch.
+    """
+    if group_size(group) == 1:
+        return module
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel(module, device_ids=device_ids, process_group=group)
+    ddp.register_comm_hook(group, _allreduce_sum_hook)
+    return ddp

@@ -1,0 +1,202 @@
+"""SFace math on one block of classes: loss partial, gradients and diagnostics.
+
+For normalised rows x̂_i and class centres ŵ_j, cos_ij = x̂_i·ŵ_j and, with the
+sigmoid re-scale weights under stop-gradient (DESIGN.md §3),
+
+    L = (1/B) Σ_i [ -s·r_intra(θ_iy)·cos_iy + Σ_{j≠y} s·r_inter(θ_ij)·cos_ij ]
+
+so L = Σ_ij G_ij·cos_ij with G = ∂L/∂cos known as soon as cos is. A block only
+needs its own classes: shards never exchange softmax statistics.
+
+Two implementations share one signature (``BlockFn``):
+
+* ``sface_block_dense``: autograd through the [B, C] cosine block — the reference;
+* ``sface_block_chunked``: walks the classes in chunks and produces the loss and
+  both gradients in one pass, keeping extra memory O(B·chunk + C·D).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NUM_SCALAR_STATS = 5
+"""intra sum, inter sum, target-cos sum, non-target-cos sum, non-target count."""
+
+
+@dataclass(frozen=True)
+class SFaceParams:
+    """Loss hyper-parameters (official defaults: s=64, k=80, a=0.80, b=1.23)."""
+
+    s: float = 64.0
+    k: float = 80.0
+    a: float = 0.80
+    b: float = 1.23
+
+
+@dataclass
+class BlockResult:
+    """What one block of classes contributes.
+
+    ``loss`` is this block's partial of the global loss (differentiable);
+    ``scalar_stats`` holds the NUM_SCALAR_STATS sums; ``cos_target`` is each row's
+    target cosine (0 where the target is in another block) and ``max_nontarget`` each
+    row's largest non-target cosine in this block (-inf if none).
+    """
+
+    loss: Tensor
+    scalar_stats: Tensor
+    cos_target: Tensor
+    max_nontarget: Tensor
+
+
+BlockFn = Callable[[Tensor, Tensor, Tensor, SFaceParams, float], BlockResult]
+"""(x_hat [B, D], weight [C, D], local_labels [B] (-1: not in block), params, 1/B) -> BlockResult."""
+
+
+def sigmoid_weights(cos: Tensor, params: SFaceParams) -> tuple[Tensor, Tensor]:
+    """r_intra(θ) and r_inter(θ) for θ = acos(clamp(cos)), in at least fp32.
+
+    The clamp matters: fp32 self-dots exceed 1 and an unclamped acos returns NaN.
+    """
+    dtype = torch.promote_types(cos.dtype, torch.float32)
+    theta = torch.acos(cos.detach().to(dtype).clamp(-1.0, 1.0))
+    r_intra = torch.sigmoid(params.k * (theta - params.a))
+    r_inter = torch.sigmoid(-params.k * (theta - params.b))
+    return r_intra, r_inter
+
+
+def cos_gradient(cos: Tensor, target_mask: Tensor, params: SFaceParams, inv_batch: float) -> Tensor:
+    """G = ∂L/∂cos: -(s/B)·r_intra on targets, (s/B)·r_inter elsewhere."""
+    r_intra, r_inter = sigmoid_weights(cos, params)
+    return torch.where(target_mask, -r_intra, r_inter) * (params.s * inv_batch)
+
+
+def _target_mask(local_labels: Tensor, start: int, width: int) -> Tensor:
+    """[B, width] boolean mask of each row's target inside classes [start, start+width)."""
+    columns = torch.arange(start, start + width, device=local_labels.device)
+    return local_labels.unsqueeze(1) == columns.unsqueeze(0)
+
+
+def _block_stats(cos: Tensor, grad_cos: Tensor, target_mask: Tensor, inv_batch: float) -> Tensor:
+    """Scalar sums of one cosine block (no gradient, no host sync)."""
+    cos = cos.detach()
+    weighted = (grad_cos * cos) / inv_batch
+    weighted_target = torch.where(target_mask, weighted, 0.0).sum()
+    cos_target = torch.where(target_mask, cos, 0.0).sum()
+    num_targets = target_mask.sum().to(cos.dtype)
+    return torch.stack(
+        [
+            weighted_target,
+            weighted.sum() - weighted_target,
+            cos_target,
+            cos.sum() - cos_target,
+            cos.numel() - num_targets,
+        ]
+    ).to(torch.promote_types(cos.dtype, torch.float32))
+
+
+def _row_extremes(cos: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor]:
+    cos = cos.detach()
+    cos_target = torch.where(target_mask, cos, torch.zeros_like(cos)).sum(dim=1)
+    max_nontarget = cos.masked_fill(target_mask, -math.inf).amax(dim=1) if cos.shape[1] else cos.new_full(
+        (cos.shape[0],), -math.inf
+    )
+    return cos_target, max_nontarget
+
+
+def sface_block_dense(
+    x_hat: Tensor, weight: Tensor, local_labels: Tensor, params: SFaceParams, inv_batch: float
+) -> BlockResult:
+    """Reference: materialise the [B, C] cosines and let autograd differentiate."""
+    w_hat = F.normalize(weight.to(x_hat.dtype), dim=1)
+    cos = x_hat @ w_hat.t()
+    target_mask = _target_mask(local_labels, 0, weight.shape[0])
+    grad_cos = cos_gradient(cos, target_mask, params, inv_batch).to(cos.dtype)
+    loss = (grad_cos * cos).sum()
+    cos_target, max_nontarget = _row_extremes(cos, target_mask)
+    stats = _block_stats(cos, grad_cos, target_mask, inv_batch)
+    return BlockResult(loss, stats, cos_target, max_nontarget)
+
+
+DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
+
+
+def auto_chunk_size(batch: int, num_classes: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
+    """Classes per chunk so that the ~4 [B, chunk] fp32 temporaries fit in ``budget_bytes``."""
+    per_class = max(batch, 1) * 4 * 4
+    return int(max(1, min(num_classes, budget_bytes // per_class)))
+
+
+class _ChunkedSFace(torch.autograd.Function):
+    """Loss and both gradients in one pass over class chunks.
+
+    Because G = ∂L/∂cos is known in the forward pass, the gradients w.r.t. x̂ and
+    the raw weight are computed there and only scaled by the incoming gradient in
+    backward; no [B, C] tensor is ever held.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x_hat: Tensor,
+        weight: Tensor,
+        local_labels: Tensor,
+        params: SFaceParams,
+        inv_batch: float,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        batch, num_classes = x_hat.shape[0], weight.shape[0]
+        compute_dtype = x_hat.dtype
+        loss = x_hat.new_zeros((), dtype=torch.promote_types(compute_dtype, torch.float32))
+        stats = loss.new_zeros(NUM_SCALAR_STATS)
+        cos_target = x_hat.new_zeros(batch)
+        max_nontarget = x_hat.new_full((batch,), -math.inf)
+        grad_x_hat = torch.zeros_like(x_hat)
+        grad_weight = torch.empty_like(weight)
+        for start in range(0, num_classes, chunk_size):
+            w = weight[start : start + chunk_size].to(compute_dtype)
+            norm = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            w_hat = w / norm
+            cos = x_hat @ w_hat.t()
+            target_mask = _target_mask(local_labels, start, w.shape[0])
+            grad_cos = cos_gradient(cos, target_mask, params, inv_batch).to(compute_dtype)
+            loss += (grad_cos * cos).sum()
+            stats += _block_stats(cos, grad_cos, target_mask, inv_batch)
+            chunk_target, chunk_max = _row_extremes(cos, target_mask)
+            cos_target += chunk_target
+            torch.maximum(max_nontarget, chunk_max, out=max_nontarget)
+            grad_x_hat.addmm_(grad_cos, w_hat)
+            grad_w_hat = grad_cos.t() @ x_hat
+            radial = (grad_w_hat * w_hat).sum(dim=1, keepdim=True)
+            grad_weight[start : start + chunk_size] = ((grad_w_hat - w_hat * radial) / norm).to(weight.dtype)
+        ctx.save_for_backward(grad_x_hat, grad_weight)
+        ctx.mark_non_differentiable(stats, cos_target, max_nontarget)
+        return loss, stats, cos_target, max_nontarget
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
+        grad_x_hat, grad_weight = ctx.saved_tensors
+        return grad_x_hat * grad_loss, grad_weight * grad_loss, None, None, None, None
+
+
+def sface_block_chunked(
+    x_hat: Tensor,
+    weight: Tensor,
+    local_labels: Tensor,
+    params: SFaceParams,
+    inv_batch: float,
+    chunk_size: int = 0,
+) -> BlockResult:
+    """Chunked single-pass SFace block; ``chunk_size`` 0 picks one from a memory budget."""
+    if chunk_size <= 0:
+        chunk_size = auto_chunk_size(x_hat.shape[0], weight.shape[0])
+    loss, stats, cos_target, max_nontarget = _ChunkedSFace.apply(
+        x_hat, weight, local_labels, params, inv_batch, chunk_size
+    )
+    return BlockResult(loss, stats, cos_target, max_nontarget)
