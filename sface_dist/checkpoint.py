@@ -1,0 +1,193 @@
+"""Atomic, world-size-independent checkpoints.
+
+Layout of ``OUTPUT/checkpoints``::
+
+    step-00001200/
+        manifest.json            step, world size, class count, head files and their class ranges
+        trainer.pt               backbone, backbone optimizer, RNG state, data position (rank 0)
+        head-00000-00042.pt      one file per rank: class range [start, end), weight, momentum
+    latest                       name of the newest complete checkpoint
+
+A checkpoint is written into ``step-N.tmp`` and renamed once every rank has
+finished, so a crash never leaves a half-written ``step-N``. The head is stored by
+class range: a run with another number of ranks loads the rows it owns from
+whichever files overlap them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sface_dist.distributed import barrier
+
+LATEST = "latest"
+MANIFEST = "manifest.json"
+TRAINER_FILE = "trainer.pt"
+
+
+@dataclass
+class TrainerState:
+    """What resuming needs besides the head."""
+
+    step: int
+    backbone: dict[str, Any]
+    backbone_optimizer: dict[str, Any]
+    rng: dict[str, Any]
+
+
+def _step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def _head_file(start: int, end: int) -> str:
+    return f"head-{start:08d}-{end:08d}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _head_momentum(head_optimizer: torch.optim.Optimizer, weight: nn.Parameter) -> torch.Tensor | None:
+    buffer = head_optimizer.state.get(weight, {}).get("momentum_buffer")
+    return None if buffer is None else buffer.detach().cpu()
+
+
+def save_checkpoint(
+    root: str | Path,
+    *,
+    rank: int,
+    world_size: int,
+    trainer_state: TrainerState,
+    head_weight: nn.Parameter,
+    head_optimizer: torch.optim.Optimizer,
+    class_range: tuple[int, int],
+    num_classes: int,
+    config: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Collective: every rank writes its head shard, rank 0 the rest, then the directory is published."""
+    root = Path(root)
+    final = _step_dir(root, trainer_state.step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    start, end = class_range
+    torch.save(
+        {
+            "class_start": start,
+            "class_end": end,
+            "weight": head_weight.detach().cpu(),
+            "momentum": _head_momentum(head_optimizer, head_weight),
+        },
+        tmp / _head_file(start, end),
+    )
+    barrier()
+    if rank == 0:
+        torch.save(trainer_state.__dict__, tmp / TRAINER_FILE)
+        manifest = {
+            "step": trainer_state.step,
+            "world_size": world_size,
+            "num_classes": num_classes,
+            "head_files": sorted(p.name for p in tmp.glob("head-*.pt")),
+            "config": config,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write_text(root / LATEST, final.name)
+        _prune(root, keep)
+    barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (a run's ``checkpoints`` dir), if any."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which has no {MANIFEST}")
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def load_trainer_state(path: str | Path) -> TrainerState:
+    return TrainerState(**torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=False))
+
+
+def load_head_shard(
+    path: str | Path, class_range: tuple[int, int], num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows ``[start, end)`` of the head weight (and momentum) assembled from the files that overlap them."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest["num_classes"] != num_classes:
+        raise ValueError(
+            f"{path}: checkpoint head has {manifest['num_classes']} classes, the run has {num_classes}"
+        )
+    start, end = class_range
+    weight: torch.Tensor | None = None
+    momentum: torch.Tensor | None = None
+    covered = 0
+    for name in manifest["head_files"]:
+        shard = torch.load(path / name, map_location="cpu", weights_only=True)
+        lo, hi = max(start, shard["class_start"]), min(end, shard["class_end"])
+        if lo >= hi:
+            continue
+        src = slice(lo - shard["class_start"], hi - shard["class_start"])
+        dst = slice(lo - start, hi - start)
+        if weight is None:
+            weight = shard["weight"].new_empty((end - start, shard["weight"].shape[1]))
+        weight[dst] = shard["weight"][src]
+        if shard["momentum"] is not None:
+            if momentum is None:
+                momentum = torch.zeros_like(weight)
+            momentum[dst] = shard["momentum"][src]
+        covered += hi - lo
+    if weight is None or covered != end - start:
+        raise ValueError(f"{path}: head files cover {covered} of the {end - start} classes [{start}, {end})")
+    return weight, momentum
