@@ -1,0 +1,73 @@
+"""End to end: demo data -> torchrun with 2 gloo ranks -> checkpoint -> resume on 1 rank."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ([0-9.]+)", re.MULTILINE)
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def torchrun(nproc: int, config: Path, *overrides: str) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "sface_dist.train", str(config)]
+    for override in overrides:
+        cmd += ["--set", override]
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "demo"
+    run(
+        [sys.executable, "tools/make_demo_data.py", "--out", str(out), "--identities", "24", "--images", "8",
+         "--heldout", "8", "--pairs", "40"],
+        ROOT,
+    )
+    return out
+
+
+def test_train_checkpoint_and_resume_at_another_world_size(demo_data: Path, tmp_path: Path) -> None:
+    config = tmp_path / "e2e.yaml"
+    config.write_text(
+        f"""
+data: {{backend: torch, root: {demo_data}, batch_size: 16, num_workers: 0}}
+model: {{backbone: tiny, embedding_size: 64}}
+head: {{a: 0.8, b: 1.23}}
+optim: {{lr: 0.1, warmup_steps: 5}}
+train: {{output: {tmp_path / 'run'}, steps: 36, log_every: 4, checkpoint_every: 24}}
+eval: {{bins: [{demo_data / 'heldout.bin'}], every: 1000, batch_size: 32}}
+"""
+    )
+    log = run(torchrun(2, config), ROOT)
+    losses = [float(m.group(3)) for m in STEP_LINE.finditer(log)]
+    assert len(losses) == 9, log
+    assert sum(losses[-3:]) < sum(losses[:3]), log
+    assert "final verification heldout: accuracy" in log
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-00000036"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000024", "step-00000036"]
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    saved = [torch.load(p, weights_only=True) for p in sorted((checkpoints / "step-00000036").glob("head-*.pt"))]
+    assert [(s["class_start"], s["class_end"]) for s in saved] == [(0, 12), (12, 24)]
+
+    resumed = run(torchrun(1, config, "train.steps=44"), ROOT)
+    assert "resumed from" in resumed and "at step 36" in resumed
+    steps = [int(m.group(1)) for m in STEP_LINE.finditer(resumed)]
+    assert steps == [40, 44], resumed
+    assert (checkpoints / "latest").read_text() == "step-00000044"
+    merged = torch.load(next((checkpoints / "step-00000044").glob("head-*.pt")), weights_only=True)
+    assert (merged["class_start"], merged["class_end"]) == (0, 24)
