@@ -47,16 +47,25 @@ class ModelConfig:
 @dataclass
 class HeadConfig:
     type: str = "sface"
+    """``sface``, or a margin baseline: ``arcface``, ``cosface``, ``combined``, ``softmax``."""
     s: float = 64.0
     k: float = 80.0
     a: float = 0.80
     b: float = 1.23
+    margin: list[float] = field(default_factory=list)
+    """Margin heads: (m1, m2, m3) of cos(m1·θ + m2) - m3; empty takes the type's default."""
     impl: str = "auto"
-    """``dense`` (reference), ``chunked`` (O(B x chunk) memory) or ``auto``."""
+    """SFace: ``dense`` (reference), ``chunked`` (O(B x chunk) memory) or ``auto``."""
     chunk_size: int = 0
     """Classes per chunk for ``chunked``; 0 picks one from a memory budget."""
+    precision: str = "fp32"
+    """Operand type of the head's matmuls: ``fp32``, ``tf32``, ``bf16`` or ``fp16`` (fp32 accumulation)."""
+    sample_rate: float = 1.0
+    """Partial FC: fraction of each shard's classes scored per step (positives always); 0: positives only."""
     init: str = "xavier"
     """``xavier`` (official SFace: xavier normal, gain 2, fan-out) or ``normal`` (std 0.01)."""
+    check_inputs: bool = False
+    """Debug: check labels and embeddings every step (costs a host sync)."""
 
 
 @dataclass
@@ -109,8 +118,9 @@ class Config:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.backend": ("torch", "synthetic"),
-    "head.type": ("sface",),
+    "head.type": ("sface", "arcface", "cosface", "combined", "softmax"),
     "head.impl": ("auto", "dense", "chunked"),
+    "head.precision": ("fp32", "tf32", "bf16", "fp16"),
     "head.init": ("xavier", "normal"),
     "train.amp": ("none", "bf16", "fp16"),
 }
@@ -212,6 +222,10 @@ def validate(cfg: Config, source: str = "config") -> None:
     for dotted, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{source}: {dotted}: must be >= 0, got {value}")
+    if not 0.0 <= cfg.head.sample_rate <= 1.0:
+        raise ConfigError(f"{source}: head.sample_rate: must be in [0, 1], got {cfg.head.sample_rate}")
+    if cfg.head.margin and len(cfg.head.margin) != 3:
+        raise ConfigError(f"{source}: head.margin: expected [m1, m2, m3], got {cfg.head.margin}")
     if cfg.train.steps == 0 and cfg.train.epochs == 0:
         raise ConfigError(f"{source}: train.steps and train.epochs are both 0: nothing to train")
     if cfg.data.backend == "torch" and not cfg.data.root:

@@ -32,7 +32,7 @@ from sface_dist.data.loader import build_loader
 from sface_dist.distributed import DistEnv, barrier, data_parallel
 from sface_dist.evaluation.bin_pack import VerificationPack, read_bin
 from sface_dist.evaluation.verification import VerificationResult, evaluate_pack
-from sface_dist.heads import HeadOutput, ShardedSFaceHead
+from sface_dist.heads import HeadOutput, ShardedSFaceHead, ShardSGD, build_head
 
 
 def learning_rate(step: int, total_steps: int, base_lr: float, cfg: OptimConfig) -> float:
@@ -86,14 +86,14 @@ class Trainer:
             backbone = backbone.to(memory_format=torch.channels_last)
         self.backbone = backbone
         self.model = data_parallel(backbone, env)
-        self.head = ShardedSFaceHead.from_config(
-            cfg.head, self.num_classes, cfg.model.embedding_size, process_group=None
+        self.head = build_head(
+            cfg.head, self.num_classes, cfg.model.embedding_size, process_group=None, seed=cfg.train.seed
         ).to(env.device)
         self.backbone_optimizer = torch.optim.SGD(
             backbone.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
-        self.head_optimizer = torch.optim.SGD(
-            self.head.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+        self.head_optimizer = ShardSGD(
+            self.head, lr=self.base_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
         self.step = 0
         self.packs: list[VerificationPack] = []
@@ -105,6 +105,11 @@ class Trainer:
             self.packs = [read_bin(path, cfg.data.image_size) for path in cfg.eval.bins]
         if cfg.train.resume:
             self._resume()
+
+    def head_description(self) -> str:
+        head = self.cfg.head
+        impl = f" ({self.head.impl})" if isinstance(self.head, ShardedSFaceHead) else ""
+        return f"{head.type}{impl}, {head.precision}, sample rate {head.sample_rate}"
 
     def log(self, message: str) -> None:
         if self.env.is_main:
@@ -130,7 +135,7 @@ class Trainer:
             self.head.weight.copy_(weight)
         if momentum is not None:
             self.head_optimizer.state[self.head.weight]["momentum_buffer"] = momentum.to(self.env.device)
-        self.step = state.step
+        self.step = self.head.step = state.step
         self.log(f"resumed from {path} at step {self.step}")
 
     def save(self) -> Path:
@@ -213,7 +218,7 @@ class Trainer:
         self.log(
             f"training {self.cfg.model.backbone} on {self.loader.num_images} images of {self.num_classes} "
             f"identities: {self.env.world_size} rank(s) x {self.cfg.data.batch_size}, {self.total_steps} steps, "
-            f"head impl {self.head.impl}, {self.head.class_end - self.head.class_start} classes on rank 0"
+            f"head {self.head_description()}, {self.head.class_end - self.head.class_start} classes on rank 0"
         )
         global_batch = self.cfg.data.batch_size * self.env.world_size
         start_step, started = self.step, time.perf_counter()

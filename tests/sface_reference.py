@@ -1,22 +1,41 @@
-"""Independent fp64 reference of the SFace loss, written straight from DESIGN.md §3."""
+"""Independent fp64 references of the heads, written straight from the formulas (DESIGN.md §3)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
-def sface_reference(
-    embeddings: Tensor, weight: Tensor, labels: Tensor, s: float, k: float, a: float, b: float
-) -> dict[str, Tensor]:
-    """Loss and diagnostics of one process over all classes, computed in fp64."""
+def _cosines(embeddings: Tensor, weight: Tensor) -> Tensor:
     x = embeddings.double()
     w = weight.double()
-    cos = (x / x.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).t()
+    return (x / x.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).t()
+
+
+def sface_reference(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    s: float,
+    k: float,
+    a: float,
+    b: float,
+    inter_scale: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Loss and diagnostics of one process over all classes of ``weight``, computed in fp64.
+
+    ``inter_scale`` [C] multiplies each class's inter term (Partial-FC correction).
+    """
+    cos = _cosines(embeddings, weight)
     theta = torch.acos(cos.detach().clamp(-1.0, 1.0))
     r_intra = 1.0 / (1.0 + torch.exp(-k * (theta - a)))
     r_inter = 1.0 / (1.0 + torch.exp(k * (theta - b)))
-    rows = torch.arange(x.shape[0])
+    if inter_scale is not None:
+        r_inter = r_inter * inter_scale.double()
+    rows = torch.arange(cos.shape[0])
     target = torch.zeros_like(cos, dtype=torch.bool)
     target[rows, labels] = True
     intra = -s * r_intra[rows, labels] * cos[rows, labels]
@@ -29,6 +48,31 @@ def sface_reference(
         "cos_target": cos.detach()[rows, labels].mean(),
         "cos_nontarget": cos.detach()[~target].mean(),
         "accuracy": (cos.detach()[rows, labels] > nontarget_cos.amax(dim=1)).double().mean(),
+    }
+
+
+def margin_reference(
+    embeddings: Tensor, weight: Tensor, labels: Tensor, s: float, m1: float, m2: float, m3: float
+) -> dict[str, Tensor]:
+    """Cross-entropy with target logit s·(cos(m1·θ + m2) - m3) (ArcFace / CosFace / combined), fp64."""
+    cos = _cosines(embeddings, weight).clamp(-1.0, 1.0)
+    rows = torch.arange(cos.shape[0])
+    target_cos = cos[rows, labels]
+    theta = torch.acos(target_cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7))
+    margined = torch.cos(m1 * theta + m2) - m3
+    if m1 == 1.0 and m2 > 0.0:
+        margined = torch.where(theta + m2 < math.pi, margined, target_cos - m2 * math.sin(m2) - m3)
+    elif m1 == 1.0 and m2 == 0.0:
+        margined = target_cos - m3
+    target = F.one_hot(labels, cos.shape[1]).bool()
+    logits = s * torch.where(target, margined.unsqueeze(1), cos)
+    return {
+        "loss": F.cross_entropy(logits, labels),
+        "cos_target": target_cos.detach().mean(),
+        "cos_nontarget": cos.detach()[~target].mean(),
+        "accuracy": (logits.detach()[rows, labels] > logits.detach().masked_fill(target, -math.inf).amax(1))
+        .double()
+        .mean(),
     }
 
 

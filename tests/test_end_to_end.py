@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ([0-9.]+)", re.MULTILINE)
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss (-?[0-9.]+)", re.MULTILINE)
 
 
 def run(cmd: list[str], cwd: Path) -> str:

@@ -1,27 +1,45 @@
 """The sharding invariant (DESIGN.md §4) on real gloo ranks.
 
 For world sizes 1-4, an uneven class split and ragged per-rank batches, the loss,
-the backbone gradients (after DDP) and the concatenated head gradient must equal
-one fp64 process training on the concatenated batch, to 1e-5 relative.
+the diagnostics, the backbone gradients (after DDP) and the concatenated head
+gradient must equal one fp64 process on the concatenated batch, to 1e-5 relative:
+for SFace (dense and chunked, full and Partial-FC sampled) and every margin head.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from rank_launcher import run_ranks
-from sface_reference import relative_error, sface_reference
+from sface_reference import margin_reference, relative_error, sface_reference
+from sface_dist.config import HeadConfig
 from sface_dist.distributed import DistEnv, class_range, data_parallel
-from sface_dist.heads import ShardedSFaceHead
+from sface_dist.heads import build_head
 
-NUM_CLASSES = 11
+NUM_CLASSES = 23
 IN_FEATURES, EMBEDDING = 6, 8
 ROWS_PER_RANK = {1: [12], 2: [5, 7], 3: [3, 5, 4], 4: [2, 4, 1, 5]}
-IMPLS = ("dense", "chunked")
-STAT_NAMES = ("loss", "intra", "inter", "cos_target", "cos_nontarget", "accuracy")
-PARAM_SETS = {"official": dict(s=64.0, k=80.0, a=0.80, b=1.23), "soft": dict(s=30.0, k=4.0, a=1.2, b=1.4)}
+OFFICIAL = dict(s=64.0, k=80.0, a=0.80, b=1.23)
+SOFT = dict(s=30.0, k=4.0, a=1.2, b=1.4)
+HEADS: dict[str, HeadConfig] = {
+    "sface-dense": HeadConfig(impl="dense", **OFFICIAL),
+    "sface-chunked": HeadConfig(impl="chunked", chunk_size=2, **OFFICIAL),
+    "sface-dense-soft": HeadConfig(impl="dense", **SOFT),
+    "sface-chunked-soft": HeadConfig(impl="chunked", chunk_size=2, **SOFT),
+    "sface-chunked-sampled": HeadConfig(impl="chunked", chunk_size=2, sample_rate=0.5, **SOFT),
+    "sface-positives-only": HeadConfig(impl="dense", sample_rate=0.0, **SOFT),
+    "arcface": HeadConfig(type="arcface", s=16.0),
+    "cosface": HeadConfig(type="cosface", s=16.0),
+    "combined": HeadConfig(type="combined", s=16.0),
+    "softmax": HeadConfig(type="softmax", s=16.0),
+    "arcface-sampled": HeadConfig(type="arcface", s=16.0, sample_rate=0.5),
+}
+STAT_NAMES = {"sface": ("loss", "intra", "inter", "cos_target", "cos_nontarget", "accuracy")}
+MARGIN_STAT_NAMES = ("loss", "cos_target", "cos_nontarget", "accuracy")
 
 
 def make_backbone() -> nn.Module:
@@ -34,58 +52,91 @@ def make_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     inputs = torch.randn(12, IN_FEATURES, generator=gen)
     labels = torch.randint(0, NUM_CLASSES, (12,), generator=gen)
+    assert len(set(labels.tolist())) < NUM_CLASSES - 8, "the problem needs negatives to sample"
     weight = torch.randn(NUM_CLASSES, EMBEDDING, generator=gen)
     with torch.no_grad():
         weight[labels[0]] = make_backbone()(inputs[:1])[0]
     return inputs, labels, weight
 
 
-def shard_worker(rank: int, world: int) -> dict[tuple[str, str], dict[str, object]]:
-    """Every (implementation, parameter set) on this rank's rows: one spawn per world size."""
+def stat_names(cfg: HeadConfig) -> tuple[str, ...]:
+    return STAT_NAMES.get(cfg.type, MARGIN_STAT_NAMES)
+
+
+def shard_worker(rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """Every head configuration on this rank's rows: one spawn per world size."""
     inputs, labels, weight = make_problem()
     sizes = ROWS_PER_RANK[world]
     start = sum(sizes[:rank])
     rows = slice(start, start + sizes[rank])
     env = DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
     results = {}
-    for impl in IMPLS:
-        for param_set, params in PARAM_SETS.items():
-            backbone = data_parallel(make_backbone(), env)
-            head = ShardedSFaceHead(NUM_CLASSES, EMBEDDING, impl=impl, chunk_size=2, **params)
-            with torch.no_grad():
-                head.weight.copy_(weight[head.class_start : head.class_end])
-            out = head(backbone(inputs[rows]), labels[rows])
-            out.loss.backward()
-            results[impl, param_set] = {
-                "range": head.class_range,
-                "head_grad": head.weight.grad.clone(),
-                "backbone_grads": [p.grad.clone() for p in backbone.parameters()],
-                "stats": {name: getattr(out, name).detach().clone() for name in STAT_NAMES},
-            }
+    for name, cfg in HEADS.items():
+        backbone = data_parallel(make_backbone(), env)
+        head = build_head(cfg, NUM_CLASSES, EMBEDDING, process_group=None, seed=5)
+        with torch.no_grad():
+            head.weight.copy_(weight[head.class_start : head.class_end])
+        out = head(backbone(inputs[rows]), labels[rows])
+        out.loss.backward()
+        sample = head.sample
+        results[name] = {
+            "range": head.class_range,
+            "head_grad": head.weight.grad.clone(),
+            "backbone_grads": [p.grad.clone() for p in backbone.parameters()],
+            "stats": {stat: getattr(out, stat).detach().clone() for stat in stat_names(cfg)},
+            "sampled_classes": None if sample is None else sample.rows + head.class_start,
+        }
     return results
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_sharded_head_matches_single_process_fp64(world: int) -> None:
+def test_sharded_heads_match_single_process_fp64(world: int) -> None:
     per_rank = run_ranks(shard_worker, world)
-    for impl in IMPLS:
-        for param_set in PARAM_SETS:
-            check_against_reference([r[impl, param_set] for r in per_rank], world, PARAM_SETS[param_set])
+    for name, cfg in HEADS.items():
+        check_against_reference(name, cfg, [r[name] for r in per_rank], world)
 
 
-def check_against_reference(results: list[dict[str, object]], world: int, params: dict[str, float]) -> None:
+def reference(cfg: HeadConfig, embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+              inter_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    if cfg.type == "sface":
+        return sface_reference(embeddings, weight, labels, cfg.s, cfg.k, cfg.a, cfg.b, inter_scale)
+    from sface_dist.heads.margin import MARGIN_TYPES
+
+    m1, m2, m3 = cfg.margin or MARGIN_TYPES[cfg.type]
+    return margin_reference(embeddings, weight, labels, cfg.s, m1, m2, m3)
+
+
+def expected_inter_scale(result: dict[str, Any], positives: set[int]) -> torch.Tensor:
+    """1 for a shard's positives, (available negatives / sampled negatives) for its sampled negatives."""
+    start, end = result["range"]
+    sampled = result["sampled_classes"].tolist()
+    shard_positives = {c for c in positives if start <= c < end}
+    kept_negatives = len(sampled) - len(shard_positives)
+    negative_scale = (end - start - len(shard_positives)) / kept_negatives if kept_negatives else 0.0
+    return torch.tensor([1.0 if c in shard_positives else negative_scale for c in sampled], dtype=torch.float64)
+
+
+def check_against_reference(name: str, cfg: HeadConfig, results: list[dict[str, Any]], world: int) -> None:
     inputs, labels, weight = make_problem()
     backbone = make_backbone().double()
     weight = weight.double().requires_grad_(True)
-    reference = sface_reference(backbone(inputs.double()), weight, labels, **params)
-    reference["loss"].backward()
+    classes = torch.arange(NUM_CLASSES)
+    inter_scale = None
+    if results[0]["sampled_classes"] is not None:
+        classes = torch.cat([r["sampled_classes"] for r in results])
+        inter_scale = torch.cat([expected_inter_scale(r, set(labels.tolist())) for r in results])
+        assert set(labels.tolist()) <= set(classes.tolist()), f"{name}: a positive class was not sampled"
+    position = torch.full((NUM_CLASSES,), -1, dtype=torch.long)
+    position[classes] = torch.arange(classes.numel())
+    expected = reference(cfg, backbone(inputs.double()), weight[classes], position[labels], inter_scale)
+    expected["loss"].backward()
 
     assert [r["range"] for r in results] == [class_range(NUM_CLASSES, r, world) for r in range(world)]
     for r in results:
-        for name in STAT_NAMES:
-            assert relative_error(r["stats"][name], reference[name]) < 1e-5, name
+        for stat in stat_names(cfg):
+            assert relative_error(r["stats"][stat], expected[stat]) < 1e-5, f"{name}: {stat}"
     head_grad = torch.cat([r["head_grad"] for r in results])
-    assert relative_error(head_grad, weight.grad) < 1e-5
+    assert relative_error(head_grad, weight.grad) < 1e-5, f"{name}: head gradient"
     for r in results:
         for got, param in zip(r["backbone_grads"], backbone.parameters(), strict=True):
-            assert relative_error(got, param.grad) < 1e-5
+            assert relative_error(got, param.grad) < 1e-5, f"{name}: backbone gradient"

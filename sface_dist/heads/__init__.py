@@ -1,6 +1,17 @@
 """Classifier heads sharded by class across ranks."""
 
+from sface_dist.heads.build import build_head
+from sface_dist.heads.margin import ShardedMarginHead
+from sface_dist.heads.optim import ShardSGD
 from sface_dist.heads.sface import SFaceParams
-from sface_dist.heads.sharded import HeadOutput, ShardedSFaceHead
+from sface_dist.heads.sharded import HeadOutput, ShardedHead, ShardedSFaceHead
 
-__all__ = ["HeadOutput", "SFaceParams", "ShardedSFaceHead"]
+__all__ = [
+    "HeadOutput",
+    "SFaceParams",
+    "ShardSGD",
+    "ShardedHead",
+    "ShardedMarginHead",
+    "ShardedSFaceHead",
+    "build_head",
+]

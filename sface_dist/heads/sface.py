@@ -17,9 +17,10 @@ Two implementations share one signature (``BlockFn``):
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +56,49 @@ class BlockResult:
     max_nontarget: Tensor
 
 
-BlockFn = Callable[[Tensor, Tensor, Tensor, SFaceParams, float], BlockResult]
-"""(x_hat [B, D], weight [C, D], local_labels [B] (-1: not in block), params, 1/B) -> BlockResult."""
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """How one block is computed.
+
+    ``inv_batch`` is 1/B for the global batch B. ``precision`` is the operand type of
+    the three matmuls (cos, ∂x̂, ∂ŵ); accumulation, normalisation and the sigmoid
+    weights stay in fp32 or wider.
+    """
+
+    inv_batch: float
+    precision: str = "fp32"
+
+
+BlockFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", SFaceParams, BlockOptions], BlockResult]
+"""(x_hat [B, D], weight [C, D], local_labels [B] (-1: not in block), inter_scale [C] or None,
+params, options) -> BlockResult. ``inter_scale`` multiplies each class's inter term (the
+Partial-FC correction for sampled negatives); None means 1."""
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """Allow TF32 tensor cores for fp32 CUDA matmuls inside the block only."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+_LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def matmul(a: Tensor, b: Tensor, precision: str) -> Tensor:
+    """``a @ b`` with operands in ``precision`` and the result in ``a``'s dtype (fp32 accumulation)."""
+    low = _LOW_PRECISION.get(precision)
+    if low is None or a.dtype == torch.float64:
+        with _tf32(precision == "tf32"):
+            return a @ b
+    return (a.to(low) @ b.to(low)).to(a.dtype)
 
 
 def sigmoid_weights(cos: Tensor, params: SFaceParams) -> tuple[Tensor, Tensor]:
@@ -71,10 +113,25 @@ def sigmoid_weights(cos: Tensor, params: SFaceParams) -> tuple[Tensor, Tensor]:
     return r_intra, r_inter
 
 
-def cos_gradient(cos: Tensor, target_mask: Tensor, params: SFaceParams, inv_batch: float) -> Tensor:
-    """G = ∂L/∂cos: -(s/B)·r_intra on targets, (s/B)·r_inter elsewhere."""
+def cos_gradient(
+    cos: Tensor, target_mask: Tensor, inter_scale: Tensor | None, params: SFaceParams, inv_batch: float
+) -> Tensor:
+    """G = ∂L/∂cos: -(s/B)·r_intra on targets, (s/B)·r_inter·inter_scale elsewhere."""
     r_intra, r_inter = sigmoid_weights(cos, params)
+    if inter_scale is not None:
+        r_inter = r_inter * inter_scale.to(r_inter.dtype)
     return torch.where(target_mask, -r_intra, r_inter) * (params.s * inv_batch)
+
+
+def target_cosines(x_hat: Tensor, weight: Tensor, local_labels: Tensor) -> Tensor:
+    """Each row's target cosine in the input precision ([B]; rows whose target is elsewhere get 0).
+
+    With k=80 the intra weight moves by up to 0.02 per 1e-3 of cosine error near θ=a,
+    so the target cosines — B dot products — are never taken from a low-precision matmul.
+    """
+    w = weight[local_labels.clamp_min(0)].to(x_hat.dtype)
+    cos = (x_hat * w).sum(dim=1) / w.norm(dim=1).clamp_min(1e-12)
+    return torch.where(local_labels >= 0, cos, 0.0)
 
 
 def _target_mask(local_labels: Tensor, start: int, width: int) -> Tensor:
@@ -111,16 +168,23 @@ def _row_extremes(cos: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def sface_block_dense(
-    x_hat: Tensor, weight: Tensor, local_labels: Tensor, params: SFaceParams, inv_batch: float
+    x_hat: Tensor,
+    weight: Tensor,
+    local_labels: Tensor,
+    inter_scale: Tensor | None,
+    params: SFaceParams,
+    options: BlockOptions,
 ) -> BlockResult:
     """Reference: materialise the [B, C] cosines and let autograd differentiate."""
     w_hat = F.normalize(weight.to(x_hat.dtype), dim=1)
-    cos = x_hat @ w_hat.t()
     target_mask = _target_mask(local_labels, 0, weight.shape[0])
-    grad_cos = cos_gradient(cos, target_mask, params, inv_batch).to(cos.dtype)
+    cos = matmul(x_hat, w_hat.t(), options.precision)
+    if options.precision != "fp32":
+        cos = torch.where(target_mask, target_cosines(x_hat, weight, local_labels).unsqueeze(1), cos)
+    grad_cos = cos_gradient(cos, target_mask, inter_scale, params, options.inv_batch).to(cos.dtype)
     loss = (grad_cos * cos).sum()
     cos_target, max_nontarget = _row_extremes(cos, target_mask)
-    stats = _block_stats(cos, grad_cos, target_mask, inv_batch)
+    stats = _block_stats(cos, grad_cos, target_mask, options.inv_batch)
     return BlockResult(loss, stats, cos_target, max_nontarget)
 
 
@@ -147,11 +211,13 @@ class _ChunkedSFace(torch.autograd.Function):
         x_hat: Tensor,
         weight: Tensor,
         local_labels: Tensor,
+        inter_scale: Tensor | None,
         params: SFaceParams,
-        inv_batch: float,
+        options: BlockOptions,
         chunk_size: int,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         batch, num_classes = x_hat.shape[0], weight.shape[0]
+        inv_batch, precision = options.inv_batch, options.precision
         compute_dtype = x_hat.dtype
         loss = x_hat.new_zeros((), dtype=torch.promote_types(compute_dtype, torch.float32))
         stats = loss.new_zeros(NUM_SCALAR_STATS)
@@ -159,20 +225,24 @@ class _ChunkedSFace(torch.autograd.Function):
         max_nontarget = x_hat.new_full((batch,), -math.inf)
         grad_x_hat = torch.zeros_like(x_hat)
         grad_weight = torch.empty_like(weight)
+        exact_target = target_cosines(x_hat, weight, local_labels).unsqueeze(1) if precision != "fp32" else None
         for start in range(0, num_classes, chunk_size):
             w = weight[start : start + chunk_size].to(compute_dtype)
             norm = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
             w_hat = w / norm
-            cos = x_hat @ w_hat.t()
+            cos = matmul(x_hat, w_hat.t(), precision)
             target_mask = _target_mask(local_labels, start, w.shape[0])
-            grad_cos = cos_gradient(cos, target_mask, params, inv_batch).to(compute_dtype)
+            if exact_target is not None:
+                cos = torch.where(target_mask, exact_target, cos)
+            scale = None if inter_scale is None else inter_scale[start : start + chunk_size]
+            grad_cos = cos_gradient(cos, target_mask, scale, params, inv_batch).to(compute_dtype)
             loss += (grad_cos * cos).sum()
             stats += _block_stats(cos, grad_cos, target_mask, inv_batch)
             chunk_target, chunk_max = _row_extremes(cos, target_mask)
             cos_target += chunk_target
             torch.maximum(max_nontarget, chunk_max, out=max_nontarget)
-            grad_x_hat.addmm_(grad_cos, w_hat)
-            grad_w_hat = grad_cos.t() @ x_hat
+            grad_x_hat += matmul(grad_cos, w_hat, precision)
+            grad_w_hat = matmul(grad_cos.t(), x_hat, precision)
             radial = (grad_w_hat * w_hat).sum(dim=1, keepdim=True)
             grad_weight[start : start + chunk_size] = ((grad_w_hat - w_hat * radial) / norm).to(weight.dtype)
         ctx.save_for_backward(grad_x_hat, grad_weight)
@@ -182,21 +252,22 @@ class _ChunkedSFace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
         grad_x_hat, grad_weight = ctx.saved_tensors
-        return grad_x_hat * grad_loss, grad_weight * grad_loss, None, None, None, None
+        return grad_x_hat * grad_loss, grad_weight * grad_loss, None, None, None, None, None
 
 
 def sface_block_chunked(
     x_hat: Tensor,
     weight: Tensor,
     local_labels: Tensor,
+    inter_scale: Tensor | None,
     params: SFaceParams,
-    inv_batch: float,
+    options: BlockOptions,
     chunk_size: int = 0,
 ) -> BlockResult:
     """Chunked single-pass SFace block; ``chunk_size`` 0 picks one from a memory budget."""
     if chunk_size <= 0:
         chunk_size = auto_chunk_size(x_hat.shape[0], weight.shape[0])
     loss, stats, cos_target, max_nontarget = _ChunkedSFace.apply(
-        x_hat, weight, local_labels, params, inv_batch, chunk_size
+        x_hat, weight, local_labels, inter_scale, params, options, chunk_size
     )
     return BlockResult(loss, stats, cos_target, max_nontarget)

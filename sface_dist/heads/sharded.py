@@ -1,9 +1,13 @@
-"""``ShardedSFaceHead``: the SFace classifier with its class centres sharded across ranks.
+"""Classifier heads whose class centres are sharded across ranks.
 
-Per step (DESIGN.md §4): all-gather the local embeddings and labels, score all
-gathered rows against this rank's contiguous class range, sum the per-shard loss
-partials. The gather's backward reduce-scatters the embedding gradient; the head
-weight gets its own shard's gradient and is never wrapped by DDP.
+``ShardedHead`` owns what every sharded head shares: the contiguous class
+partition, the all-gather of embeddings and labels, Partial-FC sampling and input
+checks. ``ShardedSFaceHead`` scores the gathered rows with the SFace block math
+(DESIGN.md §3-4): its shards exchange nothing but the loss partials. The margin
+baselines (``heads/margin.py``) add a distributed softmax.
+
+The head is never wrapped by DDP: each shard has its own gradient and optimizer
+state (``heads/optim.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from sface_dist.config import HeadConfig
 from sface_dist.distributed import (
     all_reduce_max,
     all_reduce_sum,
@@ -27,55 +30,62 @@ from sface_dist.distributed import (
     group_size,
     reduce_from_shards,
 )
+from sface_dist.heads.sampling import SampledClasses, sample_classes, step_generator
 from sface_dist.heads.sface import (
     NUM_SCALAR_STATS,
-    BlockResult,
+    PRECISIONS,
+    BlockFn,
+    BlockOptions,
     SFaceParams,
     sface_block_chunked,
     sface_block_dense,
 )
 
-IMPLEMENTATIONS = ("dense", "chunked")
-
 
 @dataclass
 class HeadOutput:
-    """Global loss (differentiable) and the official SFace diagnostics, identical on every rank."""
+    """Global loss (differentiable) and diagnostics, identical on every rank.
+
+    For SFace: ``intra``/``inter`` are the means over rows of -s·r_intra·cos θ_y and
+    Σ_j s·r_inter·cos θ_j. Margin heads report their cross-entropy in ``loss`` and
+    leave ``intra``/``inter`` at 0.
+    """
 
     loss: Tensor
     intra: Tensor
-    """Mean over rows of -s·r_intra·cos θ_y."""
     inter: Tensor
-    """Mean over rows of Σ_j s·r_inter·cos θ_j."""
     cos_target: Tensor
     cos_nontarget: Tensor
     accuracy: Tensor
-    """Top-1 accuracy of the gathered batch over all classes."""
+    """Top-1 accuracy of the gathered batch over the scored classes of all shards."""
 
 
-def resolve_impl(impl: str) -> str:
-    """``auto`` -> the best implementation available here."""
-    if impl == "auto":
-        return "chunked"
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"head.impl: expected auto or one of {', '.join(IMPLEMENTATIONS)}, got {impl!r}")
-    return impl
+@dataclass
+class GatheredBatch:
+    """The global batch as one shard sees it."""
+
+    x_hat: Tensor
+    """Normalised gathered embeddings [B, D], fp32 (fp64 stays fp64)."""
+    labels: Tensor
+    """Global labels [B]."""
+    local_labels: Tensor
+    """Row index of each target in the scored weight rows; -1 where another shard owns it."""
+    weight: Tensor
+    """The weight rows scored this step (all of the shard, or the Partial-FC sample)."""
+    inter_scale: Tensor | None
+    """Per scored row: 1 for positives, 1/q for sampled negatives; None without sampling."""
 
 
-class ShardedSFaceHead(nn.Module):
-    """SFace classifier over ``num_classes`` identities, this rank holding ``class_range`` of them."""
+class ShardedHead(nn.Module):
+    """Class partition, gather, sampling and checks shared by the sharded heads."""
 
     def __init__(
         self,
         num_classes: int,
         embedding_size: int,
-        s: float = 64.0,
-        k: float = 80.0,
-        a: float = 0.80,
-        b: float = 1.23,
         process_group: ProcessGroup | None = None,
-        impl: str = "auto",
-        chunk_size: int = 0,
+        sample_rate: float = 1.0,
+        seed: int = 0,
         init: str = "xavier",
         check_inputs: bool = False,
     ) -> None:
@@ -83,33 +93,22 @@ class ShardedSFaceHead(nn.Module):
         world = group_size(process_group)
         if num_classes < world:
             raise ValueError(f"num_classes={num_classes} is smaller than the {world} ranks that shard it")
+        if not 0.0 <= sample_rate <= 1.0:
+            raise ValueError(f"head.sample_rate: expected a value in [0, 1], got {sample_rate}")
         self.num_classes = num_classes
         self.embedding_size = embedding_size
-        self.params = SFaceParams(s=s, k=k, a=a, b=b)
         self.process_group = process_group
-        self.impl = resolve_impl(impl)
-        self.chunk_size = chunk_size
+        self.sample_rate = sample_rate
+        self.seed = seed
         self.check_inputs = check_inputs
-        self.class_start, self.class_end = class_range(num_classes, group_rank(process_group), world)
+        self.rank = group_rank(process_group)
+        self.class_start, self.class_end = class_range(num_classes, self.rank, world)
         self.weight = nn.Parameter(torch.empty(self.class_end - self.class_start, embedding_size))
+        self.step = 0
+        """Forward calls so far: seeds the sampling, set by the trainer when resuming."""
+        self.sample: SampledClasses | None = None
+        """The Partial-FC draw of the last forward (None: every row); the optimizer updates only its rows."""
         self.reset_parameters(init)
-
-    @classmethod
-    def from_config(
-        cls, cfg: HeadConfig, num_classes: int, embedding_size: int, process_group: ProcessGroup | None
-    ) -> ShardedSFaceHead:
-        return cls(
-            num_classes,
-            embedding_size,
-            s=cfg.s,
-            k=cfg.k,
-            a=cfg.a,
-            b=cfg.b,
-            process_group=process_group,
-            impl=cfg.impl,
-            chunk_size=cfg.chunk_size,
-            init=cfg.init,
-        )
 
     @property
     def class_range(self) -> tuple[int, int]:
@@ -127,13 +126,8 @@ class ShardedSFaceHead(nn.Module):
             raise ValueError(f"head.init: expected xavier or normal, got {init!r}")
         self.weight.normal_(0.0, std)
 
-    def _block(self, x_hat: Tensor, local_labels: Tensor, inv_batch: float) -> BlockResult:
-        if self.impl == "dense":
-            return sface_block_dense(x_hat, self.weight, local_labels, self.params, inv_batch)
-        return sface_block_chunked(x_hat, self.weight, local_labels, self.params, inv_batch, self.chunk_size)
-
     def _check(self, embeddings: Tensor, labels: Tensor) -> None:
-        """Input validation that needs a host sync: only with ``check_inputs``."""
+        """Validation that needs a host sync: only with ``check_inputs`` (a debug option)."""
         bad = ((labels < 0) | (labels >= self.num_classes)).nonzero().flatten().tolist()
         if bad:
             raise ValueError(
@@ -143,8 +137,8 @@ class ShardedSFaceHead(nn.Module):
         if non_finite:
             raise ValueError(f"non-finite embeddings at rows {non_finite[:10]}")
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
-        """Loss and diagnostics for this rank's rows ``embeddings`` [b, D] with global ``labels`` [b]."""
+    def gather(self, embeddings: Tensor, labels: Tensor) -> GatheredBatch:
+        """All-gather this step's rows and pick the weight rows to score."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(
                 f"embeddings of shape {tuple(embeddings.shape)} do not match the head's "
@@ -154,24 +148,83 @@ class ShardedSFaceHead(nn.Module):
             raise ValueError(f"labels of shape {tuple(labels.shape)} for {embeddings.shape[0]} embeddings")
         if self.check_inputs:
             self._check(embeddings, labels)
-        group = self.process_group
-        gathered, sizes = gather_embeddings(embeddings, group)
-        all_labels = gather_labels(labels, sizes, group)
-        batch = gathered.shape[0]
+        gathered, sizes = gather_embeddings(embeddings, self.process_group)
+        all_labels = gather_labels(labels, sizes, self.process_group)
         x_hat = F.normalize(gathered.to(torch.promote_types(gathered.dtype, torch.float32)), dim=1)
         owned = (all_labels >= self.class_start) & (all_labels < self.class_end)
         local_labels = torch.where(owned, all_labels - self.class_start, -1)
-        block = self._block(x_hat, local_labels, 1.0 / batch)
+        self.step += 1
+        if self.sample_rate >= 1.0:
+            self.sample = None
+            return GatheredBatch(x_hat, all_labels, local_labels, self.weight, None)
+        generator = step_generator(self.seed, self.rank, self.step, local_labels.device)
+        sample = sample_classes(local_labels, self.weight.shape[0], self.sample_rate, generator)
+        self.sample = sample
+        weight = self.weight.index_select(0, sample.rows)
+        return GatheredBatch(x_hat, all_labels, sample.labels, weight, sample.inter_scale.to(x_hat.dtype))
+
+
+IMPLEMENTATIONS: dict[str, BlockFn] = {"dense": sface_block_dense, "chunked": sface_block_chunked}
+
+
+def resolve_impl(impl: str) -> str:
+    """``auto`` -> the best implementation available here."""
+    if impl == "auto":
+        return "chunked"
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"head.impl: expected auto or one of {', '.join(IMPLEMENTATIONS)}, got {impl!r}")
+    return impl
+
+
+class ShardedSFaceHead(ShardedHead):
+    """SFace classifier over ``num_classes`` identities, this rank holding ``class_range`` of them."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        s: float = 64.0,
+        k: float = 80.0,
+        a: float = 0.80,
+        b: float = 1.23,
+        process_group: ProcessGroup | None = None,
+        impl: str = "auto",
+        chunk_size: int = 0,
+        precision: str = "fp32",
+        sample_rate: float = 1.0,
+        seed: int = 0,
+        init: str = "xavier",
+        check_inputs: bool = False,
+    ) -> None:
+        super().__init__(num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs)
+        if precision not in PRECISIONS:
+            raise ValueError(f"head.precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.params = SFaceParams(s=s, k=k, a=a, b=b)
+        self.impl = resolve_impl(impl)
+        self.chunk_size = chunk_size
+        self.precision = precision
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
+        """Loss and diagnostics for this rank's rows ``embeddings`` [b, D] with global ``labels`` [b]."""
+        batch = self.gather(embeddings, labels)
+        options = BlockOptions(inv_batch=1.0 / batch.x_hat.shape[0], precision=self.precision)
+        args = (batch.x_hat, batch.weight, batch.local_labels, batch.inter_scale, self.params, options)
+        if self.impl == "chunked":
+            block = sface_block_chunked(*args, chunk_size=self.chunk_size)
+        else:
+            block = IMPLEMENTATIONS[self.impl](*args)
+        group = self.process_group
         loss = reduce_from_shards(block.loss, group)
         stats = all_reduce_sum(torch.cat([block.scalar_stats, block.cos_target.to(block.scalar_stats.dtype)]), group)
         max_nontarget = all_reduce_max(block.max_nontarget.clone(), group)
         intra_sum, inter_sum, cos_target_sum, cos_nontarget_sum, nontarget_count = stats[:NUM_SCALAR_STATS]
         cos_target = stats[NUM_SCALAR_STATS:]
+        rows = batch.x_hat.shape[0]
         return HeadOutput(
             loss=loss,
-            intra=intra_sum / batch,
-            inter=inter_sum / batch,
-            cos_target=cos_target_sum / batch,
+            intra=intra_sum / rows,
+            inter=inter_sum / rows,
+            cos_target=cos_target_sum / rows,
             cos_nontarget=cos_nontarget_sum / nontarget_count.clamp_min(1),
             accuracy=(cos_target > max_nontarget).to(stats.dtype).mean(),
         )

@@ -1,0 +1,31 @@
+"""``build_head``: the sharded head a ``HeadConfig`` asks for."""
+
+from __future__ import annotations
+
+from torch.distributed import ProcessGroup
+
+from sface_dist.config import HeadConfig
+from sface_dist.heads.margin import MARGIN_TYPES, ShardedMarginHead
+from sface_dist.heads.sharded import ShardedHead, ShardedSFaceHead
+
+
+def build_head(
+    cfg: HeadConfig, num_classes: int, embedding_size: int, process_group: ProcessGroup | None, seed: int = 0
+) -> ShardedHead:
+    common = dict(
+        process_group=process_group,
+        precision=cfg.precision,
+        sample_rate=cfg.sample_rate,
+        seed=seed,
+        init=cfg.init,
+        check_inputs=cfg.check_inputs,
+    )
+    if cfg.type == "sface":
+        return ShardedSFaceHead(
+            num_classes, embedding_size, s=cfg.s, k=cfg.k, a=cfg.a, b=cfg.b,
+            impl=cfg.impl, chunk_size=cfg.chunk_size, **common,
+        )
+    if cfg.type not in MARGIN_TYPES:
+        raise ValueError(f"head.type: expected sface or one of {', '.join(MARGIN_TYPES)}, got {cfg.type!r}")
+    m1, m2, m3 = cfg.margin or MARGIN_TYPES[cfg.type]
+    return ShardedMarginHead(num_classes, embedding_size, s=cfg.s, m1=m1, m2=m2, m3=m3, **common)

@@ -1,0 +1,158 @@
+"""Margin-softmax baselines sharded like the SFace head: ArcFace, CosFace, combined, plain.
+
+The target logit is ``s·(cos(m1·θ + m2) - m3)``, every other logit ``s·cos θ``:
+ArcFace is (1, m, 0), CosFace (1, 0, m), plain normalised softmax (1, 0, 0). The
+margin is differentiable (insightface applies its ArcFace margin under no_grad).
+
+The softmax normaliser spans all shards: ``distributed_cross_entropy`` all-reduces
+the target logits, the row maxima and the row sums of exponentials, so only
+three vectors of size B cross the network, never a [B, C] block. The loss it
+returns is already the global one on every rank; as for SFace, the gather's
+reduce-scatter sums each shard's share of the embedding gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+from sface_dist.distributed import all_reduce_max, all_reduce_sum
+from sface_dist.heads.sface import PRECISIONS, matmul
+from sface_dist.heads.sharded import HeadOutput, ShardedHead
+
+MARGIN_TYPES: dict[str, tuple[float, float, float]] = {
+    "arcface": (1.0, 0.5, 0.0),
+    "cosface": (1.0, 0.0, 0.4),
+    "combined": (1.0, 0.3, 0.2),
+    "softmax": (1.0, 0.0, 0.0),
+}
+"""Default (m1, m2, m3) of each margin type (insightface's defaults)."""
+
+
+@dataclass(frozen=True)
+class MarginParams:
+    s: float = 64.0
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+
+
+def margin_target_cos(cos: Tensor, params: MarginParams) -> Tensor:
+    """cos(m1·θ + m2) - m3, differentiable; beyond θ + m2 > π it continues as cos θ - m2·sin m2 - m3
+    (insightface's fallback that keeps the target logit monotone in θ)."""
+    if params.m1 == 1.0 and params.m2 == 0.0:
+        return cos - params.m3
+    eps = 1e-7
+    theta = torch.acos(cos.clamp(-1.0 + eps, 1.0 - eps))
+    margined = torch.cos(params.m1 * theta + params.m2) - params.m3
+    if params.m1 == 1.0:
+        fallback = cos - params.m2 * math.sin(params.m2) - params.m3
+        return torch.where(theta + params.m2 < math.pi, margined, fallback)
+    return margined
+
+
+class _DistributedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits sharded by class; gradient (softmax - onehot)/B for this shard.
+
+    Three all-reduces of size B: the target logits (sum: one shard owns each), the
+    largest non-target logits (max) and the sums of exponentials (sum).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, local_labels: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+        batch, width = logits.shape
+        rows = torch.arange(batch, device=logits.device)
+        owned = local_labels >= 0
+        columns = local_labels.clamp_min(0)
+        target_mask = torch.zeros_like(logits, dtype=torch.bool)
+        target_mask[rows[owned], columns[owned]] = True
+        target_logit = all_reduce_sum(torch.where(owned, logits[rows, columns] if width else 0.0, 0.0), group)
+        nontarget_max = (
+            logits.masked_fill(target_mask, -math.inf).amax(dim=1) if width else logits.new_full((batch,), -math.inf)
+        )
+        all_reduce_max(nontarget_max, group)
+        row_max = torch.maximum(nontarget_max, target_logit)
+        exp = torch.exp(logits - row_max.unsqueeze(1))
+        sum_exp = all_reduce_sum(exp.sum(dim=1), group)
+        loss = (torch.log(sum_exp) + row_max - target_logit).mean()
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(1)), target_mask)
+        correct = (target_logit > nontarget_max).to(logits.dtype)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_correct: Tensor) -> tuple[Tensor, None, None]:
+        softmax, target_mask = ctx.saved_tensors
+        grad = softmax - target_mask.to(softmax.dtype)
+        return grad * (grad_loss / softmax.shape[0]), None, None
+
+
+def distributed_cross_entropy(
+    logits: Tensor, local_labels: Tensor, group: ProcessGroup | None
+) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy over rows of class-sharded ``logits`` [B, C_local]; returns (loss, correct [B])."""
+    return _DistributedCrossEntropy.apply(logits, local_labels, group)
+
+
+class ShardedMarginHead(ShardedHead):
+    """ArcFace / CosFace / combined-margin / normalised-softmax head, sharded by class."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        s: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.5,
+        m3: float = 0.0,
+        process_group: ProcessGroup | None = None,
+        precision: str = "fp32",
+        sample_rate: float = 1.0,
+        seed: int = 0,
+        init: str = "normal",
+        check_inputs: bool = False,
+    ) -> None:
+        super().__init__(num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs)
+        if precision not in PRECISIONS:
+            raise ValueError(f"head.precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.params = MarginParams(s=s, m1=m1, m2=m2, m3=m3)
+        self.precision = precision
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
+        batch = self.gather(embeddings, labels)
+        w_hat = torch.nn.functional.normalize(batch.weight.to(batch.x_hat.dtype), dim=1)
+        cos = matmul(batch.x_hat, w_hat.t(), self.precision).clamp(-1.0, 1.0)
+        rows = torch.arange(cos.shape[0], device=cos.device)
+        owned = batch.local_labels >= 0
+        target_columns = batch.local_labels.clamp_min(0)
+        target_cos = cos[rows, target_columns]
+        target_mask = torch.zeros_like(cos, dtype=torch.bool)
+        target_mask[rows[owned], target_columns[owned]] = True
+        logits = torch.where(target_mask, margin_target_cos(target_cos, self.params).unsqueeze(1), cos)
+        logits = logits * self.params.s
+        group = self.process_group
+        loss, correct = distributed_cross_entropy(logits, batch.local_labels, group)
+        detached = cos.detach()
+        stats = torch.stack(
+            [
+                torch.where(owned, target_cos.detach(), 0.0).sum(),
+                detached.sum() - torch.where(target_mask, detached, 0.0).sum(),
+                (~target_mask).sum().to(cos.dtype),
+            ]
+        )
+        all_reduce_sum(stats, group)
+        num_rows = cos.shape[0]
+        zero = loss.detach().new_zeros(())
+        return HeadOutput(
+            loss=loss,
+            intra=zero,
+            inter=zero,
+            cos_target=stats[0] / num_rows,
+            cos_nontarget=stats[1] / stats[2].clamp_min(1),
+            accuracy=correct.mean(),
+        )
+

@@ -1,0 +1,150 @@
+"""Head features beyond the invariant: Partial-FC statistics, the shard optimizer, precisions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sface_reference import relative_error, sface_reference
+from sface_dist.config import HeadConfig
+from sface_dist.heads import ShardedSFaceHead, ShardSGD, build_head
+from sface_dist.heads.sampling import sample_classes, step_generator
+
+SOFT = dict(s=30.0, k=4.0, a=1.2, b=1.4)
+
+
+def test_sampling_keeps_positives_and_is_reproducible() -> None:
+    labels = torch.tensor([3, 3, 7, -1, 12])
+    first = sample_classes(labels, 20, 0.4, step_generator(0, 0, 5, torch.device("cpu")))
+    again = sample_classes(labels, 20, 0.4, step_generator(0, 0, 5, torch.device("cpu")))
+    other = sample_classes(labels, 20, 0.4, step_generator(0, 0, 6, torch.device("cpu")))
+    assert torch.equal(first.rows, again.rows) and not torch.equal(first.rows, other.rows)
+    assert first.rows.numel() == 8 and {3, 7, 12} <= set(first.rows.tolist())
+    assert torch.equal(first.rows, first.rows.sort().values)
+    assert first.rows[first.labels[:3]].tolist() == [3, 3, 7] and first.labels[3] == -1
+    positive = torch.isin(first.rows, torch.tensor([3, 7, 12]))
+    assert first.inter_scale[positive].eq(1.0).all()
+    assert first.inter_scale[~positive].eq(17 / 5).all()
+
+
+def test_positives_only() -> None:
+    sample = sample_classes(torch.tensor([4, 1, 4]), 10, 0.0, step_generator(0, 0, 1, torch.device("cpu")))
+    assert sample.rows.tolist() == [1, 4]
+
+
+def test_sampled_sface_is_unbiased() -> None:
+    """Mean over many draws of the sampled loss and embedding gradient equals the full ones."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 16, generator=gen)
+    labels = torch.randint(0, 5, (6,), generator=gen)
+    embeddings = torch.randn(6, 16, generator=gen)
+    x_full = embeddings.double().requires_grad_(True)
+    reference = sface_reference(x_full, weight, labels, **SOFT)
+    reference["loss"].backward()
+    head = ShardedSFaceHead(40, 16, impl="dense", sample_rate=0.25, seed=3, **SOFT).double()
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    losses, grads = [], []
+    for _ in range(2000):
+        x = embeddings.double().requires_grad_(True)
+        out = head(x, labels)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(x.grad)
+    losses_t, grads_t = torch.stack(losses), torch.stack(grads)
+    assert losses_t.std() > 1e-3, "the draws must differ for the test to mean anything"
+    sem = losses_t.std() / len(losses) ** 0.5
+    assert abs(losses_t.mean() - reference["loss"]) < 4 * sem
+    grad_sem = grads_t.std(dim=0) / len(grads) ** 0.5
+    z = (grads_t.mean(dim=0) - x_full.grad).abs() / grad_sem.clamp_min(1e-12)
+    assert z.max() < 5.0
+
+
+def test_shard_sgd_touches_only_sampled_rows() -> None:
+    """Weight, momentum and weight decay change only on the rows drawn at each step."""
+    torch.manual_seed(0)
+    head = ShardedSFaceHead(30, 8, sample_rate=0.3, seed=1, **SOFT)
+    optimizer = ShardSGD(head, lr=0.5, momentum=0.9, weight_decay=0.01)
+    weight = head.weight.detach().clone()
+    momentum = torch.zeros_like(weight)
+    labels = torch.tensor([0, 5, 5, 9])
+    for step in range(3):
+        out = head(torch.randn(4, 8), labels)
+        out.loss.backward()
+        rows = head.sample.rows
+        grad = head.weight.grad.clone()
+        optimizer.step()
+        optimizer.zero_grad()
+        untouched = torch.ones(30, dtype=torch.bool)
+        untouched[rows] = False
+        assert grad[untouched].abs().max() == 0
+        update = grad[rows] + 0.01 * weight[rows]
+        momentum[rows] = 0.9 * momentum[rows] + update
+        weight[rows] -= 0.5 * momentum[rows]
+        torch.testing.assert_close(head.weight.detach(), weight, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(optimizer.state[head.weight]["momentum_buffer"], momentum, rtol=1e-6, atol=1e-7)
+        assert head.step == step + 1
+
+
+def test_shard_sgd_without_sampling_is_torch_sgd() -> None:
+    torch.manual_seed(0)
+    head = ShardedSFaceHead(12, 8, **SOFT)
+    twin = head.weight.detach().clone().requires_grad_(True)
+    ours = ShardSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    torchs = torch.optim.SGD([twin], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for _ in range(2):
+        x, y = torch.randn(5, 8), torch.randint(0, 12, (5,))
+        head(x, y).loss.backward()
+        twin.grad = head.weight.grad.clone()
+        ours.step()
+        torchs.step()
+        ours.zero_grad()
+    torch.testing.assert_close(head.weight.detach(), twin.detach())
+
+
+def trained_like(batch: int, classes: int, dim: int, cos_target: float) -> tuple[torch.Tensor, ...]:
+    """Embeddings at a chosen target cosine from their (random) centres, like a head mid-training."""
+    gen = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(classes, dim, generator=gen), dim=1)
+    labels = torch.randint(0, classes, (batch,), generator=gen)
+    noise = torch.randn(batch, dim, generator=gen)
+    noise = F.normalize(noise - (noise * centres[labels]).sum(1, keepdim=True) * centres[labels], dim=1)
+    cos = (cos_target + 0.08 * torch.randn(batch, 1, generator=gen)).clamp(-1, 1)
+    embeddings = cos * centres[labels] + (1 - cos**2).sqrt() * noise
+    return embeddings * 10, centres * 3, labels
+
+
+@pytest.mark.parametrize(
+    ("precision", "loss_tol", "grad_tol"),
+    [("fp32", 1e-5, 1e-5), ("tf32", 1e-5, 1e-5), ("fp16", 3e-4, 3e-3), ("bf16", 1.5e-3, 3e-2)],
+)
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_precision_against_fp64_on_trained_cosines(precision: str, loss_tol: float, grad_tol: float, impl: str) -> None:
+    """Measured errors are in docs/heads.md; these bounds are about 3x those measurements."""
+    embeddings, weight, labels = trained_like(128, 1000, 128, 0.7)
+    x64 = embeddings.double().requires_grad_(True)
+    w64 = weight.double().requires_grad_(True)
+    reference = sface_reference(x64, w64, labels, s=64.0, k=80.0, a=0.8, b=1.23)
+    reference["loss"].backward()
+    head = ShardedSFaceHead(1000, 128, impl=impl, precision=precision)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    x = embeddings.clone().requires_grad_(True)
+    out = head(x, labels)
+    out.loss.backward()
+    assert relative_error(out.loss, reference["loss"]) < loss_tol
+    assert relative_error(x.grad, x64.grad) < grad_tol
+    assert relative_error(head.weight.grad, w64.grad) < grad_tol
+
+
+def test_build_head_and_bad_settings() -> None:
+    assert isinstance(build_head(HeadConfig(), 10, 8, None), ShardedSFaceHead)
+    arc = build_head(HeadConfig(type="arcface"), 10, 8, None)
+    assert (arc.params.m1, arc.params.m2, arc.params.m3) == (1.0, 0.5, 0.0)
+    cos = build_head(HeadConfig(type="cosface", margin=[1.0, 0.0, 0.35]), 10, 8, None)
+    assert cos.params.m3 == 0.35
+    with pytest.raises(ValueError, match="head.sample_rate"):
+        ShardedSFaceHead(10, 8, sample_rate=1.5)
+    with pytest.raises(ValueError, match="head.precision"):
+        ShardedSFaceHead(10, 8, precision="int8")
