@@ -71,3 +71,29 @@ eval: {{bins: [{demo_data / 'heldout.bin'}], every: 1000, batch_size: 32}}
     assert (checkpoints / "latest").read_text() == "step-00000044"
     merged = torch.load(next((checkpoints / "step-00000044").glob("head-*.pt")), weights_only=True)
     assert (merged["class_start"], merged["class_end"]) == (0, 24)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.root={missing}", "nowhere/train.rec: RecordIO file not found"),
+        ("data.num_classes=999", "999"),
+        ("eval.bins=[{config}]", "e2e.yaml"),
+        ("train.stesp=3", "unknown key 'train.stesp'"),
+    ],
+)
+def test_bad_input_ends_with_one_clear_line(demo_data: Path, tmp_path: Path, override: str, message: str) -> None:
+    config = tmp_path / "e2e.yaml"
+    config.write_text(
+        f"data: {{backend: torch, root: {demo_data}, batch_size: 8, num_workers: 0}}\n"
+        f"model: {{backbone: tiny, embedding_size: 32}}\ntrain: {{output: {tmp_path / 'run'}, steps: 2}}\n"
+    )
+    override = override.format(missing=tmp_path / "nowhere", config=config)
+    result = subprocess.run(
+        [sys.executable, "-m", "sface_dist.train", str(config), "--set", override],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr
