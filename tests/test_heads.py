@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sface_reference import relative_error, sface_reference
 from sface_dist.config import HeadConfig
 from sface_dist.heads import ShardedSFaceHead, ShardSGD, build_head
+from sface_dist.heads.probe import embeddings_at_cosine
 from sface_dist.heads.sampling import sample_classes, step_generator
 
 SOFT = dict(s=30.0, k=4.0, a=1.2, b=1.4)
@@ -103,18 +103,6 @@ def test_shard_sgd_without_sampling_is_torch_sgd() -> None:
     torch.testing.assert_close(head.weight.detach(), twin.detach())
 
 
-def trained_like(batch: int, classes: int, dim: int, cos_target: float) -> tuple[torch.Tensor, ...]:
-    """Embeddings at a chosen target cosine from their (random) centres, like a head mid-training."""
-    gen = torch.Generator().manual_seed(0)
-    centres = F.normalize(torch.randn(classes, dim, generator=gen), dim=1)
-    labels = torch.randint(0, classes, (batch,), generator=gen)
-    noise = torch.randn(batch, dim, generator=gen)
-    noise = F.normalize(noise - (noise * centres[labels]).sum(1, keepdim=True) * centres[labels], dim=1)
-    cos = (cos_target + 0.08 * torch.randn(batch, 1, generator=gen)).clamp(-1, 1)
-    embeddings = cos * centres[labels] + (1 - cos**2).sqrt() * noise
-    return embeddings * 10, centres * 3, labels
-
-
 @pytest.mark.parametrize(
     ("precision", "loss_tol", "grad_tol"),
     [("fp32", 1e-5, 1e-5), ("tf32", 1e-5, 1e-5), ("fp16", 3e-4, 3e-3), ("bf16", 1.5e-3, 3e-2)],
@@ -122,7 +110,7 @@ def trained_like(batch: int, classes: int, dim: int, cos_target: float) -> tuple
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
 def test_precision_against_fp64_on_trained_cosines(precision: str, loss_tol: float, grad_tol: float, impl: str) -> None:
     """Measured errors are in docs/heads.md; these bounds are about 3x those measurements."""
-    embeddings, weight, labels = trained_like(128, 1000, 128, 0.7)
+    embeddings, weight, labels = embeddings_at_cosine(128, 1000, 128, 0.7)
     x64 = embeddings.double().requires_grad_(True)
     w64 = weight.double().requires_grad_(True)
     reference = sface_reference(x64, w64, labels, s=64.0, k=80.0, a=0.8, b=1.23)
