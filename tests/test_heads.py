@@ -136,3 +136,11 @@ def test_build_head_and_bad_settings() -> None:
         ShardedSFaceHead(10, 8, sample_rate=1.5)
     with pytest.raises(ValueError, match="head.precision"):
         ShardedSFaceHead(10, 8, precision="int8")
+
+
+def test_official_xavier_init_uses_the_global_class_count() -> None:
+    """Official SFace: normal with std = gain·sqrt(2 / fan_out), gain 2, fan_out = number of classes."""
+    torch.manual_seed(0)
+    head = ShardedSFaceHead(2000, 256)
+    assert abs(head.weight.std().item() / (2.0 * (2.0 / 2000) ** 0.5) - 1.0) < 0.01
+    assert abs(ShardedSFaceHead(2000, 256, init="normal").weight.std().item() / 0.01 - 1.0) < 0.01
