@@ -201,10 +201,10 @@ class Trainer:
     def _log_step(self, metrics: StepMetrics, lr: float, samples_per_s: float, started: float, start_step: int) -> None:
         done = self.step - start_step
         eta = (time.perf_counter() - started) / max(done, 1) * (self.total_steps - self.step)
+        terms = f" (intra {metrics.intra:.3f} inter {metrics.inter:.3f})" if self.cfg.head.type == "sface" else ""
         self.log(
-            f"step {self.step}/{self.total_steps} loss {metrics.loss:.4f} (intra {metrics.intra:.3f} "
-            f"inter {metrics.inter:.3f}) acc {metrics.accuracy:.3f} cos+ {metrics.cos_target:.3f} "
-            f"cos- {metrics.cos_nontarget:.3f} lr {lr:.4g} {samples_per_s:.0f} samples/s ETA {eta / 60:.1f} min"
+            f"step {self.step}/{self.total_steps} loss {metrics.loss:.4f}{terms} acc {metrics.accuracy:.3f} "
+            f"cos+ {metrics.cos_target:.3f} cos- {metrics.cos_nontarget:.3f} lr {lr:.4g} {samples_per_s:.0f} samples/s ETA {eta / 60:.1f} min"
         )
         if self.writer is not None:
             for name, value in metrics.__dict__.items():
