@@ -23,8 +23,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    backend: str = "torch"
-    """``torch`` (RecordIO through the project's reader) or ``synthetic`` (rendered identities)."""
+    backend: str = "auto"
+    """``dali`` (DALI decode, on the GPU where there is one), ``torch`` (decode in DataLoader workers),
+    ``synthetic`` (rendered identities) or ``auto`` (``dali`` with DALI and a GPU, else ``torch``)."""
     root: str = ""
     """Directory holding ``train.rec``, ``train.idx`` and ``property``."""
     num_classes: int = 0
@@ -33,7 +34,12 @@ class DataConfig:
     batch_size: int = 128
     """Images per rank per step."""
     num_workers: int = 2
+    """DataLoader worker processes (``torch``), or DALI CPU threads (``dali``)."""
     flip: bool = True
+    augment: bool = False
+    """The peer's augmentations: random downscale-upscale, blur, hue/saturation jitter, greyscale."""
+    on_bad_record: str = "error"
+    """``error``: stop at a bad record; ``skip``: leave it out of its batch, log and count it."""
     synthetic_images_per_class: int = 20
 
 
@@ -117,7 +123,8 @@ class Config:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.backend": ("torch", "synthetic"),
+    "data.backend": ("auto", "dali", "torch", "synthetic"),
+    "data.on_bad_record": ("error", "skip"),
     "head.type": ("sface", "arcface", "cosface", "combined", "softmax"),
     "head.impl": ("auto", "dense", "chunked"),
     "head.precision": ("fp32", "tf32", "bf16", "fp16"),
@@ -228,8 +235,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: head.margin: expected [m1, m2, m3], got {cfg.head.margin}")
     if cfg.train.steps == 0 and cfg.train.epochs == 0:
         raise ConfigError(f"{source}: train.steps and train.epochs are both 0: nothing to train")
-    if cfg.data.backend == "torch" and not cfg.data.root:
-        raise ConfigError(f"{source}: data.root: required for data.backend=torch")
+    if cfg.data.backend != "synthetic" and not cfg.data.root:
+        raise ConfigError(f"{source}: data.root: required for data.backend={cfg.data.backend}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -12,11 +12,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sface_dist.data.convert import ConvertError, folder_to_rec
-from sface_dist.data.recordio import FaceRecordIndex, RecordIOReader, unpack
+from sface_dist.data.convert import ConvertError, EncodeOptions, encode_jpeg, folder_to_rec, repack
+from sface_dist.data.inspection import inspect_rec
+from sface_dist.data.recordio import (
+    FaceRecordIndex,
+    IRHeader,
+    RecordIOError,
+    RecordIOReader,
+    RecordIOWriter,
+    pack,
+    unpack,
+)
+from sface_dist.evaluation.bin_pack import read_bin
 
 REPO = Path(__file__).resolve().parents[1]
 COUNTS = {"alice": 3, "bob": 1, "carol": 2}
+_DATASET_FILES = ["classes.txt", "property", "train.idx", "train.rec"]
 
 
 def make_tree(root: Path) -> None:
@@ -112,3 +123,191 @@ def test_make_demo_data_tool(tmp_path: Path) -> None:
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
     assert "up to date" in second.stdout
     assert not [path for path in (tmp_path / "demo").iterdir() if path.name.startswith(".")]
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "tools/convert_rec.py", *args], cwd=REPO, capture_output=True, text=True, check=check
+    )
+
+
+def images_by_label(rec: Path) -> list[tuple[int, bytes]]:
+    with RecordIOReader(rec, rec.with_suffix(".idx")) as reader:
+        index = FaceRecordIndex(reader)
+        return sorted(index.read(i) for i in range(len(index)))
+
+
+def test_shuffle_writes_a_seeded_flat_file(tmp_path: Path) -> None:
+    make_tree(tmp_path / "in")
+    folder_to_rec(tmp_path / "in", tmp_path / "ordered", progress=False)
+    folder_to_rec(tmp_path / "in", tmp_path / "a", shuffle=True, seed=1, progress=False)
+    folder_to_rec(tmp_path / "in", tmp_path / "b", shuffle=True, seed=1, progress=False, workers=0)
+    assert (tmp_path / "a" / "train.rec").read_bytes() == (tmp_path / "b" / "train.rec").read_bytes()
+    with RecordIOReader(tmp_path / "a" / "train.rec", tmp_path / "a" / "train.idx") as reader:
+        index = FaceRecordIndex(reader)
+        assert (index.layout, reader.keys) == ("flat", [0, 1, 2, 3, 4, 5])
+        assert [index.read(i)[0] for i in range(6)] != [0, 0, 0, 1, 2, 2]
+    assert images_by_label(tmp_path / "a" / "train.rec") == images_by_label(tmp_path / "ordered" / "train.rec")
+    assert (tmp_path / "a" / "classes.txt").read_text().split() == ["alice", "bob", "carol"]
+
+
+def test_pass_through_keeps_jpeg_bytes_and_size_zero_keeps_sizes(tmp_path: Path) -> None:
+    jpeg = encode_jpeg(np.full((112, 112, 3), 90, np.uint8), quality=70)
+    (tmp_path / "in" / "x").mkdir(parents=True)
+    (tmp_path / "in" / "x" / "a.jpg").write_bytes(jpeg)
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "in" / "x" / "b.png")
+    folder_to_rec(tmp_path / "in", tmp_path / "out", EncodeOptions(pass_through=True), progress=False)
+    stored = [image for _, image in images_by_label(tmp_path / "out" / "train.rec")]
+    assert jpeg in stored and all(image.startswith(b"\xff\xd8") for image in stored)
+    folder_to_rec(tmp_path / "in", tmp_path / "kept", EncodeOptions(image_size=None), progress=False)
+    kept = images_by_label(tmp_path / "kept" / "train.rec")
+    sizes = sorted(Image.open(io.BytesIO(image)).size for _, image in kept)
+    assert sizes == [(40, 30), (112, 112)]
+    assert (tmp_path / "kept" / "property").read_text() == "1,112,112\n"
+
+
+def test_from_list_follows_im2rec(tmp_path: Path) -> None:
+    make_tree(tmp_path / "in")
+    (tmp_path / "train.lst").write_text("7\t2\tcarol/0.png\n3\t0\talice/1.jpg\n5\t1\t4.5\tbob/0.png\n")
+    result = run_cli("from-list", str(tmp_path / "train.lst"), str(tmp_path / "in"), str(tmp_path / "out"), "--quiet")
+    assert "3 images of 3 identities" in result.stdout
+    with RecordIOReader(tmp_path / "out" / "train.rec", tmp_path / "out" / "train.idx") as reader:
+        assert reader.keys == [7, 3, 5]
+        headers = [unpack(reader.read(key))[0] for key in (7, 3, 5)]
+    assert [(h.flag, h.label, h.id) for h in headers] == [(0, 2.0, 7), (0, 0.0, 3), (2, (1.0, 4.5), 5)]
+    assert (tmp_path / "out" / "property").read_text() == "3,112,112\n"
+    (tmp_path / "bad.lst").write_text("1\t0\talice/0.png\nnot a line\n")
+    failed = run_cli("from-list", str(tmp_path / "bad.lst"), str(tmp_path / "in"), str(tmp_path / "out"), check=False)
+    assert failed.returncode == 2
+    assert f"{tmp_path / 'bad.lst'}: line 2 is not 'index<TAB>label<TAB>path'" in failed.stderr
+
+
+def test_to_folder_round_trip_and_replaces_output(tmp_path: Path) -> None:
+    make_tree(tmp_path / "in")
+    folder_to_rec(tmp_path / "in", tmp_path / "rec", progress=False)
+    (tmp_path / "out" / "stale").mkdir(parents=True)
+    result = run_cli("to-folder", str(tmp_path / "rec" / "train.rec"), str(tmp_path / "out"))
+    assert "6 images of 3 identities" in result.stdout
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["alice", "bob", "carol"]
+    assert sorted(path.name for path in (tmp_path / "out" / "alice").iterdir()) == ["1.jpg", "2.jpg", "3.jpg"]
+    names = ["alice", "bob", "carol"]
+    extracted = sorted((names.index(path.parent.name), path.read_bytes()) for path in (tmp_path / "out").rglob("*.jpg"))
+    assert extracted == images_by_label(tmp_path / "rec" / "train.rec")
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
+
+
+def corrupt_dataset(root: Path) -> tuple[Path, dict[int, str]]:
+    """A 6-image insightface dataset with a non-image payload (key 2), a label out of range (key 4)
+    and a broken JPEG (key 5): the problems ``inspect --verify`` and ``repack`` must report."""
+    make_tree(root / "in")
+    folder_to_rec(root / "in", root, progress=False)
+    with RecordIOReader(root / "train.rec", root / "train.idx") as reader:
+        records = {key: reader.read(key) for key in reader.keys}
+    records[2] = pack(IRHeader(0, 0.0, 2, 0), b"garbage!")
+    records[4] = pack(IRHeader(0, 9.0, 4, 0), unpack(records[4])[1])
+    records[5] = pack(IRHeader(0, 2.0, 5, 0), unpack(records[5])[1][:300])
+    with RecordIOWriter(root / "train.rec", root / "train.idx") as writer:
+        for key, record in records.items():
+            writer.write(key, record)
+    with RecordIOReader(root / "train.rec", root / "train.idx") as reader:
+        offsets = {key: reader.offset(key) for key in (2, 4, 5)}
+    rec = root / "train.rec"
+    return rec, {
+        2: f"{rec}: key 2 at offset {offsets[2]}: ",
+        4: f"{rec}: key 4 at offset {offsets[4]}: label 9 outside [0, 3)",
+        5: f"{rec}: key 5 at offset {offsets[5]}: image of ",
+    }
+
+
+def test_inspect_and_verify(tmp_path: Path) -> None:
+    make_tree(tmp_path / "in")
+    folder_to_rec(tmp_path / "in", tmp_path / "good", progress=False)
+    report = inspect_rec(tmp_path / "good" / "train.rec", verify=True, progress=False, workers=0)
+    assert (report.layout, report.num_records, report.num_images, report.num_classes) == ("insightface", 10, 6, 3)
+    assert (report.label_min, report.label_max, report.num_problems) == (0, 2, 0)
+    assert report.sizes == {(112, 112): 6} and report.formats == {"JPEG": 6}
+
+    rec, problems = corrupt_dataset(tmp_path / "bad")
+    result = run_cli("inspect", str(rec), "--verify", "--quiet", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "3 problems" in result.stdout
+    for message in problems.values():
+        assert message in result.stdout
+    assert "problems" in run_cli("inspect", str(rec), "--quiet", check=False).stdout
+
+
+def test_verify_reports_broken_framing_and_stray_offsets(tmp_path: Path) -> None:
+    make_tree(tmp_path / "in")
+    folder_to_rec(tmp_path / "in", tmp_path, progress=False)
+    rec, idx = tmp_path / "train.rec", tmp_path / "train.idx"
+    lines = idx.read_text().splitlines()
+    key, offset = lines[3].split("\t")
+    lines[3] = f"{key}\t{int(offset) + 4}"
+    idx.write_text("\n".join(lines) + "\n")
+    data = bytearray(rec.read_bytes())
+    last = int(lines[-1].split("\t")[1])
+    data[last : last + 4] = b"\0\0\0\0"
+    rec.write_bytes(bytes(data))
+    report = inspect_rec(rec, verify=True, progress=False, workers=0)
+    text = "\n".join(report.problems)
+    assert f"{rec}: record 9 at offset {last}: bad magic" in text
+    assert f"{rec}: key {key} at offset {int(offset) + 4}: bad magic" in text
+
+
+def test_repack_is_flat_shuffled_and_complete(tmp_path: Path) -> None:
+    make_tree(tmp_path / "in")
+    folder_to_rec(tmp_path / "in", tmp_path / "src", progress=False)
+    result = run_cli("repack", str(tmp_path / "src" / "train.rec"), str(tmp_path / "flat"), "--seed", "3")
+    assert "6 images of 3 identities" in result.stdout
+    with RecordIOReader(tmp_path / "flat" / "train.rec", tmp_path / "flat" / "train.idx") as reader:
+        assert reader.keys == list(range(6))
+        headers = [unpack(reader.read(key))[0] for key in range(6)]
+    assert all(h.flag == 0 and h.id == key for key, h in enumerate(headers))
+    assert [int(h.label) for h in headers] != [0, 0, 0, 1, 2, 2]
+    assert images_by_label(tmp_path / "flat" / "train.rec") == images_by_label(tmp_path / "src" / "train.rec")
+    assert (tmp_path / "flat" / "property").read_text() == "3,112,112\n"
+    assert (tmp_path / "flat" / "classes.txt").read_text() == (tmp_path / "src" / "classes.txt").read_text()
+
+
+def test_repack_bad_records_error_or_skip_and_keep_existing_output(tmp_path: Path) -> None:
+    make_tree(tmp_path / "in")
+    folder_to_rec(tmp_path / "in", tmp_path / "src", progress=False)
+    repack(tmp_path / "src" / "train.rec", tmp_path / "flat", progress=False)
+    before = (tmp_path / "flat" / "train.rec").read_bytes()
+    rec, problems = corrupt_dataset(tmp_path / "bad")
+    with pytest.raises(ConvertError, match=rf"{rec}: key \d at offset \d+: "):
+        repack(rec, tmp_path / "flat", progress=False)
+    assert (tmp_path / "flat" / "train.rec").read_bytes() == before
+    assert sorted(path.name for path in (tmp_path / "flat").iterdir()) == _DATASET_FILES
+    summary = repack(rec, tmp_path / "flat", skip_bad=True, progress=False)
+    assert summary.num_images == 4 and len(summary.skipped) == 2  # the broken JPEG is copied: bytes are not decoded
+    assert any(problems[2] in line for line in summary.skipped) and any(problems[4] in line for line in summary.skipped)
+
+
+def test_make_bin_from_pairs(tmp_path: Path) -> None:
+    make_tree(tmp_path / "in")
+    (tmp_path / "pairs.txt").write_text("# a comment\nalice/0.png alice/1.jpg 1\n\nalice/0.png bob/0.png false\n")
+    result = run_cli("make-bin", str(tmp_path / "pairs.txt"), str(tmp_path / "in"), str(tmp_path / "v.bin"))
+    assert "2 pairs" in result.stdout
+    pack_ = read_bin(tmp_path / "v.bin", image_size=112)
+    assert pack_.images.shape == (4, 3, 112, 112) and pack_.issame.tolist() == [True, False]
+    (tmp_path / "bad.txt").write_text("alice/0.png alice/1.jpg maybe\n")
+    failed = run_cli("make-bin", str(tmp_path / "bad.txt"), str(tmp_path / "in"), str(tmp_path / "v.bin"), check=False)
+    assert failed.returncode == 2 and "line 1 is not 'path_a path_b 1|0'" in failed.stderr
+    assert read_bin(tmp_path / "v.bin").issame.tolist() == [True, False]
+
+
+def test_reindex_cli(tmp_path: Path) -> None:
+    make_tree(tmp_path / "in")
+    folder_to_rec(tmp_path / "in", tmp_path, progress=False)
+    original = (tmp_path / "train.idx").read_bytes()
+    (tmp_path / "train.idx").unlink()
+    with pytest.raises(RecordIOError, match="reindex"):
+        RecordIOReader(tmp_path / "train.rec", tmp_path / "train.idx")
+    assert "10 records" in run_cli("reindex", str(tmp_path / "train.rec")).stdout
+    assert (tmp_path / "train.idx").read_bytes() == original
+
+
+def test_every_subcommand_has_help() -> None:
+    for command in ("from-folder", "from-list", "to-folder", "inspect", "repack", "make-bin", "reindex"):
+        assert "usage:" in run_cli(command, "--help").stdout

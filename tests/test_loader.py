@@ -1,8 +1,10 @@
-"""``build_loader``: sharding, epoch order, resumption, normalisation, flips and errors."""
+"""``build_loader`` on every backend: sharding, epoch order, resumption, normalisation, flips, bad records."""
 
 from __future__ import annotations
 
 import io
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +13,16 @@ import torch
 from PIL import Image
 
 from sface_dist.config import DataConfig
-from sface_dist.data.loader import DataError, EpochShardSampler, FaceLoader, build_loader
-from sface_dist.data.recordio import IRHeader, RecordIOWriter, pack
+from sface_dist.data.convert import encode_jpeg
+from sface_dist.data.loader import DataError, FaceLoader, build_loader, resolve_backend
+from sface_dist.data.recordio import FaceRecordWriter, IRHeader, RecordIOReader, RecordIOWriter, header_record, pack
+from sface_dist.data.sampler import EpochShardSampler, Sample
 from sface_dist.data.synthetic import SyntheticFaces
 
 SIZE = 8
 NUM_IMAGES = 50
 NUM_CLASSES = 5
+RECORD_BACKENDS = ["torch", "dali"]
 
 
 def image_of(index: int) -> np.ndarray:
@@ -29,16 +34,24 @@ def image_of(index: int) -> np.ndarray:
     return pixels
 
 
-def make_rec(root: Path, labels: list[int], num_classes: int = NUM_CLASSES) -> Path:
-    """An insightface-layout dataset of lossless PNG images with the given labels."""
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_rec(
+    root: Path, labels: list[int], num_classes: int = NUM_CLASSES, payloads: dict[int, bytes] | None = None
+) -> Path:
+    """An insightface-layout dataset of lossless PNG images (``payloads`` replaces some image bytes)."""
     root.mkdir(parents=True, exist_ok=True)
+    payloads = payloads or {}
     n = len(labels)
     with RecordIOWriter(root / "train.rec", root / "train.idx") as writer:
-        writer.write(0, pack(IRHeader(0, (n + 1.0, n + 1.0 + num_classes), 0, 0), b""))
+        writer.write(0, header_record(n + 1, n + 1 + num_classes))
         for index, label in enumerate(labels):
-            png = io.BytesIO()
-            Image.fromarray(image_of(index)).save(png, format="PNG")
-            writer.write(index + 1, pack(IRHeader(0, float(label), index + 1, 0), png.getvalue()))
+            image = payloads.get(index, png(image_of(index)))
+            writer.write(index + 1, pack(IRHeader(0, float(label), index + 1, 0), image))
     (root / "property").write_text(f"{num_classes},{SIZE},{SIZE}\n")
     return root
 
@@ -49,7 +62,7 @@ def dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(root: Path, **overrides: object) -> DataConfig:
-    values: dict[str, object] = dict(root=str(root), image_size=SIZE, batch_size=4, num_workers=0)
+    values: dict[str, object] = dict(root=str(root), image_size=SIZE, batch_size=4, num_workers=0, backend="torch")
     return DataConfig(**(values | overrides))  # type: ignore[arg-type]
 
 
@@ -65,77 +78,189 @@ def epoch(loader: FaceLoader, number: int, skip: int = 0) -> list[tuple[torch.Te
     return list(loader)
 
 
+def assert_same_batches(
+    first: list[tuple[torch.Tensor, torch.Tensor]], second: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    assert len(first) == len(second)
+    for (x, y), (x2, y2) in zip(first, second, strict=True):
+        assert torch.equal(y, y2)
+        torch.testing.assert_close(x, x2, rtol=0, atol=1e-6)  # DALI normalises with a multiply
+
+
+@pytest.mark.parametrize("backend", RECORD_BACKENDS)
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_shards_are_disjoint_and_cover_the_epoch(dataset_root: Path, world_size: int) -> None:
+def test_shards_are_disjoint_and_cover_the_epoch(dataset_root: Path, world_size: int, backend: str) -> None:
     per_global_batch = world_size * 4
     covered: list[int] = []
     for rank in range(world_size):
-        loader = build_loader(config(dataset_root), rank, world_size, seed=3)
+        loader = build_loader(config(dataset_root, backend=backend), rank, world_size, seed=3)
         assert (loader.num_images, loader.num_classes) == (NUM_IMAGES, NUM_CLASSES)
         assert len(loader) == NUM_IMAGES // per_global_batch
         batches = epoch(loader, 0)
         assert len(batches) == len(loader)
         for images, labels in batches:
             indices, _ = decode(images)
-            assert labels.tolist() == [i % NUM_CLASSES for i in indices]
+            assert labels.dtype == torch.int64 and labels.tolist() == [i % NUM_CLASSES for i in indices]
             covered += indices
     assert len(covered) == len(set(covered)) == NUM_IMAGES // per_global_batch * per_global_batch
 
 
-def test_epoch_order_differs_between_epochs_and_is_reproducible(dataset_root: Path) -> None:
-    first = build_loader(config(dataset_root), 0, 2, seed=7)
-    second = build_loader(config(dataset_root), 0, 2, seed=7)
+@pytest.mark.parametrize("backend", RECORD_BACKENDS)
+def test_epoch_order_differs_between_epochs_and_is_reproducible(dataset_root: Path, backend: str) -> None:
+    first = build_loader(config(dataset_root, backend=backend), 0, 2, seed=7)
+    second = build_loader(config(dataset_root, backend=backend), 0, 2, seed=7)
     epoch0, epoch1 = epoch(first, 0), epoch(first, 1)
     assert [decode(x)[0] for x, _ in epoch0] != [decode(x)[0] for x, _ in epoch1]
-    for (x, y), (x2, y2) in zip(epoch1, epoch(second, 1), strict=True):
-        assert torch.equal(x, x2) and torch.equal(y, y2)
-    other_seed = build_loader(config(dataset_root), 0, 2, seed=8)
+    assert_same_batches(epoch1, epoch(second, 1))
+    other_seed = build_loader(config(dataset_root, backend=backend), 0, 2, seed=8)
     assert [decode(x)[0] for x, _ in epoch(other_seed, 1)] != [decode(x)[0] for x, _ in epoch1]
 
 
-def test_skip_batches_resumes_the_same_order(dataset_root: Path) -> None:
-    loader = build_loader(config(dataset_root), 1, 2, seed=0)
+@pytest.mark.parametrize("backend", RECORD_BACKENDS)
+def test_skip_batches_resumes_the_same_order(dataset_root: Path, backend: str) -> None:
+    loader = build_loader(config(dataset_root, backend=backend, augment=True), 1, 2, seed=0)
     full = epoch(loader, 2)
     resumed = epoch(loader, 2, skip=3)
     assert len(resumed) == len(full) - 3
-    for (x, y), (x2, y2) in zip(full[3:], resumed, strict=True):
-        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert_same_batches(full[3:], resumed)
     assert epoch(loader, 2, skip=len(loader)) == []
     with pytest.raises(DataError, match="skip_batches"):
         loader.set_epoch(2, len(loader) + 1)
 
 
-def test_output_dtype_shape_normalisation_and_flips(dataset_root: Path) -> None:
-    batches = epoch(build_loader(config(dataset_root), 0, 1, seed=0), 0)
+@pytest.mark.parametrize("backend", RECORD_BACKENDS)
+def test_output_dtype_shape_normalisation_and_flips(dataset_root: Path, backend: str) -> None:
+    batches = epoch(build_loader(config(dataset_root, backend=backend), 0, 1, seed=0), 0)
     images, labels = batches[0]
     assert images.dtype == torch.float32 and images.shape == (4, 3, SIZE, SIZE) and images.is_contiguous()
     assert labels.dtype == torch.int64 and labels.shape == (4,)
     indices, flips = decode(images)
-    for image, index, flip in zip(images, indices, flips):
+    for image, index, flip in zip(images, indices, flips, strict=True):
         expected = image_of(index)[:, ::-1] if flip else image_of(index)
-        assert torch.equal(image, (torch.from_numpy(expected.copy()).permute(2, 0, 1).float() - 127.5) / 127.5)
+        reference = (torch.from_numpy(expected.copy()).permute(2, 0, 1).float() - 127.5) / 127.5
+        torch.testing.assert_close(image, reference, rtol=0, atol=1e-6)
     all_flips = [flip for x, _ in batches for flip in decode(x)[1]]
     assert 0.2 < np.mean(all_flips) < 0.8
-    unflipped = epoch(build_loader(config(dataset_root, flip=False), 0, 1, seed=0), 0)
+    unflipped = epoch(build_loader(config(dataset_root, backend=backend, flip=False), 0, 1, seed=0), 0)
     assert not any(flip for x, _ in unflipped for flip in decode(x)[1])
     assert all(x.min() >= -1 and x.max() <= 1 for x, _ in batches)
 
 
+def test_backends_give_the_same_batches(dataset_root: Path) -> None:
+    for rank in range(2):
+        torch_batches = epoch(build_loader(config(dataset_root, num_workers=2), rank, 2, seed=4), 1)
+        dali_batches = epoch(build_loader(config(dataset_root, backend="dali"), rank, 2, seed=4), 1)
+        assert_same_batches(torch_batches, dali_batches)
+
+
 def test_worker_count_does_not_change_batches(dataset_root: Path) -> None:
-    serial = epoch(build_loader(config(dataset_root), 0, 2, seed=1), 4)
-    parallel_loader = build_loader(config(dataset_root, num_workers=2), 0, 2, seed=1)
+    serial = epoch(build_loader(config(dataset_root, augment=True), 0, 2, seed=1), 4)
+    parallel_loader = build_loader(config(dataset_root, num_workers=2, augment=True), 0, 2, seed=1)
     for _ in range(2):  # persistent workers serve the next iteration too
-        for (x, y), (x2, y2) in zip(serial, epoch(parallel_loader, 4), strict=True):
-            assert torch.equal(x, x2) and torch.equal(y, y2)
+        assert_same_batches(serial, epoch(parallel_loader, 4))
 
 
-def test_label_out_of_range_names_file_and_key(tmp_path: Path) -> None:
-    labels = [i % NUM_CLASSES for i in range(8)]
-    labels[5] = NUM_CLASSES
-    root = make_rec(tmp_path, labels)
-    loader = build_loader(config(root, batch_size=8), 0, 1, seed=0)
-    with pytest.raises(DataError, match=rf"{root / 'train.rec'}: key 6 at offset \d+: label 5 outside \[0, 5\)"):
-        list(loader)
+@pytest.mark.parametrize("backend", RECORD_BACKENDS)
+def test_augmentations_follow_the_sampler(dataset_root: Path, backend: str) -> None:
+    plain = build_loader(config(dataset_root, backend=backend, batch_size=25), 0, 1, seed=2)
+    augmented = build_loader(config(dataset_root, backend=backend, batch_size=25, augment=True), 0, 1, seed=2)
+    sampler = EpochShardSampler(NUM_IMAGES, 25, 0, 1, seed=2, flip=True, augment=True, image_size=SIZE)
+    changed = unchanged = 0
+    for (x, y), (x2, y2), samples in zip(epoch(plain, 0), epoch(augmented, 0), sampler.batches(0, 0), strict=True):
+        assert torch.equal(y, y2)
+        for image, image2, sample in zip(x, x2, samples, strict=True):
+            if sample.augmented:
+                changed += not torch.equal(image, image2)
+            else:
+                unchanged += 1
+                torch.testing.assert_close(image, image2, rtol=0, atol=1e-6)
+    assert changed >= 10 and unchanged >= 10
+
+
+def test_sampler_draws_are_reproducible_and_in_range() -> None:
+    sampler = EpochShardSampler(10_000, 1000, 1, 2, seed=0, flip=True, augment=True, image_size=112)
+    samples = [sample for batch in sampler.batches(3, 0) for sample in batch]
+    assert samples == [sample for batch in sampler.batches(3, 0) for sample in batch]
+    assert samples[1000:] == [sample for batch in sampler.batches(3, 1) for sample in batch]
+    downscaled = [s.downscale for s in samples if s.downscale]
+    assert 0.05 < len(downscaled) / len(samples) < 0.15 and min(downscaled) >= 56 and max(downscaled) <= 90
+    assert 0.05 < np.mean([s.saturation == 0 for s in samples]) < 0.15
+    assert 0.15 < np.mean([s.blur_sigma > 0 for s in samples]) < 0.25
+    assert all(0 <= s.hue <= 20 for s in samples)
+
+
+def bad_payload(index: int) -> bytes:
+    """The bad image bytes ``bad_dataset`` stores for image ``index``."""
+    truncated_jpeg = encode_jpeg(image_of(11))[:-60]
+    return {3: png(image_of(3))[:40], 5: b"not an image at all", 9: png(np.zeros((SIZE + 2, SIZE, 3), np.uint8)),
+            11: truncated_jpeg}[index]  # fmt: skip
+
+
+def bad_dataset(root: Path) -> tuple[Path, dict[int, str]]:
+    """12 images of which five are bad (3, 5, 7, 9, 11), and the message each one must produce."""
+    payloads = {index: bad_payload(index) for index in (3, 5, 9, 11)}
+    labels = [i % NUM_CLASSES for i in range(12)]
+    labels[7] = NUM_CLASSES
+    make_rec(root, labels, payloads=payloads)
+    return root, {
+        3: "cannot decode image",
+        5: "payload of 19 bytes is not a JPEG, PNG or BMP",
+        7: rf"label {NUM_CLASSES} outside \[0, {NUM_CLASSES}\)",
+        9: f"image is {SIZE}x{SIZE + 2}, expected {SIZE}x{SIZE}",
+        11: "cannot decode image",
+    }
+
+
+@pytest.mark.parametrize("backend", RECORD_BACKENDS)
+def test_bad_records_are_errors_that_name_file_key_and_offset(tmp_path: Path, backend: str) -> None:
+    _, problems = bad_dataset(tmp_path / "all")  # for the messages
+    for index, message in problems.items():
+        labels = [i % NUM_CLASSES for i in range(12)]
+        payloads = {}
+        if index == 7:
+            labels[7] = NUM_CLASSES
+        else:
+            payloads = {index: bad_payload(index)}
+        root = make_rec(tmp_path / f"bad{index}", labels, payloads=payloads)
+        offset = RecordIOReader(root / "train.rec", root / "train.idx").offset(index + 1)
+        loader = build_loader(config(root, backend=backend, batch_size=12), 0, 1, seed=0)
+        with pytest.raises(DataError, match=rf"{root / 'train.rec'}: key {index + 1} at offset {offset}: {message}"):
+            list(loader)
+
+
+@pytest.mark.parametrize("backend", RECORD_BACKENDS)
+def test_skip_leaves_bad_records_out_and_counts_them(
+    tmp_path: Path, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    root, problems = bad_dataset(tmp_path)
+    loader = build_loader(config(root, backend=backend, batch_size=3, on_bad_record="skip"), 0, 1, seed=0)
+    with caplog.at_level(logging.WARNING, logger="sface_dist.data.loader"):
+        batches = epoch(loader, 0)
+    seen = sorted(index for images, _ in batches for index in decode(images)[0])
+    assert seen == [i for i in range(12) if i not in problems]
+    assert sum(len(labels) for _, labels in batches) == 7 and len(batches) == 4
+    assert loader.skipped_records == 5
+    for index, message in problems.items():
+        assert any(f"key {index + 1} at offset" in line and re.search(message, line) for line in caplog.messages)
+    epoch(loader, 1)
+    assert loader.skipped_records == 10  # counted again in every epoch that meets them
+
+
+def test_property_that_disagrees_with_identity_records(tmp_path: Path) -> None:
+    root = make_rec(tmp_path, [0, 1, 2, 3], num_classes=4)
+    (root / "property").write_text(f"7,{SIZE},{SIZE}\n")
+    with pytest.raises(DataError, match=rf"{root / 'property'} says 7 classes, the identity records .* say 4"):
+        build_loader(config(root), 0, 1, seed=0)
+
+
+def test_flat_layout_with_property(tmp_path: Path) -> None:
+    with FaceRecordWriter(tmp_path / "train.rec", tmp_path / "train.idx", identity_sizes=None) as writer:
+        for index in range(8):
+            writer.write(index % 2, png(image_of(index)))
+    (tmp_path / "property").write_text(f"2,{SIZE},{SIZE}\n")
+    batches = epoch(build_loader(config(tmp_path, flip=False), 0, 1, seed=0), 0)
+    assert sorted(i for x, _ in batches for i in decode(x)[0]) == list(range(8))
+    assert all(y.tolist() == [i % 2 for i in decode(x)[0]] for x, y in batches)
 
 
 @pytest.mark.parametrize("num_classes", [NUM_CLASSES - 1, NUM_CLASSES + 1])
@@ -148,8 +273,10 @@ def test_num_classes_must_match_property(dataset_root: Path, num_classes: int) -
 def test_configuration_errors(dataset_root: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"data.image_size=16 disagrees with .*property \(8x8 images\)"):
         build_loader(config(dataset_root, image_size=16), 0, 1, seed=0)
-    with pytest.raises(DataError, match="data.backend 'dali2' is not one of torch, synthetic"):
+    with pytest.raises(DataError, match="data.backend 'dali2' is not one of auto, dali, torch, synthetic"):
         build_loader(config(dataset_root, backend="dali2"), 0, 1, seed=0)
+    with pytest.raises(DataError, match="data.on_bad_record 'ignore' is not one of error, skip"):
+        build_loader(config(dataset_root, on_bad_record="ignore"), 0, 1, seed=0)
     with pytest.raises(DataError, match="data.root is empty"):
         build_loader(DataConfig(root="", num_workers=0), 0, 1, seed=0)
     with pytest.raises(DataError, match="50 images cannot fill one global batch of 4 ranks x 16 images"):
@@ -160,6 +287,11 @@ def test_configuration_errors(dataset_root: Path, tmp_path: Path) -> None:
         build_loader(config(tmp_path), 0, 1, seed=0)
 
 
+def test_auto_backend_is_torch_without_a_gpu() -> None:
+    assert resolve_backend("auto") == ("dali" if torch.cuda.is_available() else "torch")
+    assert resolve_backend("synthetic") == "synthetic"
+
+
 def test_synthetic_backend_follows_the_same_sharding(tmp_path: Path) -> None:
     cfg = config(tmp_path, backend="synthetic", num_classes=6, synthetic_images_per_class=3, image_size=16)
     faces = SyntheticFaces(6, image_size=16)
@@ -167,11 +299,12 @@ def test_synthetic_backend_follows_the_same_sharding(tmp_path: Path) -> None:
         loader = build_loader(cfg, rank, 2, seed=5)
         assert (loader.num_images, loader.num_classes, len(loader)) == (18, 6, 2)
         sampler = EpochShardSampler(18, 4, rank, 2, seed=5, flip=True)
-        sampler.set_epoch(1)
-        for (images, labels), items in zip(epoch(loader, 1), sampler, strict=True):
-            rendered = [faces.render(*divmod(index, 3)) for index, _ in items]
-            expected = [image[:, ::-1] if flip else image for image, (_, flip) in zip(rendered, items)]
-            assert labels.tolist() == [index // 3 for index, _ in items]
+        for (images, labels), samples in zip(epoch(loader, 1), sampler.batches(1, 0), strict=True):
+            rendered = [faces.render(*divmod(sample.image_index, 3)) for sample in samples]
+            expected = [
+                image[:, ::-1] if sample.flip else image for image, sample in zip(rendered, samples, strict=True)
+            ]
+            assert labels.tolist() == [sample.image_index // 3 for sample in samples]
             pixels = torch.from_numpy(np.stack(expected)).permute(0, 3, 1, 2).float()
             assert torch.equal(images, (pixels - 127.5) / 127.5)
     with pytest.raises(DataError, match="synthetic backend needs data.num_classes >= 1"):
@@ -185,3 +318,8 @@ def test_synthetic_faces_are_deterministic_and_distinct() -> None:
     assert np.array_equal(image, SyntheticFaces(4, image_size=32, seed=1).render(2, 5))
     assert not np.array_equal(image, faces.render(2, 6))
     assert not np.array_equal(image, SyntheticFaces(4, image_size=32, seed=2).render(2, 5))
+
+
+def test_sample_defaults_are_neutral() -> None:
+    assert not Sample(0, False).augmented
+    assert Sample(0, True, saturation=0.0).augmented

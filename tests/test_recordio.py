@@ -7,17 +7,22 @@ import pickle
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sface_dist.data.recordio import (
     MAGIC,
     FaceRecordIndex,
+    FaceRecordWriter,
     IRHeader,
     RecordIOError,
     RecordIOReader,
     RecordIOWriter,
     frame,
     pack,
+    read_index,
+    rebuild_index,
+    scan_records,
     unpack,
 )
 
@@ -180,3 +185,91 @@ def test_short_record_is_a_clear_error(tmp_path: Path) -> None:
     with RecordIOReader(*write(tmp_path, {0: b"short"})) as reader:
         with pytest.raises(RecordIOError, match=r"t.rec: key 0 at offset 0: record of 5 bytes is shorter"):
             FaceRecordIndex(reader)
+
+
+def test_index_cache_is_memory_mapped_and_follows_the_idx(tmp_path: Path) -> None:
+    rec, idx = write(tmp_path, {key: b"r%d" % key for key in range(5)})
+    table = read_index(idx, cache=True)
+    cache = tmp_path / "t.idx.npy"
+    assert isinstance(table, np.memmap) and cache.is_file()
+    assert table.tolist() == [[key, 12 * key] for key in range(5)]
+    assert read_index(idx, cache=True).tolist() == table.tolist()
+    with RecordIOWriter(rec, idx) as writer:  # a rewritten .idx invalidates the cache
+        writer.write(9, b"only")
+    assert read_index(idx, cache=True).tolist() == [[9, 0]]
+    with RecordIOReader(rec, idx, cache=True) as reader:
+        assert reader.read(9) == b"only"
+    assert read_index(idx, cache=False).tolist() == [[9, 0]]
+    assert not isinstance(read_index(idx, cache=False), np.memmap)
+
+
+def test_index_cache_is_skipped_in_a_read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, idx = write(tmp_path, {0: b"a", 1: b"b"})
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(PermissionError("read-only")))
+    assert read_index(idx, cache=True).tolist() == [[0, 0], [1, 12]]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["t.idx", "t.rec"]
+
+
+def test_keys_in_any_order_are_found(tmp_path: Path) -> None:
+    records = {key: b"v%d" % key for key in (40, 3, 17, -2, 8)}
+    with RecordIOReader(*write(tmp_path, records)) as reader:
+        assert {key: reader.read(key) for key in records} == records
+        assert 5 not in reader and 40 in reader
+
+
+def test_scan_and_rebuild_index(tmp_path: Path) -> None:
+    records = {0: b"abc", 1: MAGIC_BYTES * 2 + b"z", 2: pack(IRHeader(0, 1.0, 77, 0), b"q")}
+    rec, idx = write(tmp_path, records)
+    original = idx.read_bytes()
+    idx.unlink()
+    assert rebuild_index(rec, idx) == 3
+    assert idx.read_bytes() == original
+    assert [scanned.record for scanned in scan_records(rec)] == list(records.values())
+
+
+def test_scan_names_the_record_and_offset_of_broken_framing(tmp_path: Path) -> None:
+    rec, _ = write(tmp_path, {0: b"a" * 8, 1: b"b" * 8, 2: b"c" * 8})
+    data = bytearray(rec.read_bytes())
+    data[16:20] = b"\0\0\0\0"
+    rec.write_bytes(bytes(data))
+    with pytest.raises(RecordIOError, match=rf"{rec}: record 1 at offset 16: bad magic 0x00000000 at byte 16"):
+        list(scan_records(rec))
+    os.truncate(rec, 30)
+    with pytest.raises(RecordIOError, match=rf"{rec}: record 1 at offset 16: "):
+        rebuild_index(rec, tmp_path / "new.idx")
+    assert not (tmp_path / "new.idx").exists()
+
+
+def test_face_record_writer_layouts(tmp_path: Path) -> None:
+    with FaceRecordWriter(tmp_path / "i.rec", tmp_path / "i.idx", identity_sizes=[2, 1]) as writer:
+        for label, image in [(0, b"a"), (0, b"b"), (1, b"c")]:
+            writer.write(label, image)
+    with RecordIOReader(tmp_path / "i.rec", tmp_path / "i.idx") as reader:
+        index = FaceRecordIndex(reader)
+        assert (index.layout, index.num_classes, reader.keys) == ("insightface", 2, [0, 1, 2, 3, 4, 5])
+        assert [index.read(i) for i in range(3)] == [(0, b"a"), (0, b"b"), (1, b"c")]
+        assert [index.identity_range(label) for label in (0, 1)] == [(1, 3), (3, 4)]
+    with FaceRecordWriter(tmp_path / "f.rec", tmp_path / "f.idx", identity_sizes=None) as writer:
+        assert [writer.write(label, b"x") for label in (4, 0, 2)] == [0, 1, 2]
+    with RecordIOReader(tmp_path / "f.rec", tmp_path / "f.idx") as reader:
+        index = FaceRecordIndex(reader)
+        assert (index.layout, index.num_classes, len(index)) == ("flat", None, 3)
+        assert [index.read(i)[0] for i in range(3)] == [4, 0, 2]
+
+
+def test_face_record_writer_rejects_out_of_order_labels_and_missing_images(tmp_path: Path) -> None:
+    with pytest.raises(RecordIOError, match="image 1 has label 1, but the identity sizes place class 0 there"):
+        with FaceRecordWriter(tmp_path / "i.rec", tmp_path / "i.idx", identity_sizes=[2, 1]) as writer:
+            writer.write(0, b"a")
+            writer.write(1, b"b")
+    writer = FaceRecordWriter(tmp_path / "i.rec", tmp_path / "i.idx", identity_sizes=[2, 1])
+    writer.write(0, b"a")
+    with pytest.raises(RecordIOError, match="1 images written, identity sizes add up to 3"):
+        writer.close()
+
+
+def test_multi_label_image_at_key_0_is_not_a_header(tmp_path: Path) -> None:
+    records = {key: pack(IRHeader(0, (float(key), 7.0), key, 0), b"\xff\xd8\xffimg") for key in range(3)}
+    with RecordIOReader(*write(tmp_path, records)) as reader:
+        index = FaceRecordIndex(reader)
+        assert (index.layout, len(index), index.read(2)[0]) == ("flat", 3, 2)

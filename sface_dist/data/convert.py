@@ -1,144 +1,417 @@
-"""Convert a folder of identity sub-folders into an insightface-layout RecordIO dataset.
+"""Build, rewrite and export RecordIO face datasets: the library behind ``tools/convert_rec.py``.
 
-``folder_to_rec`` writes ``train.rec``/``train.idx`` (record 0: labels ``(first identity
-key, end key)``; images: keys ``1..n``; identity records: their ``[start, end)`` image key
-range), ``property`` (``num_classes,H,W``) and ``classes.txt`` (folder name of each label).
-Outputs are written under temporary names and renamed into place at the end, so a failed
-or interrupted run leaves an existing dataset untouched.
+Every function writes its outputs under temporary names in the destination folder and
+renames them into place only when everything succeeded, so a failed or interrupted run
+leaves an existing dataset untouched. Images are decoded and encoded on a pool of worker
+processes, a few chunks in flight at a time, so memory stays flat on datasets of any size.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
+import multiprocessing
 import os
+import shutil
 import sys
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sface_dist.data.recordio import IRHeader, RecordIOWriter, pack
+from sface_dist.data.images import encode_jpeg, image_extension
+from sface_dist.data.recordio import (
+    FaceRecordIndex,
+    FaceRecordWriter,
+    IRHeader,
+    RecordIOError,
+    RecordIOReader,
+    RecordIOWriter,
+    pack,
+)
 
-_MAX_EXACT_KEY = 2**24
-"""Record 0 stores key ranges as float32 labels, exact only up to 2**24."""
-_OUTPUTS = ("train.rec", "train.idx", "property", "classes.txt")
+_CHUNK = 64
+"""Images per task sent to a worker process."""
+_DATASET_FILES = ("train.rec", "train.idx", "property", "classes.txt")
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class ConvertError(ValueError):
-    """An input folder tree that cannot be converted as it is."""
+    """An input that cannot be converted as it is; the message names the file (and key, offset)."""
 
 
 @dataclass(frozen=True)
-class ConvertSummary:
-    """What ``folder_to_rec`` wrote."""
+class EncodeOptions:
+    """How source images become stored bytes.
 
-    out_dir: Path
-    num_classes: int
+    ``image_size``: square side to resize to (None keeps every image's size). ``quality``:
+    JPEG quality. ``pass_through``: store a JPEG or PNG file's bytes unchanged when it
+    already has the target size, instead of decoding and re-encoding it.
+    """
+
+    image_size: int | None = 112
+    quality: int = 95
+    pass_through: bool = False
+
+
+@dataclass
+class ConvertSummary:
+    """What a conversion wrote and what it left out."""
+
+    out: Path
     num_images: int
-    rec_bytes: int
+    num_classes: int
+    bytes_written: int
     seconds: float
+    skipped: list[str] = field(default_factory=list)
+
+    def describe(self, verb: str = "wrote") -> str:
+        rate = self.num_images / max(self.seconds, 1e-9)
+        line = (
+            f"{verb} {self.out} ({self.bytes_written / 2**20:.1f} MiB): {self.num_images} images of "
+            f"{self.num_classes} identities in {self.seconds:.1f} s ({rate:,.0f} img/s)"
+        )
+        if self.skipped:
+            line += f"; skipped {len(self.skipped)} bad records:\n  " + "\n  ".join(self.skipped)
+        return line
 
 
 def folder_to_rec(
     root: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
-    quality: int = 95,
-    image_size: int = 112,
+    options: EncodeOptions = EncodeOptions(),
+    shuffle: bool = False,
+    seed: int = 0,
     progress: bool = True,
     workers: int | None = None,
 ) -> ConvertSummary:
-    """Encode ``root/<identity>/<image>`` as ``out_dir/train.rec`` and friends.
+    """Encode ``root/<identity>/<image>`` as ``out_dir/train.rec``, ``train.idx``, ``property``, ``classes.txt``.
 
-    Identities are the sub-folders of ``root`` in sorted order (labels ``0..N-1``); their
-    images (any format PIL opens) are converted to RGB, resized to ``image_size`` square
-    when they are not already, and JPEG-encoded at ``quality`` on ``workers`` threads
-    (default: one per CPU). ``progress`` draws a progress bar on stderr.
+    Identities are the sub-folders of ``root`` in sorted order (labels ``0..N-1``, names in
+    ``classes.txt``). Without ``shuffle`` the insightface layout is written; with it, the
+    images go in a ``seed``-determined random order into the flat layout (identity records
+    cannot describe a shuffled file), which is what DALI's own reader wants.
     """
     start_time = time.perf_counter()
     root, out_dir = Path(root), Path(out_dir)
     identities = _list_identities(root)
-    num_images = sum(len(images) for _, images in identities)
-    end_key = num_images + 1 + len(identities)
-    if end_key > _MAX_EXACT_KEY:
-        raise ConvertError(
-            f"{root}: {num_images} images and {len(identities)} identities exceed the {_MAX_EXACT_KEY} keys "
-            "that insightface's float32 header record can address exactly"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    temporary = {name: out_dir / f".{name}.tmp{os.getpid()}" for name in _OUTPUTS}
-    try:
-        with RecordIOWriter(temporary["train.rec"], temporary["train.idx"]) as writer:
-            first_identity_key = num_images + 1
-            writer.write(0, pack(IRHeader(0, (float(first_identity_key), float(end_key)), 0, 0), b""))
-            labelled = [(label, path) for label, (_, images) in enumerate(identities) for path in images]
-            bar = _ProgressBar(num_images, sys.stderr if progress else None)
-            encoded = _encode_all([path for _, path in labelled], quality, image_size, workers)
-            for key, ((label, _), jpeg) in enumerate(zip(labelled, encoded), start=1):
-                writer.write(key, pack(IRHeader(0, float(label), key, 0), jpeg))
-                bar.advance()
-            bar.close()
-            start = 1
-            for label, (_, images) in enumerate(identities):
-                end = start + len(images)
-                writer.write(first_identity_key + label, pack(IRHeader(0, (float(start), float(end)), 0, 0), b""))
-                start = end
-        temporary["property"].write_text(f"{len(identities)},{image_size},{image_size}\n")
-        temporary["classes.txt"].write_text("".join(f"{name}\n" for name, _ in identities), encoding="utf-8")
-        for name, path in temporary.items():
-            os.replace(path, out_dir / name)
-    finally:
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
+    labelled = [(label, path) for label, (_, images) in enumerate(identities) for path in images]
+    if shuffle:
+        labelled = [labelled[i] for i in np.random.default_rng(seed).permutation(len(labelled)).tolist()]
+    sizes = None if shuffle else [len(images) for _, images in identities]
+    with _AtomicFiles(out_dir, _DATASET_FILES) as files:
+        try:
+            writer = FaceRecordWriter(files["train.rec"], files["train.idx"], sizes)
+        except RecordIOError as error:
+            raise ConvertError(f"{error} (--shuffle writes it)") from None
+        with writer:
+            encoded = map_chunks(_encode_chunk, [path for _, path in labelled], (options,), workers)
+            shape = None
+            pairs = zip(labelled, encoded, strict=True)
+            for (label, _), (jpeg, image_shape) in with_progress(pairs, len(labelled), progress):
+                shape = shape or image_shape
+                writer.write(label, jpeg)
+        _write_property(files["property"], len(identities), shape)
+        files["classes.txt"].write_text("".join(f"{name}\n" for name, _ in identities), encoding="utf-8")
     return ConvertSummary(
-        out_dir=out_dir,
-        num_classes=len(identities),
-        num_images=num_images,
-        rec_bytes=(out_dir / "train.rec").stat().st_size,
-        seconds=time.perf_counter() - start_time,
+        out_dir, len(labelled), len(identities), _size(out_dir / "train.rec"), time.perf_counter() - start_time
     )
 
 
-def encode_jpeg(image: np.ndarray | Image.Image, quality: int = 95) -> bytes:
-    """JPEG bytes of an RGB image (``uint8 [H, W, 3]`` array or PIL image)."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+def list_to_rec(
+    list_path: str | os.PathLike[str],
+    root: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    options: EncodeOptions = EncodeOptions(),
+    progress: bool = True,
+    workers: int | None = None,
+) -> ConvertSummary:
+    """Encode an im2rec ``.lst`` (``index<TAB>label[<TAB>label...]<TAB>relative path``) as a flat dataset.
+
+    As im2rec does, record keys and header ids are the list's indices and the records follow
+    the list's order; several labels make a multi-label record (the first is the class).
+    """
+    start_time = time.perf_counter()
+    list_path, root, out_dir = Path(list_path), Path(root), Path(out_dir)
+    entries = _read_list(list_path)
+    num_classes = 1 + max(int(labels[0]) for _, labels, _ in entries)
+    with _AtomicFiles(out_dir, ("train.rec", "train.idx", "property")) as files:
+        with RecordIOWriter(files["train.rec"], files["train.idx"]) as writer:
+            paths = [root / relative for _, _, relative in entries]
+            encoded = map_chunks(_encode_chunk, paths, (options,), workers)
+            shape = None
+            pairs = zip(entries, encoded, strict=True)
+            for (index, labels, _), (image, image_shape) in with_progress(pairs, len(entries), progress):
+                shape = shape or image_shape
+                label: float | tuple[float, ...] = labels[0] if len(labels) == 1 else tuple(labels)
+                writer.write(index, pack(IRHeader(0, label, index, 0), image))
+        _write_property(files["property"], num_classes, shape)
+    return ConvertSummary(
+        out_dir, len(entries), num_classes, _size(out_dir / "train.rec"), time.perf_counter() - start_time
+    )
 
 
-def _load_and_encode(path: Path, quality: int, image_size: int) -> bytes:
-    """Read any image PIL opens, as an ``image_size`` square RGB JPEG."""
+def repack(
+    rec_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    shuffle: bool = True,
+    seed: int = 0,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> ConvertSummary:
+    """Rewrite any face ``.rec`` as a flat, images-only file with scalar labels (keys ``0..n-1``).
+
+    Image bytes are copied unchanged; with ``shuffle`` they go in a ``seed``-determined random
+    order. Records that cannot be read, carry no recognisable image or a label outside the
+    class range stop the run, or with ``skip_bad`` are left out and listed in the summary.
+    ``property`` and ``classes.txt`` next to the source are carried over.
+    """
+    start_time = time.perf_counter()
+    rec_path, out_dir = Path(rec_path), Path(out_dir)
+    with _open_dataset(rec_path) as (reader, index):
+        num_classes = known_num_classes(rec_path, index)
+        order = np.random.default_rng(seed).permutation(len(index)) if shuffle else np.arange(len(index))
+        skipped: list[str] = []
+        written = 0
+        max_label = -1
+        shape = None
+        with _AtomicFiles(out_dir, _DATASET_FILES) as files:
+            with RecordIOWriter(files["train.rec"], files["train.idx"]) as writer:
+                for position in with_progress(order.tolist(), len(order), progress):
+                    try:
+                        label, image = _checked_image(reader, index, position, num_classes)
+                    except (RecordIOError, ConvertError) as error:
+                        if not skip_bad:
+                            raise ConvertError(str(error)) from None
+                        skipped.append(str(error))
+                        continue
+                    writer.write(written, pack(IRHeader(0, float(label), written, 0), image))
+                    written += 1
+                    max_label = max(max_label, label)
+                    shape = shape or _image_shape(image)
+            num_classes = num_classes if num_classes is not None else max_label + 1
+            _write_property(files["property"], num_classes, shape)
+            classes = rec_path.with_name("classes.txt")
+            if classes.is_file():
+                shutil.copyfile(classes, files["classes.txt"])
+        if not classes.is_file():
+            (out_dir / "classes.txt").unlink(missing_ok=True)
+    return ConvertSummary(
+        out_dir, written, num_classes, _size(out_dir / "train.rec"), time.perf_counter() - start_time, skipped
+    )
+
+
+def rec_to_folder(
+    rec_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], progress: bool = True
+) -> ConvertSummary:
+    """Extract every image as ``out_dir/<identity>/<key>.<ext>`` (bytes unchanged).
+
+    Identity folders are named from ``classes.txt`` next to the ``.rec`` when there is one,
+    else by zero-padded label. The folder is built under a temporary name and swapped in.
+    """
+    start_time = time.perf_counter()
+    rec_path, out_dir = Path(rec_path), Path(out_dir)
+    with _open_dataset(rec_path) as (reader, index):
+        classes_path = rec_path.with_name("classes.txt")
+        names = classes_path.read_text(encoding="utf-8").splitlines() if classes_path.is_file() else None
+        labels: set[int] = set()
+        written = 0
+        with _AtomicFolder(out_dir) as staging:
+            for position in with_progress(range(len(index)), len(index), progress):
+                key = index.key(position)
+                label, image = _checked_image(reader, index, position, None)
+                if names is not None and not 0 <= label < len(names):
+                    raise ConvertError(f"{reader.location(key)}: label {label} has no line in {classes_path}")
+                folder = staging / (names[label] if names is not None else f"{label:07d}")
+                if label not in labels:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    labels.add(label)
+                (folder / f"{key}{image_extension(image)}").write_bytes(image)
+                written += len(image)
+    return ConvertSummary(out_dir, len(index), len(labels), written, time.perf_counter() - start_time)
+
+
+def make_bin(
+    pairs_path: str | os.PathLike[str],
+    root: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    options: EncodeOptions = EncodeOptions(),
+    progress: bool = True,
+    workers: int | None = None,
+) -> ConvertSummary:
+    """Write an insightface verification pack from a pair list.
+
+    Each line of ``pairs_path`` is ``path_a path_b same`` (paths relative to ``root``,
+    ``same`` one of 1/0/true/false); blank lines and ``#`` comments are ignored.
+    """
+    from sface_dist.evaluation.bin_pack import write_bin  # only make-bin needs evaluation/
+
+    start_time = time.perf_counter()
+    pairs_path, root, out_path = Path(pairs_path), Path(root), Path(out_path)
+    pairs = _read_pairs(pairs_path)
+    paths = [root / relative for first, second, _ in pairs for relative in (first, second)]
+    results = map_chunks(_encode_chunk, paths, (options,), workers)
+    encoded = [image for image, _ in with_progress(results, len(paths), progress)]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_bin(out_path, encoded, [same for _, _, same in pairs])
+    return ConvertSummary(out_path, len(paths), 0, _size(out_path), time.perf_counter() - start_time)
+
+
+def _encode_chunk(paths: Sequence[Path], options: EncodeOptions) -> list[tuple[bytes, tuple[int, int]]]:
+    """Stored bytes and ``(height, width)`` of each image file (runs in a worker process)."""
+    return [_encode_file(path, options) for path in paths]
+
+
+def _encode_file(path: Path, options: EncodeOptions) -> tuple[bytes, tuple[int, int]]:
     try:
         with Image.open(path) as opened:
+            target = options.image_size
+            keeps_size = target is None or opened.size == (target, target)
+            if options.pass_through and keeps_size and opened.format in ("JPEG", "PNG") and opened.mode == "RGB":
+                return path.read_bytes(), (opened.height, opened.width)
             image = opened.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
         raise ConvertError(f"{path}: cannot read image ({error})") from None
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return encode_jpeg(image, quality)
+    if not keeps_size:
+        image = image.resize((target, target), Image.Resampling.BICUBIC)  # type: ignore[arg-type]
+    return encode_jpeg(image, options.quality), (image.height, image.width)
 
 
-def _encode_all(paths: list[Path], quality: int, image_size: int, workers: int | None) -> Iterator[bytes]:
-    """JPEG bytes of ``paths`` in order, encoded on a thread pool (PIL releases the GIL).
+def map_chunks(
+    function: Callable[..., list[R]], items: Sequence[T], extra: tuple[object, ...], workers: int | None
+) -> Iterator[R]:
+    """``function(chunk, *extra)`` over chunks of ``items`` on worker processes, results in order.
 
-    At most a few batches are in flight, so memory stays flat on datasets of any size.
+    A few chunks per worker are in flight at a time; ``workers=0`` runs in this process.
     """
-    workers = workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: collections.deque[Future[bytes]] = collections.deque()
-        for path in paths:
-            pending.append(pool.submit(_load_and_encode, path, quality, image_size))
-            if len(pending) >= 16 * workers:
-                yield pending.popleft().result()
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    chunks = [items[start : start + _CHUNK] for start in range(0, len(items), _CHUNK)]
+    if workers == 0:
+        for chunk in chunks:
+            yield from function(chunk, *extra)
+        return
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending: collections.deque[Future[list[R]]] = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.submit(function, chunk, *extra))
+            if len(pending) >= 4 * workers:
+                yield from pending.popleft().result()
         while pending:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
+
+
+def _checked_image(
+    reader: RecordIOReader, index: FaceRecordIndex, position: int, num_classes: int | None
+) -> tuple[int, bytes]:
+    """Label and image bytes of image ``position``; errors name file, key and offset."""
+    key = index.key(position)
+    label, image = index.read(position)
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise ConvertError(f"{reader.location(key)}: label {label} outside [0, {num_classes})")
+    if image_extension(image) == "":
+        raise ConvertError(f"{reader.location(key)}: payload of {len(image)} bytes is not a JPEG, PNG or BMP image")
+    return label, image
+
+
+def _image_shape(image: bytes) -> tuple[int, int] | None:
+    try:
+        with Image.open(io.BytesIO(image)) as opened:
+            return opened.height, opened.width
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
+def known_num_classes(rec_path: Path, index: FaceRecordIndex) -> int | None:
+    """The class count the ``property`` file or the identity records state (they must agree)."""
+    property_path = rec_path.with_name("property")
+    stated = read_property(property_path)[0] if property_path.is_file() else None
+    if stated is not None and index.num_classes is not None and stated != index.num_classes:
+        raise ConvertError(
+            f"{property_path} says {stated} classes, the identity records of {rec_path} say {index.num_classes}"
+        )
+    return stated if stated is not None else index.num_classes
+
+
+def read_property(path: Path) -> tuple[int, int, int]:
+    """``(num_classes, height, width)`` of an insightface ``property`` file."""
+    text = path.read_text().strip()
+    try:
+        num_classes, height, width = (int(value) for value in text.split(","))
+    except ValueError:
+        raise ConvertError(f"{path}: expected 'num_classes,height,width', got {text[:80]!r}") from None
+    return num_classes, height, width
+
+
+def _write_property(path: Path, num_classes: int, shape: tuple[int, int] | None) -> None:
+    height, width = shape or (0, 0)
+    path.write_text(f"{num_classes},{height},{width}\n")
+
+
+@contextlib.contextmanager
+def _open_dataset(rec_path: Path) -> Iterator[tuple[RecordIOReader, FaceRecordIndex]]:
+    """The reader of ``rec_path`` (its ``.idx`` alongside) and its image index."""
+    if rec_path.suffix != ".rec":
+        raise ConvertError(f"{rec_path}: expected a .rec file (its .idx next to it)")
+    with RecordIOReader(rec_path, rec_path.with_suffix(".idx")) as reader:
+        yield reader, FaceRecordIndex(reader)
+
+
+class _AtomicFiles:
+    """Temporary paths for ``names`` in ``out_dir``, renamed into place together on success.
+
+    Outputs a run did not produce (its temporary file is missing) are left as they were.
+    """
+
+    def __init__(self, out_dir: Path, names: Sequence[str]) -> None:
+        self.out_dir = out_dir
+        self.paths = {name: out_dir / f".{name}.tmp{os.getpid()}" for name in names}
+
+    def __enter__(self) -> dict[str, Path]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        return self.paths
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                for name, path in self.paths.items():
+                    if path.exists():
+                        os.replace(path, self.out_dir / name)
+        finally:
+            for path in self.paths.values():
+                path.unlink(missing_ok=True)
+
+
+class _AtomicFolder:
+    """A staging folder next to ``out_dir`` that replaces it on success (the old one is removed)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.staging = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+
+    def __enter__(self) -> Path:
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir()
+        return self.staging
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return
+        retired = self.out_dir.with_name(f".{self.out_dir.name}.old{os.getpid()}")
+        if self.out_dir.exists():
+            os.replace(self.out_dir, retired)
+        os.replace(self.staging, self.out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def _list_identities(root: Path) -> list[tuple[str, list[Path]]]:
@@ -161,18 +434,76 @@ def _list_identities(root: Path) -> list[tuple[str, list[Path]]]:
     return identities
 
 
-class _ProgressBar:
+def _read_list(list_path: Path) -> list[tuple[int, list[float], str]]:
+    """Entries of an im2rec ``.lst`` file; errors name the line."""
+    if not list_path.is_file():
+        raise ConvertError(f"{list_path}: list file not found")
+    entries = []
+    for number, line in enumerate(list_path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.rstrip("\n").split("\t")
+        try:
+            if len(fields) < 3:
+                raise ValueError
+            entries.append((int(fields[0]), [float(value) for value in fields[1:-1]], fields[-1]))
+        except ValueError:
+            raise ConvertError(f"{list_path}: line {number} is not 'index<TAB>label<TAB>path': {line[:80]!r}") from None
+    if not entries:
+        raise ConvertError(f"{list_path}: no entries")
+    indices = [index for index, _, _ in entries]
+    if len(set(indices)) != len(indices):
+        raise ConvertError(f"{list_path}: image indices repeat (they become record keys)")
+    bad = next((entry for entry in entries if entry[1][0] < 0 or entry[1][0] != int(entry[1][0])), None)
+    if bad is not None:
+        raise ConvertError(f"{list_path}: index {bad[0]} has label {bad[1][0]}, expected a class number >= 0")
+    return entries
+
+
+def _read_pairs(pairs_path: Path) -> list[tuple[str, str, bool]]:
+    """``(path_a, path_b, same)`` of a pair list; errors name the line."""
+    if not pairs_path.is_file():
+        raise ConvertError(f"{pairs_path}: pair list not found")
+    truth = {"1": True, "true": True, "0": False, "false": False}
+    pairs = []
+    for number, line in enumerate(pairs_path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) != 3 or fields[2].lower() not in truth:
+            raise ConvertError(f"{pairs_path}: line {number} is not 'path_a path_b 1|0': {line[:80]!r}")
+        pairs.append((fields[0], fields[1], truth[fields[2].lower()]))
+    if not pairs:
+        raise ConvertError(f"{pairs_path}: no pairs")
+    return pairs
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
+
+
+def with_progress(items: Iterable[T], total: int, enabled: bool) -> Iterator[T]:
+    """``items``, drawing a progress bar on stderr when ``enabled``."""
+    bar = ProgressBar(total, sys.stderr if enabled else None)
+    for item in items:
+        yield item
+        bar.advance()
+    bar.close()
+
+
+class ProgressBar:
     """A one-line ``\\r`` progress bar (count, rate, ETA), redrawn at most 5 times a second."""
 
-    def __init__(self, total: int, stream: TextIO | None) -> None:
+    def __init__(self, total: int, stream: TextIO | None, unit: str = "images") -> None:
         self._total = total
         self._stream = stream
+        self._unit = unit
         self._done = 0
         self._start = time.perf_counter()
         self._last_draw = 0.0
 
-    def advance(self) -> None:
-        self._done += 1
+    def advance(self, count: int = 1) -> None:
+        self._done += count
         now = time.perf_counter()
         if self._stream is not None and now - self._last_draw >= 0.2:
             self._last_draw = now
@@ -191,7 +522,7 @@ class _ProgressBar:
         width = 30
         filled = width * self._done // max(self._total, 1)
         stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {self._done}/{self._total} images"
-            f"  {rate:,.0f} img/s  ETA {int(eta) // 60:d}:{int(eta) % 60:02d}"
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {self._done}/{self._total} {self._unit}"
+            f"  {rate:,.0f}/s  ETA {int(eta) // 60:d}:{int(eta) % 60:02d}"
         )
         stream.flush()

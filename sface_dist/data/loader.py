@@ -1,43 +1,72 @@
-"""``build_loader``: one epoch-sharded training iterator over a RecordIO dataset or synthetic faces.
+"""``build_loader``: one rank's training batches from a RecordIO dataset or synthetic faces.
 
-Every epoch draws one permutation of all images from ``(seed, epoch)``, truncates it to
-a multiple of ``world_size * batch_size`` and deals it out round-robin: rank ``r`` takes
-positions ``r, r + world_size, ...``. Shards are disjoint and together cover every image
-once per epoch up to the remainder. Horizontal flips are drawn from the same generator,
-one per image index, so a batch depends only on ``(seed, epoch, rank, world_size)`` and
-never on the number of workers. ``set_epoch(epoch, skip_batches)`` resumes mid-epoch.
+Backends (``data.backend``): ``dali`` decodes with NVIDIA DALI (on the GPU where there is
+one, ``dali.py``), ``torch`` with simplejpeg/PIL in DataLoader workers, ``synthetic`` renders
+identities; ``auto`` picks ``dali`` where DALI imports and a GPU is present, else ``torch``.
+All of them follow ``EpochShardSampler``: the same images, order, flips and augmentation
+parameters for the same ``(seed, epoch, rank, world_size)``, resumable at any batch.
+
+Bad records (``data.on_bad_record``): ``error`` stops with the file, key and offset;
+``skip`` leaves the record out of its batch (which is then smaller), logs it and counts it
+in ``loader.skipped_records``.
 """
 
 from __future__ import annotations
 
-import io
+import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from sface_dist.data.recordio import FaceRecordIndex, RecordIOReader
+from sface_dist.data.augment import augment
+from sface_dist.data.errors import DataError
+from sface_dist.data.images import decode_rgb, image_extension
+from sface_dist.data.recordio import FaceRecordIndex, RecordIOError, RecordIOReader
+from sface_dist.data.sampler import EpochShardSampler, Sample
 from sface_dist.data.synthetic import SyntheticFaces
 
 if TYPE_CHECKING:
     from sface_dist.config import DataConfig
 
-BACKENDS = ("torch", "synthetic")
+BACKENDS = ("auto", "dali", "torch", "synthetic")
+BAD_RECORD_POLICIES = ("error", "skip")
 
-Item = tuple[int, bool]
-"""An image index and whether to flip it horizontally."""
+logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
-    """A dataset or data configuration that cannot be loaded as asked."""
+class FaceLoader(Protocol):
+    """What the trainer uses: batches of ``(float32 [B, 3, H, W] in [-1, 1], int64 [B])``.
+
+    ``len()`` is the number of batches per epoch per rank (the last partial global batch is
+    dropped); after ``set_epoch(epoch, skip_batches)`` an iteration yields batches
+    ``skip_batches..len()-1`` of that epoch. ``skipped_records`` counts the bad records left out.
+    """
+
+    num_classes: int
+    num_images: int
+    skipped_records: int
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class BadRecord(NamedTuple):
+    """A record left out under ``on_bad_record=skip``: its position and what is wrong (file, key, offset)."""
+
+    image_index: int
+    message: str
 
 
 class RecordFaceDataset(Dataset[tuple[np.ndarray, int]]):
-    """Images and labels of ``root/train.rec`` decoded with PIL, as ``uint8 [H, W, 3]`` RGB."""
+    """Images and labels of ``root/train.rec`` (any layout), decoded as ``uint8 [H, W, 3]`` RGB."""
 
     def __init__(self, root: str | Path, num_classes: int, image_size: int) -> None:
         root = Path(root)
@@ -49,23 +78,35 @@ class RecordFaceDataset(Dataset[tuple[np.ndarray, int]]):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, item: Item) -> tuple[np.ndarray, int]:
-        index, flip = item
-        label, encoded = self.index.read(index)
+    def read_encoded(self, index: int) -> tuple[int, bytes]:
+        """Label and encoded bytes of image ``index``, checked for framing, label range and image signature."""
         key = self.index.key(index)
+        try:
+            label, encoded = self.index.read(index)
+        except RecordIOError as error:
+            raise DataError(str(error)) from None
         if not 0 <= label < self.num_classes:
             raise DataError(f"{self.reader.location(key)}: label {label} outside [0, {self.num_classes})")
+        if not image_extension(encoded):
+            raise DataError(f"{self.reader.location(key)}: payload of {len(encoded)} bytes is not a JPEG, PNG or BMP")
+        return label, encoded
+
+    def decode(self, index: int, encoded: bytes) -> np.ndarray:
+        """``encoded`` as ``uint8 [image_size, image_size, 3]`` RGB; errors name the record."""
         try:
-            with Image.open(io.BytesIO(encoded)) as image:
-                pixels = np.asarray(image.convert("RGB"))
-        except (OSError, ValueError) as error:
-            raise DataError(f"{self.reader.location(key)}: cannot decode image ({error})") from None
+            pixels = decode_rgb(encoded)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise DataError(f"{self.reader.location(self.index.key(index))}: cannot decode image ({error})") from None
         if pixels.shape[:2] != (self.image_size, self.image_size):
             raise DataError(
-                f"{self.reader.location(key)}: image is {pixels.shape[1]}x{pixels.shape[0]}, "
+                f"{self.reader.location(self.index.key(index))}: image is {pixels.shape[1]}x{pixels.shape[0]}, "
                 f"expected {self.image_size}x{self.image_size}"
             )
-        return (pixels[:, ::-1] if flip else pixels), label
+        return pixels
+
+    def __getitem__(self, sample: Sample) -> tuple[np.ndarray, int]:
+        label, encoded = self.read_encoded(sample.image_index)
+        return augment(self.decode(sample.image_index, encoded), sample), label
 
 
 class SyntheticFaceDataset(Dataset[tuple[np.ndarray, int]]):
@@ -88,91 +129,92 @@ class SyntheticFaceDataset(Dataset[tuple[np.ndarray, int]]):
     def __len__(self) -> int:
         return self.num_classes * self.images_per_class
 
-    def __getitem__(self, item: Item) -> tuple[np.ndarray, int]:
-        index, flip = item
-        identity, sample = divmod(index, self.images_per_class)
-        pixels = self.faces.render(identity, sample)
-        return (pixels[:, ::-1] if flip else pixels), identity
+    def __getitem__(self, sample: Sample) -> tuple[np.ndarray, int]:
+        identity, image = divmod(sample.image_index, self.images_per_class)
+        return augment(self.faces.render(identity, image), sample), identity
 
 
-class EpochShardSampler(Sampler[list[Item]]):
-    """Batches of ``(image index, flip)`` for one rank: see the module docstring."""
+class _Loaded(NamedTuple):
+    pixels: np.ndarray
+    label: int
 
-    def __init__(self, num_images: int, batch_size: int, rank: int, world_size: int, seed: int, flip: bool) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
-        if batch_size < 1:
-            raise DataError(f"data.batch_size must be >= 1, got {batch_size}")
-        self.batches_per_epoch = num_images // (world_size * batch_size)
-        if self.batches_per_epoch == 0:
-            raise DataError(
-                f"{num_images} images cannot fill one global batch of {world_size} ranks x {batch_size} images"
-            )
-        self.num_images = num_images
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.flip = flip
-        self.epoch = 0
-        self.skip_batches = 0
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        if epoch < 0 or not 0 <= skip_batches <= self.batches_per_epoch:
-            raise DataError(
-                f"set_epoch needs epoch >= 0 and 0 <= skip_batches <= {self.batches_per_epoch}, "
-                f"got {epoch}, {skip_batches}"
-            )
-        self.epoch = epoch
-        self.skip_batches = skip_batches
+class _SkippingDataset(Dataset[_Loaded | BadRecord]):
+    """Wraps a dataset so that a bad record becomes a ``BadRecord`` instead of an exception."""
+
+    def __init__(self, dataset: RecordFaceDataset) -> None:
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return self.batches_per_epoch - self.skip_batches
+        return len(self.dataset)
 
-    def __iter__(self) -> Iterator[list[Item]]:
-        rng = np.random.default_rng((self.seed, self.epoch))
-        order = rng.permutation(self.num_images)
-        flips = rng.random(self.num_images) < 0.5 if self.flip else np.zeros(self.num_images, dtype=bool)
-        used = self.batches_per_epoch * self.world_size * self.batch_size
-        shard = order[self.rank : used : self.world_size]
-        for batch in range(self.skip_batches, self.batches_per_epoch):
-            indices = shard[batch * self.batch_size : (batch + 1) * self.batch_size]
-            yield list(zip(indices.tolist(), flips[indices].tolist()))
+    def __getitem__(self, sample: Sample) -> _Loaded | BadRecord:
+        try:
+            return _Loaded(*self.dataset[sample])
+        except DataError as error:
+            return BadRecord(sample.image_index, str(error))
 
 
-_NORMALISE = (np.arange(256, dtype=np.float32) - np.float32(127.5)) / np.float32(127.5)
-"""``(x - 127.5) / 127.5`` for every uint8 value: one gather per pixel instead of three passes."""
+def collate_pixels(
+    samples: list[tuple[np.ndarray, int] | BadRecord],
+) -> tuple[torch.Tensor, torch.Tensor, list[BadRecord]]:
+    """Stack ``uint8 [H, W, 3]`` images into ``uint8 [B, H, W, 3]``; ``BadRecord`` entries come back apart.
 
-
-def collate_normalised(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``uint8 HWC`` images into ``float32 [B, 3, H, W]`` scaled to [-1, 1] by ``(x - 127.5) / 127.5``."""
-    height, width, _ = samples[0][0].shape
-    images = np.empty((len(samples), 3, height, width), dtype=np.float32)
-    for out, (pixels, _) in zip(images, samples):
-        np.take(_NORMALISE, pixels.transpose(2, 0, 1), out=out)
-    return torch.from_numpy(images), torch.tensor([label for _, label in samples], dtype=torch.int64)
-
-
-class FaceLoader:
-    """Iterates one rank's batches of ``(images float32 [B, 3, H, W], labels int64 [B])``.
-
-    ``len()`` is the number of batches per epoch per rank (the last partial global batch
-    is dropped); after ``set_epoch(epoch, skip_batches)`` an iteration yields batches
-    ``skip_batches..len()-1`` of that epoch.
+    Batches travel from the workers as uint8, a quarter of the float32 bytes, in shared memory
+    filled in place; ``normalise`` turns them into the training tensor where they are used.
     """
+    bad = [sample for sample in samples if isinstance(sample, BadRecord)]
+    good = [sample for sample in samples if not isinstance(sample, BadRecord)]
+    if not good:
+        raise DataError(f"every image of a batch of {len(samples)} was a bad record: {bad[0].message}")
+    pixels = torch.empty((len(good), *good[0][0].shape), dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        pixels.share_memory_()
+    np.stack([image for image, _ in good], out=pixels.numpy())
+    return pixels, torch.tensor([label for _, label in good], dtype=torch.int64), bad
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """``uint8 [B, H, W, 3]`` to contiguous ``float32 [B, 3, H, W]`` as ``(x - 127.5) / 127.5``, on ``pixels``' device.
+
+    On the CPU this runs in numpy, one thread: torch's OpenMP threads would spin on the cores
+    the DataLoader workers need. The float32 results are the same bits either way.
+    """
+    batch, height, width, channels = pixels.shape
+    images = torch.empty((batch, channels, height, width), dtype=torch.float32, device=pixels.device)
+    if pixels.is_cuda:
+        images.copy_(pixels.permute(0, 3, 1, 2))
+        return images.sub_(127.5).div_(127.5)
+    out = images.numpy()
+    np.subtract(pixels.numpy().transpose(0, 3, 1, 2), np.float32(127.5), out=out, dtype=np.float32)
+    np.divide(out, np.float32(127.5), out=out)
+    return images
+
+
+class TorchFaceLoader:
+    """The ``torch`` and ``synthetic`` backends: decode in DataLoader workers, pinned memory on GPU
+    hosts, and each batch copied to the GPU on a side stream one batch ahead (see ``FaceLoader``)."""
 
     def __init__(
-        self, dataset: RecordFaceDataset | SyntheticFaceDataset, sampler: EpochShardSampler, num_workers: int
+        self,
+        dataset: RecordFaceDataset | SyntheticFaceDataset,
+        sampler: EpochShardSampler,
+        num_workers: int,
+        skip_bad: bool = False,
     ) -> None:
         self.num_classes = dataset.num_classes
         self.num_images = len(dataset)
+        self.skipped_records = 0
         self._sampler = sampler
+        cuda = torch.cuda.is_available()
+        self._device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+        served = _SkippingDataset(dataset) if skip_bad and isinstance(dataset, RecordFaceDataset) else dataset
         self._loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
+            served,  # type: ignore[arg-type]
+            batch_sampler=sampler,  # type: ignore[arg-type]
             num_workers=num_workers,
-            collate_fn=collate_normalised,
-            pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_pixels,
+            pin_memory=cuda,
             persistent_workers=num_workers > 0,
         )
 
@@ -180,48 +222,122 @@ class FaceLoader:
         return self._sampler.batches_per_epoch
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Select the epoch (its permutation and flips) and the batch to start from."""
+        """Select the epoch (its permutation, flips and augmentations) and the batch to start from."""
         self._sampler.set_epoch(epoch, skip_batches)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self._loader)
+        batches = self._counted(iter(self._loader))
+        if self._device is None:
+            return ((normalise(pixels), labels) for pixels, labels in batches)
+        return _prefetch_to_device(batches, self._device)
+
+    def _counted(
+        self, batches: Iterator[tuple[torch.Tensor, torch.Tensor, list[BadRecord]]]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for pixels, labels, bad in batches:
+            for record in bad:
+                log_skipped(record)
+            self.skipped_records += len(bad)
+            yield pixels, labels
+
+
+def log_skipped(record: BadRecord) -> None:
+    logger.warning("data.on_bad_record=skip: left out %s", record.message)
+
+
+def _prefetch_to_device(
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Copy each uint8 batch to ``device`` and normalise it there, on a side stream, while the previous
+    batch is in use."""
+    stream = torch.cuda.Stream(device)
+
+    def start_copy(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.cuda.stream(stream):
+            pixels, labels = (tensor.to(device, non_blocking=True) for tensor in batch)
+            return normalise(pixels), labels
+
+    pending = None
+    for batch in batches:
+        copied = start_copy(batch)
+        if pending is not None:
+            yield _ready(pending, stream, device)
+        pending = copied
+    if pending is not None:
+        yield _ready(pending, stream, device)
+
+
+def _ready(
+    batch: tuple[torch.Tensor, torch.Tensor], stream: torch.cuda.Stream, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make the current stream wait for ``batch``'s copy, and keep its memory alive for that stream."""
+    current = torch.cuda.current_stream(device)
+    current.wait_stream(stream)
+    for tensor in batch:
+        tensor.record_stream(current)
+    return batch
+
+
+def resolve_backend(backend: str) -> str:
+    """The concrete backend ``auto`` stands for on this host; other names are returned as they are."""
+    if backend != "auto":
+        return backend
+    from sface_dist.data.dali import dali_available  # DALI stays optional
+
+    return "dali" if dali_available() and torch.cuda.is_available() else "torch"
 
 
 def build_loader(cfg: DataConfig, rank: int, world_size: int, seed: int) -> FaceLoader:
     """The training loader of ``rank`` out of ``world_size`` for the backend ``cfg.backend`` names."""
+    if cfg.backend not in BACKENDS:
+        raise DataError(f"data.backend {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
+    if cfg.on_bad_record not in BAD_RECORD_POLICIES:
+        raise DataError(f"data.on_bad_record {cfg.on_bad_record!r} is not one of {', '.join(BAD_RECORD_POLICIES)}")
+    if cfg.num_workers < 0:
+        raise DataError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
+    backend = resolve_backend(cfg.backend)
     dataset: RecordFaceDataset | SyntheticFaceDataset
-    if cfg.backend == "torch":
+    if backend == "synthetic":
+        dataset = SyntheticFaceDataset(cfg.num_classes, cfg.synthetic_images_per_class, cfg.image_size)
+    else:
         if not cfg.root:
             raise DataError("data.root is empty: set it to the folder holding train.rec, train.idx and property")
         dataset = RecordFaceDataset(cfg.root, cfg.num_classes, cfg.image_size)
-    elif cfg.backend == "synthetic":
-        dataset = SyntheticFaceDataset(cfg.num_classes, cfg.synthetic_images_per_class, cfg.image_size)
-    else:
-        raise DataError(f"data.backend {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
-    if cfg.num_workers < 0:
-        raise DataError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
-    sampler = EpochShardSampler(len(dataset), cfg.batch_size, rank, world_size, seed, cfg.flip)
-    return FaceLoader(dataset, sampler, cfg.num_workers)
+    sampler = EpochShardSampler(
+        len(dataset), cfg.batch_size, rank, world_size, seed, cfg.flip, cfg.augment, cfg.image_size
+    )
+    skip_bad = cfg.on_bad_record == "skip"
+    if backend == "dali":
+        from sface_dist.data.dali import DaliFaceLoader  # DALI stays optional
+
+        assert isinstance(dataset, RecordFaceDataset)
+        return DaliFaceLoader(dataset, sampler, num_threads=max(cfg.num_workers, 1), skip_bad=skip_bad)
+    return TorchFaceLoader(dataset, sampler, cfg.num_workers, skip_bad)
 
 
 def _resolve_num_classes(root: Path, configured: int, image_size: int, index: FaceRecordIndex) -> int:
     """The class count of ``root``'s property file, else of its identity records, else of the config.
 
-    A configured count (non-zero) must agree with whichever the data states.
+    The property file, the identity records and a configured count (non-zero) must agree.
     """
     property_path = root / "property"
+    known = index.num_classes
     if property_path.is_file():
         text = property_path.read_text().strip()
         try:
             num_classes, height, width = (int(field) for field in text.split(","))
         except ValueError:
             raise DataError(f"{property_path}: expected 'num_classes,height,width', got {text[:80]!r}") from None
+        if known is not None and known != num_classes:
+            raise DataError(
+                f"{property_path} says {num_classes} classes, the identity records of {index.reader.rec_path} "
+                f"say {known}"
+            )
         if configured and configured != num_classes:
             raise DataError(f"data.num_classes={configured} disagrees with {property_path} ({num_classes} classes)")
         if (height, width) != (image_size, image_size):
             raise DataError(f"data.image_size={image_size} disagrees with {property_path} ({height}x{width} images)")
         return num_classes
-    known = index.num_classes
     if configured and known is not None and configured != known:
         raise DataError(
             f"data.num_classes={configured} disagrees with the {known} identity records of {index.reader.rec_path}"

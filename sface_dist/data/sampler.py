@@ -1,0 +1,123 @@
+"""Which images each rank reads, in which order, and with which random flips and augmentations.
+
+Every epoch draws one permutation of all images from ``(seed, epoch)``, truncates it to a
+multiple of ``world_size * batch_size`` and deals it out round-robin: rank ``r`` takes
+positions ``r, r + world_size, ...``. Shards are disjoint and together cover every image
+once per epoch up to the remainder. The flips and augmentation parameters of batch ``b``
+come from a generator seeded with ``(seed, epoch, world_size, rank, b)``, so a batch depends
+only on those numbers: not on the backend, the number of workers, or where iteration
+started, which is what makes ``set_epoch(epoch, skip_batches)`` resume exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+from sface_dist.data.errors import DataError
+
+DOWNSCALE_PROBABILITY = 0.1
+DOWNSCALE_RANGE = (0.5, 0.8)
+"""Fraction of the image size to shrink to before scaling back (the peer's random resize)."""
+BLUR_PROBABILITY = 0.2
+BLUR_SIGMA_RANGE = (0.5, 1.5)
+HSV_PROBABILITY = 0.2
+HUE_RANGE = (0.0, 20.0)
+"""Degrees."""
+SATURATION_RANGE = (1.0, 1.2)
+GRAY_PROBABILITY = 0.1
+
+
+class Sample(NamedTuple):
+    """One image of a batch and what to do to it (the neutral values mean: nothing)."""
+
+    image_index: int
+    flip: bool
+    downscale: int = 0
+    """Side in pixels to shrink to and scale back from; 0: no downscale."""
+    blur_sigma: float = 0.0
+    hue: float = 0.0
+    """Hue rotation in degrees."""
+    saturation: float = 1.0
+    """Saturation factor; 0 makes the image grey."""
+
+    @property
+    def augmented(self) -> bool:
+        return bool(self.downscale or self.blur_sigma or self.hue or self.saturation != 1.0)
+
+
+class EpochShardSampler:
+    """Batches of ``Sample`` for one rank: see the module docstring."""
+
+    def __init__(
+        self,
+        num_images: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        flip: bool,
+        augment: bool = False,
+        image_size: int = 112,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size < 1:
+            raise DataError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.batches_per_epoch = num_images // (world_size * batch_size)
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"{num_images} images cannot fill one global batch of {world_size} ranks x {batch_size} images"
+            )
+        self.num_images = num_images
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.flip = flip
+        self.augment = augment
+        self.image_size = image_size
+        self.epoch = 0
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        if epoch < 0 or not 0 <= skip_batches <= self.batches_per_epoch:
+            raise DataError(
+                f"set_epoch needs epoch >= 0 and 0 <= skip_batches <= {self.batches_per_epoch}, "
+                f"got {epoch}, {skip_batches}"
+            )
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.skip_batches
+
+    def __iter__(self) -> Iterator[list[Sample]]:
+        return self.batches(self.epoch, self.skip_batches)
+
+    def batches(self, epoch: int, start: int) -> Iterator[list[Sample]]:
+        """Batches ``start..`` of ``epoch`` (``set_epoch`` and iteration use this)."""
+        order = np.random.default_rng((self.seed, epoch)).permutation(self.num_images)
+        used = self.batches_per_epoch * self.world_size * self.batch_size
+        shard = order[self.rank : used : self.world_size]
+        for batch in range(start, self.batches_per_epoch):
+            yield self._samples(shard[batch * self.batch_size : (batch + 1) * self.batch_size], epoch, batch)
+
+    def _samples(self, indices: np.ndarray, epoch: int, number: int) -> list[Sample]:
+        """The samples of batch ``number`` of ``epoch``, whose images are ``indices``."""
+        rng = np.random.default_rng((self.seed, epoch, self.world_size, self.rank, number))
+        count = len(indices)
+        flips = rng.random(count) < 0.5 if self.flip else np.zeros(count, dtype=bool)
+        if not self.augment:
+            return [Sample(index, flip) for index, flip in zip(indices.tolist(), flips.tolist(), strict=True)]
+        low, high = (round(fraction * self.image_size) for fraction in DOWNSCALE_RANGE)
+        downscale = np.where(rng.random(count) < DOWNSCALE_PROBABILITY, rng.integers(low, high + 1, count), 0)
+        blur = np.where(rng.random(count) < BLUR_PROBABILITY, rng.uniform(*BLUR_SIGMA_RANGE, count), 0.0)
+        jitter = rng.random(count) < HSV_PROBABILITY
+        hue = np.where(jitter, rng.uniform(*HUE_RANGE, count), 0.0)
+        saturation = np.where(jitter, rng.uniform(*SATURATION_RANGE, count), 1.0)
+        saturation = np.where(rng.random(count) < GRAY_PROBABILITY, 0.0, saturation)
+        columns = (indices, flips, downscale, blur, hue, saturation)
+        return [Sample(*values) for values in zip(*(column.tolist() for column in columns), strict=True)]
