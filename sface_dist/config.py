@@ -61,9 +61,12 @@ class HeadConfig:
     margin: list[float] = field(default_factory=list)
     """Margin heads: (m1, m2, m3) of cos(m1·θ + m2) - m3; empty takes the type's default."""
     impl: str = "auto"
-    """SFace: ``dense`` (reference), ``chunked`` (O(B x chunk) memory) or ``auto``."""
+    """SFace: ``dense`` (reference), ``chunked`` (O(B x chunk) memory), ``triton`` (fused GPU kernels) or
+    ``auto`` (``triton`` on CUDA with Triton installed, else ``chunked``)."""
     chunk_size: int = 0
     """Classes per chunk for ``chunked``; 0 picks one from a memory budget."""
+    skip_threshold: float = 0.0
+    """``triton``: skip the gradient matmuls of tiles whose inter weights are all <= this; 0: exact."""
     precision: str = "fp32"
     """Operand type of the head's matmuls: ``fp32``, ``tf32``, ``bf16`` or ``fp16`` (fp32 accumulation)."""
     sample_rate: float = 1.0
@@ -126,7 +129,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.backend": ("auto", "dali", "torch", "synthetic"),
     "data.on_bad_record": ("error", "skip"),
     "head.type": ("sface", "arcface", "cosface", "combined", "softmax"),
-    "head.impl": ("auto", "dense", "chunked"),
+    "head.impl": ("auto", "dense", "chunked", "triton"),
     "head.precision": ("fp32", "tf32", "bf16", "fp16"),
     "head.init": ("xavier", "normal"),
     "train.amp": ("none", "bf16", "fp16"),
@@ -221,6 +224,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         "data.num_classes": cfg.data.num_classes,
         "data.num_workers": cfg.data.num_workers,
         "head.chunk_size": cfg.head.chunk_size,
+        "head.skip_threshold": cfg.head.skip_threshold,
         "train.steps": cfg.train.steps,
         "train.epochs": cfg.train.epochs,
         "optim.warmup_steps": cfg.optim.warmup_steps,

@@ -23,7 +23,7 @@ def build_head(
     if cfg.type == "sface":
         return ShardedSFaceHead(
             num_classes, embedding_size, s=cfg.s, k=cfg.k, a=cfg.a, b=cfg.b,
-            impl=cfg.impl, chunk_size=cfg.chunk_size, **common,
+            impl=cfg.impl, chunk_size=cfg.chunk_size, skip_threshold=cfg.skip_threshold, **common,
         )
     if cfg.type not in MARGIN_TYPES:
         raise ValueError(f"head.type: expected sface or one of {', '.join(MARGIN_TYPES)}, got {cfg.type!r}")

@@ -202,7 +202,8 @@ class _ChunkedSFace(torch.autograd.Function):
 
     Because G = ∂L/∂cos is known in the forward pass, the gradients w.r.t. x̂ and
     the raw weight are computed there and only scaled by the incoming gradient in
-    backward; no [B, C] tensor is ever held.
+    backward; no [B, C] tensor is ever held. The gradients live on ``ctx`` rather
+    than as saved tensors so that backward can hand ∂L/∂W over without a copy.
     """
 
     @staticmethod
@@ -245,14 +246,18 @@ class _ChunkedSFace(torch.autograd.Function):
             grad_w_hat = matmul(grad_cos.t(), x_hat, precision)
             radial = (grad_w_hat * w_hat).sum(dim=1, keepdim=True)
             grad_weight[start : start + chunk_size] = ((grad_w_hat - w_hat * radial) / norm).to(weight.dtype)
-        ctx.save_for_backward(grad_x_hat, grad_weight)
+        ctx.gradients = (grad_x_hat, grad_weight)
         ctx.mark_non_differentiable(stats, cos_target, max_nontarget)
         return loss, stats, cos_target, max_nontarget
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-        grad_x_hat, grad_weight = ctx.saved_tensors
-        return grad_x_hat * grad_loss, grad_weight * grad_loss, None, None, None, None, None
+        """Scales the stored gradients in place: no second [C, D] buffer at the memory peak."""
+        if ctx.gradients is None:
+            raise RuntimeError("the chunked SFace block supports one backward pass per forward")
+        grad_x_hat, grad_weight = ctx.gradients
+        ctx.gradients = None
+        return grad_x_hat.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None, None, None
 
 
 def sface_block_chunked(

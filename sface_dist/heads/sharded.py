@@ -40,6 +40,7 @@ from sface_dist.heads.sface import (
     sface_block_chunked,
     sface_block_dense,
 )
+from sface_dist.heads.kernels.fused import sface_block_triton, triton_available
 
 
 @dataclass
@@ -164,13 +165,17 @@ class ShardedHead(nn.Module):
         return GatheredBatch(x_hat, all_labels, sample.labels, weight, sample.inter_scale.to(x_hat.dtype))
 
 
-IMPLEMENTATIONS: dict[str, BlockFn] = {"dense": sface_block_dense, "chunked": sface_block_chunked}
+IMPLEMENTATIONS: dict[str, BlockFn] = {
+    "dense": sface_block_dense,
+    "chunked": sface_block_chunked,
+    "triton": sface_block_triton,
+}
 
 
 def resolve_impl(impl: str) -> str:
-    """``auto`` -> the best implementation available here."""
+    """``auto`` -> the best implementation available here: ``triton`` on CUDA with Triton, else ``chunked``."""
     if impl == "auto":
-        return "chunked"
+        return "triton" if torch.cuda.is_available() and triton_available() else "chunked"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"head.impl: expected auto or one of {', '.join(IMPLEMENTATIONS)}, got {impl!r}")
     return impl
@@ -195,14 +200,23 @@ class ShardedSFaceHead(ShardedHead):
         seed: int = 0,
         init: str = "xavier",
         check_inputs: bool = False,
+        skip_threshold: float = 0.0,
     ) -> None:
         super().__init__(num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs)
         if precision not in PRECISIONS:
             raise ValueError(f"head.precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if skip_threshold < 0.0:
+            raise ValueError(f"head.skip_threshold: expected a value >= 0, got {skip_threshold}")
         self.params = SFaceParams(s=s, k=k, a=a, b=b)
         self.impl = resolve_impl(impl)
+        if impl == "auto" and self.rank == 0:
+            found = "CUDA and Triton found" if self.impl == "triton" else (
+                "Triton not installed" if torch.cuda.is_available() else "no CUDA device"
+            )
+            print(f"head.impl=auto: SFace block runs {self.impl!r} ({found})", flush=True)
         self.chunk_size = chunk_size
         self.precision = precision
+        self.skip_threshold = skip_threshold
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
         """Loss and diagnostics for this rank's rows ``embeddings`` [b, D] with global ``labels`` [b]."""
@@ -211,6 +225,8 @@ class ShardedSFaceHead(ShardedHead):
         args = (batch.x_hat, batch.weight, batch.local_labels, batch.inter_scale, self.params, options)
         if self.impl == "chunked":
             block = sface_block_chunked(*args, chunk_size=self.chunk_size)
+        elif self.impl == "triton":
+            block = sface_block_triton(*args, skip_threshold=self.skip_threshold)
         else:
             block = IMPLEMENTATIONS[self.impl](*args)
         group = self.process_group

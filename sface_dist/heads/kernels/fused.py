@@ -1,0 +1,221 @@
+"""``sface_block_triton``: the SFace ``BlockFn`` on the Triton kernels of ``triton_sface.py``.
+
+Torch keeps the O(B·D + C) parts: the inverse row norms of W, the B target pairs
+(cosines in full precision, intra weights, their gradient terms) and the final
+sums. The kernels do the O(B·C·D) work on the non-target pairs. Like
+``_ChunkedSFace``, both gradients are computed in the forward pass and only
+scaled in backward. Importing this module does not need Triton; calling the
+block does (on CUDA, or on CPU with ``TRITON_INTERPRET=1``), and other inputs
+(fp64, an empty block, CPU without the interpreter) go to ``sface_block_chunked``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sface_dist.heads.sface import (
+    BlockOptions,
+    BlockResult,
+    SFaceParams,
+    sface_block_chunked,
+    sigmoid_weights,
+    target_cosines,
+)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton imports here (an optional dependency; a broken install counts as absent)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors, in numpy (tests only: slow)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernels_supported(x_hat: Tensor, weight: Tensor) -> bool:
+    """Whether the Triton kernels can run on these inputs (else the chunked implementation does)."""
+    on_device = x_hat.is_cuda or interpreter_enabled()
+    fp32 = x_hat.dtype == torch.float32 and weight.dtype == torch.float32
+    return triton_available() and on_device and fp32 and weight.shape[0] > 0 and x_hat.shape[0] > 0
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile shape shared by both kernels (the sparse liveness map is per [block_b x block_c] tile).
+
+    ``splits``: class-tile ranges per row tile in the ∂x̂ kernel (0: enough programs to fill the GPU).
+    """
+
+    block_b: int = 64
+    block_c: int = 32
+    num_warps: int = 8
+    num_stages: int = 2
+    splits: int = 0
+
+
+INTERPRETER_TILES = TileConfig(block_b=16, block_c=16, num_warps=1, num_stages=1, splits=2)
+"""The smallest tiles ``tl.dot`` accepts: the interpreter's cost grows with tile area."""
+
+
+def default_tiles(device: torch.device) -> TileConfig:
+    return INTERPRETER_TILES if device.type != "cuda" else TileConfig()
+
+
+def _auto_splits(num_tiles_b: int, num_tiles_c: int, device: torch.device) -> int:
+    """Class-tile ranges per row tile so that the ∂x̂ kernel has ~4 programs per SM."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(num_tiles_c, math.ceil(4 * sms / num_tiles_b)))
+
+
+_DOT_DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""x̂ is cast once (O(B·D)): every class tile re-reads it, so half the bytes is half the L2 traffic."""
+
+
+def _inter_gradients(
+    x_hat: Tensor,
+    weight: Tensor,
+    inv_norm: Tensor,
+    local_labels: Tensor,
+    inter_scale: Tensor | None,
+    params: SFaceParams,
+    options: BlockOptions,
+    skip_threshold: float,
+    tiles: TileConfig,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Launch both kernels on the non-target pairs.
+
+    Returns ∂L/∂x̂ [B, D], ∂L/∂W [C, D], (Σ r_inter·scale·cos, Σ cos) over the pairs [2]
+    and each row's largest non-target cosine [B].
+    """
+    import triton
+    import triton.language as tl
+
+    from sface_dist.heads.kernels.triton_sface import _grad_embedding_kernel, _grad_weight_kernel
+
+    batch, dim = x_hat.shape
+    num_classes = weight.shape[0]
+    device = x_hat.device
+    num_tiles_b = triton.cdiv(batch, tiles.block_b)
+    num_tiles_c = triton.cdiv(num_classes, tiles.block_c)
+    sparse = skip_threshold > 0.0
+    emulate = device.type != "cuda"
+    constants = dict(
+        BLOCK_B=tiles.block_b,
+        BLOCK_C=tiles.block_c,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        HAS_SCALE=inter_scale is not None,
+        SPARSE=sparse,
+        DOT_DTYPE=getattr(tl, _DOT_DTYPES[options.precision]),
+        INPUT_PRECISION="tf32" if options.precision == "tf32" and not emulate else "ieee",
+        EMULATE=emulate,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
+    x_operand = x_hat.to(_LOW_PRECISION.get(options.precision, torch.float32))
+    labels = local_labels.contiguous()
+    scale = inter_scale.to(torch.float32).contiguous() if inter_scale is not None else inv_norm
+    grad_scale = params.s * options.inv_batch
+    grad_weight = torch.empty_like(weight)
+    row_max = x_hat.new_full((batch,), -math.inf)
+    sums = x_hat.new_empty((num_tiles_c, 2))
+    live = torch.ones((num_tiles_b, num_tiles_c), dtype=torch.int8, device=device) if sparse else row_max
+    _grad_weight_kernel[(num_tiles_c,)](
+        x_operand, weight, inv_norm, labels, scale, grad_weight, row_max, sums, live,
+        batch, num_classes, dim, num_tiles_b, params.k, params.b, grad_scale, skip_threshold,
+        **constants,
+    )
+    splits = tiles.splits or _auto_splits(num_tiles_b, num_tiles_c, device)
+    tiles_per_split = triton.cdiv(num_tiles_c, splits)
+    grad_x_hat = torch.zeros_like(x_hat)
+    _grad_embedding_kernel[(num_tiles_b, triton.cdiv(num_tiles_c, tiles_per_split))](
+        x_operand, weight, inv_norm, labels, scale, live, grad_x_hat,
+        batch, num_classes, dim, num_tiles_c, params.k, params.b, grad_scale, tiles_per_split,
+        **constants,
+    )
+    return grad_x_hat, grad_weight, sums.sum(dim=0), row_max
+
+
+class _TritonSFace(torch.autograd.Function):
+    """Loss and gradients of one block from the Triton kernels plus the B target pairs in torch.
+
+    The gradients are held on ``ctx`` (not saved tensors) and released by the one backward,
+    so autograd can take ∂L/∂W as the parameter's gradient without a copy.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x_hat: Tensor,
+        weight: Tensor,
+        local_labels: Tensor,
+        inter_scale: Tensor | None,
+        params: SFaceParams,
+        options: BlockOptions,
+        skip_threshold: float,
+        tiles: TileConfig,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x_hat = x_hat.detach().contiguous()
+        weight = weight.detach().contiguous()
+        batch, num_classes = x_hat.shape[0], weight.shape[0]
+        inv_norm = weight.norm(dim=1).clamp_min(1e-12).reciprocal()
+        grad_x_hat, grad_weight, inter_sums, max_nontarget = _inter_gradients(
+            x_hat, weight, inv_norm, local_labels, inter_scale, params, options, skip_threshold, tiles
+        )
+        owned = local_labels >= 0
+        target = local_labels.clamp_min(0)
+        cos_target = target_cosines(x_hat, weight, local_labels)
+        r_intra, _ = sigmoid_weights(cos_target, params)
+        grad_target = torch.where(owned, -r_intra, 0.0) * (params.s * options.inv_batch)
+        w_hat_target = weight[target] * inv_norm[target].unsqueeze(1)
+        grad_x_hat += grad_target.unsqueeze(1) * w_hat_target
+        radial_free = x_hat - w_hat_target * cos_target.unsqueeze(1)
+        grad_weight.index_add_(0, target, (grad_target * inv_norm[target]).unsqueeze(1) * radial_free)
+        intra_sum = (grad_target * cos_target).sum() / options.inv_batch
+        inter_sum = inter_sums[0] * params.s
+        num_owned = owned.sum().to(x_hat.dtype)
+        stats = torch.stack([intra_sum, inter_sum, cos_target.sum(), inter_sums[1], batch * num_classes - num_owned])
+        loss = (intra_sum + inter_sum) * options.inv_batch
+        ctx.gradients = (grad_x_hat, grad_weight)
+        ctx.mark_non_differentiable(stats, cos_target, max_nontarget)
+        return loss, stats, cos_target, max_nontarget
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.gradients is None:
+            raise RuntimeError("the Triton SFace block supports one backward pass per forward")
+        grad_x_hat, grad_weight = ctx.gradients
+        ctx.gradients = None
+        return grad_x_hat.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None, None, None, None
+
+
+def sface_block_triton(
+    x_hat: Tensor,
+    weight: Tensor,
+    local_labels: Tensor,
+    inter_scale: Tensor | None,
+    params: SFaceParams,
+    options: BlockOptions,
+    skip_threshold: float = 0.0,
+    tiles: TileConfig | None = None,
+) -> BlockResult:
+    """Fused SFace block (``BlockFn``); ``skip_threshold`` > 0 skips the gradient matmuls of tiles whose
+    inter weights r_inter·inter_scale are all at or below it (docs/kernels.md: sparse mode)."""
+    if not kernels_supported(x_hat, weight):
+        return sface_block_chunked(x_hat, weight, local_labels, inter_scale, params, options)
+    loss, stats, cos_target, max_nontarget = _TritonSFace.apply(
+        x_hat, weight, local_labels, inter_scale, params, options, skip_threshold, tiles or default_tiles(x_hat.device)
+    )
+    return BlockResult(loss, stats, cos_target, max_nontarget)
