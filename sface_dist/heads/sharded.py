@@ -12,6 +12,7 @@ state (``heads/optim.py``).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -165,11 +166,7 @@ class ShardedHead(nn.Module):
         return GatheredBatch(x_hat, all_labels, sample.labels, weight, sample.inter_scale.to(x_hat.dtype))
 
 
-IMPLEMENTATIONS: dict[str, BlockFn] = {
-    "dense": sface_block_dense,
-    "chunked": sface_block_chunked,
-    "triton": sface_block_triton,
-}
+IMPLEMENTATIONS = ("dense", "chunked", "triton")
 
 
 def resolve_impl(impl: str) -> str:
@@ -214,21 +211,18 @@ class ShardedSFaceHead(ShardedHead):
                 "Triton not installed" if torch.cuda.is_available() else "no CUDA device"
             )
             print(f"head.impl=auto: SFace block runs {self.impl!r} ({found})", flush=True)
-        self.chunk_size = chunk_size
         self.precision = precision
-        self.skip_threshold = skip_threshold
+        self.block_fn: BlockFn = {
+            "dense": sface_block_dense,
+            "chunked": functools.partial(sface_block_chunked, chunk_size=chunk_size),
+            "triton": functools.partial(sface_block_triton, skip_threshold=skip_threshold),
+        }[self.impl]
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
         """Loss and diagnostics for this rank's rows ``embeddings`` [b, D] with global ``labels`` [b]."""
         batch = self.gather(embeddings, labels)
         options = BlockOptions(inv_batch=1.0 / batch.x_hat.shape[0], precision=self.precision)
-        args = (batch.x_hat, batch.weight, batch.local_labels, batch.inter_scale, self.params, options)
-        if self.impl == "chunked":
-            block = sface_block_chunked(*args, chunk_size=self.chunk_size)
-        elif self.impl == "triton":
-            block = sface_block_triton(*args, skip_threshold=self.skip_threshold)
-        else:
-            block = IMPLEMENTATIONS[self.impl](*args)
+        block = self.block_fn(batch.x_hat, batch.weight, batch.local_labels, batch.inter_scale, self.params, options)
         group = self.process_group
         loss = reduce_from_shards(block.loss, group)
         stats = all_reduce_sum(torch.cat([block.scalar_stats, block.cos_target.to(block.scalar_stats.dtype)]), group)
