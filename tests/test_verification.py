@@ -14,14 +14,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rank_launcher import run_ranks
 from torch import nn
 
 from sface_dist.backbones import build_backbone
+from sface_dist.data.convert import encode_jpeg
+from sface_dist.data.synthetic import SyntheticFaces
+from sface_dist.distributed import DistEnv
 from sface_dist.evaluation.bin_pack import VerificationPack, VerificationPackError, read_bin, write_bin
+from sface_dist.evaluation.checkpoint_backbone import load_backbone
+from sface_dist.evaluation.embedder import TorchEmbedder, embed_images, embed_views
+from sface_dist.evaluation.monitor import VerificationMonitor
+from sface_dist.evaluation.roc import operating_points, roc_curve
 from sface_dist.evaluation.verification import (
     THRESHOLDS,
-    embed_images,
-    embed_views,
+    VERIFICATION_FARS,
     evaluate_pack,
     kfold_splits,
     verification_accuracy,
@@ -312,26 +319,28 @@ class _PixelSum(nn.Module):
 def test_embed_images_normalises_flips_and_restores_mode() -> None:
     images = torch.randint(0, 256, (5, 3, 112, 112), dtype=torch.uint8)
     model = _PixelSum().train()
-    flipped = embed_images(model, images, batch_size=2, device="cpu", flip=True)
-    plain = embed_images(model, images, batch_size=3, device="cpu", flip=False)
+    embed = TorchEmbedder(model, "cpu")
+    flipped = embed_images(embed, images, batch_size=2, flip=True)
+    plain = embed_images(embed, images, batch_size=3, flip=False)
     assert model.training
     x = (images.float() - 127.5) / 127.5
     torch.testing.assert_close(plain, model(x))
     torch.testing.assert_close(flipped, model(x) + model(x.flip(3)))
-    assert embed_views(model, images, batch_size=4, device="cpu").shape == (2, 5, 2)
+    assert embed_views(embed, images, batch_size=4).shape == (2, 5, 2)
 
 
 def test_embed_images_runs_the_model_in_eval_mode() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 112 * 112, 4), nn.Dropout(0.9)).train()
     images = torch.randint(0, 256, (3, 3, 112, 112), dtype=torch.uint8)
-    first = embed_images(model, images, batch_size=2, device="cpu")
-    assert torch.equal(first, embed_images(model, images, batch_size=2, device="cpu"))
+    embed = TorchEmbedder(model, "cpu")
+    first = embed_images(embed, images, batch_size=2)
+    assert torch.equal(first, embed_images(embed, images, batch_size=2))
     assert model.training and not first.requires_grad
 
 
 def test_embed_images_rejects_float_input() -> None:
     with pytest.raises(ValueError, match="expected uint8 images"):
-        embed_images(_PixelSum(), torch.zeros(2, 3, 112, 112), batch_size=2, device="cpu")
+        embed_images(TorchEmbedder(_PixelSum()), torch.zeros(2, 3, 112, 112), batch_size=2)
 
 
 def test_evaluate_pack_end_to_end(tmp_path: Path) -> None:
@@ -345,6 +354,152 @@ def test_evaluate_pack_end_to_end(tmp_path: Path) -> None:
     model = build_backbone("tiny", embedding_size=32)
     result = evaluate_pack(model, pack, batch_size=16, device="cpu")
     assert result.accuracy == 1.0  # identical images are at distance 0
-    views = embed_views(model, pack.images, 16, "cpu")
+    views = embed_views(TorchEmbedder(model), pack.images, 16)
     assert result.xnorm == pytest.approx(views.norm(dim=2).mean().item(), rel=1e-6)
     assert isinstance(pack, VerificationPack)
+
+
+# ------------------------------------------------------------- ROC, TAR@FAR
+
+
+def brute_force_tar_at_far(scores: list[float], same: list[bool], far: float) -> tuple[float, float]:
+    """Highest TAR over every threshold (accept ``score >= t``) whose FAR <= ``far``, and that threshold."""
+    genuine = [s for s, g in zip(scores, same) if g]
+    impostor = [s for s, g in zip(scores, same) if not g]
+    best_tar, best_threshold = 0.0, math.inf
+    for threshold in sorted(set(scores), reverse=True):
+        false_accept = sum(s >= threshold for s in impostor) / len(impostor)
+        true_accept = sum(s >= threshold for s in genuine) / len(genuine)
+        if false_accept <= far and true_accept > best_tar:
+            best_tar, best_threshold = true_accept, threshold
+    return best_tar, best_threshold
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tar_at_far_matches_brute_force_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    same = rng.random(400) < 0.3
+    scores = np.round(rng.normal(size=400) + 1.5 * same, 1)  # rounding makes many ties, across labels too
+    curve = roc_curve(scores, same)
+    assert curve.num_genuine == same.sum() and curve.num_impostor == (~same).sum()
+    for point in operating_points(curve, (0.0, 1e-3, 0.01, 0.05, 0.2, 1.0)):
+        tar, threshold = brute_force_tar_at_far(scores.tolist(), same.tolist(), point.far_target)
+        assert point.tar == pytest.approx(tar, abs=1e-12)
+        if tar > 0:
+            assert point.threshold == threshold
+            assert point.far <= point.far_target
+
+
+def test_roc_rejects_one_sided_and_non_finite_input() -> None:
+    with pytest.raises(ValueError, match="genuine and impostor pairs, got 3 and 0"):
+        roc_curve(np.ones(3), np.ones(3, dtype=bool))
+    with pytest.raises(ValueError, match="1 of 2 scores are not finite"):
+        roc_curve(np.array([0.5, np.nan]), np.array([True, False]))
+
+
+def test_verification_result_reports_tar_on_pair_cosines() -> None:
+    embeddings, issame = noisy_pairs(300, dim=8, noise=0.8, seed=5)
+    result = verification_accuracy(embeddings, issame)
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    cosines = (unit[0::2] * unit[1::2]).sum(axis=1)
+    assert set(result.tar_at_far) == set(VERIFICATION_FARS) and result.num_pairs == 300
+    for far, tar in result.tar_at_far.items():
+        assert tar == pytest.approx(brute_force_tar_at_far(cosines.tolist(), issame.tolist(), far)[0])
+    assert result.cosine_threshold == pytest.approx(1 - result.threshold / 2)
+    assert result.to_dict()["tar_at_far"].keys() == {"1e-03", "1e-04"}
+
+
+def test_shards_of_a_pack_concatenate_to_the_whole(tmp_path: Path) -> None:
+    path = tmp_path / "lfw.bin"
+    write_bin(path, [encode_image(seed) for seed in range(10)], [True, False, True, False, True])
+    whole = read_bin(path)
+    shards = [read_bin(path, shard=(rank, 3)) for rank in range(3)]
+    assert [len(s.images) for s in shards] == [4, 3, 3] and [s.first_image for s in shards] == [0, 4, 7]
+    assert torch.equal(torch.cat([s.images for s in shards]), whole.images)
+    assert whole.is_complete and not shards[1].is_complete
+    with pytest.raises(ValueError, match="holds 3 of its 10 images"):
+        evaluate_pack(_PixelSum(), shards[1], batch_size=4, device="cpu")
+
+
+# ------------------------------------------------------- training-time monitor
+
+
+def _pack_of_synthetic_faces(path: Path, num_pairs: int) -> None:
+    faces = SyntheticFaces(num_identities=1, seed=3)
+    images, issame = faces.render_pairs(range(20), num_pairs, seed=0)
+    write_bin(path, [encode_jpeg(image) for image in images], issame)
+
+
+def _monitor_worker(rank: int, world_size: int, bins: list[str], best_root: str) -> dict[str, object]:
+    """Both evaluation modes on this rank: scores, improvements, bests read back by a restarted monitor, log."""
+    torch.manual_seed(0)
+    model = build_backbone("tiny", embedding_size=16)
+    model.features.running_mean.normal_()  # BatchNorm statistics that the ranks must agree on
+    if rank == 1:
+        model.features.running_mean.add_(1.0)  # each rank's last training forward moved its own copy
+    env = DistEnv(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
+    config = {"model": {"backbone": "tiny", "embedding_size": 16}}
+    outcome = {}
+    for mode, shared in (("shared", True), ("rank0", False)):  # shared first: rank 1's statistics still differ
+        lines: list[str] = []
+        best_dir = f"{best_root}/{mode}"
+        options = {"batch_size": 7, "shared": shared, "best_dir": best_dir, "run_config": config}
+        monitor = VerificationMonitor(bins, env, **options, log=lines.append)
+        first = monitor.run(model, step=10)
+        second = monitor.run(model, step=20)
+        restarted = VerificationMonitor(bins, env, **options)
+        outcome[mode] = {
+            "results": {name: [r.accuracy, r.std, r.xnorm, r.threshold] for name, r in first.results.items()},
+            "improved": [first.improved, second.improved],
+            "best": {name: [b.accuracy, b.step] for name, b in restarted.best.items()},
+            "lines": lines,
+        }
+    return outcome
+
+
+def test_monitor_on_two_ranks_matches_one_process(tmp_path: Path) -> None:
+    bins = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    _pack_of_synthetic_faces(bins[0], 20)
+    _pack_of_synthetic_faces(bins[1], 12)
+    per_rank = run_ranks(_monitor_worker, 2, [str(b) for b in bins], str(tmp_path / "best"))
+
+    torch.manual_seed(0)
+    model = build_backbone("tiny", embedding_size=16)
+    model.features.running_mean.normal_()
+    for mode, log_line in (("shared", "shared by 2 ranks"), ("rank0", "on rank 0")):
+        for path in bins:
+            pack = read_bin(path)
+            reference = verification_accuracy(embed_views(TorchEmbedder(model), pack.images, 64), pack.issame)
+            for rank in per_rank:
+                accuracy, std, xnorm, threshold = rank[mode]["results"][pack.name]
+                assert (accuracy, std, threshold) == (reference.accuracy, reference.std, reference.threshold)
+                assert xnorm == pytest.approx(reference.xnorm, rel=1e-5)
+                assert rank[mode]["improved"] == [["a", "b"], []]  # the same model does not beat itself
+                assert rank[mode]["best"][pack.name] == [reference.accuracy, 10]  # read back from best_dir
+            reloaded = load_backbone(tmp_path / "best" / mode / pack.name)
+            assert reloaded.step == 10 and reloaded.backbone == "tiny"
+            torch.testing.assert_close(reloaded.model.features.running_mean, model.features.running_mean)
+        lines = per_rank[0][mode]["lines"]
+        assert any(log_line in line for line in lines) and per_rank[1][mode]["lines"] == []
+        assert any(line.startswith("[eval step 10] a: accuracy") for line in lines)
+
+
+def test_monitor_logs_to_tensorboard_and_refuses_duplicate_names(tmp_path: Path) -> None:
+    path = tmp_path / "lfw.bin"
+    _pack_of_synthetic_faces(path, 10)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="share the name"):
+        VerificationMonitor([str(path), str(path)], env)
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.scalars: dict[str, tuple[float, int]] = {}
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            self.scalars[tag] = (value, step)
+
+    writer = Recorder()
+    monitor = VerificationMonitor([str(path)], env, writer=writer, log=lambda line: None)  # type: ignore[arg-type]
+    report = monitor.run(build_backbone("tiny", embedding_size=8), step=5)
+    assert writer.scalars["eval/lfw/accuracy"] == (report.results["lfw"].accuracy, 5)
+    assert {"eval/lfw/tar_at_far_1e-03", "eval/lfw/best_accuracy", "eval/seconds"} <= set(writer.scalars)

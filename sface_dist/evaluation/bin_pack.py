@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sface_dist.distributed import class_range
+
 try:
     from numpy._core import multiarray as _multiarray
     from numpy._core import numeric as _numeric
@@ -35,11 +37,20 @@ class VerificationPackError(ValueError):
 
 @dataclass(frozen=True)
 class VerificationPack:
-    """A decoded pack: ``images`` uint8 ``[2N, 3, H, W]`` RGB, ``issame`` bool ``[N]``, ``name`` the file stem."""
+    """A decoded pack: ``images`` uint8 RGB ``[M, 3, H, W]``, ``issame`` bool ``[N]``, ``name`` the file stem.
+
+    ``images`` are the pack's images ``first_image .. first_image + M - 1``: all ``2N`` of
+    them (pair ``i`` is images ``2i`` and ``2i + 1``), or one rank's share (``read_bin``'s ``shard``).
+    """
 
     images: torch.Tensor
     issame: np.ndarray
     name: str
+    first_image: int = 0
+
+    @property
+    def is_complete(self) -> bool:
+        return self.first_image == 0 and len(self.images) == 2 * len(self.issame)
 
 
 def _latin1_encode(text: str, encoding: str) -> bytes:
@@ -103,8 +114,8 @@ def _decode(path: Path, index: int, data: object, image_size: int) -> tuple[np.n
     if not isinstance(data, (bytes, bytearray)):
         raise VerificationPackError(f"{path}: image {index} is {type(data).__name__}, expected encoded bytes")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
+        with Image.open(io.BytesIO(data)) as opened:
+            image = opened.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise VerificationPackError(f"{path}: image {index} cannot be decoded: {error}") from None
     resized = image.size != (image_size, image_size)
@@ -113,9 +124,18 @@ def _decode(path: Path, index: int, data: object, image_size: int) -> tuple[np.n
     return np.array(image).transpose(2, 0, 1), resized
 
 
-def read_bin(path: str | os.PathLike[str], image_size: int = 112) -> VerificationPack:
-    """Read and decode a pack; images not ``image_size`` square are resized, with one warning per pack."""
+def read_bin(
+    path: str | os.PathLike[str], image_size: int = 112, shard: tuple[int, int] = (0, 1)
+) -> VerificationPack:
+    """Read and decode a pack; images not ``image_size`` square are resized, with one warning per pack.
+
+    ``shard=(rank, world_size)`` decodes only that rank's contiguous share of the images
+    (``distributed.class_range`` split), so ranks that share the evaluation hold ``1/world_size`` each.
+    """
     path = Path(path)
+    rank, world_size = shard
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
     content = _unpickle(path)
     if not isinstance(content, (tuple, list)) or len(content) != 2:
         raise VerificationPackError(f"{path}: expected a pickled (images, issame) pair, got {type(content).__name__}")
@@ -124,16 +144,17 @@ def read_bin(path: str | os.PathLike[str], image_size: int = 112) -> Verificatio
     if not isinstance(encoded, (list, tuple)) or len(encoded) != 2 * len(issame):
         count = len(encoded) if isinstance(encoded, (list, tuple)) else type(encoded).__name__
         raise VerificationPackError(f"{path}: {len(issame)} pairs need {2 * len(issame)} images, got {count}")
-    images = torch.empty((len(encoded), 3, image_size, image_size), dtype=torch.uint8)
+    start, stop = class_range(len(encoded), rank, world_size)
+    images = torch.empty((stop - start, 3, image_size, image_size), dtype=torch.uint8)
     resized_count = 0
-    for index, data in enumerate(encoded):
-        pixels, resized = _decode(path, index, data, image_size)
-        images[index] = torch.from_numpy(pixels)
+    for index in range(start, stop):
+        pixels, resized = _decode(path, index, encoded[index], image_size)
+        images[index - start] = torch.from_numpy(pixels)
         resized_count += resized
     if resized_count:
-        message = f"{path}: resized {resized_count} of {len(encoded)} images to {image_size}x{image_size}"
+        message = f"{path}: resized {resized_count} of {stop - start} images to {image_size}x{image_size}"
         warnings.warn(message, stacklevel=2)
-    return VerificationPack(images=images, issame=issame, name=path.stem)
+    return VerificationPack(images=images, issame=issame, name=path.stem, first_image=start)
 
 
 def write_bin(path: str | os.PathLike[str], jpeg_bytes: list[bytes], issame: list[bool]) -> None:

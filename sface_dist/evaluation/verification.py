@@ -4,64 +4,57 @@ Each image is embedded together with its horizontal mirror, the two
 embeddings are summed and L2-normalised, and a pair is "same" when the
 squared L2 distance is below a threshold from ``np.arange(0, 4, 0.01)``.
 Ten folds in order (scikit-learn ``KFold`` without shuffling): the threshold
-that maximises accuracy on nine folds is scored on the tenth.
+that maximises accuracy on nine folds is scored on the tenth. TAR at FAR
+1e-3 and 1e-4 come from the ROC of all pairs' cosine similarities.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from sface_dist.evaluation.bin_pack import VerificationPack
+from sface_dist.evaluation.embedder import Embedder, TorchEmbedder, embed_views
+from sface_dist.evaluation.progress import ProgressBar
+from sface_dist.evaluation.roc import tar_at_far
 
 THRESHOLDS = np.arange(0, 4, 0.01)
+N_FOLDS = 10
+VERIFICATION_FARS: tuple[float, ...] = (1e-3, 1e-4)
 
 
 @dataclass(frozen=True)
 class VerificationResult:
-    """Mean and std of the test-fold accuracies, mean selected threshold, and insightface's XNorm."""
+    """The scores of one pack.
+
+    ``accuracy``/``std``: mean and std of the ten test-fold accuracies; ``threshold``:
+    mean of the per-fold best squared-L2 thresholds between unit embeddings (a pair is
+    "same" below it); ``tar_at_far``: ``{far: tar}`` over all pairs; ``xnorm``: mean
+    L2 norm of the un-normalised view embeddings, as insightface logs it.
+    """
 
     accuracy: float
     std: float
     threshold: float
     xnorm: float
+    tar_at_far: dict[float, float]
+    num_pairs: int
 
+    @property
+    def cosine_threshold(self) -> float:
+        """``threshold`` as a cosine similarity (``|a - b|^2 = 2 - 2 cos``): "same" above it."""
+        return 1.0 - self.threshold / 2.0
 
-@torch.no_grad()
-def embed_views(
-    model: nn.Module, images_uint8: torch.Tensor, batch_size: int, device: torch.device | str, flip: bool = True
-) -> torch.Tensor:
-    """Un-normalised float32 embeddings ``[V, M, D]`` on the CPU; views are (image, mirror), or the image alone.
-
-    ``model`` must already be on ``device``; batches move there as uint8 and are
-    mapped to ``(x - 127.5) / 127.5``. The model runs in eval mode and gets its
-    training mode back afterwards.
-    """
-    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
-        raise ValueError(f"expected uint8 images [M, 3, H, W], got {images_uint8.dtype} {list(images_uint8.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    was_training = model.training
-    model.eval()
-    try:
-        views = []
-        for start in range(0, len(images_uint8), batch_size):
-            batch = (images_uint8[start : start + batch_size].to(device).float() - 127.5) / 127.5
-            inputs = (batch, batch.flip(3)) if flip else (batch,)
-            views.append(torch.stack([model(x).float().cpu() for x in inputs]))
-        return torch.cat(views, dim=1)
-    finally:
-        model.train(was_training)
-
-
-def embed_images(
-    model: nn.Module, images_uint8: torch.Tensor, batch_size: int, device: torch.device | str, flip: bool = True
-) -> torch.Tensor:
-    """Un-normalised float32 embeddings ``[M, D]``; with ``flip``, embedding(image) + embedding(mirror)."""
-    return embed_views(model, images_uint8, batch_size, device, flip).sum(0)
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values, FAR keys written like ``1e-03``."""
+        values = asdict(self)
+        values["tar_at_far"] = {f"{far:.0e}": tar for far, tar in self.tar_at_far.items()}
+        values["cosine_threshold"] = self.cosine_threshold
+        return values
 
 
 def kfold_splits(n_samples: int, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -88,7 +81,7 @@ def _accuracy_per_threshold(distances: np.ndarray, issame: np.ndarray) -> np.nda
 
 
 def verification_accuracy(
-    embeddings: np.ndarray | torch.Tensor, issame: np.ndarray, n_folds: int = 10
+    embeddings: np.ndarray | torch.Tensor, issame: np.ndarray, n_folds: int = N_FOLDS
 ) -> VerificationResult:
     """Score pairs ``(2i, 2i+1)`` of un-normalised ``embeddings`` against ``issame`` ``[N]``.
 
@@ -118,17 +111,39 @@ def verification_accuracy(
         best = int(np.argmax(_accuracy_per_threshold(distances[train], issame[train])))
         fold_threshold.append(THRESHOLDS[best])
         fold_accuracy.append(np.mean((distances[test] < THRESHOLDS[best]) == issame[test]))
+    cosines = (normalized[0::2] * normalized[1::2]).sum(axis=1)
     return VerificationResult(
         accuracy=float(np.mean(fold_accuracy)),
         std=float(np.std(fold_accuracy)),
         threshold=float(np.mean(fold_threshold)),
         xnorm=xnorm,
+        tar_at_far=tar_at_far(cosines, issame, VERIFICATION_FARS),
+        num_pairs=len(issame),
     )
 
 
-def evaluate_pack(
-    model: nn.Module, pack: VerificationPack, batch_size: int, device: torch.device | str, n_folds: int = 10
+def evaluate_embedder(
+    embed: Embedder,
+    pack: VerificationPack,
+    batch_size: int,
+    flip: bool = True,
+    n_folds: int = N_FOLDS,
+    progress: ProgressBar | None = None,
 ) -> VerificationResult:
-    """Flip-augmented verification accuracy of ``model`` on a pack."""
-    views = embed_views(model, pack.images, batch_size, device, flip=True)
+    """Verification scores of ``embed`` on a pack, with the flip test unless ``flip`` is False."""
+    if not pack.is_complete:
+        raise ValueError(f"{pack.name}: holds {len(pack.images)} of its {2 * len(pack.issame)} images (a shard)")
+    views = embed_views(embed, pack.images, batch_size, flip, progress)
     return verification_accuracy(views, pack.issame, n_folds)
+
+
+def evaluate_pack(
+    model: nn.Module,
+    pack: VerificationPack,
+    batch_size: int,
+    device: torch.device | str,
+    n_folds: int = N_FOLDS,
+    flip: bool = True,
+) -> VerificationResult:
+    """``evaluate_embedder`` for a PyTorch backbone already on ``device``."""
+    return evaluate_embedder(TorchEmbedder(model, device), pack, batch_size, flip, n_folds)

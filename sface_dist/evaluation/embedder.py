@@ -1,0 +1,137 @@
+"""Embedders: raw face crops in, embeddings out, from a PyTorch backbone or an exported ONNX model.
+
+Every embedder maps uint8 RGB crops ``[B, 3, H, W]`` to float32 un-normalised
+embeddings ``[B, D]`` on the CPU, so the protocols downstream do not care which
+runtime produced them. PyTorch backbones see ``(x - 127.5) / 127.5``; exported
+models carry that normalisation in their graph and take the raw pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from sface_dist.evaluation.checkpoint_backbone import load_backbone
+from sface_dist.evaluation.progress import ProgressBar
+
+
+class Embedder(Protocol):
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB ``[B, 3, H, W]`` -> float32 ``[B, D]`` un-normalised embeddings on the CPU."""
+        ...
+
+
+def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
+    """insightface's input mapping of uint8 (or 0-255 float) pixels to ``[-1, 1]``."""
+    return (images.float() - 127.5) / 127.5
+
+
+class TorchEmbedder:
+    """Runs ``model`` on ``device`` in eval mode without gradients, restoring its training mode after."""
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu") -> None:
+        self.model = model
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.model(normalize_pixels(images.to(self.device))).float().cpu()
+        finally:
+            self.model.train(was_training)
+
+
+class OnnxEmbedder:
+    """An exported model (raw 0-255 RGB input) run by onnxruntime, on CUDA when available."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ImportError("ONNX models need onnxruntime: pip install 'sface_dist[export]'") from None
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: ONNX model not found")
+        preferred = ("CUDAExecutionProvider", "CPUExecutionProvider")
+        providers = [name for name in preferred if name in onnxruntime.get_available_providers()]
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), providers=providers)
+        except Exception as error:  # onnxruntime raises its own exception types for unreadable models
+            raise ValueError(f"{self.path}: not a loadable ONNX model ({error})") from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise ValueError(f"{self.path}: expected one [B, 3, H, W] input, got {[i.shape for i in inputs]}")
+        self.input_name = inputs[0].name
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.to(torch.float32).numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: pixels})[0].astype(np.float32))
+
+
+def embed_views(
+    embed: Embedder, images: torch.Tensor, batch_size: int, flip: bool = True, progress: ProgressBar | None = None
+) -> torch.Tensor:
+    """Embeddings ``[V, M, D]`` of uint8 ``images [M, 3, H, W]``: views (image, mirror), or the image alone."""
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"expected uint8 images [M, 3, H, W], got {images.dtype} {list(images.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    batches = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        batches.append(torch.stack([embed(view) for view in ((batch, batch.flip(3)) if flip else (batch,))]))
+        if progress is not None:
+            progress.update(len(batch))
+    if not batches:
+        raise ValueError("no images to embed")
+    return torch.cat(batches, dim=1)
+
+
+def embed_images(embed: Embedder, images: torch.Tensor, batch_size: int, flip: bool = True) -> torch.Tensor:
+    """Embeddings ``[M, D]``; with ``flip``, embedding(image) + embedding(mirror) as insightface does."""
+    return embed_views(embed, images, batch_size, flip).sum(0)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """An embedder with a human-readable name and an identity for caches of its embeddings."""
+
+    embed: Embedder
+    description: str
+    fingerprint: dict[str, Any]
+
+    @property
+    def cache_key(self) -> str:
+        """A short stable hash of ``fingerprint``: embeddings cached under it belong to this model."""
+        text = repr(sorted(self.fingerprint.items()))
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def open_model(
+    checkpoint: str | os.PathLike[str] | None, onnx: str | os.PathLike[str] | None, device: torch.device | str
+) -> ModelSource:
+    """The model a CLI names: a training checkpoint (``--checkpoint``) or an exported ONNX file (``--onnx``)."""
+    if onnx is not None and checkpoint is None:
+        path = Path(onnx).resolve()
+        return ModelSource(OnnxEmbedder(path), f"ONNX {path}", _file_identity(path))
+    if checkpoint is not None and onnx is None:
+        loaded = load_backbone(checkpoint)
+        description = f"{loaded.backbone} ({loaded.embedding_size}-d) from {loaded.path}, step {loaded.step}"
+        embedder = TorchEmbedder(loaded.model.to(device), device)
+        return ModelSource(embedder, description, _file_identity(loaded.weights_file.resolve()))
+    raise ValueError("name exactly one model: a checkpoint or an ONNX file")
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    """Path, size and modification time: changes whenever the weights file is rewritten."""
+    status = path.stat()
+    return {"file": str(path), "size": status.st_size, "mtime_ns": status.st_mtime_ns}

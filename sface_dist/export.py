@@ -1,0 +1,132 @@
+"""ONNX export: a backbone that takes raw 0-255 RGB crops, checked against PyTorch on export.
+
+The graph maps input ``input`` float32 ``[batch, 3, 112, 112]`` (RGB, 0-255, dynamic
+batch) to output ``embedding`` float32 ``[batch, D]``, un-normalised. Pixel
+normalisation ``(x - 127.5) / 127.5`` is inside the graph, so the file is a drop-in
+for OpenCV's ``cv2.FaceRecognizerSF``: its ``feature()`` feeds exactly that tensor
+(``blobFromImage`` with scale 1 and BGR->RGB) and its ``match()`` L2-normalises.
+The exporter is ``torch.export`` based (``dynamo=True``), the one PyTorch maintains.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from sface_dist.evaluation.checkpoint_backbone import LoadedBackbone, load_backbone
+from sface_dist.evaluation.embedder import OnnxEmbedder, normalize_pixels
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "embedding"
+MIN_OPSET = 17
+DEFAULT_OPSET = 18
+MIN_COSINE = 0.9999
+"""Each checked embedding of the ONNX model must have at least this cosine to PyTorch's."""
+
+
+class ExportError(ValueError):
+    """An ONNX model that does not reproduce the PyTorch backbone it was exported from."""
+
+
+class PixelNormalized(nn.Module):
+    """``backbone`` behind insightface's pixel normalisation: raw 0-255 RGB in, embedding out."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.backbone(normalize_pixels(pixels))
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """onnxruntime against PyTorch on random crops at several batch sizes."""
+
+    min_cosine: float
+    max_abs_diff: float
+    batch_sizes: tuple[int, ...]
+
+
+def export_onnx(
+    backbone: nn.Module,
+    path: str | os.PathLike[str],
+    image_size: int = 112,
+    opset: int = DEFAULT_OPSET,
+    check_batch_sizes: tuple[int, ...] = (1, 4),
+) -> ExportCheck:
+    """Write ``backbone`` (in eval mode, on the CPU) as ONNX to ``path`` and check it with onnxruntime.
+
+    The file appears only once the check has passed (temporary name, then rename).
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    path = Path(path)
+    model = PixelNormalized(backbone).cpu().eval()
+    example = torch.randint(0, 256, (2, 3, image_size, image_size)).float()
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    previous_level = registration_log.level
+    registration_log.setLevel(logging.ERROR)  # "torchvision is not installed": irrelevant to a backbone
+    try:
+        with warnings.catch_warnings():
+            # torch.export calls its own deprecated pytree API: nothing for the caller to act on.
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(temporary),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                external_data=False,
+                verbose=False,
+            )
+        try:
+            check = _check_onnx(temporary, model, image_size, check_batch_sizes)
+        except ExportError as error:
+            raise ExportError(f"{path}: {error}; the file was not written") from None
+        os.replace(temporary, path)
+    finally:
+        registration_log.setLevel(previous_level)
+        temporary.unlink(missing_ok=True)
+    return check
+
+
+def _check_onnx(path: Path, model: nn.Module, image_size: int, batch_sizes: tuple[int, ...]) -> ExportCheck:
+    """Compare onnxruntime with ``model`` (raw-pixel input) on random crops; raise below ``MIN_COSINE``."""
+    onnx_model = OnnxEmbedder(path)
+    generator = torch.Generator().manual_seed(0)
+    cosines, differences = [], []
+    for batch_size in batch_sizes:
+        pixels = torch.randint(0, 256, (batch_size, 3, image_size, image_size), generator=generator, dtype=torch.uint8)
+        with torch.no_grad():
+            expected = model(pixels.float()).double()
+        actual = onnx_model(pixels).double()
+        if actual.shape != expected.shape:
+            raise ExportError(f"ONNX output {list(actual.shape)} != PyTorch {list(expected.shape)}")
+        cosines.append(torch.nn.functional.cosine_similarity(actual, expected, dim=1))
+        differences.append((actual - expected).abs().max().reshape(1))
+    min_cosine = float(torch.cat(cosines).min())
+    check = ExportCheck(min_cosine, float(torch.cat(differences).max()), batch_sizes)
+    if not np.isfinite(min_cosine) or min_cosine < MIN_COSINE:
+        raise ExportError(f"onnxruntime disagrees with PyTorch: cosine {min_cosine:.6f} < {MIN_COSINE}")
+    return check
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike[str], path: str | os.PathLike[str], opset: int = DEFAULT_OPSET
+) -> tuple[LoadedBackbone, ExportCheck]:
+    """Export the backbone of a training checkpoint (any path ``load_backbone`` accepts)."""
+    loaded = load_backbone(checkpoint)
+    image_size = int(loaded.config.get("data", {}).get("image_size", 112))
+    return loaded, export_onnx(loaded.model, path, image_size, opset)
