@@ -110,9 +110,15 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     bins: list[str] = field(default_factory=list)
-    """Verification packs (insightface ``.bin``) evaluated on rank 0."""
+    """Verification packs (insightface ``.bin``); results are named by file stem, which must be unique."""
     every: int = 2000
     batch_size: int = 128
+    flip: bool = True
+    """Flip test: embed each image and its mirror and sum the two (insightface's protocol)."""
+    shared: bool = True
+    """Every rank embeds 1/world_size of each pack; false: rank 0 embeds it alone while the others wait."""
+    keep_best: bool = True
+    """Write the best backbone per pack to ``OUTPUT/best/<pack>/`` (loadable by the eval and export tools)."""
 
 
 @dataclass

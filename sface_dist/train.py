@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
-    for name, result in results.items():
-        print(f"final verification {name}: accuracy {result.accuracy:.4f} ± {result.std:.4f}", flush=True)
+    if env.is_main:
+        for name, result in results.items():
+            print(f"final verification {name}: accuracy {result.accuracy:.4f} ± {result.std:.4f}", flush=True)
     return 0
 
 

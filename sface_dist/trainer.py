@@ -29,9 +29,9 @@ from sface_dist.checkpoint import (
 )
 from sface_dist.config import Config, OptimConfig, save_config, to_dict
 from sface_dist.data.loader import build_loader
-from sface_dist.distributed import DistEnv, barrier, data_parallel
-from sface_dist.evaluation.bin_pack import VerificationPack, read_bin
-from sface_dist.evaluation.verification import VerificationResult, evaluate_pack
+from sface_dist.distributed import DistEnv, data_parallel
+from sface_dist.evaluation.monitor import VerificationMonitor
+from sface_dist.evaluation.verification import VerificationResult
 from sface_dist.heads import HeadOutput, ShardedSFaceHead, ShardSGD, build_head
 
 
@@ -96,13 +96,23 @@ class Trainer:
             self.head, lr=self.base_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
         self.step = 0
-        self.packs: list[VerificationPack] = []
         self.writer: SummaryWriter | None = None
         if env.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output / "config.yaml")
             self.writer = SummaryWriter(str(self.output / "tensorboard"))
-            self.packs = [read_bin(path, cfg.data.image_size) for path in cfg.eval.bins]
+        self.monitor = VerificationMonitor(
+            cfg.eval.bins,
+            env,
+            image_size=cfg.data.image_size,
+            batch_size=cfg.eval.batch_size,
+            flip=cfg.eval.flip,
+            shared=cfg.eval.shared,
+            writer=self.writer,
+            best_dir=self.output / "best" if cfg.eval.keep_best else None,
+            run_config=to_dict(cfg),
+            log=self.log,
+        )
         if cfg.train.resume:
             self._resume()
 
@@ -159,20 +169,8 @@ class Trainer:
         )
 
     def evaluate(self) -> dict[str, VerificationResult]:
-        """Rank 0 scores every verification pack; the other ranks wait."""
-        results: dict[str, VerificationResult] = {}
-        if self.env.is_main:
-            for pack in self.packs:
-                result = evaluate_pack(self.backbone, pack, self.cfg.eval.batch_size, self.env.device)
-                results[pack.name] = result
-                self.log(
-                    f"[eval step {self.step}] {pack.name}: accuracy {result.accuracy:.4f} "
-                    f"± {result.std:.4f}, threshold {result.threshold:.2f}, xnorm {result.xnorm:.2f}"
-                )
-                assert self.writer is not None
-                self.writer.add_scalar(f"eval/{pack.name}/accuracy", result.accuracy, self.step)
-        barrier()
-        return results
+        """Collective: score every verification pack (logged and kept-best by the monitor)."""
+        return self.monitor.run(self.backbone, self.step).results
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> StepMetrics:
         for optimizer in (self.backbone_optimizer, self.head_optimizer):
