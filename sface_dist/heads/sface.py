@@ -197,13 +197,30 @@ def auto_chunk_size(batch: int, num_classes: int, budget_bytes: int = DEFAULT_CH
     return int(max(1, min(num_classes, budget_bytes // per_class)))
 
 
-class _ChunkedSFace(torch.autograd.Function):
+class GradientsInForward(torch.autograd.Function):
+    """Base of the blocks that compute ∂L/∂x̂ and ∂L/∂W in forward (G = ∂L/∂cos is known there).
+
+    ``forward`` stores ``ctx.gradients = (grad_x_hat, grad_weight)``; backward scales them in
+    place by the incoming gradient: no second [C, D] buffer at the memory peak, and autograd
+    takes ∂L/∂W over as the parameter's gradient without a copy. The first two inputs must be
+    x̂ and the weight; the rest get no gradient.
+    """
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.gradients is None:
+            raise RuntimeError("an SFace block supports one backward pass per forward")
+        grad_x_hat, grad_weight = ctx.gradients
+        ctx.gradients = None
+        no_gradient = (None,) * (len(ctx.needs_input_grad) - 2)
+        return (grad_x_hat.mul_(grad_loss), grad_weight.mul_(grad_loss), *no_gradient)
+
+
+class _ChunkedSFace(GradientsInForward):
     """Loss and both gradients in one pass over class chunks.
 
-    Because G = ∂L/∂cos is known in the forward pass, the gradients w.r.t. x̂ and
-    the raw weight are computed there and only scaled by the incoming gradient in
-    backward; no [B, C] tensor is ever held. The gradients live on ``ctx`` rather
-    than as saved tensors so that backward can hand ∂L/∂W over without a copy.
+    No [B, C] tensor is ever held: each chunk's cosines become its share of the loss,
+    the diagnostics and both gradients before the next chunk is computed.
     """
 
     @staticmethod
@@ -249,16 +266,6 @@ class _ChunkedSFace(torch.autograd.Function):
         ctx.gradients = (grad_x_hat, grad_weight)
         ctx.mark_non_differentiable(stats, cos_target, max_nontarget)
         return loss, stats, cos_target, max_nontarget
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-        """Scales the stored gradients in place: no second [C, D] buffer at the memory peak."""
-        if ctx.gradients is None:
-            raise RuntimeError("the chunked SFace block supports one backward pass per forward")
-        grad_x_hat, grad_weight = ctx.gradients
-        ctx.gradients = None
-        return grad_x_hat.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None, None, None
-
 
 def sface_block_chunked(
     x_hat: Tensor,

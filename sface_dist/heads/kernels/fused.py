@@ -21,6 +21,7 @@ from torch import Tensor
 
 from sface_dist.heads.sface import (
     BlockOptions,
+    GradientsInForward,
     BlockResult,
     SFaceParams,
     sface_block_chunked,
@@ -148,12 +149,8 @@ def _inter_gradients(
     return grad_x_hat, grad_weight, sums.sum(dim=0), row_max
 
 
-class _TritonSFace(torch.autograd.Function):
-    """Loss and gradients of one block from the Triton kernels plus the B target pairs in torch.
-
-    The gradients are held on ``ctx`` (not saved tensors) and released by the one backward,
-    so autograd can take ∂L/∂W as the parameter's gradient without a copy.
-    """
+class _TritonSFace(GradientsInForward):
+    """Loss and gradients of one block from the Triton kernels plus the B target pairs in torch."""
 
     @staticmethod
     def forward(
@@ -191,15 +188,6 @@ class _TritonSFace(torch.autograd.Function):
         ctx.gradients = (grad_x_hat, grad_weight)
         ctx.mark_non_differentiable(stats, cos_target, max_nontarget)
         return loss, stats, cos_target, max_nontarget
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:
-        if ctx.gradients is None:
-            raise RuntimeError("the Triton SFace block supports one backward pass per forward")
-        grad_x_hat, grad_weight = ctx.gradients
-        ctx.gradients = None
-        return grad_x_hat.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None, None, None, None
-
 
 def sface_block_triton(
     x_hat: Tensor,
