@@ -22,7 +22,6 @@ from pathlib import Path
 from sface_dist.data.convert import (
     ConvertError,
     EncodeOptions,
-    ProgressBar,
     folder_to_rec,
     list_to_rec,
     make_bin,
@@ -31,6 +30,7 @@ from sface_dist.data.convert import (
 )
 from sface_dist.data.inspection import inspect_rec
 from sface_dist.data.recordio import RecordIOError, ScannedRecord, rebuild_index
+from sface_dist.progress import ProgressBar
 
 
 def _encode_options(args: argparse.Namespace) -> EncodeOptions:
@@ -76,14 +76,14 @@ def _make_bin(args: argparse.Namespace) -> int:
 def _reindex(args: argparse.Namespace) -> int:
     rec = Path(args.rec)
     idx = rec.with_suffix(".idx")
-    bar = ProgressBar(rec.stat().st_size // 2**20, None if args.quiet else sys.stderr, unit="MiB")
+    bar = ProgressBar(rec.stat().st_size // 2**20, unit="MiB", stream=None if args.quiet else sys.stderr)
     scanned_mib = 0
 
     def advance(scanned: ScannedRecord) -> None:
         nonlocal scanned_mib
         mib = (scanned.offset + len(scanned.record)) // 2**20
         if mib > scanned_mib:
-            bar.advance(mib - scanned_mib)
+            bar.update(mib - scanned_mib)
             scanned_mib = mib
 
     count = rebuild_index(rec, idx, keys=args.keys, on_record=advance)

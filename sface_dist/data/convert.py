@@ -16,16 +16,17 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sface_dist.data.images import encode_jpeg, image_extension
+from sface_dist.progress import with_progress
 from sface_dist.data.recordio import (
     FaceRecordIndex,
     FaceRecordWriter,
@@ -482,47 +483,3 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def with_progress(items: Iterable[T], total: int, enabled: bool) -> Iterator[T]:
-    """``items``, drawing a progress bar on stderr when ``enabled``."""
-    bar = ProgressBar(total, sys.stderr if enabled else None)
-    for item in items:
-        yield item
-        bar.advance()
-    bar.close()
-
-
-class ProgressBar:
-    """A one-line ``\\r`` progress bar (count, rate, ETA), redrawn at most 5 times a second."""
-
-    def __init__(self, total: int, stream: TextIO | None, unit: str = "images") -> None:
-        self._total = total
-        self._stream = stream
-        self._unit = unit
-        self._done = 0
-        self._start = time.perf_counter()
-        self._last_draw = 0.0
-
-    def advance(self, count: int = 1) -> None:
-        self._done += count
-        now = time.perf_counter()
-        if self._stream is not None and now - self._last_draw >= 0.2:
-            self._last_draw = now
-            self._draw(self._stream, now)
-
-    def close(self) -> None:
-        if self._stream is not None:
-            self._draw(self._stream, time.perf_counter())
-            self._stream.write("\n")
-            self._stream.flush()
-
-    def _draw(self, stream: TextIO, now: float) -> None:
-        elapsed = max(now - self._start, 1e-9)
-        rate = self._done / elapsed
-        eta = (self._total - self._done) / rate if rate > 0 else 0.0
-        width = 30
-        filled = width * self._done // max(self._total, 1)
-        stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {self._done}/{self._total} {self._unit}"
-            f"  {rate:,.0f}/s  ETA {int(eta) // 60:d}:{int(eta) % 60:02d}"
-        )
-        stream.flush()

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sface_dist.data.convert import ProgressBar, known_num_classes, map_chunks
+from sface_dist.data.convert import known_num_classes, map_chunks
+from sface_dist.progress import ProgressBar
 from sface_dist.data.recordio import FaceRecordIndex, RecordIOError, RecordIOReader, scan_records
 
 _MAX_LISTED = 1000
@@ -79,9 +80,9 @@ def inspect_rec(
         ranges = [(start, min(start + 256, len(index))) for start in range(0, len(index), 256)]
         labels_used: set[int] = set()
         results = map_chunks(_inspect_range, ranges, (str(rec_path), str(idx_path), num_classes, verify), workers)
-        bar = ProgressBar(len(index), sys.stderr if progress else None)
+        bar = ProgressBar(len(index), stream=sys.stderr if progress else None)
         for (start, stop), chunk in zip(ranges, results, strict=True):
-            bar.advance(stop - start)
+            bar.update(stop - start)
             labels_used.update(chunk.labels)
             report.formats.update(chunk.formats)
             report.sizes.update(chunk.sizes)

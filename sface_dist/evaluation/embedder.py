@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from sface_dist.evaluation.checkpoint_backbone import load_backbone
-from sface_dist.evaluation.progress import ProgressBar
+from sface_dist.progress import ProgressBar
 
 
 class Embedder(Protocol):

@@ -19,7 +19,7 @@ from torch import nn
 
 from sface_dist.evaluation.bin_pack import VerificationPack
 from sface_dist.evaluation.embedder import Embedder, TorchEmbedder, embed_views
-from sface_dist.evaluation.progress import ProgressBar
+from sface_dist.progress import ProgressBar
 from sface_dist.evaluation.roc import tar_at_far
 
 THRESHOLDS = np.arange(0, 4, 0.01)

@@ -1,4 +1,4 @@
-"""A dependency-free progress bar for long embedding extractions.
+"""A dependency-free progress bar for long work: conversions, scans, embedding extractions.
 
 On a terminal the bar redraws one ``\\r`` line at most five times a second; in a log
 file (not a TTY) it writes a plain line every 10% so that logs stay readable.
@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import TextIO
+from typing import TextIO, TypeVar
+
+T = TypeVar("T")
 
 
 class ProgressBar:
@@ -26,7 +29,7 @@ class ProgressBar:
         self._last_decile = 10 * done // max(total, 1)
         self._tty = stream is not None and stream.isatty()
 
-    def update(self, count: int) -> None:
+    def update(self, count: int = 1) -> None:
         self.done += count
         if self._stream is None:
             return
@@ -65,3 +68,11 @@ class ProgressBar:
             f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {self.unit}"
             f"  {rate:,.0f} {self.unit}/s  ETA {int(eta) // 60:d}:{int(eta) % 60:02d}"
         )
+
+
+def with_progress(items: Iterable[T], total: int, enabled: bool, unit: str = "images") -> Iterator[T]:
+    """``items``, counted on a progress bar on stderr when ``enabled``."""
+    with ProgressBar(total, unit=unit, stream=sys.stderr if enabled else None) as bar:
+        for item in items:
+            yield item
+            bar.update()
