@@ -7,9 +7,11 @@ import torch
 
 from sface_reference import relative_error, sface_reference
 from sface_dist.config import HeadConfig
+from sface_dist.distributed import class_range
 from sface_dist.heads import ShardedSFaceHead, ShardSGD, build_head
 from sface_dist.heads.probe import embeddings_at_cosine
 from sface_dist.heads.sampling import sample_classes, step_generator
+from sface_dist.heads.sharded import initial_weight_rows
 
 SOFT = dict(s=30.0, k=4.0, a=1.2, b=1.4)
 
@@ -144,3 +146,12 @@ def test_official_xavier_init_uses_the_global_class_count() -> None:
     head = ShardedSFaceHead(2000, 256)
     assert abs(head.weight.std().item() / (2.0 * (2.0 / 2000) ** 0.5) - 1.0) < 0.01
     assert abs(ShardedSFaceHead(2000, 256, init="normal").weight.std().item() / 0.01 - 1.0) < 0.01
+
+
+def test_initial_weights_do_not_depend_on_the_partition() -> None:
+    """Shards of any world size are slices of one matrix; no two shards repeat each other's draws."""
+    full = initial_weight_rows(10_000, 8, (0, 10_000), "xavier", seed=3)
+    parts = [initial_weight_rows(10_000, 8, class_range(10_000, r, 3), "xavier", seed=3) for r in range(3)]
+    assert torch.equal(torch.cat(parts), full)
+    assert not torch.equal(full[:100], full[5000:5100])
+    assert not torch.equal(full, initial_weight_rows(10_000, 8, (0, 10_000), "xavier", seed=4))

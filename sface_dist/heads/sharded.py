@@ -78,6 +78,37 @@ class GatheredBatch:
     """Per scored row: 1 for positives, 1/q for sampled negatives; None without sampling."""
 
 
+INIT_BLOCK_CLASSES = 4096
+
+
+def initial_weight_rows(
+    num_classes: int, embedding_size: int, rows: tuple[int, int], init: str, seed: int
+) -> Tensor:
+    """Rows ``[start, end)`` of the initial class-centre matrix, the same whatever the world size.
+
+    ``xavier``: the official SFace init, normal with std gain·sqrt(2/fan_out), gain 2 and
+    fan_out the global class count; ``normal``: std 0.01. Values are drawn in blocks of
+    INIT_BLOCK_CLASSES classes, each from a generator seeded by (seed, block), so a shard
+    draws only the blocks it overlaps and no two shards repeat each other's draws.
+    """
+    if init == "xavier":
+        std = 2.0 * math.sqrt(2.0 / num_classes)
+    elif init == "normal":
+        std = 0.01
+    else:
+        raise ValueError(f"head.init: expected xavier or normal, got {init!r}")
+    start, end = rows
+    out = torch.empty(end - start, embedding_size)
+    first_block = start - start % INIT_BLOCK_CLASSES
+    for block_start in range(first_block, end, INIT_BLOCK_CLASSES):
+        block_end = min(block_start + INIT_BLOCK_CLASSES, num_classes)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + block_start // INIT_BLOCK_CLASSES)
+        block = torch.randn(block_end - block_start, embedding_size, generator=generator).mul_(std)
+        lo, hi = max(start, block_start), min(end, block_end)
+        out[lo - start : hi - start] = block[lo - block_start : hi - block_start]
+    return out
+
+
 class ShardedHead(nn.Module):
     """Class partition, gather, sampling and checks shared by the sharded heads."""
 
@@ -118,15 +149,7 @@ class ShardedHead(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, init: str) -> None:
-        """``xavier``: the official SFace init, normal with std gain·sqrt(2/fan_out), gain 2, fan_out the
-        global class count (so every world size draws from the same distribution); ``normal``: std 0.01."""
-        if init == "xavier":
-            std = 2.0 * math.sqrt(2.0 / self.num_classes)
-        elif init == "normal":
-            std = 0.01
-        else:
-            raise ValueError(f"head.init: expected xavier or normal, got {init!r}")
-        self.weight.normal_(0.0, std)
+        self.weight.copy_(initial_weight_rows(self.num_classes, self.embedding_size, self.class_range, init, self.seed))
 
     def _check(self, embeddings: Tensor, labels: Tensor) -> None:
         """Validation that needs a host sync: only with ``check_inputs`` (a debug option)."""
