@@ -95,6 +95,8 @@ class Trainer:
         self.head_optimizer = ShardSGD(
             self.head, lr=self.base_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
+        self.grad_scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16")
+        """Loss scaling for fp16 autocast (a pass-through otherwise)."""
         self.step = 0
         self.writer: SummaryWriter | None = None
         if env.is_main:
@@ -181,11 +183,13 @@ class Trainer:
         with self._autocast():
             embeddings = self.model(images)
         out = self.head(embeddings.float(), labels)
-        out.loss.backward()
+        self.grad_scaler.scale(out.loss).backward()
         if self.cfg.optim.grad_clip > 0:
+            self.grad_scaler.unscale_(self.backbone_optimizer)
             nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.optim.grad_clip)
-        self.backbone_optimizer.step()
-        self.head_optimizer.step()
+        self.grad_scaler.step(self.backbone_optimizer)
+        self.grad_scaler.step(self.head_optimizer)
+        self.grad_scaler.update()
         self.backbone_optimizer.zero_grad(set_to_none=True)
         self.head_optimizer.zero_grad(set_to_none=True)
         metrics = StepMetrics.from_output(out)
