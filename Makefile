@@ -1,5 +1,5 @@
 # make demo : build the environment, make a synthetic face dataset, train on 2 CPU ranks, report accuracy
-# make test : build the environment and run the test suite
+# make test : build the environment, lint, and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +14,7 @@ TORCH_FALLBACK_INDEX :=
 endif
 STAMP := $(VENV)/.installed
 
-.PHONY: env test demo clean
+.PHONY: env lint test demo clean
 
 env: $(STAMP)
 
@@ -25,7 +25,10 @@ $(STAMP): pyproject.toml requirements/cpu.txt Makefile
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check sface_dist tools tests
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)

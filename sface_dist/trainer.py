@@ -206,7 +206,8 @@ class Trainer:
         terms = f" (intra {metrics.intra:.3f} inter {metrics.inter:.3f})" if self.cfg.head.type == "sface" else ""
         self.log(
             f"step {self.step}/{self.total_steps} loss {metrics.loss:.4f}{terms} acc {metrics.accuracy:.3f} "
-            f"cos+ {metrics.cos_target:.3f} cos- {metrics.cos_nontarget:.3f} lr {lr:.4g} {samples_per_s:.0f} samples/s ETA {eta / 60:.1f} min"
+            f"cos+ {metrics.cos_target:.3f} cos- {metrics.cos_nontarget:.3f} lr {lr:.4g} "
+            f"{samples_per_s:.0f} samples/s ETA {eta / 60:.1f} min"
         )
         if self.writer is not None:
             for name, value in metrics.__dict__.items():

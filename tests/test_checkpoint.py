@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from rank_launcher import run_ranks
 from sface_dist.checkpoint import (
     TrainerState,
     latest_checkpoint,
@@ -18,6 +17,8 @@ from sface_dist.checkpoint import (
     save_checkpoint,
 )
 from sface_dist.distributed import class_range
+
+from rank_launcher import run_ranks
 
 NUM_CLASSES, DIM = 10, 4
 

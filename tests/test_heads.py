@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sface_reference import relative_error, sface_reference
 from sface_dist.config import HeadConfig
 from sface_dist.distributed import class_range
 from sface_dist.heads import ShardedSFaceHead, ShardSGD, build_head
 from sface_dist.heads.probe import embeddings_at_cosine
 from sface_dist.heads.sampling import sample_classes, step_generator
 from sface_dist.heads.sharded import initial_weight_rows
+
+from sface_reference import relative_error, sface_reference
 
 SOFT = dict(s=30.0, k=4.0, a=1.2, b=1.4)
 

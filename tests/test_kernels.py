@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sface_reference import relative_error, sface_reference  # noqa: E402
 from sface_dist.heads import ShardedSFaceHead  # noqa: E402
 from sface_dist.heads.kernels.fused import sface_block_triton, triton_available  # noqa: E402
 from sface_dist.heads.sface import BlockOptions, SFaceParams, sface_block_chunked, sface_block_dense  # noqa: E402
+
+from sface_reference import relative_error, sface_reference  # noqa: E402
 
 OFFICIAL = SFaceParams(s=64.0, k=80.0, a=0.80, b=1.23)
 SOFT = SFaceParams(s=64.0, k=8.0, a=0.8, b=1.23)

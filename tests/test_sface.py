@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sface_reference import relative_error, sface_reference
 from sface_dist.heads import ShardedSFaceHead
 from sface_dist.heads.sface import auto_chunk_size
+
+from sface_reference import relative_error, sface_reference
 
 OFFICIAL = dict(s=64.0, k=80.0, a=0.80, b=1.23)
 IMPLS = ["dense", "chunked"]

@@ -14,11 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from rank_launcher import run_ranks
-from sface_reference import margin_reference, relative_error, sface_reference
 from sface_dist.config import HeadConfig
 from sface_dist.distributed import DistEnv, class_range, data_parallel
 from sface_dist.heads import build_head
+
+from rank_launcher import run_ranks
+from sface_reference import margin_reference, relative_error, sface_reference
 
 NUM_CLASSES = 23
 IN_FEATURES, EMBEDDING = 6, 8

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from rank_launcher import run_ranks
 from torch import nn
 
 from sface_dist.backbones import build_backbone
@@ -33,6 +32,8 @@ from sface_dist.evaluation.verification import (
     kfold_splits,
     verification_accuracy,
 )
+
+from rank_launcher import run_ranks
 
 
 def encode_image(seed: int, size: tuple[int, int] = (112, 112), fmt: str = "JPEG") -> bytes:

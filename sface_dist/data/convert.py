@@ -26,7 +26,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sface_dist.data.images import encode_jpeg, image_extension
-from sface_dist.progress import with_progress
 from sface_dist.data.recordio import (
     FaceRecordIndex,
     FaceRecordWriter,
@@ -36,6 +35,7 @@ from sface_dist.data.recordio import (
     RecordIOWriter,
     pack,
 )
+from sface_dist.progress import with_progress
 
 _CHUNK = 64
 """Images per task sent to a worker process."""

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sface_dist.data.convert import known_num_classes, map_chunks
-from sface_dist.progress import ProgressBar
 from sface_dist.data.recordio import FaceRecordIndex, RecordIOError, RecordIOReader, scan_records
+from sface_dist.progress import ProgressBar
 
 _MAX_LISTED = 1000
 """Bad records listed one by one; the count covers all."""

@@ -267,6 +267,7 @@ class _ChunkedSFace(GradientsInForward):
         ctx.mark_non_differentiable(stats, cos_target, max_nontarget)
         return loss, stats, cos_target, max_nontarget
 
+
 def sface_block_chunked(
     x_hat: Tensor,
     weight: Tensor,

@@ -31,6 +31,7 @@ from sface_dist.distributed import (
     group_size,
     reduce_from_shards,
 )
+from sface_dist.heads.kernels.fused import sface_block_triton, triton_available
 from sface_dist.heads.sampling import SampledClasses, sample_classes, step_generator
 from sface_dist.heads.sface import (
     NUM_SCALAR_STATS,
@@ -41,7 +42,6 @@ from sface_dist.heads.sface import (
     sface_block_chunked,
     sface_block_dense,
 )
-from sface_dist.heads.kernels.fused import sface_block_triton, triton_available
 
 
 @dataclass

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from sface_dist.heads.sface import (
     BlockOptions,
-    GradientsInForward,
     BlockResult,
+    GradientsInForward,
     SFaceParams,
     sface_block_chunked,
     sigmoid_weights,
@@ -188,6 +188,7 @@ class _TritonSFace(GradientsInForward):
         ctx.gradients = (grad_x_hat, grad_weight)
         ctx.mark_non_differentiable(stats, cos_target, max_nontarget)
         return loss, stats, cos_target, max_nontarget
+
 
 def sface_block_triton(
     x_hat: Tensor,
