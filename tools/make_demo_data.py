@@ -57,7 +57,7 @@ def _read_stamp(stamp: Path) -> object:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/demo")
-    parser.add_argument("--identities", type=int, default=200, help="training identities (default: 200)")
+    parser.add_argument("--identities", type=int, default=800, help="training identities (default: 800)")
     parser.add_argument("--images", type=int, default=20, help="images per training identity (default: 20)")
     parser.add_argument("--heldout", type=int, default=100, help="held-out identities for verification (default: 100)")
     parser.add_argument("--pairs", type=int, default=600, help="verification pairs, an even number (default: 600)")
