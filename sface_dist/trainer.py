@@ -204,10 +204,11 @@ class Trainer:
         done = self.step - start_step
         eta = (time.perf_counter() - started) / max(done, 1) * (self.total_steps - self.step)
         terms = f" (intra {metrics.intra:.3f} inter {metrics.inter:.3f})" if self.cfg.head.type == "sface" else ""
+        skipped = f", {self.loader.skipped_records} bad records skipped" if self.loader.skipped_records else ""
         self.log(
             f"step {self.step}/{self.total_steps} loss {metrics.loss:.4f}{terms} acc {metrics.accuracy:.3f} "
             f"cos+ {metrics.cos_target:.3f} cos- {metrics.cos_nontarget:.3f} lr {lr:.4g} "
-            f"{samples_per_s:.0f} samples/s ETA {eta / 60:.1f} min"
+            f"{samples_per_s:.0f} samples/s ETA {eta / 60:.1f} min{skipped}"
         )
         if self.writer is not None:
             for name, value in metrics.__dict__.items():
