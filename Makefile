@@ -18,10 +18,10 @@ STAMP := $(VENV)/.installed
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/cpu.txt Makefile
+$(STAMP): pyproject.toml requirements/pinned.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q "$(TORCH_SPEC)" $(TORCH_FALLBACK_INDEX)
-	$(BIN)/pip install -q -r requirements/cpu.txt
+	$(BIN)/pip install -q -r requirements/pinned.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
