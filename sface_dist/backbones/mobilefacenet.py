@@ -19,33 +19,29 @@ def _check_input(x: torch.Tensor, model: str) -> None:
 
 
 class ConvBlock(nn.Module):
-    """Conv-BN-PReLU."""
+    """Conv-BN-PReLU, or Conv-BN with ``activation=False`` (the linear bottleneck projection).
+
+    Both keep insightface's ``layers.{0,1,2}`` parameter names.
+    """
 
     def __init__(
-        self, in_c: int, out_c: int, kernel: int = 1, stride: int = 1, padding: int = 0, groups: int = 1
+        self,
+        in_c: int,
+        out_c: int,
+        kernel: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        activation: bool = True,
     ) -> None:
         super().__init__()
-        self.layers = nn.Sequential(
+        layers: list[nn.Module] = [
             nn.Conv2d(in_c, out_c, kernel, stride=stride, padding=padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_c),
-            nn.PReLU(out_c),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
-
-
-class LinearBlock(nn.Module):
-    """Conv-BN without activation (the linear bottleneck projection)."""
-
-    def __init__(
-        self, in_c: int, out_c: int, kernel: int = 1, stride: int = 1, padding: int = 0, groups: int = 1
-    ) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_c, out_c, kernel, stride=stride, padding=padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_c),
-        )
+        ]
+        if activation:
+            layers.append(nn.PReLU(out_c))
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -60,7 +56,7 @@ class DepthWise(nn.Module):
         self.layers = nn.Sequential(
             ConvBlock(in_c, groups),
             ConvBlock(groups, groups, kernel=3, stride=stride, padding=1, groups=groups),
-            LinearBlock(groups, out_c),
+            ConvBlock(groups, out_c, activation=False),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +83,7 @@ class GDC(nn.Module):
     def __init__(self, embedding_size: int) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            LinearBlock(512, 512, kernel=7, groups=512),
+            ConvBlock(512, 512, kernel=7, groups=512, activation=False),
             nn.Flatten(),
             nn.Linear(512, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size),
