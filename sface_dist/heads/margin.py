@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from sface_dist.distributed import all_reduce_max, all_reduce_sum
-from sface_dist.heads.sface import PRECISIONS, matmul
+from sface_dist.heads.sface import PRECISIONS, matmul, target_mask_of
 from sface_dist.heads.sharded import HeadOutput, ShardedHead
 
 MARGIN_TYPES: dict[str, tuple[float, float, float]] = {
@@ -63,14 +63,9 @@ class _DistributedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, local_labels: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+    def forward(ctx, logits: Tensor, target_mask: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
         batch, width = logits.shape
-        rows = torch.arange(batch, device=logits.device)
-        owned = local_labels >= 0
-        columns = local_labels.clamp_min(0)
-        target_mask = torch.zeros_like(logits, dtype=torch.bool)
-        target_mask[rows[owned], columns[owned]] = True
-        target_logit = all_reduce_sum(torch.where(owned, logits[rows, columns] if width else 0.0, 0.0), group)
+        target_logit = all_reduce_sum(torch.where(target_mask, logits, 0.0).sum(dim=1), group)
         nontarget_max = (
             logits.masked_fill(target_mask, -math.inf).amax(dim=1) if width else logits.new_full((batch,), -math.inf)
         )
@@ -92,10 +87,11 @@ class _DistributedCrossEntropy(torch.autograd.Function):
 
 
 def distributed_cross_entropy(
-    logits: Tensor, local_labels: Tensor, group: ProcessGroup | None
+    logits: Tensor, target_mask: Tensor, group: ProcessGroup | None
 ) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy over rows of class-sharded ``logits`` [B, C_local]; returns (loss, correct [B])."""
-    return _DistributedCrossEntropy.apply(logits, local_labels, group)
+    """Mean cross-entropy over rows of class-sharded ``logits`` [B, C_local] whose targets are marked in
+    ``target_mask`` (a row's target lies in exactly one shard); returns (loss, correct [B])."""
+    return _DistributedCrossEntropy.apply(logits, target_mask, group)
 
 
 class ShardedMarginHead(ShardedHead):
@@ -126,24 +122,14 @@ class ShardedMarginHead(ShardedHead):
         batch = self.gather(embeddings, labels)
         w_hat = torch.nn.functional.normalize(batch.weight.to(batch.x_hat.dtype), dim=1)
         cos = matmul(batch.x_hat, w_hat.t(), self.precision).clamp(-1.0, 1.0)
-        rows = torch.arange(cos.shape[0], device=cos.device)
-        owned = batch.local_labels >= 0
-        target_columns = batch.local_labels.clamp_min(0)
-        target_cos = cos[rows, target_columns]
-        target_mask = torch.zeros_like(cos, dtype=torch.bool)
-        target_mask[rows[owned], target_columns[owned]] = True
+        target_mask = target_mask_of(batch.local_labels, 0, cos.shape[1])
+        target_cos = torch.where(target_mask, cos, 0.0).sum(dim=1)
         logits = torch.where(target_mask, margin_target_cos(target_cos, self.params).unsqueeze(1), cos)
         logits = logits * self.params.s
         group = self.process_group
-        loss, correct = distributed_cross_entropy(logits, batch.local_labels, group)
-        detached = cos.detach()
-        stats = torch.stack(
-            [
-                torch.where(owned, target_cos.detach(), 0.0).sum(),
-                detached.sum() - torch.where(target_mask, detached, 0.0).sum(),
-                (~target_mask).sum().to(cos.dtype),
-            ]
-        )
+        loss, correct = distributed_cross_entropy(logits, target_mask, group)
+        target_sum = target_cos.detach().sum()
+        stats = torch.stack([target_sum, cos.detach().sum() - target_sum, (~target_mask).sum().to(cos.dtype)])
         all_reduce_sum(stats, group)
         num_rows = cos.shape[0]
         zero = loss.detach().new_zeros(())

@@ -134,7 +134,7 @@ def target_cosines(x_hat: Tensor, weight: Tensor, local_labels: Tensor) -> Tenso
     return torch.where(local_labels >= 0, cos, 0.0)
 
 
-def _target_mask(local_labels: Tensor, start: int, width: int) -> Tensor:
+def target_mask_of(local_labels: Tensor, start: int, width: int) -> Tensor:
     """[B, width] boolean mask of each row's target inside classes [start, start+width)."""
     columns = torch.arange(start, start + width, device=local_labels.device)
     return local_labels.unsqueeze(1) == columns.unsqueeze(0)
@@ -177,7 +177,7 @@ def sface_block_dense(
 ) -> BlockResult:
     """Reference: materialise the [B, C] cosines and let autograd differentiate."""
     w_hat = F.normalize(weight.to(x_hat.dtype), dim=1)
-    target_mask = _target_mask(local_labels, 0, weight.shape[0])
+    target_mask = target_mask_of(local_labels, 0, weight.shape[0])
     cos = matmul(x_hat, w_hat.t(), options.precision)
     if options.precision != "fp32":
         cos = torch.where(target_mask, target_cosines(x_hat, weight, local_labels).unsqueeze(1), cos)
@@ -249,7 +249,7 @@ class _ChunkedSFace(GradientsInForward):
             norm = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
             w_hat = w / norm
             cos = matmul(x_hat, w_hat.t(), precision)
-            target_mask = _target_mask(local_labels, start, w.shape[0])
+            target_mask = target_mask_of(local_labels, start, w.shape[0])
             if exact_target is not None:
                 cos = torch.where(target_mask, exact_target, cos)
             scale = None if inter_scale is None else inter_scale[start : start + chunk_size]
