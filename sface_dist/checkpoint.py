@@ -51,6 +51,12 @@ def _head_file(start: int, end: int) -> str:
     return f"head-{start:08d}-{end:08d}.pt"
 
 
+def _head_file_range(name: str) -> tuple[int, int]:
+    """The class range ``[start, end)`` a head file's name records (see ``_head_file``)."""
+    start, end = name.removeprefix("head-").removesuffix(".pt").split("-")
+    return int(start), int(end)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -162,7 +168,10 @@ def load_trainer_state(path: str | Path) -> TrainerState:
 def load_head_shard(
     path: str | Path, class_range: tuple[int, int], num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows ``[start, end)`` of the head weight (and momentum) assembled from the files that overlap them."""
+    """Rows ``[start, end)`` of the head weight (and momentum) assembled from the files that overlap them.
+
+    Only those files are read: at 2M classes on many ranks each rank loads one or two shards, not all.
+    """
     path = Path(path)
     manifest = read_manifest(path)
     if manifest["num_classes"] != num_classes:
@@ -174,10 +183,11 @@ def load_head_shard(
     momentum: torch.Tensor | None = None
     covered = 0
     for name in manifest["head_files"]:
+        file_start, file_end = _head_file_range(name)
+        if max(start, file_start) >= min(end, file_end):
+            continue
         shard = torch.load(path / name, map_location="cpu", weights_only=True)
         lo, hi = max(start, shard["class_start"]), min(end, shard["class_end"])
-        if lo >= hi:
-            continue
         src = slice(lo - shard["class_start"], hi - shard["class_start"])
         dst = slice(lo - start, hi - start)
         if weight is None:
