@@ -146,15 +146,19 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (a run's ``checkpoints`` dir), if any."""
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(root) / pointer.read_text().strip()
+def follow_latest(pointer: str | Path) -> Path:
+    """The checkpoint directory a ``latest`` pointer file names."""
+    pointer = Path(pointer)
+    path = pointer.parent / pointer.read_text().strip()
     if not (path / MANIFEST).is_file():
         raise FileNotFoundError(f"{pointer} names {path.name}, which has no {MANIFEST}")
     return path
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (a run's ``checkpoints`` dir), if any."""
+    pointer = Path(root) / LATEST
+    return follow_latest(pointer) if pointer.is_file() else None
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sface_dist.backbones import build_backbone
-from sface_dist.checkpoint import LATEST, MANIFEST, TRAINER_FILE
+from sface_dist.checkpoint import LATEST, MANIFEST, TRAINER_FILE, follow_latest
 
 BACKBONE_FILE = "backbone.pt"
 """Weights-only backbone state dict of a best-backbone directory."""
@@ -62,10 +62,10 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
 
 def _follow_latest(pointer: Path) -> Path:
-    target = pointer.parent / pointer.read_text().strip()
-    if not (target / MANIFEST).is_file():
-        raise CheckpointError(f"{pointer} names {target.name}, which has no {MANIFEST}")
-    return target
+    try:
+        return follow_latest(pointer)
+    except FileNotFoundError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def read_model_config(checkpoint: Path) -> tuple[dict[str, Any], int]:
