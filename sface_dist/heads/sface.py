@@ -167,6 +167,38 @@ def _row_extremes(cos: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor]:
     return cos_target, max_nontarget
 
 
+def _exact_targets(x_hat: Tensor, weight: Tensor, local_labels: Tensor, precision: str) -> Tensor | None:
+    """[B, 1] full-precision target cosines to replace the matmul's, or None when the matmul is fp32."""
+    return None if precision == "fp32" else target_cosines(x_hat, weight, local_labels).unsqueeze(1)
+
+
+def _score(
+    x_hat: Tensor,
+    w_hat: Tensor,
+    local_labels: Tensor,
+    start: int,
+    exact_targets: Tensor | None,
+    inter_scale: Tensor | None,
+    params: SFaceParams,
+    options: BlockOptions,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Cosines of the rows against classes ``start ..`` (centres ``w_hat``), G = ∂L/∂cos, and the target mask."""
+    target_mask = target_mask_of(local_labels, start, w_hat.shape[0])
+    cos = matmul(x_hat, w_hat.t(), options.precision)
+    if exact_targets is not None:
+        cos = torch.where(target_mask, exact_targets, cos)
+    grad_cos = cos_gradient(cos, target_mask, inter_scale, params, options.inv_batch).to(cos.dtype)
+    return cos, grad_cos, target_mask
+
+
+def _summarise(cos: Tensor, grad_cos: Tensor, target_mask: Tensor, inv_batch: float) -> BlockResult:
+    """Loss partial (differentiable through ``cos``), statistics and row extremes of scored classes."""
+    cos_target, max_nontarget = _row_extremes(cos, target_mask)
+    return BlockResult(
+        (grad_cos * cos).sum(), _block_stats(cos, grad_cos, target_mask, inv_batch), cos_target, max_nontarget
+    )
+
+
 def sface_block_dense(
     x_hat: Tensor,
     weight: Tensor,
@@ -177,15 +209,9 @@ def sface_block_dense(
 ) -> BlockResult:
     """Reference: materialise the [B, C] cosines and let autograd differentiate."""
     w_hat = F.normalize(weight.to(x_hat.dtype), dim=1)
-    target_mask = target_mask_of(local_labels, 0, weight.shape[0])
-    cos = matmul(x_hat, w_hat.t(), options.precision)
-    if options.precision != "fp32":
-        cos = torch.where(target_mask, target_cosines(x_hat, weight, local_labels).unsqueeze(1), cos)
-    grad_cos = cos_gradient(cos, target_mask, inter_scale, params, options.inv_batch).to(cos.dtype)
-    loss = (grad_cos * cos).sum()
-    cos_target, max_nontarget = _row_extremes(cos, target_mask)
-    stats = _block_stats(cos, grad_cos, target_mask, options.inv_batch)
-    return BlockResult(loss, stats, cos_target, max_nontarget)
+    exact_targets = _exact_targets(x_hat, weight, local_labels, options.precision)
+    cos, grad_cos, target_mask = _score(x_hat, w_hat, local_labels, 0, exact_targets, inter_scale, params, options)
+    return _summarise(cos, grad_cos, target_mask, options.inv_batch)
 
 
 DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
@@ -235,7 +261,6 @@ class _ChunkedSFace(GradientsInForward):
         chunk_size: int,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         batch, num_classes = x_hat.shape[0], weight.shape[0]
-        inv_batch, precision = options.inv_batch, options.precision
         compute_dtype = x_hat.dtype
         loss = x_hat.new_zeros((), dtype=torch.promote_types(compute_dtype, torch.float32))
         stats = loss.new_zeros(NUM_SCALAR_STATS)
@@ -243,24 +268,22 @@ class _ChunkedSFace(GradientsInForward):
         max_nontarget = x_hat.new_full((batch,), -math.inf)
         grad_x_hat = torch.zeros_like(x_hat)
         grad_weight = torch.empty_like(weight)
-        exact_target = target_cosines(x_hat, weight, local_labels).unsqueeze(1) if precision != "fp32" else None
+        exact_targets = _exact_targets(x_hat, weight, local_labels, options.precision)
         for start in range(0, num_classes, chunk_size):
             w = weight[start : start + chunk_size].to(compute_dtype)
             norm = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
             w_hat = w / norm
-            cos = matmul(x_hat, w_hat.t(), precision)
-            target_mask = target_mask_of(local_labels, start, w.shape[0])
-            if exact_target is not None:
-                cos = torch.where(target_mask, exact_target, cos)
             scale = None if inter_scale is None else inter_scale[start : start + chunk_size]
-            grad_cos = cos_gradient(cos, target_mask, scale, params, inv_batch).to(compute_dtype)
-            loss += (grad_cos * cos).sum()
-            stats += _block_stats(cos, grad_cos, target_mask, inv_batch)
-            chunk_target, chunk_max = _row_extremes(cos, target_mask)
-            cos_target += chunk_target
-            torch.maximum(max_nontarget, chunk_max, out=max_nontarget)
-            grad_x_hat += matmul(grad_cos, w_hat, precision)
-            grad_w_hat = matmul(grad_cos.t(), x_hat, precision)
+            cos, grad_cos, target_mask = _score(
+                x_hat, w_hat, local_labels, start, exact_targets, scale, params, options
+            )
+            chunk = _summarise(cos, grad_cos, target_mask, options.inv_batch)
+            loss += chunk.loss
+            stats += chunk.scalar_stats
+            cos_target += chunk.cos_target
+            torch.maximum(max_nontarget, chunk.max_nontarget, out=max_nontarget)
+            grad_x_hat += matmul(grad_cos, w_hat, options.precision)
+            grad_w_hat = matmul(grad_cos.t(), x_hat, options.precision)
             radial = (grad_w_hat * w_hat).sum(dim=1, keepdim=True)
             grad_weight[start : start + chunk_size] = ((grad_w_hat - w_hat * radial) / norm).to(weight.dtype)
         ctx.gradients = (grad_x_hat, grad_weight)
