@@ -24,8 +24,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     backend: str = "auto"
-    """``dali`` (DALI decode, on the GPU where there is one), ``torch`` (decode in DataLoader workers),
-    ``synthetic`` (rendered identities) or ``auto`` (``dali`` with DALI and a GPU, else ``torch``)."""
+    """``dali`` (DALI decode, on the GPU when training runs on one), ``torch`` (decode in DataLoader workers),
+    ``synthetic`` (rendered identities) or ``auto`` (``dali`` with DALI on a GPU, else ``torch``)."""
     root: str = ""
     """Directory holding ``train.rec``, ``train.idx`` and ``property``."""
     num_classes: int = 0

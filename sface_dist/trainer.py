@@ -69,7 +69,7 @@ class Trainer:
         self.output = Path(cfg.train.output)
         self.checkpoints = self.output / "checkpoints"
         torch.manual_seed(cfg.train.seed)
-        self.loader = build_loader(cfg.data, env.rank, env.world_size, cfg.train.seed)
+        self.loader = build_loader(cfg.data, env.rank, env.world_size, cfg.train.seed, env.device)
         self.num_classes = self.loader.num_classes
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:

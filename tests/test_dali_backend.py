@@ -87,7 +87,8 @@ def test_mixed_decoder_on_gpu_matches_cpu(tmp_path: Path) -> None:
     for i, image in enumerate(images):
         (tmp_path / "folders" / "a" / f"{i}.jpg").write_bytes(encode_jpeg(image))
     folder_to_rec(tmp_path / "folders", tmp_path, EncodeOptions(image_size=SIZE * 4), progress=False, workers=0)
-    loader = build_loader(config(tmp_path, backend="dali", image_size=SIZE * 4), 0, 1, seed=0)
+    cfg = config(tmp_path, backend="dali", image_size=SIZE * 4)
+    loader = build_loader(cfg, 0, 1, seed=0, device=torch.device("cuda"))
     ((x, _),) = epoch(loader, 0)
     assert x.is_cuda and loader.device_id is not None  # type: ignore[attr-defined]
     reference = epoch(build_loader(config(tmp_path, image_size=SIZE * 4), 0, 1, seed=0), 0)[0][0]

@@ -14,6 +14,7 @@ from PIL import Image
 
 from sface_dist.config import DataConfig
 from sface_dist.data.convert import encode_jpeg
+from sface_dist.data.dali import dali_available
 from sface_dist.data.loader import DataError, FaceLoader, build_loader, resolve_backend
 from sface_dist.data.recordio import FaceRecordWriter, IRHeader, RecordIOReader, RecordIOWriter, header_record, pack
 from sface_dist.data.sampler import EpochShardSampler, Sample
@@ -287,9 +288,10 @@ def test_configuration_errors(dataset_root: Path, tmp_path: Path) -> None:
         build_loader(config(tmp_path), 0, 1, seed=0)
 
 
-def test_auto_backend_is_torch_without_a_gpu() -> None:
-    assert resolve_backend("auto") == ("dali" if torch.cuda.is_available() else "torch")
-    assert resolve_backend("synthetic") == "synthetic"
+def test_auto_backend_picks_dali_for_a_cuda_device_only() -> None:
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cuda")) == ("dali" if dali_available() else "torch")
+    assert resolve_backend("synthetic", torch.device("cuda")) == "synthetic"
 
 
 def test_synthetic_backend_follows_the_same_sharding(tmp_path: Path) -> None:
@@ -323,3 +325,14 @@ def test_synthetic_faces_are_deterministic_and_distinct() -> None:
 def test_sample_defaults_are_neutral() -> None:
     assert not Sample(0, False).augmented
     assert Sample(0, True, saturation=0.0).augmented
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream copy needs CUDA")
+def test_torch_backend_on_gpu_gives_the_cpu_batches(dataset_root: Path) -> None:
+    cuda = torch.device("cuda")
+    for workers in (0, 2):
+        on_gpu = build_loader(config(dataset_root, num_workers=workers, augment=True), 1, 2, seed=5, device=cuda)
+        batches = epoch(on_gpu, 3)
+        assert all(x.is_cuda and y.is_cuda for x, y in batches)
+        on_cpu = epoch(build_loader(config(dataset_root, augment=True), 1, 2, seed=5), 3)
+        assert_same_batches([(x.cpu(), y.cpu()) for x, y in batches], on_cpu)

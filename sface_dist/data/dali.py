@@ -5,7 +5,7 @@ then does DALI follow ``EpochShardSampler``: ``fn.readers.mxnet`` reads records 
 order through a shuffle buffer and treats insightface's header and identity records as
 images, so it can give neither an epoch-seeded order, nor a resumable position, nor the
 exactly-once cover that the other backends give. Decoding is ``device="mixed"`` (nvJPEG)
-when CUDA is available and on CPU threads otherwise; flips and augmentation parameters come
+when batches go to a CUDA device and on CPU threads otherwise; flips and augmentation parameters come
 from the sampler as per-sample arguments, so every batch is reproducible.
 
 A record DALI cannot decode fails the whole pipeline run. The loader then decodes the
@@ -92,14 +92,21 @@ class DaliFaceLoader:
     """The ``dali`` backend (see the module docstring and ``FaceLoader``)."""
 
     def __init__(
-        self, dataset: RecordFaceDataset, sampler: EpochShardSampler, num_threads: int, skip_bad: bool = False
+        self,
+        dataset: RecordFaceDataset,
+        sampler: EpochShardSampler,
+        num_threads: int,
+        device: torch.device,
+        skip_bad: bool = False,
     ) -> None:
         if not dali_available():
             raise DataError("data.backend=dali needs NVIDIA DALI: pip install nvidia-dali-cuda130")
         self.num_classes = dataset.num_classes
         self.num_images = len(dataset)
         self.skipped_records = 0
-        self.device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+        cuda = device.type == "cuda"
+        self.device_id = (torch.cuda.current_device() if device.index is None else device.index) if cuda else None
+        """The GPU that decodes (``mixed``) and holds the batches; None: a CPU-only pipeline."""
         self._dataset = dataset
         self._sampler = sampler
         self._num_threads = num_threads

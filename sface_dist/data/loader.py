@@ -1,8 +1,9 @@
 """``build_loader``: one rank's training batches from a RecordIO dataset or synthetic faces.
 
-Backends (``data.backend``): ``dali`` decodes with NVIDIA DALI (on the GPU where there is
-one, ``dali.py``), ``torch`` with simplejpeg/PIL in DataLoader workers, ``synthetic`` renders
-identities; ``auto`` picks ``dali`` where DALI imports and a GPU is present, else ``torch``.
+Backends (``data.backend``): ``dali`` decodes with NVIDIA DALI (``dali.py``; on the GPU when
+batches go to a CUDA device), ``torch`` with simplejpeg/PIL in DataLoader workers, ``synthetic``
+renders identities; ``auto`` picks ``dali`` where DALI imports and batches go to a CUDA device,
+else ``torch``. Batches arrive on the ``device`` given to ``build_loader``.
 All of them follow ``EpochShardSampler``: the same images, order, flips and augmentation
 parameters for the same ``(seed, epoch, rank, world_size)``, resumable at any batch.
 
@@ -192,22 +193,23 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
 
 
 class TorchFaceLoader:
-    """The ``torch`` and ``synthetic`` backends: decode in DataLoader workers, pinned memory on GPU
-    hosts, and each batch copied to the GPU on a side stream one batch ahead (see ``FaceLoader``)."""
+    """The ``torch`` and ``synthetic`` backends: decode in DataLoader workers; for a CUDA ``device``,
+    pinned memory and each batch copied to the GPU on a side stream one batch ahead (see ``FaceLoader``)."""
 
     def __init__(
         self,
         dataset: RecordFaceDataset | SyntheticFaceDataset,
         sampler: EpochShardSampler,
         num_workers: int,
+        device: torch.device,
         skip_bad: bool = False,
     ) -> None:
         self.num_classes = dataset.num_classes
         self.num_images = len(dataset)
         self.skipped_records = 0
         self._sampler = sampler
-        cuda = torch.cuda.is_available()
-        self._device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+        cuda = device.type == "cuda"
+        self._device = device if cuda else None
         served = _SkippingDataset(dataset) if skip_bad and isinstance(dataset, RecordFaceDataset) else dataset
         self._loader = DataLoader(
             served,  # type: ignore[arg-type]
@@ -278,24 +280,30 @@ def _ready(
     return batch
 
 
-def resolve_backend(backend: str) -> str:
-    """The concrete backend ``auto`` stands for on this host; other names are returned as they are."""
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ``auto`` stands for with batches on ``device``; other names are returned as they are."""
     if backend != "auto":
         return backend
     from sface_dist.data.dali import dali_available  # DALI stays optional
 
-    return "dali" if dali_available() and torch.cuda.is_available() else "torch"
+    return "dali" if dali_available() and device.type == "cuda" else "torch"
 
 
-def build_loader(cfg: DataConfig, rank: int, world_size: int, seed: int) -> FaceLoader:
-    """The training loader of ``rank`` out of ``world_size`` for the backend ``cfg.backend`` names."""
+def build_loader(
+    cfg: DataConfig, rank: int, world_size: int, seed: int, device: torch.device = torch.device("cpu")
+) -> FaceLoader:
+    """The training loader of ``rank`` out of ``world_size`` for the backend ``cfg.backend`` names.
+
+    Batches arrive on ``device``: a CUDA device gets GPU decoding (``dali``) or pinned memory and a
+    side-stream copy (``torch``); the CPU gets batches normalised in this process.
+    """
     if cfg.backend not in BACKENDS:
         raise DataError(f"data.backend {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
     if cfg.on_bad_record not in BAD_RECORD_POLICIES:
         raise DataError(f"data.on_bad_record {cfg.on_bad_record!r} is not one of {', '.join(BAD_RECORD_POLICIES)}")
     if cfg.num_workers < 0:
         raise DataError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
-    backend = resolve_backend(cfg.backend)
+    backend = resolve_backend(cfg.backend, device)
     dataset: RecordFaceDataset | SyntheticFaceDataset
     if backend == "synthetic":
         dataset = SyntheticFaceDataset(cfg.num_classes, cfg.synthetic_images_per_class, cfg.image_size)
@@ -311,8 +319,8 @@ def build_loader(cfg: DataConfig, rank: int, world_size: int, seed: int) -> Face
         from sface_dist.data.dali import DaliFaceLoader  # DALI stays optional
 
         assert isinstance(dataset, RecordFaceDataset)
-        return DaliFaceLoader(dataset, sampler, num_threads=max(cfg.num_workers, 1), skip_bad=skip_bad)
-    return TorchFaceLoader(dataset, sampler, cfg.num_workers, skip_bad)
+        return DaliFaceLoader(dataset, sampler, max(cfg.num_workers, 1), device, skip_bad)
+    return TorchFaceLoader(dataset, sampler, cfg.num_workers, device, skip_bad)
 
 
 def _resolve_num_classes(root: Path, configured: int, image_size: int, index: FaceRecordIndex) -> int:
