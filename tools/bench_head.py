@@ -280,15 +280,19 @@ def benchmark(args: argparse.Namespace) -> None:
             print(f"{shape:>14} {label:>{width}} {ms:>10.2f} {ratio:>8} {peak:>10.1f} {excl:>9}  {note}")
 
 
-def embed_checkpoint(path: Path | None, rows: int, seed: int) -> tuple[str, Tensor, Tensor, Tensor]:
-    """(name, x̂, head weight, labels) of ``rows`` training images; ``path`` None: the demo run at random init."""
+def embed_checkpoint(
+    path: Path | None, reference: Path, rows: int, seed: int
+) -> tuple[str, Tensor, Tensor, Tensor]:
+    """(name, x̂, head weight, labels) of ``rows`` training images of checkpoint ``path``.
+
+    ``path`` None: the untrained model of ``reference``'s run (its architecture, data and head).
+    """
     from sface_dist.backbones import build_backbone
     from sface_dist.checkpoint import load_head_shard, read_manifest
     from sface_dist.data.loader import RecordFaceDataset
 
-    config = read_manifest(path)["config"] if path else None
-    reference = config or read_manifest(DEFAULT_RUN)["config"]
-    model_cfg, data_cfg = reference["model"], reference["data"]
+    config = read_manifest(path or reference)["config"]
+    model_cfg, data_cfg = config["model"], config["data"]
     dataset = RecordFaceDataset(data_cfg["root"], data_cfg["num_classes"], data_cfg["image_size"])
     num_classes = dataset.num_classes
     torch.manual_seed(seed)
@@ -308,22 +312,30 @@ def embed_checkpoint(path: Path | None, rows: int, seed: int) -> tuple[str, Tens
         labels.append(label)
     with torch.no_grad():
         embeddings = torch.cat([backbone(torch.stack(images[i : i + 128])) for i in range(0, rows, 128)])
-    name = f"{path.parent.parent.name}/{path.name}" if path else "random init"
+    run = (path or reference).parent.parent.name
+    name = f"{run}/{path.name}" if path else f"{run}/random init"
     return name, F.normalize(embeddings, dim=1), weight, torch.tensor(labels)
 
 
 DEFAULT_RUN = Path("runs/demo/checkpoints/step-00000372")
-"""Its config names the data and the architecture that ``--random-init`` uses."""
+"""The checkpoint whose run ``--random-init`` alone (no checkpoints named) takes its architecture from."""
 
 
 def measure_live_pairs(args: argparse.Namespace) -> None:
-    paths: list[Path | None] = ([None] if args.random_init else []) + [Path(p) for p in args.live_pairs]
+    from sface_dist.checkpoint import MANIFEST
+
+    checkpoints = [Path(p) for p in args.live_pairs]
+    for path in checkpoints or [DEFAULT_RUN]:
+        if not (path / MANIFEST).is_file():
+            raise SystemExit(f"error: {path} is not a checkpoint of this project (no {MANIFEST})")
+    reference = (checkpoints or [DEFAULT_RUN])[0]
+    paths: list[Path | None] = ([None] if args.random_init else []) + list(checkpoints)
     print(f"# live non-target pairs (r_inter > threshold) and live {args.tile} tiles; official SFace k=80 b=1.23")
     print(f"{'embeddings':>28} {'threshold':>9} {'live pairs':>10} {'live tiles':>10} "
           f"{'tile p50':>9} {'tile p90':>9} {'tile p99':>9} {'tile max':>9}")
     block_b, block_c = (int(n) for n in args.tile.split("x"))
     for path in paths:
-        name, x_hat, weight, labels = embed_checkpoint(path, args.rows, seed=0)
+        name, x_hat, weight, labels = embed_checkpoint(path, reference, args.rows, seed=0)
         for threshold in (1e-5, 1e-4, 1e-3):
             s = live_pairs(x_hat, weight, labels, SFaceParams(), threshold, block_b, block_c)
             p50, p90, p99, top = s.tile_quantiles
