@@ -42,6 +42,10 @@ class DistEnv:
         return self.rank == 0
 
 
+class LaunchError(RuntimeError):
+    """The processes were started in a way this node cannot serve (missing rendezvous, too few GPUs)."""
+
+
 def _env_int(*names: str, default: int) -> int:
     for name in names:
         if name in os.environ:
@@ -60,6 +64,11 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise LaunchError(
+                f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible on this node "
+                "(launch at most one process per GPU, e.g. torchrun --nproc_per_node=gpu)"
+            )
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         backend = "nccl"
@@ -69,7 +78,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     if world_size > 1 and not dist.is_initialized():
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
-                raise RuntimeError(f"{name} is not set: launch with torchrun, or export it in the SLURM script")
+                raise LaunchError(f"{name} is not set: launch with torchrun, or export it in the SLURM script")
         dist.init_process_group(
             backend=backend,
             rank=rank,

@@ -12,7 +12,7 @@ import os
 import sys
 
 from sface_dist.config import load_config
-from sface_dist.distributed import destroy_distributed, init_distributed
+from sface_dist.distributed import LaunchError, destroy_distributed, init_distributed
 from sface_dist.trainer import Trainer
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             results = Trainer(cfg, env).fit()
         finally:
             destroy_distributed()
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, LaunchError) as err:
         if os.environ.get("SFACE_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)

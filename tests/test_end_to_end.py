@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -83,16 +84,30 @@ eval: {{bins: [{demo_data / 'heldout.bin'}], every: 1000, batch_size: 32}}
     ],
 )
 def test_bad_input_ends_with_one_clear_line(demo_data: Path, tmp_path: Path, override: str, message: str) -> None:
+    config = small_config(demo_data, tmp_path)
+    override = override.format(missing=tmp_path / "nowhere", config=config)
+    assert_one_error_line([sys.executable, "-m", "sface_dist.train", str(config), "--set", override], message)
+
+
+def test_launch_without_rendezvous_ends_with_one_clear_line(demo_data: Path, tmp_path: Path) -> None:
+    launch = {name: value for name, value in os.environ.items() if name not in ("MASTER_ADDR", "MASTER_PORT")}
+    launch |= {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    command = [sys.executable, "-m", "sface_dist.train", str(small_config(demo_data, tmp_path))]
+    assert_one_error_line(command, "MASTER_ADDR is not set", env=launch)
+
+
+def small_config(demo_data: Path, tmp_path: Path) -> Path:
     config = tmp_path / "e2e.yaml"
     config.write_text(
         f"data: {{backend: torch, root: {demo_data}, batch_size: 8, num_workers: 0}}\n"
         f"model: {{backbone: tiny, embedding_size: 32}}\ntrain: {{output: {tmp_path / 'run'}, steps: 2}}\n"
     )
-    override = override.format(missing=tmp_path / "nowhere", config=config)
-    result = subprocess.run(
-        [sys.executable, "-m", "sface_dist.train", str(config), "--set", override],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+    return config
+
+
+def assert_one_error_line(command: list[str], message: str, env: dict[str, str] | None = None) -> None:
+    """``command`` exits with 1 and one ``error:`` line containing ``message``, without a traceback."""
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
