@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Every GPU-only check of the project in one command, sized for ~10 minutes on one H200:
+#   1. versions of the GPU, torch and Triton;
+#   2. the CUDA tests: fused kernels at full size against fp64, the torch loader's side-stream
+#      copy against the CPU batches, and DALI's mixed decoder where DALI is installed;
+#   3. tools/bench_head.py at the DESIGN.md §8 shapes (every implementation, one table);
+#   4. 200 demo steps on one GPU with head.impl=auto (Triton) and head.impl=chunked: the loss
+#      curves side by side and the step time each takes.
+# Usage: tools/check_gpu.sh [RESULTS_DIR]   (default: runs/check_gpu; uses $PYTHON or python3)
+# Each part writes its log under RESULTS_DIR and a failing part does not stop the next.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+results=${1:-runs/check_gpu}
+python=${PYTHON:-python3}
+mkdir -p "$results"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+failed=()
+
+part() {  # part NAME COMMAND...: run, log to RESULTS_DIR/NAME.log, remember a failure
+    local name=$1
+    shift
+    echo "== $name: $*"
+    local start=$SECONDS
+    if ! "$@" 2>&1 | tee "$results/$name.log"; then
+        failed+=("$name")
+    fi
+    echo "== $name: $((SECONDS - start)) s"
+}
+
+if ! "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "error: $python sees no CUDA device; this script checks the GPU paths only" >&2
+    exit 2
+fi
+
+part versions "$python" -c "
+import torch, triton, numpy
+print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda,
+      '| triton', triton.__version__, '| numpy', numpy.__version__)"
+
+part tests "$python" -m pytest -q -p no:cacheprovider -rs \
+    tests/test_kernels.py::test_full_size_on_gpu \
+    tests/test_loader.py::test_torch_backend_on_gpu_gives_the_cpu_batches \
+    tests/test_dali_backend.py::test_mixed_decoder_on_gpu_matches_cpu
+
+part bench_head "$python" tools/bench_head.py
+
+demo_data=$results/demo_data
+if [[ ! -f $demo_data/train.rec ]]; then
+    part demo_data "$python" tools/make_demo_data.py --out "$demo_data"
+fi
+for impl in auto chunked; do
+    part "demo_$impl" "$python" -m torch.distributed.run --standalone --nproc_per_node=1 -m sface_dist.train \
+        configs/demo.yaml --set data.root="$demo_data" --set eval.bins="[$demo_data/heldout.bin]" \
+        --set data.num_workers=4 --set train.steps=200 --set train.log_every=10 --set eval.every=1000 \
+        --set head.impl=$impl --set train.output="$results/demo_$impl"
+done
+part demo_compare "$python" - "$results/demo_auto.log" "$results/demo_chunked.log" <<'EOF'
+"""The two demo runs' loss and throughput, step by step, and the largest loss difference."""
+import re
+import sys
+
+line = re.compile(r"^step (\d+)/\d+ loss (-?[0-9.]+) .* ([0-9.]+) samples/s", re.MULTILINE)
+auto, chunked = ({int(m[1]): (float(m[2]), float(m[3])) for m in line.finditer(open(p).read())} for p in sys.argv[1:])
+print(f"{'step':>5} {'loss auto':>10} {'loss chunked':>12} {'samples/s auto':>15} {'samples/s chunked':>17}")
+for step in sorted(auto.keys() & chunked.keys()):
+    print(f"{step:>5} {auto[step][0]:>10.4f} {chunked[step][0]:>12.4f} {auto[step][1]:>15.0f} {chunked[step][1]:>17.0f}")
+gap = max((abs(auto[s][0] - chunked[s][0]) for s in auto.keys() & chunked.keys()), default=float("nan"))
+print(f"largest loss difference: {gap:.4f}")
+sys.exit(0 if auto and chunked else 1)
+EOF
+
+if ((${#failed[@]})); then
+    echo "failed: ${failed[*]}"
+    exit 1
+fi
+echo "all GPU checks ran"
