@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sface_dist.heads import ShardedSFaceHead  # noqa: E402
-from sface_dist.heads.kernels.fused import sface_block_triton, triton_available  # noqa: E402
+from sface_dist.heads.kernels.fused import CUDA_TILES, TileConfig, sface_block_triton, triton_available  # noqa: E402
+from sface_dist.heads.kernels.offline_compile import SHARED_MEMORY_LIMIT, compile_kernels  # noqa: E402
 from sface_dist.heads.sface import BlockOptions, SFaceParams, sface_block_chunked, sface_block_dense  # noqa: E402
 
 from sface_reference import relative_error, sface_reference  # noqa: E402
@@ -227,6 +228,22 @@ def test_auto_picks_chunked_on_cpu_and_says_so(capsys: pytest.CaptureFixture[str
         pytest.skip("a CUDA machine picks triton")
     assert ShardedSFaceHead(10, 8, impl="auto").impl == "chunked"
     assert "runs 'chunked'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", sorted(CUDA_TILES))
+def test_default_tiles_compile_for_hopper_within_its_limits(precision: str) -> None:
+    """Both kernels, exact and sparse with scales, compiled for sm_90 with the Triton wheel's ptxas (no GPU
+    needed): a block asking for more shared memory than Hopper has fails at launch."""
+    for sparse in (False, True):
+        for kernel in compile_kernels(CUDA_TILES[precision], precision, sparse=sparse, has_scale=sparse):
+            assert kernel.shared_bytes <= SHARED_MEMORY_LIMIT[90], kernel
+            assert kernel.registers <= 255, kernel
+
+
+def test_offline_compile_sees_a_tile_that_cannot_launch() -> None:
+    """64 x 32 tiles with tf32 operands: the ∂x̂ kernel's W tiles double-buffered in fp32 take 256 KiB."""
+    grad_weight, grad_embedding = compile_kernels(TileConfig(64, 32, num_warps=8, num_stages=2), "tf32")
+    assert grad_weight.shared_bytes <= SHARED_MEMORY_LIMIT[90] < grad_embedding.shared_bytes == 256 * 1024
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and Triton")

@@ -40,7 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sface_dist.heads import ShardedMarginHead, ShardedSFaceHead
-from sface_dist.heads.kernels.fused import TileConfig, interpreter_enabled, sface_block_triton, triton_available
+from sface_dist.heads.kernels.fused import (
+    CUDA_TILES,
+    TileConfig,
+    interpreter_enabled,
+    sface_block_triton,
+    triton_available,
+)
 from sface_dist.heads.kernels.sparsity import live_pairs
 from sface_dist.heads.sface import BlockFn, BlockOptions, SFaceParams, sface_block_chunked, sface_block_dense
 
@@ -353,8 +359,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", default=None, help="SFace matmul operands (default bf16 CUDA, fp32 CPU)")
     parser.add_argument("--skip-threshold", type=float, default=1e-4, help="sparse mode's skip threshold")
     parser.add_argument(
-        "--tiles", dest="tiles_text", default="64x32x8x2",
-        help="Triton tile(s) BxCxWARPSxSTAGES, comma-separated: one row each (the first is used by --case)",
+        "--tiles", dest="tiles_text", default=None,
+        help="Triton tile(s) BxCxWARPSxSTAGES, comma-separated: one row each (the first is used by --case); "
+        "default: the precision's default tiles",
     )
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds, fastest kept")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
@@ -368,6 +375,9 @@ def parse_args() -> argparse.Namespace:
     args.shapes = args.shapes or (CUDA_SHAPES if cuda else CPU_SHAPES)
     args.repeat = args.repeat or (20 if cuda else 3)
     args.precision = args.precision or ("bf16" if cuda else "fp32")
+    if args.tiles_text is None:
+        tiles = CUDA_TILES[args.precision]
+        args.tiles_text = f"{tiles.block_b}x{tiles.block_c}x{tiles.num_warps}x{tiles.num_stages}"
     args.tiles = parse_tiles(args.tiles_text.split(",")[0])
     return args
 

@@ -69,9 +69,20 @@ class TileConfig:
 INTERPRETER_TILES = TileConfig(block_b=16, block_c=16, num_warps=1, num_stages=1, splits=2)
 """The smallest tiles ``tl.dot`` accepts: the interpreter's cost grows with tile area."""
 
+CUDA_TILES = {
+    "bf16": TileConfig(64, 32, num_warps=8, num_stages=2),
+    "fp16": TileConfig(64, 32, num_warps=8, num_stages=2),
+    "tf32": TileConfig(32, 16, num_warps=8, num_stages=2),
+    "fp32": TileConfig(16, 16, num_warps=8, num_stages=2),
+}
+"""GPU tiles by operand precision, from compiling for sm_90 (``tools/compile_kernels.py``): 4-byte
+operands double the shared memory, and 64 x 32 then asks 256 KiB for the ∂x̂ kernel in tf32, over the
+227 KiB a Hopper block may have. docs/kernels.md has the table (registers, spills, shared memory)."""
 
-def default_tiles(device: torch.device) -> TileConfig:
-    return INTERPRETER_TILES if device.type != "cuda" else TileConfig()
+
+def default_tiles(device: torch.device, precision: str) -> TileConfig:
+    """The tiles ``sface_block_triton`` uses when none are given."""
+    return INTERPRETER_TILES if device.type != "cuda" else CUDA_TILES[precision]
 
 
 def _auto_splits(num_tiles_b: int, num_tiles_c: int, device: torch.device) -> int:
@@ -83,6 +94,31 @@ def _auto_splits(num_tiles_b: int, num_tiles_c: int, device: torch.device) -> in
 _DOT_DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 """x̂ is cast once (O(B·D)): every class tile re-reads it, so half the bytes is half the L2 traffic."""
+
+
+def kernel_constants(
+    tiles: TileConfig, precision: str, dim: int, has_scale: bool, sparse: bool, emulate: bool
+) -> dict[str, object]:
+    """The compile-time arguments both kernels are launched with: constexprs and compiler options.
+
+    FMA contraction is asked for explicitly: it is what the kernels were validated with, and Triton
+    3.9 warns when a launch leaves it to a default that is about to change."""
+    import triton
+    import triton.language as tl
+
+    return dict(
+        BLOCK_B=tiles.block_b,
+        BLOCK_C=tiles.block_c,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        HAS_SCALE=has_scale,
+        SPARSE=sparse,
+        DOT_DTYPE=getattr(tl, _DOT_DTYPES[precision]),
+        INPUT_PRECISION="tf32" if precision == "tf32" and not emulate else "ieee",
+        EMULATE=emulate,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+        enable_fp_fusion=True,
+    )
 
 
 def _inter_gradients(
@@ -102,7 +138,6 @@ def _inter_gradients(
     and each row's largest non-target cosine [B].
     """
     import triton
-    import triton.language as tl
 
     from sface_dist.heads.kernels.triton_sface import _grad_embedding_kernel, _grad_weight_kernel
 
@@ -112,18 +147,8 @@ def _inter_gradients(
     num_tiles_b = triton.cdiv(batch, tiles.block_b)
     num_tiles_c = triton.cdiv(num_classes, tiles.block_c)
     sparse = skip_threshold > 0.0
-    emulate = device.type != "cuda"
-    constants = dict(
-        BLOCK_B=tiles.block_b,
-        BLOCK_C=tiles.block_c,
-        BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        HAS_SCALE=inter_scale is not None,
-        SPARSE=sparse,
-        DOT_DTYPE=getattr(tl, _DOT_DTYPES[options.precision]),
-        INPUT_PRECISION="tf32" if options.precision == "tf32" and not emulate else "ieee",
-        EMULATE=emulate,
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+    constants = kernel_constants(
+        tiles, options.precision, dim, inter_scale is not None, sparse, emulate=device.type != "cuda"
     )
     x_operand = x_hat.to(_LOW_PRECISION.get(options.precision, torch.float32))
     labels = local_labels.contiguous()
@@ -204,7 +229,8 @@ def sface_block_triton(
     inter weights r_inter·inter_scale are all at or below it (docs/kernels.md: sparse mode)."""
     if not kernels_supported(x_hat, weight):
         return sface_block_chunked(x_hat, weight, local_labels, inter_scale, params, options)
+    tiles = tiles or default_tiles(x_hat.device, options.precision)
     loss, stats, cos_target, max_nontarget = _TritonSFace.apply(
-        x_hat, weight, local_labels, inter_scale, params, options, skip_threshold, tiles or default_tiles(x_hat.device)
+        x_hat, weight, local_labels, inter_scale, params, options, skip_threshold, tiles
     )
     return BlockResult(loss, stats, cos_target, max_nontarget)
