@@ -3,7 +3,9 @@
 #   1. versions of the GPU, torch and Triton;
 #   2. the CUDA tests: fused kernels at full size against fp64, the torch loader's side-stream
 #      copy against the CPU batches, and DALI's mixed decoder where DALI is installed;
-#   3. tools/bench_head.py at the DESIGN.md §8 shapes (every implementation, one table);
+#   3. tools/compile_kernels.py (registers, spills, shared memory under this Triton), then
+#      tools/bench_head.py at the DESIGN.md §8 shapes (every implementation, one table) and a
+#      bf16 tile sweep at 1,024 x 257,488 (large tiles that spill against small ones that do not);
 #   4. 200 demo steps on one GPU with head.impl=auto (Triton) and head.impl=chunked: the loss
 #      curves side by side and the step time each takes.
 # Usage: tools/check_gpu.sh [RESULTS_DIR]   (default: runs/check_gpu; uses $PYTHON or python3)
@@ -42,7 +44,10 @@ part tests "$python" -m pytest -q -p no:cacheprovider -rs \
     tests/test_loader.py::test_torch_backend_on_gpu_gives_the_cpu_batches \
     tests/test_dali_backend.py::test_mixed_decoder_on_gpu_matches_cpu
 
+part compile_kernels "$python" tools/compile_kernels.py
 part bench_head "$python" tools/bench_head.py
+part tile_sweep "$python" tools/bench_head.py --shapes 1024x257488 --impls floor,triton \
+    --tiles 64x32x8x2,32x16x8x2,16x16x8x2,16x16x4x2
 
 demo_data=$results/demo_data
 if [[ ! -f $demo_data/train.rec ]]; then
