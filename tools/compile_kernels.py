@@ -4,7 +4,8 @@
     python tools/compile_kernels.py --precisions bf16 --tiles 64x32x8x2,32x16x8x2,16x16x8x2
 
 One row per (tiles, precision, kernel): registers per thread, bytes spilled to local memory per
-thread, and shared memory per block against the architecture's limit. Tiles are
+thread, spill loads/stores inside loops (paid every iteration; read from the SASS), and shared
+memory per block against the architecture's limit. Tiles are
 BLOCK_B x BLOCK_C x WARPS x STAGES, as ``tools/bench_head.py --tiles`` takes them; the default is
 each precision's ``CUDA_TILES`` entry. Exits 1 if any kernel fails to compile or exceeds the
 shared-memory limit (it could not launch).
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     limit = SHARED_MEMORY_LIMIT[args.capability]
     print(f"# sm_{args.capability}, Triton {triton.__version__}, D={args.dim}, {'sparse' if args.sparse else 'exact'}"
           f" mode; shared-memory limit {limit // 1024} KiB per block")  # fmt: skip
-    print(f"{'tiles':>12} {'precision':>9} {'kernel':>24} {'registers':>9} {'spill B':>8} {'shared KiB':>10}")
+    print(f"{'tiles':>12} {'precision':>9} {'kernel':>24} {'registers':>9} {'spill B':>8} {'loop spills':>11} "
+          f"{'shared KiB':>10}")  # fmt: skip
     failures = 0
     for precision in args.precisions.split(","):
         tile_texts = args.tiles.split(",") if args.tiles else [None]
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 failures += over
                 note = "  over the limit: cannot launch" if over else ""
                 print(f"{label:>12} {precision:>9} {kernel.kernel:>24} {kernel.registers:>9} {kernel.spill_bytes:>8} "
-                      f"{kernel.shared_bytes / 1024:>10.1f}{note}")  # fmt: skip
+                      f"{kernel.loop_spill_instructions:>11} {kernel.shared_bytes / 1024:>10.1f}{note}")  # fmt: skip
     return 1 if failures else 0
 
 

@@ -38,6 +38,8 @@ class KernelResources:
     """Per thread (255 is the most a thread may have)."""
     spill_bytes: int
     """Per-thread stack in local memory: register spills (0 is the goal)."""
+    loop_spill_instructions: int
+    """Local-memory loads and stores (SASS ``LDL``/``STL``) inside loops: the spills paid every iteration."""
     shared_bytes: int
 
 
@@ -81,8 +83,10 @@ def compile_kernels(
         except Exception as error:  # Triton raises its own error types, which differ between versions
             reason = [line for line in str(error).splitlines() if "ptxas" in line and "fatal" in line]
             raise OfflineCompileError(f"{kernel.__name__} at {tiles}: {(reason or [str(error)[:300]])[0]}") from None
-        registers, spill_bytes = _register_use(compiled.asm["cubin"], _cuobjdump(triton))
-        resources.append(KernelResources(kernel.__name__, registers, spill_bytes, compiled.metadata.shared))
+        registers, spill_bytes, loop_spills = _register_use(compiled.asm["cubin"], _cuobjdump(triton))
+        resources.append(
+            KernelResources(kernel.__name__, registers, spill_bytes, loop_spills, compiled.metadata.shared)
+        )
     return resources
 
 
@@ -95,13 +99,29 @@ def _cuobjdump(triton: object) -> str:
     return found
 
 
-def _register_use(cubin: bytes, cuobjdump: str) -> tuple[int, int]:
-    """(registers per thread, stack bytes per thread) of the one kernel in ``cubin``."""
+def _register_use(cubin: bytes, cuobjdump: str) -> tuple[int, int, int]:
+    """(registers per thread, stack bytes per thread, spill instructions in loops) of the kernel in ``cubin``."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernel.cubin"
         path.write_bytes(cubin)
         report = subprocess.run([cuobjdump, "-res-usage", str(path)], capture_output=True, text=True, check=True)
+        sass = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
     match = re.search(r"REG:(\d+) STACK:(\d+)", report.stdout)
     if match is None:
         raise OfflineCompileError(f"cuobjdump -res-usage printed no register use: {report.stdout[:200]!r}")
-    return int(match[1]), int(match[2])
+    return int(match[1]), int(match[2]), _loop_spill_instructions(sass)
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def _loop_spill_instructions(sass: str) -> int:
+    """``LDL``/``STL`` instructions between a backward branch and its target (a loop body)."""
+    instructions = [(int(m[1], 16), m[2]) for m in map(_SASS_LINE.search, sass.splitlines()) if m]
+    loops = []
+    for address, text in instructions:
+        branch = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)
+        if branch and int(branch[1], 16) < address:
+            loops.append((int(branch[1], 16), address))
+    spills = [address for address, text in instructions if re.search(r"\b(LDL|STL)\b", text)]
+    return sum(any(start <= address <= end for start, end in loops) for address in spills)
