@@ -104,7 +104,7 @@ def _grad_weight_kernel(
         scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
     else:
         scale = tl.full((BLOCK_C,), 1.0, tl.float32)
-    grad_w_hat = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    grad_w_hat_t = tl.zeros((BLOCK_D, BLOCK_C), dtype=tl.float32)
     inter_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)
     cos_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for tile_b in range(0, num_tiles_b):
@@ -124,9 +124,10 @@ def _grad_weight_kernel(
             live = tl.max(tl.max(weights, axis=1), axis=0) > skip_threshold
             tl.store(live_ptr + tile_b * num_tiles_c + tile_c, live.to(tl.int8))
             if live:
-                grad_w_hat += tl.dot(tl.trans(grad_cos), x_op, input_precision=INPUT_PRECISION)
+                grad_w_hat_t += tl.dot(tl.trans(x_op), grad_cos, input_precision=INPUT_PRECISION)
         else:
-            grad_w_hat += tl.dot(tl.trans(grad_cos), x_op, input_precision=INPUT_PRECISION)
+            grad_w_hat_t += tl.dot(tl.trans(x_op), grad_cos, input_precision=INPUT_PRECISION)
+    grad_w_hat = tl.trans(grad_w_hat_t)
     w_hat = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0) * inv_norm[:, None]
     radial = tl.sum(grad_w_hat * w_hat, axis=1)
     grad_w = (grad_w_hat - w_hat * radial[:, None]) * inv_norm[:, None]
