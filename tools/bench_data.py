@@ -45,31 +45,51 @@ import numpy as np
 import mxnet as mx
 from PIL import Image
 
-rec, idx, count, transforms = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+rec, idx, count, transforms, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 record_io = mx.recordio.MXIndexedRecordIO(idx, rec, "r")
 header, _ = mx.recordio.unpack(record_io.read_idx(0))
 keys = list(range(1, int(header.label[0]))) if header.flag > 0 else list(record_io.keys)
 rng = np.random.default_rng(0)
 
+if transforms == "peer":
+    import torch  # the peer's transforms are torchvision's, which run these torch ops
+    torch.set_num_threads(1)
+
+def to_tensor(picture):  # torchvision.transforms.functional.to_tensor for an RGB PIL image
+    tensor = torch.from_numpy(np.array(picture, np.uint8, copy=True))
+    tensor = tensor.view(picture.size[1], picture.size[0], 3).permute((2, 0, 1)).contiguous()
+    return tensor.to(dtype=torch.get_default_dtype()).div(255)
+
+def normalize(tensor, mean, std):  # torchvision.transforms.functional.normalize, inplace=False
+    tensor = tensor.clone()
+    mean = torch.as_tensor(mean, dtype=tensor.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=tensor.dtype).view(-1, 1, 1)
+    return tensor.sub_(mean).div_(std)
+
 def load(key):  # the peer's MXFaceDataset.__getitem__
     header, image = mx.recordio.unpack(record_io.read_idx(key))
     label = header.label if isinstance(header.label, float) else header.label[0]
     pixels = mx.image.imdecode(image).asnumpy()
-    if transforms == "peer":  # torchvision ToPILImage, RandomHorizontalFlip, ToTensor, Normalize(0.5, 0.5)
+    if transforms == "peer":  # ToPILImage, RandomHorizontalFlip, ToTensor, Normalize(0.5, 0.5)
         picture = Image.fromarray(pixels)
-        if rng.random() < 0.5:
+        if torch.rand(1) < 0.5:
             picture = picture.transpose(Image.FLIP_LEFT_RIGHT)
-        tensor = np.array(picture).transpose(2, 0, 1).astype(np.float32) / 255.0
-        return (tensor - 0.5) / 0.5, int(label)
+        sample = normalize(to_tensor(picture), [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+        return sample, torch.tensor(label, dtype=torch.long)
     if rng.random() < 0.5:
         pixels = pixels[:, ::-1]
     return (pixels.transpose(2, 0, 1).astype(np.float32) - 127.5) / 127.5, int(label)
 
-for key in keys[:64]:
-    load(key)
+def batch(keys):  # the DataLoader's default_collate for "peer"; a numpy stack otherwise
+    samples = [load(key) for key in keys]
+    if transforms == "peer":
+        return torch.stack([x for x, _ in samples]), torch.stack([y for _, y in samples])
+    return np.stack([x for x, _ in samples]), np.array([y for _, y in samples])
+
+batch(keys[:64])
 start, cpu = time.perf_counter(), time.process_time()
-for i in range(count):
-    load(keys[i % len(keys)])
+for first in range(0, count, batch_size):
+    batch([keys[i % len(keys)] for i in range(first, min(first + batch_size, count))])
 print(count, time.perf_counter() - start, time.process_time() - cpu)
 """
 
@@ -225,7 +245,8 @@ def run_row(row: Row, work: Path, args: argparse.Namespace) -> Measured | str:
     if row.measure.startswith("mxnet-"):
         python = args.mxnet_python or sys.executable
         rec, idx = str(work / "rec" / "train.rec"), str(work / "rec" / "train.idx")
-        command = [python, "-c", _MXNET_READER, rec, idx, str(args.per_row // 2), row.measure.removeprefix("mxnet-")]
+        command = [python, "-c", _MXNET_READER, rec, idx, str(args.per_row // 2), row.measure.removeprefix("mxnet-"),
+                   str(args.batch_size)]  # fmt: skip
     else:
         command = [sys.executable, __file__, "--measure", row.measure, "--work", str(work), "--cores", str(row.cores),
                    "--per-row", str(args.per_row), "--batch-size", str(args.batch_size)]  # fmt: skip
@@ -264,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         Row("convert", "convert_rec from-folder, 1 process", 1),
         Row("convert", f"convert_rec from-folder, {cores} processes", cores),
         Row("mxnet-numpy", "mxnet MXIndexedRecordIO + imdecode, numpy flip + normalise", 1),
-        Row("mxnet-peer", "mxnet reader + the peer's torchvision-style transforms", 1),
+        Row("mxnet-peer", "mxnet reader + the peer's torchvision transforms and collate (torch ops)", 1),
         Row("pil", "PIL loop (pread + decode + flip + normalise)", 1),
         Row("torch-0", "torch backend, 0 workers", 1),
         Row("torch-1", "torch backend, 1 worker", 1),
