@@ -3,7 +3,8 @@
 For world sizes 1-4, an uneven class split and ragged per-rank batches, the loss,
 the diagnostics, the backbone gradients (after DDP) and the concatenated head
 gradient must equal one fp64 process on the concatenated batch, to 1e-5 relative:
-for SFace (dense and chunked, full and Partial-FC sampled) and every margin head.
+for SFace (dense, chunked and the Triton kernels, full and Partial-FC sampled) and every
+margin head. The ranks run the Triton kernels under ``TRITON_INTERPRET=1`` (set in the ranks only).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from sface_dist.config import HeadConfig
 from sface_dist.distributed import DistEnv, class_range, data_parallel
 from sface_dist.heads import build_head
+from sface_dist.heads.kernels.fused import interpreter_enabled
 
 from rank_launcher import run_ranks
 from sface_reference import margin_reference, relative_error, sface_reference
@@ -33,6 +35,9 @@ HEADS: dict[str, HeadConfig] = {
     "sface-chunked-soft": HeadConfig(impl="chunked", chunk_size=2, **SOFT),
     "sface-chunked-sampled": HeadConfig(impl="chunked", chunk_size=2, sample_rate=0.5, **SOFT),
     "sface-positives-only": HeadConfig(impl="dense", sample_rate=0.0, **SOFT),
+    "sface-triton": HeadConfig(impl="triton", **OFFICIAL),
+    "sface-triton-soft": HeadConfig(impl="triton", **SOFT),
+    "sface-triton-sampled": HeadConfig(impl="triton", sample_rate=0.5, **SOFT),
     "arcface": HeadConfig(type="arcface", s=16.0),
     "cosface": HeadConfig(type="cosface", s=16.0),
     "combined": HeadConfig(type="combined", s=16.0),
@@ -73,6 +78,8 @@ def shard_worker(rank: int, world: int) -> dict[str, dict[str, Any]]:
     env = DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
     results = {}
     for name, cfg in HEADS.items():
+        if cfg.impl == "triton":
+            assert interpreter_enabled(), "the Triton heads must run their kernels, not the chunked fallback"
         backbone = data_parallel(make_backbone(), env)
         head = build_head(cfg, NUM_CLASSES, EMBEDDING, process_group=None, seed=5)
         with torch.no_grad():
@@ -92,7 +99,7 @@ def shard_worker(rank: int, world: int) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_sharded_heads_match_single_process_fp64(world: int) -> None:
-    per_rank = run_ranks(shard_worker, world)
+    per_rank = run_ranks(shard_worker, world, env={"TRITON_INTERPRET": "1"})
     for name, cfg in HEADS.items():
         check_against_reference(name, cfg, [r[name] for r in per_rank], world)
 
