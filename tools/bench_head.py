@@ -113,11 +113,6 @@ def sface_step(
     return step
 
 
-def parse_tiles(text: str) -> TileConfig:
-    block_b, block_c, num_warps, num_stages = (int(n) for n in text.split("x"))
-    return TileConfig(block_b, block_c, num_warps, num_stages)
-
-
 def build_step(impl: str, embeddings: Tensor, weight: Tensor, labels: Tensor, args: argparse.Namespace):
     if impl == "floor":
         return floor_step(embeddings, weight, torch.bfloat16 if embeddings.is_cuda else torch.float32)
@@ -281,7 +276,7 @@ def benchmark(args: argparse.Namespace) -> None:
             else:
                 excl, note = f"{result['peak_mib'] - grad_w_mib:.1f}", f"fp32 dW is {grad_w_mib:.0f} MiB"
             if impl == "triton-sparse":
-                note += "; " + live_tile_note(shape, parse_tiles(tiles), args)
+                note += "; " + live_tile_note(shape, TileConfig.parse(tiles), args)
             ms, peak = result["ms"], result["peak_mib"]
             print(f"{shape:>14} {label:>{width}} {ms:>10.2f} {ratio:>8} {peak:>10.1f} {excl:>9}  {note}")
 
@@ -376,9 +371,8 @@ def parse_args() -> argparse.Namespace:
     args.repeat = args.repeat or (20 if cuda else 3)
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     if args.tiles_text is None:
-        tiles = CUDA_TILES[args.precision]
-        args.tiles_text = f"{tiles.block_b}x{tiles.block_c}x{tiles.num_warps}x{tiles.num_stages}"
-    args.tiles = parse_tiles(args.tiles_text.split(",")[0])
+        args.tiles_text = CUDA_TILES[args.precision].label
+    args.tiles = TileConfig.parse(args.tiles_text.split(",")[0])
     return args
 
 

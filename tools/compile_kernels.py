@@ -20,11 +20,6 @@ from sface_dist.heads.kernels.fused import CUDA_TILES, TileConfig
 from sface_dist.heads.kernels.offline_compile import SHARED_MEMORY_LIMIT, OfflineCompileError, compile_kernels
 
 
-def parse_tiles(text: str) -> TileConfig:
-    block_b, block_c, num_warps, num_stages = (int(n) for n in text.split("x"))
-    return TileConfig(block_b, block_c, num_warps, num_stages)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiles", default=None, help="comma-separated BxCxWARPSxSTAGES (default: per precision)")
@@ -46,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precisions.split(","):
         tile_texts = args.tiles.split(",") if args.tiles else [None]
         for text in tile_texts:
-            tiles = parse_tiles(text) if text else CUDA_TILES[precision]
-            label = text or f"{tiles.block_b}x{tiles.block_c}x{tiles.num_warps}x{tiles.num_stages}"
+            tiles = TileConfig.parse(text) if text else CUDA_TILES[precision]
+            label = tiles.label
             try:
                 kernels = compile_kernels(tiles, precision, args.dim, args.sparse, args.sparse, args.capability)
             except OfflineCompileError as error:

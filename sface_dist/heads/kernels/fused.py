@@ -65,6 +65,16 @@ class TileConfig:
     num_stages: int = 2
     splits: int = 0
 
+    @classmethod
+    def parse(cls, text: str) -> TileConfig:
+        """``BLOCK_BxBLOCK_CxWARPSxSTAGES``, e.g. ``64x32x8x2``, as the tools take it."""
+        block_b, block_c, num_warps, num_stages = (int(n) for n in text.split("x"))
+        return cls(block_b, block_c, num_warps, num_stages)
+
+    @property
+    def label(self) -> str:
+        return f"{self.block_b}x{self.block_c}x{self.num_warps}x{self.num_stages}"
+
 
 INTERPRETER_TILES = TileConfig(block_b=16, block_c=16, num_warps=1, num_stages=1, splits=2)
 """The smallest tiles ``tl.dot`` accepts: the interpreter's cost grows with tile area."""
