@@ -6,8 +6,8 @@
 #   3. tools/compile_kernels.py (registers, spills, shared memory under this Triton), then
 #      tools/bench_head.py at the DESIGN.md §8 shapes (every implementation, one table) and a
 #      bf16 tile sweep at 1,024 x 257,488 (large tiles that spill against small ones that do not);
-#   4. 200 demo steps on one GPU with head.impl=auto (Triton) and head.impl=chunked: the loss
-#      curves side by side and the step time each takes.
+#   4. 200 demo steps on one GPU with head.impl=auto (Triton) and head.impl=chunked, head in
+#      bf16 as the GPU configs run it: the loss curves side by side and the step time each takes.
 # Usage: tools/check_gpu.sh [RESULTS_DIR]   (default: runs/check_gpu; uses $PYTHON or python3)
 # Each part writes its log under RESULTS_DIR and a failing part does not stop the next.
 set -uo pipefail
@@ -57,7 +57,7 @@ for impl in auto chunked; do
     part "demo_$impl" "$python" -m torch.distributed.run --standalone --nproc_per_node=1 -m sface_dist.train \
         configs/demo.yaml --set data.root="$demo_data" --set eval.bins="[$demo_data/heldout.bin]" \
         --set data.num_workers=4 --set train.steps=200 --set train.log_every=10 --set eval.every=1000 \
-        --set head.impl=$impl --set train.output="$results/demo_$impl"
+        --set head.impl=$impl --set head.precision=bf16 --set train.output="$results/demo_$impl"
 done
 part demo_compare "$python" - "$results/demo_auto.log" "$results/demo_chunked.log" <<'EOF'
 """The two demo runs' loss and throughput, step by step, and the largest loss difference."""
