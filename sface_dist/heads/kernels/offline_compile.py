@@ -81,8 +81,9 @@ def compile_kernels(
         try:
             compiled = triton.compile(source, target=target, options=backend.parse_options(options).__dict__)
         except Exception as error:  # Triton raises its own error types, which differ between versions
-            reason = [line for line in str(error).splitlines() if "ptxas" in line and "fatal" in line]
-            raise OfflineCompileError(f"{kernel.__name__} at {tiles}: {(reason or [str(error)[:300]])[0]}") from None
+            fatal = [line for line in str(error).splitlines() if "ptxas" in line and "fatal" in line]
+            reason = fatal[0] if fatal else str(error)[:300]
+            raise OfflineCompileError(f"{kernel.__name__} at {tiles.label}: {reason}") from None
         registers, spill_bytes, loop_spills = _register_use(compiled.asm["cubin"], _cuobjdump(triton))
         resources.append(
             KernelResources(kernel.__name__, registers, spill_bytes, loop_spills, compiled.metadata.shared)
