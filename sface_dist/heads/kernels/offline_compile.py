@@ -67,6 +67,7 @@ def compile_kernels(
     pointer_types = {"x_ptr": _OPERAND_TYPES[precision], "labels_ptr": "*i64", "live_ptr": "*i8" if sparse else "*fp32"}
     target = GPUTarget("cuda", capability, 32)
     backend = triton.compiler.make_backend(target)
+    cuobjdump = _cuobjdump(triton)
     resources = []
     for kernel in (_grad_weight_kernel, _grad_embedding_kernel):
         signature = {}
@@ -84,7 +85,7 @@ def compile_kernels(
             fatal = [line for line in str(error).splitlines() if "ptxas" in line and "fatal" in line]
             reason = fatal[0] if fatal else str(error)[:300]
             raise OfflineCompileError(f"{kernel.__name__} at {tiles.label}: {reason}") from None
-        registers, spill_bytes, loop_spills = _register_use(compiled.asm["cubin"], _cuobjdump(triton))
+        registers, spill_bytes, loop_spills = _register_use(compiled.asm["cubin"], cuobjdump)
         resources.append(
             KernelResources(kernel.__name__, registers, spill_bytes, loop_spills, compiled.metadata.shared)
         )
