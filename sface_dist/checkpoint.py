@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,21 +27,75 @@ from typing import Any
 import torch
 from torch import nn
 
-from sface_dist.distributed import barrier
+from sface_dist.distributed import all_ranks_ok, raise_on_any_rank
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
 TRAINER_FILE = "trainer.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is (refused, unreadable, or not of this run), named with the reason."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only folder); the previous ``latest`` stays."""
+
+
+def load_weights(path: str | Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers, so that reading a file cannot run code.
+
+    Checkpoints are files people download and share: anything else in the pickle is refused,
+    with one line naming the file.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except pickle.UnpicklingError as error:
+        lines = str(error).splitlines()
+        reason = next((line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+        raise CheckpointError(
+            f"{path}: refused: it holds objects other than tensors and plain containers ({reason})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({reason})") from None
+
+
+@dataclass
+class Progress:
+    """How far a run is, in units that mean the same at every world size.
+
+    ``samples`` counts images trained on, ``epoch_samples`` the position in the current
+    epoch's permutation, and ``schedule_batch`` the global batch the run started with: the
+    unit of ``train.steps`` and ``optim.warmup_steps``, so a run resumed on another number of
+    ranks keeps its learning-rate schedule, its total length and its epoch position.
+    """
+
+    samples: int
+    epoch: int
+    epoch_samples: int
+    schedule_batch: int
+
+
 @dataclass
 class TrainerState:
-    """What resuming needs besides the head."""
+    """What resuming needs besides the head: plain containers and tensors (``load_weights`` reads them)."""
 
     step: int
     backbone: dict[str, Any]
     backbone_optimizer: dict[str, Any]
     rng: dict[str, Any]
+    progress: dict[str, int]
+
+
+def state_dict_mismatch(error: RuntimeError) -> str:
+    """The first problem of a ``load_state_dict`` error, on one line (torch lists every tensor on its own)."""
+    problems = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return (problems[0] if problems else str(error).strip()) + more
 
 
 def _step_dir(root: Path, step: int) -> Path:
@@ -67,7 +122,10 @@ def _fsync_dir(path: Path) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -89,6 +147,19 @@ def _head_momentum(head_optimizer: torch.optim.Optimizer, weight: nn.Parameter) 
     return None if buffer is None else buffer.detach().cpu()
 
 
+def _save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a file this process opens and syncs, so a full disk surfaces as ``ENOSPC``."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_error(path: Path, error: OSError) -> CheckpointWriteError:
+    reason = os.strerror(error.errno).lower() if error.errno else str(error)
+    return CheckpointWriteError(f"cannot write checkpoint {path}: {reason}")
+
+
 def save_checkpoint(
     root: str | Path,
     *,
@@ -102,47 +173,74 @@ def save_checkpoint(
     config: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Collective: every rank writes its head shard, rank 0 the rest, then the directory is published."""
+    """Collective: every rank writes its head shard, rank 0 the rest, then the directory is published.
+
+    A rank that cannot write (full disk, read-only folder) stops every rank with one error; the
+    half-written ``step-N.tmp`` is removed and ``latest`` keeps naming the previous checkpoint.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
     root = Path(root)
     final = _step_dir(root, trainer_state.step)
     tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
     start, end = class_range
-    torch.save(
-        {
-            "class_start": start,
-            "class_end": end,
-            "weight": head_weight.detach().cpu(),
-            "momentum": _head_momentum(head_optimizer, head_weight),
-        },
-        tmp / _head_file(start, end),
-    )
-    barrier()
+    error: CheckpointWriteError | None = None
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as failure:
+        error = _write_error(tmp, failure)
+    raise_on_any_rank(error)
+    try:
+        _save(
+            {
+                "class_start": start,
+                "class_end": end,
+                "weight": head_weight.detach().cpu(),
+                "momentum": _head_momentum(head_optimizer, head_weight),
+            },
+            tmp / _head_file(start, end),
+        )
+    except OSError as failure:
+        error = _write_error(tmp / _head_file(start, end), failure)
+    if not all_ranks_ok(error is None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise_on_any_rank(error)
     if rank == 0:
-        torch.save(trainer_state.__dict__, tmp / TRAINER_FILE)
-        manifest = {
-            "step": trainer_state.step,
-            "world_size": world_size,
-            "num_classes": num_classes,
-            "head_files": sorted(p.name for p in tmp.glob("head-*.pt")),
-            "config": config,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write_text(root / LATEST, final.name)
-        _prune(root, keep)
-    barrier()
+        try:
+            _save(trainer_state.__dict__, tmp / TRAINER_FILE)
+            manifest = {
+                "step": trainer_state.step,
+                "world_size": world_size,
+                "num_classes": num_classes,
+                "head_files": sorted(p.name for p in tmp.glob("head-*.pt")),
+                "config": config,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            _fsync_dir(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _atomic_write_text(root / LATEST, final.name)
+        except OSError as failure:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = _write_error(tmp, failure)
+        else:
+            _prune(root, keep, final)
+    raise_on_any_rank(error)
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, written: Path) -> None:
+    """Delete the oldest checkpoints beyond ``keep``, never ``written`` nor the one ``latest`` names."""
+    protected = {written.name}
+    pointer = root / LATEST
+    if pointer.is_file():
+        protected.add(pointer.read_text().strip())
     steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in steps[: max(0, len(steps) - keep)]:
+    others = [p for p in steps if p.name not in protected]
+    for old in others[: max(0, len(steps) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -166,7 +264,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load_trainer_state(path: str | Path) -> TrainerState:
-    return TrainerState(**torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=False))
+    trainer_file = Path(path) / TRAINER_FILE
+    state = load_weights(trainer_file)
+    fields = set(TrainerState.__dataclass_fields__)
+    if not isinstance(state, dict) or not fields <= set(state):
+        raise CheckpointError(f"{trainer_file}: not a trainer state (expected the keys {', '.join(sorted(fields))})")
+    return TrainerState(**{name: state[name] for name in fields})
 
 
 def load_head_shard(
@@ -190,7 +293,9 @@ def load_head_shard(
         file_start, file_end = _head_file_range(name)
         if max(start, file_start) >= min(end, file_end):
             continue
-        shard = torch.load(path / name, map_location="cpu", weights_only=True)
+        shard = load_weights(path / name)
+        if not isinstance(shard, dict) or not isinstance(shard.get("weight"), torch.Tensor):
+            raise CheckpointError(f"{path / name}: not a head shard (expected a dict with a 'weight' tensor)")
         lo, hi = max(start, shard["class_start"]), min(end, shard["class_end"])
         src = slice(lo - shard["class_start"], hi - shard["class_start"])
         dst = slice(lo - start, hi - start)

@@ -8,6 +8,8 @@ the wrong type are errors that name the file, the key and the expected type.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,28 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used as written."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: ``5e-4`` is a number (PyYAML's YAML 1.1 rules read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -104,7 +128,11 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 2000
     keep_checkpoints: int = 2
+    """Checkpoints kept (>= 1); the one just written and the one ``latest`` names are never deleted."""
     resume: bool = True
+    """Continue from ``OUTPUT/checkpoints/latest``; false refuses a folder that already holds checkpoints."""
+    overwrite: bool = False
+    """Start over, whatever ``resume`` says: an earlier run's checkpoints move into ``OUTPUT/replaced-<time>/``."""
 
 
 @dataclass
@@ -204,7 +232,7 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {override!r}: '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    node[parts[-1]] = _parse_yaml(raw) if raw.strip() else ""
 
 
 def validate(cfg: Config, source: str = "config") -> None:
@@ -220,11 +248,15 @@ def validate(cfg: Config, source: str = "config") -> None:
         "model.embedding_size": cfg.model.embedding_size,
         "train.log_every": cfg.train.log_every,
         "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "eval.every": cfg.eval.every,
         "eval.batch_size": cfg.eval.batch_size,
+        "optim.lr": cfg.optim.lr,
+        "head.s": cfg.head.s,
+        "head.k": cfg.head.k,
     }
     for dotted, value in positive.items():
-        if value <= 0:
+        if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{source}: {dotted}: must be > 0, got {value}")
     non_negative = {
         "data.num_classes": cfg.data.num_classes,
@@ -235,10 +267,19 @@ def validate(cfg: Config, source: str = "config") -> None:
         "train.epochs": cfg.train.epochs,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.poly_power": cfg.optim.poly_power,
     }
     for dotted, value in non_negative.items():
-        if value < 0:
+        if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{source}: {dotted}: must be >= 0, got {value}")
+    if not 0.0 <= cfg.optim.momentum < 1.0:
+        raise ConfigError(f"{source}: optim.momentum: must be in [0, 1), got {cfg.optim.momentum}")
+    for dotted, value in (("head.a", cfg.head.a), ("head.b", cfg.head.b)):
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: {dotted}: must be finite, got {value}")
+    if any(not math.isfinite(m) for m in cfg.head.margin):
+        raise ConfigError(f"{source}: head.margin: must be finite, got {cfg.head.margin}")
     if not 0.0 <= cfg.head.sample_rate <= 1.0:
         raise ConfigError(f"{source}: head.sample_rate: must be in [0, 1], got {cfg.head.sample_rate}")
     if cfg.head.margin and len(cfg.head.margin) != 3:
@@ -258,7 +299,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = _parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
     for override in overrides:

@@ -46,6 +46,10 @@ class LaunchError(RuntimeError):
     """The processes were started in a way this node cannot serve (missing rendezvous, too few GPUs)."""
 
 
+class PeerError(RuntimeError):
+    """Another rank stopped with an error and reported it; this rank stops too, silently."""
+
+
 def _env_int(*names: str, default: int) -> int:
     for name in names:
         if name in os.environ:
@@ -216,6 +220,43 @@ def all_reduce_max(tensor: Tensor, group: ProcessGroup | None) -> Tensor:
 def barrier(group: ProcessGroup | None = None) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
+
+
+def _control_device(group: ProcessGroup | None) -> torch.device:
+    """Where small control tensors live: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_ranks_ok(ok: bool, group: ProcessGroup | None = None) -> bool:
+    """Collective: whether ``ok`` holds on every rank, so that all ranks take the same branch after a local failure."""
+    if group_size(group) == 1:
+        return ok
+    failed = torch.tensor([0 if ok else 1], dtype=torch.int32, device=_control_device(group))
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    return int(failed.item()) == 0
+
+
+def raise_on_any_rank(error: BaseException | None, group: ProcessGroup | None = None) -> None:
+    """Collective: re-raise ``error`` on the rank that hit it, and ``PeerError`` on the others.
+
+    The rank that failed prints its one line; the others stop without adding their own.
+    """
+    if all_ranks_ok(error is None, group):
+        return
+    if error is not None:
+        raise error
+    raise PeerError("another rank stopped with an error")
+
+
+def broadcast_message(message: str | None, group: ProcessGroup | None = None) -> str | None:
+    """Collective: rank 0's ``message`` on every rank (a decision only rank 0 can take, such as a lock)."""
+    if group_size(group) == 1:
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0, group=group, device=_control_device(group))
+    return box[0]
 
 
 def _allreduce_sum_hook(group: ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:

@@ -1,8 +1,10 @@
 """Entry point: ``python -m sface_dist.train CONFIG [--set section.key=value ...]``.
 
 Run under torchrun (or srun) for several ranks; without a launcher it trains as
-one process. Errors in the user's input (config, data, packs) end with one line
-naming the file and the problem; ``SFACE_DEBUG=1`` shows the full traceback.
+one process. Errors in the user's input (config, data, packs, checkpoints, the
+output folder, a full disk) end with one line naming the file or key and the
+problem; ``SFACE_DEBUG=1`` shows the full traceback. Ctrl-C in a single process
+stops at the next step boundary with a checkpoint (exit status 130).
 """
 
 from __future__ import annotations
@@ -12,8 +14,18 @@ import os
 import sys
 
 from sface_dist.config import load_config
-from sface_dist.distributed import LaunchError, destroy_distributed, init_distributed
+from sface_dist.distributed import LaunchError, PeerError, destroy_distributed, init_distributed
 from sface_dist.trainer import Trainer
+
+INTERRUPTED = 130
+"""Exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def describe(error: BaseException) -> str:
+    """One line for a user error; an ``OSError`` names its file and reason without errno noise."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror.lower()}"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,14 +48,23 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         env = init_distributed()
         try:
-            results = Trainer(cfg, env).fit()
+            trainer = Trainer(cfg, env)
+            results = trainer.fit()
         finally:
             destroy_distributed()
-    except (ValueError, FileNotFoundError, FloatingPointError, LaunchError) as err:
+    except PeerError:
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return INTERRUPTED
+    except (ValueError, OSError, FloatingPointError, LaunchError) as err:
         if os.environ.get("SFACE_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {describe(err)}", file=sys.stderr, flush=True)
         return 1
+    if trainer.interrupted:
+        print("run the same command again to resume", flush=True)
+        return INTERRUPTED
     if env.is_main:
         for name, result in results.items():
             print(f"final verification {name}: accuracy {result.accuracy:.4f} ± {result.std:.4f}", flush=True)

@@ -3,15 +3,23 @@
 One ``Trainer`` per rank. Each step: backbone forward on the local batch, head
 forward on the gathered batch (loss = global-batch loss), backward, gradient
 clipping, SGD on the backbone (replicated) and on this rank's head shard.
+
+Progress is counted in samples (``checkpoint.Progress``), so the schedule, the run's
+length and the epoch position survive a resume at another world size.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import torch
 from torch import nn
@@ -19,24 +27,32 @@ from torch.utils.tensorboard import SummaryWriter
 
 from sface_dist.backbones import build_backbone
 from sface_dist.checkpoint import (
+    CheckpointError,
+    Progress,
     TrainerState,
     latest_checkpoint,
     load_head_shard,
     load_trainer_state,
+    read_manifest,
     restore_rng_state,
     rng_state,
     save_checkpoint,
+    state_dict_mismatch,
 )
 from sface_dist.config import Config, OptimConfig, save_config, to_dict
 from sface_dist.data.loader import build_loader
-from sface_dist.distributed import DistEnv, data_parallel
+from sface_dist.distributed import DistEnv, PeerError, data_parallel, raise_on_any_rank
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import VerificationResult
 from sface_dist.heads import HeadOutput, ShardedSFaceHead, ShardSGD, build_head
+from sface_dist.run_directory import claim_run_directory
 
 
-def learning_rate(step: int, total_steps: int, base_lr: float, cfg: OptimConfig) -> float:
-    """Linear warmup to ``base_lr`` over ``warmup_steps``, then polynomial decay to 0 at ``total_steps``."""
+def learning_rate(step: float, total_steps: float, base_lr: float, cfg: OptimConfig) -> float:
+    """Linear warmup to ``base_lr`` over ``warmup_steps``, then polynomial decay to 0 at ``total_steps``.
+
+    Steps are those of the run's schedule batch, fractional when a resumed run's global batch differs.
+    """
     if step < cfg.warmup_steps:
         return base_lr * (step + 1) / cfg.warmup_steps
     decay_steps = max(1, total_steps - cfg.warmup_steps)
@@ -68,18 +84,25 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.output = Path(cfg.train.output)
         self.checkpoints = self.output / "checkpoints"
+        self.lock, moved = claim_run_directory(
+            self.output, resume=cfg.train.resume, overwrite=cfg.train.overwrite, is_main=env.is_main
+        )
+        if moved:
+            self.log(moved)
         torch.manual_seed(cfg.train.seed)
         self.loader = build_loader(cfg.data, env.rank, env.world_size, cfg.train.seed, env.device)
         self.num_classes = self.loader.num_classes
+        self.global_batch = cfg.data.batch_size * env.world_size
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"data: {self.loader.num_images} images cannot fill one global batch of "
                 f"{cfg.data.batch_size} x {env.world_size} ranks"
             )
-        self.total_steps = cfg.train.steps or cfg.train.epochs * self.steps_per_epoch
-        global_batch = cfg.data.batch_size * env.world_size
-        self.base_lr = cfg.optim.lr * (global_batch / 512 if cfg.optim.scale_lr_with_batch else 1.0)
+        self.base_lr = cfg.optim.lr * (self.global_batch / 512 if cfg.optim.scale_lr_with_batch else 1.0)
+        self.progress = Progress(samples=0, epoch=0, epoch_samples=0, schedule_batch=self.global_batch)
+        self.interrupted = False
+        """Set when Ctrl-C stopped the run at a step boundary (a checkpoint was written)."""
 
         backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size).to(env.device)
         if cfg.model.channels_last:
@@ -115,8 +138,36 @@ class Trainer:
             run_config=to_dict(cfg),
             log=self.log,
         )
-        if cfg.train.resume:
+        if cfg.train.resume and not cfg.train.overwrite:
             self._resume()
+        self.total_steps = self.step + self._steps_left()
+
+    def _schedule_samples(self) -> int:
+        """Samples the whole run trains on: ``train.steps`` or ``train.epochs`` in the schedule batch."""
+        batch = self.progress.schedule_batch
+        if self.cfg.train.steps:
+            return self.cfg.train.steps * batch
+        return self.cfg.train.epochs * (self.loader.num_images // batch) * batch
+
+    def _steps_left(self) -> int:
+        """Optimizer steps at this world size until the run ends."""
+        if self.cfg.train.steps:
+            return max(0, math.ceil((self._schedule_samples() - self.progress.samples) / self.global_batch))
+        epochs_left = self.cfg.train.epochs - self.progress.epoch
+        if epochs_left <= 0:
+            return 0
+        this_epoch = (self.loader.num_images - self.progress.epoch_samples) // self.global_batch
+        return this_epoch + (epochs_left - 1) * (self.loader.num_images // self.global_batch)
+
+    def _finished(self) -> bool:
+        if self.cfg.train.steps:
+            return self.progress.samples >= self._schedule_samples()
+        return self.progress.epoch >= self.cfg.train.epochs
+
+    def _learning_rate(self) -> float:
+        batch = self.progress.schedule_batch
+        total = self._schedule_samples() / batch
+        return learning_rate(self.progress.samples / batch, total, self.base_lr, self.cfg.optim)
 
     def head_description(self) -> str:
         head = self.cfg.head
@@ -138,24 +189,69 @@ class Trainer:
         path = latest_checkpoint(self.checkpoints)
         if path is None:
             return
+        self._check_architecture(path)
         state = load_trainer_state(path)
-        self.backbone.load_state_dict(state.backbone)
-        self.backbone_optimizer.load_state_dict(state.backbone_optimizer)
+        try:
+            self.backbone.load_state_dict(state.backbone)
+        except RuntimeError as error:
+            mismatch = state_dict_mismatch(error)
+            raise CheckpointError(f"{path}: the backbone does not fit the config: {mismatch}") from None
+        try:
+            self.backbone_optimizer.load_state_dict(state.backbone_optimizer)
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{path}: the backbone optimizer state does not fit: {error}") from None
         restore_rng_state(state.rng)
         weight, momentum = load_head_shard(path, self.head.class_range, self.num_classes)
+        if weight.shape != self.head.weight.shape:
+            raise CheckpointError(
+                f"{path}: head rows are {weight.shape[1]}-d, the config's model.embedding_size is "
+                f"{self.head.weight.shape[1]}"
+            )
         with torch.no_grad():
             self.head.weight.copy_(weight)
         if momentum is not None:
             self.head_optimizer.state[self.head.weight]["momentum_buffer"] = momentum.to(self.env.device)
         self.step = self.head.step = state.step
-        self.log(f"resumed from {path} at step {self.step}")
+        self.progress = Progress(**state.progress)
+        done = f"{self.progress.samples} samples, epoch {self.progress.epoch}"
+        self.log(f"resumed from {path} at step {self.step} ({done})")
+
+    def _check_architecture(self, path: Path) -> None:
+        """One line naming the key when the checkpoint's model differs from the config's."""
+        saved = read_manifest(path).get("config", {}).get("model", {})
+        for key in ("backbone", "embedding_size"):
+            if key in saved and saved[key] != getattr(self.cfg.model, key):
+                raise CheckpointError(
+                    f"{path}: model.{key} is {saved[key]!r} in the checkpoint and {getattr(self.cfg.model, key)!r} "
+                    f"in the config: restore it, or start a new run (another train.output, or train.overwrite=true)"
+                )
+
+    def _non_finite(self) -> str | None:
+        """The first backbone tensor or head shard holding NaN or inf, if any (one host sync when all are finite)."""
+        tensors = {f"backbone {name}": t for name, t in self.backbone.state_dict().items() if t.is_floating_point()}
+        tensors[f"head shard {self.head.class_range}"] = self.head.weight.detach()
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+        if bool(finite.all()):
+            return None
+        return next(name for name, ok in zip(tensors, finite.tolist(), strict=True) if not ok)
 
     def save(self) -> Path:
+        """Collective: write a checkpoint, unless a weight is not finite on some rank (then every rank stops)."""
+        bad = self._non_finite()
+        error = None
+        if bad is not None:
+            latest = latest_checkpoint(self.checkpoints)
+            kept = f"{latest.name} stays the latest checkpoint" if latest else "no checkpoint was written yet"
+            error = FloatingPointError(
+                f"step {self.step}: {bad} is not finite: no checkpoint written, {kept} (lower optim.lr)"
+            )
+        raise_on_any_rank(error)
         state = TrainerState(
             step=self.step,
             backbone=self.backbone.state_dict(),
             backbone_optimizer=self.backbone_optimizer.state_dict(),
             rng=rng_state(),
+            progress=dataclasses.asdict(self.progress),
         )
         return save_checkpoint(
             self.checkpoints,
@@ -194,8 +290,12 @@ class Trainer:
         self.head_optimizer.zero_grad(set_to_none=True)
         metrics = StepMetrics.from_output(out)
         if not math.isfinite(metrics.loss):
+            if not self.env.is_main:
+                raise PeerError("the loss is not finite (rank 0 reports it)")
+            latest = latest_checkpoint(self.checkpoints)
+            kept = f"; {latest.name} stays the latest checkpoint" if latest else ""
             raise FloatingPointError(
-                f"step {self.step}: loss is {metrics.loss} (intra {metrics.intra}, inter {metrics.inter}); "
+                f"step {self.step}: loss is {metrics.loss} (intra {metrics.intra}, inter {metrics.inter}){kept}; "
                 "lower optim.lr or enable head.check_inputs to find the offending rows"
             )
         return metrics
@@ -217,40 +317,105 @@ class Trainer:
             self.writer.add_scalar("train/samples_per_s", samples_per_s, self.step)
 
     def fit(self) -> dict[str, VerificationResult]:
-        """Train to ``total_steps``, checkpointing and evaluating on schedule; returns the final evaluation."""
+        """Train to the end of the schedule, checkpointing and evaluating on schedule; returns the final evaluation.
+
+        A single-process run stops at the next step boundary on Ctrl-C, writes a checkpoint and
+        returns an empty result with ``interrupted`` set (a second Ctrl-C stops at once).
+        """
         cfg = self.cfg.train
         self.log(
             f"training {self.cfg.model.backbone} on {self.loader.num_images} images of {self.num_classes} "
             f"identities: {self.env.world_size} rank(s) x {self.cfg.data.batch_size}, {self.total_steps} steps, "
             f"head {self.head_description()}, {self.head.class_end - self.head.class_start} classes on rank 0"
         )
-        global_batch = self.cfg.data.batch_size * self.env.world_size
         start_step, started = self.step, time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
         self.model.train()
-        while self.step < self.total_steps:
-            epoch, skip = divmod(self.step, self.steps_per_epoch)
-            self.loader.set_epoch(epoch, skip_batches=skip)
-            for images, labels in self.loader:
-                images = images.to(self.env.device, non_blocking=True)
-                labels = labels.to(self.env.device, non_blocking=True)
-                lr = learning_rate(self.step, self.total_steps, self.base_lr, self.cfg.optim)
-                metrics = self.train_step(images, labels, lr)
-                self.step += 1
-                window_steps += 1
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    self._log_step(metrics, lr, window_steps * global_batch / elapsed, started, start_step)
-                    window_start, window_steps = time.perf_counter(), 0
-                if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
-                    self.log(f"checkpoint {self.save()}")
-                if self.step % self.cfg.eval.every == 0 and self.step < self.total_steps:
-                    self.evaluate()
-                    self.model.train()
-                if self.step >= self.total_steps:
-                    break
+        with _interrupt_at_step_boundary(self.env.world_size == 1) as interrupt:
+            while not self._finished():
+                self._start_epoch()
+                for images, labels in self.loader:
+                    images = images.to(self.env.device, non_blocking=True)
+                    labels = labels.to(self.env.device, non_blocking=True)
+                    lr = self._learning_rate()
+                    metrics = self.train_step(images, labels, lr)
+                    self.step += 1
+                    self._advance()
+                    window_steps += 1
+                    if self.step % cfg.log_every == 0 or self._finished():
+                        elapsed = time.perf_counter() - window_start
+                        self._log_step(metrics, lr, window_steps * self.global_batch / elapsed, started, start_step)
+                        window_start, window_steps = time.perf_counter(), 0
+                    if interrupt.is_set():
+                        self.interrupted = True
+                        self.log(f"interrupted at step {self.step}: checkpoint {self.save()}")
+                        return {}
+                    if self._finished():
+                        break
+                    if self.step % cfg.checkpoint_every == 0:
+                        self.log(f"checkpoint {self.save()}")
+                    if self.step % self.cfg.eval.every == 0:
+                        self.evaluate()
+                        self.model.train()
         self.log(f"checkpoint {self.save()}")
         results = self.evaluate()
+        self.close()
+        return results
+
+    def _advance(self) -> None:
+        """Count one global batch; an epoch ends where the next batch no longer fits (the loader's end too)."""
+        self.progress.samples += self.global_batch
+        self.progress.epoch_samples += self.global_batch
+        if self.loader.num_images - self.progress.epoch_samples < self.global_batch:
+            self.progress.epoch += 1
+            self.progress.epoch_samples = 0
+
+    def _start_epoch(self) -> None:
+        """Point the loader at the current epoch position, on this world size's batch grid."""
+        position = self.progress.epoch_samples
+        if position % self.global_batch == 0:
+            self.loader.set_epoch(self.progress.epoch, skip_batches=position // self.global_batch)
+        else:
+            self.loader.set_epoch(self.progress.epoch, first_sample=position)
+
+    def close(self) -> None:
+        """Flush TensorBoard and release the run folder."""
         if self.writer is not None:
             self.writer.close()
-        return results
+        if self.lock is not None:
+            self.lock.release()
+
+
+class _Interrupt:
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+@contextlib.contextmanager
+def _interrupt_at_step_boundary(enabled: bool) -> Iterator[_Interrupt]:
+    """The first SIGINT asks the loop to stop at the next step boundary; the second interrupts at once.
+
+    Only in a single process on the main thread: ranks of a distributed run would have to agree
+    on the step, and a launcher forwards signals on its own terms.
+    """
+    interrupt = _Interrupt()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield interrupt
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        interrupt.set()
+        print("\nCtrl-C: stopping after this step to write a checkpoint (press again to stop at once)", flush=True)
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)

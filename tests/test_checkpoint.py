@@ -42,7 +42,7 @@ def save_step(
     rank: int, world: int, root: str, step: int, weight: torch.nn.Parameter, optimizer: torch.optim.Optimizer
 ) -> None:
     start, end = class_range(NUM_CLASSES, rank, world)
-    state = TrainerState(step=step, backbone={"w": torch.zeros(2)}, backbone_optimizer={}, rng=rng_state())
+    state = TrainerState(step=step, backbone={"w": torch.zeros(2)}, backbone_optimizer={}, rng=rng_state(), progress={})
     save_checkpoint(
         root,
         rank=rank,

@@ -65,12 +65,13 @@ eval: {{bins: [{demo_data / 'heldout.bin'}], every: 1000, batch_size: 32}}
     saved = [torch.load(p, weights_only=True) for p in sorted((checkpoints / "step-00000036").glob("head-*.pt"))]
     assert [(s["class_start"], s["class_end"]) for s in saved] == [(0, 12), (12, 24)]
 
+    # train.steps counts steps of the run's first global batch (2 x 16): 8 more of them are 16 steps of 1 x 16.
     resumed = run(torchrun(1, config, "train.steps=44"), ROOT)
     assert "resumed from" in resumed and "at step 36" in resumed
     steps = [int(m.group(1)) for m in STEP_LINE.finditer(resumed)]
-    assert steps == [40, 44], resumed
-    assert (checkpoints / "latest").read_text() == "step-00000044"
-    merged = torch.load(next((checkpoints / "step-00000044").glob("head-*.pt")), weights_only=True)
+    assert steps == [40, 44, 48, 52], resumed
+    assert (checkpoints / "latest").read_text() == "step-00000052"
+    merged = torch.load(next((checkpoints / "step-00000052").glob("head-*.pt")), weights_only=True)
     assert (merged["class_start"], merged["class_end"]) == (0, 24)
 
 
@@ -139,7 +140,7 @@ train: {{output: {tmp_path / name}, steps: 12, log_every: 4, checkpoint_every: 1
         a, b = torch.load(straight / name, weights_only=True), torch.load(resumed / name, weights_only=True)
         torch.testing.assert_close(b["weight"], a["weight"], rtol=0, atol=1e-6)
         torch.testing.assert_close(b["momentum"], a["momentum"], rtol=0, atol=1e-6)
-    a = torch.load(straight / "trainer.pt", weights_only=False)["backbone"]
-    b = torch.load(resumed / "trainer.pt", weights_only=False)["backbone"]
+    a = torch.load(straight / "trainer.pt", weights_only=True)["backbone"]
+    b = torch.load(resumed / "trainer.pt", weights_only=True)["backbone"]
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)

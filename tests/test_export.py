@@ -48,7 +48,7 @@ def write_run(run: Path, model: nn.Module, step: int = 12) -> Path:
     """A run directory with one checkpoint in the trainer's layout."""
     config = to_dict(Config(model=ModelConfig(backbone="tiny", embedding_size=EMBEDDING_SIZE)))
     head = nn.Parameter(torch.randn(4, EMBEDDING_SIZE))
-    state = TrainerState(step=step, backbone=model.state_dict(), backbone_optimizer={}, rng=rng_state())
+    state = TrainerState(step=step, backbone=model.state_dict(), backbone_optimizer={}, rng=rng_state(), progress={})
     optimizer = torch.optim.SGD([head], lr=0.1)
     return save_checkpoint(
         run / "checkpoints",

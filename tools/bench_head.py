@@ -291,6 +291,7 @@ def embed_checkpoint(
     from sface_dist.backbones import build_backbone
     from sface_dist.checkpoint import load_head_shard, read_manifest
     from sface_dist.data.loader import RecordFaceDataset
+    from sface_dist.evaluation.checkpoint_backbone import load_backbone
 
     config = read_manifest(path or reference)["config"]
     model_cfg, data_cfg = config["model"], config["data"]
@@ -299,7 +300,7 @@ def embed_checkpoint(
     torch.manual_seed(seed)
     backbone = build_backbone(model_cfg["backbone"], model_cfg["embedding_size"]).eval()
     if path:
-        backbone.load_state_dict(torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)["backbone"])
+        backbone = load_backbone(path).model
         weight, _ = load_head_shard(path, (0, num_classes), num_classes)
     else:
         head = ShardedSFaceHead(num_classes, model_cfg["embedding_size"], impl="chunked")
@@ -381,7 +382,10 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.case, args.shapes, args)))
     elif args.live_pairs or args.random_init:
-        measure_live_pairs(args)
+        try:
+            measure_live_pairs(args)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     else:
         benchmark(args)
 

@@ -7,6 +7,11 @@ once per epoch up to the remainder. The flips and augmentation parameters of bat
 come from a generator seeded with ``(seed, epoch, world_size, rank, b)``, so a batch depends
 only on those numbers: not on the backend, the number of workers, or where iteration
 started, which is what makes ``set_epoch(epoch, skip_batches)`` resume exactly.
+
+Global batch ``b`` is the contiguous slice ``[b·G, (b+1)·G)`` of the permutation (``G`` =
+``world_size * batch_size``), so a position in an epoch is a sample count that means the
+same at every world size. A run resumed at another world size continues from that count:
+``set_epoch(epoch, first_sample=n)`` starts the batch grid at position ``n``.
 """
 
 from __future__ import annotations
@@ -66,8 +71,7 @@ class EpochShardSampler:
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
         if batch_size < 1:
             raise DataError(f"data.batch_size must be >= 1, got {batch_size}")
-        self.batches_per_epoch = num_images // (world_size * batch_size)
-        if self.batches_per_epoch == 0:
+        if num_images // (world_size * batch_size) == 0:
             raise DataError(
                 f"{num_images} images cannot fill one global batch of {world_size} ranks x {batch_size} images"
             )
@@ -81,8 +85,22 @@ class EpochShardSampler:
         self.image_size = image_size
         self.epoch = 0
         self.skip_batches = 0
+        self.first_sample = 0
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Global batches of the current epoch from ``first_sample`` on (the remainder is dropped)."""
+        return (self.num_images - self.first_sample) // self.global_batch
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0, first_sample: int = 0) -> None:
+        """Select ``epoch``, the permutation position its batch grid starts at, and the batches to skip."""
+        if not 0 <= first_sample <= self.num_images:
+            raise DataError(f"set_epoch needs 0 <= first_sample <= {self.num_images}, got {first_sample}")
+        self.first_sample = first_sample
         if epoch < 0 or not 0 <= skip_batches <= self.batches_per_epoch:
             raise DataError(
                 f"set_epoch needs epoch >= 0 and 0 <= skip_batches <= {self.batches_per_epoch}, "
@@ -100,14 +118,16 @@ class EpochShardSampler:
     def batches(self, epoch: int, start: int) -> Iterator[list[Sample]]:
         """Batches ``start..`` of ``epoch`` (``set_epoch`` and iteration use this)."""
         order = np.random.default_rng((self.seed, epoch)).permutation(self.num_images)
-        used = self.batches_per_epoch * self.world_size * self.batch_size
-        shard = order[self.rank : used : self.world_size]
+        first = self.first_sample
+        used = first + self.batches_per_epoch * self.global_batch
+        shard = order[first + self.rank : used : self.world_size]
         for batch in range(start, self.batches_per_epoch):
             yield self._samples(shard[batch * self.batch_size : (batch + 1) * self.batch_size], epoch, batch)
 
     def _samples(self, indices: np.ndarray, epoch: int, number: int) -> list[Sample]:
-        """The samples of batch ``number`` of ``epoch``, whose images are ``indices``."""
-        rng = np.random.default_rng((self.seed, epoch, self.world_size, self.rank, number))
+        """The samples of batch ``number`` of ``epoch`` (from ``first_sample``), whose images are ``indices``."""
+        grid = (self.first_sample,) if self.first_sample else ()
+        rng = np.random.default_rng((self.seed, epoch, self.world_size, self.rank, number, *grid))
         count = len(indices)
         flips = rng.random(count) < 0.5 if self.flip else np.zeros(count, dtype=bool)
         if not self.augment:

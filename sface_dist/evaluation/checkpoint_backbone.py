@@ -20,14 +20,18 @@ import torch
 from torch import nn
 
 from sface_dist.backbones import build_backbone
-from sface_dist.checkpoint import LATEST, MANIFEST, TRAINER_FILE, follow_latest
+from sface_dist.checkpoint import (
+    LATEST,
+    MANIFEST,
+    TRAINER_FILE,
+    CheckpointError,
+    follow_latest,
+    load_weights,
+    state_dict_mismatch,
+)
 
 BACKBONE_FILE = "backbone.pt"
 """Weights-only backbone state dict of a best-backbone directory."""
-
-
-class CheckpointError(ValueError):
-    """A path that is not a usable checkpoint, named with the reason."""
 
 
 @dataclass(frozen=True)
@@ -100,19 +104,23 @@ def load_backbone(path: str | os.PathLike[str]) -> LoadedBackbone:
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise CheckpointError(f"{checkpoint}: weights do not fit {name} ({embedding_size}-d): {error}") from None
+        raise CheckpointError(
+            f"{weights_file}: weights do not fit {name} ({embedding_size}-d): {state_dict_mismatch(error)}"
+        ) from None
     return LoadedBackbone(model.eval(), checkpoint, weights_file, step, name, embedding_size, config)
 
 
 def _backbone_state(checkpoint: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """The file holding the backbone weights, and the weights."""
     if (checkpoint / BACKBONE_FILE).is_file():
-        return checkpoint / BACKBONE_FILE, torch.load(checkpoint / BACKBONE_FILE, map_location="cpu", weights_only=True)
+        state = load_weights(checkpoint / BACKBONE_FILE)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{checkpoint / BACKBONE_FILE}: holds no backbone state dict")
+        return checkpoint / BACKBONE_FILE, state
     trainer_file = checkpoint / TRAINER_FILE
     if not trainer_file.is_file():
         raise CheckpointError(f"{checkpoint}: has neither {TRAINER_FILE} nor {BACKBONE_FILE}")
-    # trainer.pt is a pickled dataclass dict (optimizer and RNG state): only this project's own files are loaded.
-    state = torch.load(trainer_file, map_location="cpu", weights_only=False)
+    state = load_weights(trainer_file)
     if not isinstance(state, dict) or not isinstance(state.get("backbone"), dict):
         raise CheckpointError(f"{trainer_file}: holds no 'backbone' state dict")
     return trainer_file, state["backbone"]
