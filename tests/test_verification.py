@@ -158,11 +158,11 @@ def _write_pickle(path: Path, content: object) -> Path:
     [
         ({"images": []}, r"expected a pickled \(images, issame\) pair, got dict"),
         (([b""], [True], [1]), r"expected a pickled \(images, issame\) pair, got tuple"),
-        (([encode_image(0)] * 3, [True]), r"1 pairs need 2 images, got 3"),
+        (([encode_image(seed) for seed in range(3)], [True]), r"1 pairs need 2 images, got 3"),
         ((b"not a list", [True]), r"1 pairs need 2 images, got bytes"),
         (([encode_image(0), encode_image(1)], [1]), r"issame\[0\] is int, expected bool"),
         (([encode_image(0), encode_image(1)], "yes"), r"issame must be a list of bools, got str"),
-        (([encode_image(0)] * 2, np.array([1])), r"issame must be a 1-d bool array, got int64"),
+        (([encode_image(0), encode_image(1)], np.array([1])), r"issame must be a 1-d bool array, got int64"),
         (
             ([encode_image(0), encode_image(1), "text", encode_image(3)], [True, False]),
             r"image 2 is str, expected encoded bytes",
