@@ -150,7 +150,12 @@ def _head_momentum(head_optimizer: torch.optim.Optimizer, weight: nn.Parameter) 
 def _save(obj: Any, path: Path) -> None:
     """``torch.save`` through a file this process opens and syncs, so a full disk surfaces as ``ENOSPC``."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as error:  # torch's zip writer reports a failed write as its own error
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None
+            raise
         f.flush()
         os.fsync(f.fileno())
 

@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         env = init_distributed()
         try:
             trainer = Trainer(cfg, env)
-            results = trainer.fit()
+            try:
+                results = trainer.fit()
+            finally:
+                trainer.close()
         finally:
             destroy_distributed()
     except PeerError:

@@ -84,11 +84,6 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.output = Path(cfg.train.output)
         self.checkpoints = self.output / "checkpoints"
-        self.lock, moved = claim_run_directory(
-            self.output, resume=cfg.train.resume, overwrite=cfg.train.overwrite, is_main=env.is_main
-        )
-        if moved:
-            self.log(moved)
         torch.manual_seed(cfg.train.seed)
         self.loader = build_loader(cfg.data, env.rank, env.world_size, cfg.train.seed, env.device)
         self.num_classes = self.loader.num_classes
@@ -122,13 +117,26 @@ class Trainer:
         """Loss scaling for fp16 autocast (a pass-through otherwise)."""
         self.step = 0
         self.writer: SummaryWriter | None = None
-        if env.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
+        self.lock, moved = claim_run_directory(
+            self.output, resume=cfg.train.resume, overwrite=cfg.train.overwrite, is_main=env.is_main
+        )
+        if moved:
+            self.log(moved)
+        try:
+            self._open_run(cfg)
+        except BaseException:
+            self.close()
+            raise
+        self.total_steps = self.step + self._steps_left()
+
+    def _open_run(self, cfg: Config) -> None:
+        """Write the resolved config, open TensorBoard and the verification monitor, and resume if asked."""
+        if self.env.is_main:
             save_config(cfg, self.output / "config.yaml")
             self.writer = SummaryWriter(str(self.output / "tensorboard"))
         self.monitor = VerificationMonitor(
             cfg.eval.bins,
-            env,
+            self.env,
             image_size=cfg.data.image_size,
             batch_size=cfg.eval.batch_size,
             flip=cfg.eval.flip,
@@ -140,7 +148,6 @@ class Trainer:
         )
         if cfg.train.resume and not cfg.train.overwrite:
             self._resume()
-        self.total_steps = self.step + self._steps_left()
 
     def _schedule_samples(self) -> int:
         """Samples the whole run trains on: ``train.steps`` or ``train.epochs`` in the schedule batch."""
@@ -358,9 +365,7 @@ class Trainer:
                         self.evaluate()
                         self.model.train()
         self.log(f"checkpoint {self.save()}")
-        results = self.evaluate()
-        self.close()
-        return results
+        return self.evaluate()
 
     def _advance(self) -> None:
         """Count one global batch; an epoch ends where the next batch no longer fits (the loader's end too)."""
@@ -379,11 +384,13 @@ class Trainer:
             self.loader.set_epoch(self.progress.epoch, first_sample=position)
 
     def close(self) -> None:
-        """Flush TensorBoard and release the run folder."""
+        """Flush TensorBoard and release the run folder (idempotent)."""
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
         if self.lock is not None:
             self.lock.release()
+            self.lock = None
 
 
 class _Interrupt:
