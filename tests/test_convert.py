@@ -249,9 +249,9 @@ def test_verify_reports_broken_framing_and_stray_offsets(tmp_path: Path) -> None
     data[last : last + 4] = b"\0\0\0\0"
     rec.write_bytes(bytes(data))
     report = inspect_rec(rec, verify=True, progress=False, workers=0)
-    text = "\n".join(report.problems)
-    assert f"{rec}: record 9 at offset {last}: bad magic" in text
-    assert f"{rec}: key {key} at offset {int(offset) + 4}: bad magic" in text
+    assert report.num_problems == 2, report.problems  # one line per record, not one per check it fails
+    assert report.problems[0] == f"{rec}: key {key} at offset {int(offset) + 4}: not the start of a record"
+    assert report.problems[1].startswith(f"{rec}: key 9 at offset {last}: bad magic 0x00000000 at byte {last}")
 
 
 def test_repack_is_flat_shuffled_and_complete(tmp_path: Path) -> None:

@@ -359,11 +359,13 @@ def _write_property(path: Path, num_classes: int, shape: tuple[int, int] | None)
 
 @contextlib.contextmanager
 def _open_dataset(rec_path: Path) -> Iterator[tuple[RecordIOReader, FaceRecordIndex]]:
-    """The reader of ``rec_path`` (its ``.idx`` alongside) and its image index."""
+    """The reader of ``rec_path`` (its ``.idx`` alongside) and its image index; an empty dataset is an error."""
     if rec_path.suffix != ".rec":
         raise ConvertError(f"{rec_path}: expected a .rec file (its .idx next to it)")
     with RecordIOReader(rec_path, rec_path.with_suffix(".idx")) as reader:
-        yield reader, FaceRecordIndex(reader)
+        index = FaceRecordIndex(reader)
+        index.require_images()
+        yield reader, index
 
 
 class _AtomicFiles:
@@ -481,5 +483,3 @@ def _read_pairs(pairs_path: Path) -> list[tuple[str, str, bool]]:
 
 def _size(path: Path) -> int:
     return path.stat().st_size
-
-

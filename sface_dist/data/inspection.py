@@ -2,9 +2,11 @@
 
 ``inspect_rec`` reads every image record's header and image header on worker processes:
 counts, layout, label range, image formats and sizes. ``verify=True`` also walks the
-``.rec`` frame by frame (records the ``.idx`` does not list included), checks that every
-``.idx`` offset is a record start, and fully decodes every image. Each problem is reported
-with the file, the record key and its byte offset.
+``.rec`` frame by frame (records the ``.idx`` does not list included), re-synchronising on
+the next sound record after damaged bytes, checks that every ``.idx`` offset is a record
+start, and fully decodes every image. Each problem is one line with the file, the record
+key and its byte offset, and each damaged record is one problem, however many checks it fails.
+An empty dataset is an error, not a report of nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sface_dist.data.convert import known_num_classes, map_chunks
-from sface_dist.data.recordio import FaceRecordIndex, RecordIOError, RecordIOReader, scan_records
+from sface_dist.data.recordio import (
+    FaceRecordIndex,
+    RecordIOError,
+    RecordIOReader,
+    SkippedBytes,
+    scan_resynchronising,
+)
 from sface_dist.progress import ProgressBar
 
 _MAX_LISTED = 1000
@@ -68,15 +76,18 @@ class Inspection:
 def inspect_rec(
     rec_path: str | os.PathLike[str], verify: bool = False, progress: bool = True, workers: int | None = None
 ) -> Inspection:
-    """Inspect ``rec_path`` (its ``.idx`` alongside); ``verify`` decodes and re-frames everything."""
+    """Inspect ``rec_path`` (its ``.idx`` alongside); ``verify`` decodes and re-frames everything.
+
+    Raises ``RecordIOError`` for a dataset without image records.
+    """
     rec_path = Path(rec_path)
     idx_path = rec_path.with_suffix(".idx")
     with RecordIOReader(rec_path, idx_path) as reader:
         index = FaceRecordIndex(reader)
+        index.require_images()
         num_classes = known_num_classes(rec_path, index)
         report = Inspection(rec_path, index.layout, len(reader), len(index), num_classes, verified=verify)
-        if verify:
-            _verify_framing(reader, report)
+        reported = _verify_framing(reader, report) if verify else set()
         ranges = [(start, min(start + 256, len(index))) for start in range(0, len(index), 256)]
         labels_used: set[int] = set()
         results = map_chunks(_inspect_range, ranges, (str(rec_path), str(idx_path), num_classes, verify), workers)
@@ -86,7 +97,7 @@ def inspect_rec(
             labels_used.update(chunk.labels)
             report.formats.update(chunk.formats)
             report.sizes.update(chunk.sizes)
-            _add_problems(report, chunk.problems)
+            _add_problems(report, [problem for key, problem in chunk.problems if key not in reported])
         bar.close()
     if labels_used:
         report.label_min, report.label_max = min(labels_used), max(labels_used)
@@ -99,7 +110,8 @@ class _RangeStats:
     labels: set[int] = field(default_factory=set)
     formats: collections.Counter[str] = field(default_factory=collections.Counter)
     sizes: collections.Counter[tuple[int, int]] = field(default_factory=collections.Counter)
-    problems: list[str] = field(default_factory=list)
+    problems: list[tuple[int, str]] = field(default_factory=list)
+    """``(key, problem)`` pairs."""
 
 
 def _inspect_range(
@@ -115,11 +127,11 @@ def _inspect_range(
             try:
                 label, image = index.read(position)
             except RecordIOError as error:
-                stats.problems.append(str(error))
+                stats.problems.append((key, str(error)))
                 continue
             stats.labels.add(label)
             if num_classes is not None and not 0 <= label < num_classes:
-                stats.problems.append(f"{reader.location(key)}: label {label} outside [0, {num_classes})")
+                stats.problems.append((key, f"{reader.location(key)}: label {label} outside [0, {num_classes})"))
             try:
                 with Image.open(io.BytesIO(image)) as opened:
                     stats.formats[opened.format or "unknown"] += 1
@@ -127,7 +139,8 @@ def _inspect_range(
                     if verify:
                         opened.convert("RGB")
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-                stats.problems.append(f"{reader.location(key)}: image of {len(image)} bytes does not decode ({error})")
+                message = f"{reader.location(key)}: image of {len(image)} bytes does not decode ({error})"
+                stats.problems.append((key, message))
         results.append(stats)
     return results
 
@@ -138,21 +151,44 @@ def _open(rec_path: str, idx_path: str) -> tuple[RecordIOReader, FaceRecordIndex
     return reader, FaceRecordIndex(reader)
 
 
-def _verify_framing(reader: RecordIOReader, report: Inspection) -> None:
-    """Walk every frame of the ``.rec``; every ``.idx`` offset must be one of the record starts."""
-    starts = []
-    try:
-        for scanned in scan_records(reader.rec_path):
-            starts.append(scanned.offset)
-    except RecordIOError as error:
-        _add_problems(report, [f"{error} (the rest of the file was not scanned)"])
+def _verify_framing(reader: RecordIOReader, report: Inspection) -> set[int]:
+    """Walk every frame of the ``.rec``; every ``.idx`` offset must be one of the record starts.
+
+    Each stretch of damaged bytes is one problem, named after the indexed record it begins in;
+    an ``.idx`` offset outside every such stretch that is no record start is one more. Returns
+    the keys named, so that their own reads do not report the same damage again.
+    """
+    starts: list[int] = []
+    damaged: list[SkippedBytes] = []
+    for item in scan_resynchronising(reader.rec_path):
+        if isinstance(item, SkippedBytes):
+            damaged.append(item)
+        else:
+            starts.append(item.offset)
     keys, offsets = reader.key_array, reader.offset_array
-    stray = np.flatnonzero(~np.isin(offsets, np.asarray(starts, dtype=np.int64)))
-    if starts and stray.size:
-        _add_problems(
-            report,
-            [f"{reader.rec_path}: key {keys[i]} at offset {offsets[i]}: not the start of a record" for i in stray],
-        )
+    by_offset = np.argsort(offsets, kind="stable")
+    sorted_offsets = offsets[by_offset]
+    problems: dict[int, tuple[int, str]] = {}
+    unindexed: list[str] = []
+    for span in damaged:
+        if span.resume < reader.file_size:
+            what = f"{span.error}; skipped {span.resume - span.offset} bytes to the next record, at byte {span.resume}"
+        else:
+            what = f"{span.error}; no record follows (skipped the last {span.resume - span.offset} bytes)"
+        found = int(np.searchsorted(sorted_offsets, span.offset, side="right")) - 1
+        if found < 0:
+            unindexed.append(f"{reader.rec_path}: offset {span.offset}: {what}")
+            continue
+        key, offset = int(keys[by_offset[found]]), int(sorted_offsets[found])
+        problems.setdefault(key, (offset, f"{reader.rec_path}: key {key} at offset {offset}: {what}"))
+    # The damaged stretch starting last at or before each offset; the -1 sentinel makes "none" never contain it.
+    stretch = np.searchsorted([span.offset for span in damaged], offsets, side="right") - 1
+    in_damage = offsets < np.asarray([span.resume for span in damaged] + [-1], dtype=np.int64)[stretch]
+    for i in np.flatnonzero(~np.isin(offsets, np.asarray(starts, dtype=np.int64)) & ~in_damage):
+        key = int(keys[i])
+        problems.setdefault(key, (int(offsets[i]), f"{reader.location(key)}: not the start of a record"))
+    _add_problems(report, unindexed + [problem for _, problem in sorted(problems.values())])
+    return set(problems)
 
 
 def _add_problems(report: Inspection, problems: list[str]) -> None:

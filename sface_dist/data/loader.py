@@ -73,6 +73,10 @@ class RecordFaceDataset(Dataset[tuple[np.ndarray, int]]):
         root = Path(root)
         self.reader = RecordIOReader(root / "train.rec", root / "train.idx")
         self.index = FaceRecordIndex(self.reader)
+        try:
+            self.index.require_images()
+        except RecordIOError as error:
+            raise DataError(str(error)) from None
         self.num_classes = _resolve_num_classes(root, num_classes, image_size, self.index)
         self.image_size = image_size
 
@@ -80,7 +84,7 @@ class RecordFaceDataset(Dataset[tuple[np.ndarray, int]]):
         return len(self.index)
 
     def read_encoded(self, index: int) -> tuple[int, bytes]:
-        """Label and encoded bytes of image ``index``, checked for framing, label range and image signature."""
+        """Label and encoded bytes of image ``index``, checked: framing, label (whole, in range), image signature."""
         key = self.index.key(index)
         try:
             label, encoded = self.index.read(index)

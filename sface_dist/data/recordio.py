@@ -19,6 +19,7 @@ images at keys ``1..first-1`` grouped by identity, identity records holding thei
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import numbers
@@ -273,6 +274,18 @@ class ScannedRecord(NamedTuple):
     record: bytes
 
 
+class SkippedBytes(NamedTuple):
+    """Bytes ``[offset, resume)`` of a ``.rec`` that hold no readable record, found by ``scan_resynchronising``.
+
+    ``error`` says what is wrong at ``offset``; ``resume`` is where the next sound record starts
+    (the file size when none does).
+    """
+
+    offset: int
+    resume: int
+    error: str
+
+
 def scan_records(rec_path: str | os.PathLike[str]) -> Iterator[ScannedRecord]:
     """Every record of a ``.rec`` file in file order, read sequentially without its index.
 
@@ -280,18 +293,85 @@ def scan_records(rec_path: str | os.PathLike[str]) -> Iterator[ScannedRecord]:
     frame can be trusted, so the scan stops there.
     """
     rec_path = Path(rec_path)
-    size = rec_path.stat().st_size
-    if size == 0:
-        return
-    with open(rec_path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    with _mapped(rec_path) as data:
         position, ordinal = 0, 0
-        while position < size:
+        while position < len(data):
             try:
-                record, end = _unframe(lambda at, n: data[at : at + n], position, size)
+                record, end = _unframe(_slicer(data), position, len(data))
             except RecordIOError as error:
                 raise RecordIOError(f"{rec_path}: record {ordinal} at offset {position}: {error}") from None
             yield ScannedRecord(position, ordinal, record)
             position, ordinal = end, ordinal + 1
+
+
+def scan_resynchronising(rec_path: str | os.PathLike[str]) -> Iterator[ScannedRecord | SkippedBytes]:
+    """Every record of a ``.rec`` in file order, stepping over damaged bytes instead of stopping there.
+
+    After a frame that does not parse, the scan resumes at the next 4-byte-aligned magic that
+    starts a sound record: one whose frames parse and which ends at the end of the file or at
+    the next magic (dmlc never leaves an aligned magic inside a payload, so these are record
+    starts). The search starts just after the last record read, so when that record's length
+    field was damaged (it ran past the next record) it is reported instead of yielded. One
+    damaged record thus costs one ``SkippedBytes``, not the rest of the file. Ordinals count
+    the records yielded.
+    """
+    with _mapped(Path(rec_path)) as data:
+        read_at, size = _slicer(data), len(data)
+        pending: tuple[int, bytes] | None = None
+        position, ordinal = 0, 0
+        while position < size:
+            try:
+                record, end = _unframe(read_at, position, size)
+            except RecordIOError as error:
+                problem = str(error)
+                resume = _next_record_start(data, (pending[0] if pending else position) + 4)
+                if pending is not None and resume < position:
+                    problem = f"damaged length: the record would run to byte {position}, past the next record"
+                    position, pending = pending[0], None
+                if pending is not None:
+                    yield ScannedRecord(pending[0], ordinal, pending[1])
+                    pending, ordinal = None, ordinal + 1
+                yield SkippedBytes(position, resume, problem)
+                position = resume
+                continue
+            if pending is not None:
+                yield ScannedRecord(pending[0], ordinal, pending[1])
+                ordinal += 1
+            pending, position = (position, record), end
+        if pending is not None:
+            yield ScannedRecord(pending[0], ordinal, pending[1])
+
+
+def _next_record_start(data: mmap.mmap | bytes, start: int) -> int:
+    """The first 4-byte-aligned offset at or after ``start`` where a sound record starts (``len(data)`` if none)."""
+    size = len(data)
+    start += -start % 4
+    while (hit := data.find(_MAGIC_BYTES, start)) != -1:
+        if hit % 4 == 0:
+            try:
+                end = _unframe(_slicer(data), hit, size)[1]
+            except RecordIOError:
+                pass
+            else:
+                if end == size or data[end : end + 4] == _MAGIC_BYTES:
+                    return hit
+        start = hit + 4 - hit % 4
+    return size
+
+
+@contextlib.contextmanager
+def _mapped(rec_path: Path) -> Iterator[mmap.mmap | bytes]:
+    """The bytes of ``rec_path``, memory-mapped (an empty file cannot be mapped: empty bytes)."""
+    if rec_path.stat().st_size == 0:
+        yield b""
+        return
+    with open(rec_path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        yield data
+
+
+def _slicer(data: mmap.mmap | bytes) -> Callable[[int, int], bytes]:
+    """``read_at(position, size)`` over ``data``, for ``_unframe``."""
+    return lambda at, n: data[at : at + n]
 
 
 def rebuild_index(
@@ -582,6 +662,8 @@ class FaceRecordIndex:
         assert isinstance(labels, tuple)
         if len(labels) < 2:
             raise RecordIOError(f"{reader.location(0)}: insightface header record needs 2 labels, has {header.flag}")
+        if not all(float(label).is_integer() for label in labels[:2]):
+            raise RecordIOError(f"{reader.location(0)}: header labels ({labels[0]}, {labels[1]}) are not a key range")
         first_identity, end = int(labels[0]), int(labels[1])
         if first_identity < 1 or end < first_identity:
             raise RecordIOError(f"{reader.location(0)}: header labels ({first_identity}, {end}) are not a key range")
@@ -610,13 +692,30 @@ class FaceRecordIndex:
             raise IndexError(f"image {index} out of range for {self._num_images} images")
         return index + 1 if self._flat_keys is None else int(self._flat_keys[index])
 
+    def require_images(self) -> None:
+        """Raise, naming the file, when there is no image record to read (an empty or header-only dataset)."""
+        if self._num_images:
+            return
+        rec_path, size = self.reader.rec_path, self.reader.file_size
+        if not len(self.reader) and size:
+            raise RecordIOError(
+                f"{self.reader.idx_path}: empty dataset: the index lists none of the {size} bytes of {rec_path} "
+                f"('convert_rec.py reindex {rec_path}' rebuilds it)"
+            )
+        raise RecordIOError(f"{rec_path}: empty dataset: no image records")
+
     def read(self, index: int) -> tuple[int, bytes]:
         """Label and encoded image bytes of the ``index``-th image.
 
-        The label is the header's label, or the first of its labels when it carries several.
+        The label is the header's label, or the first of its labels when it carries several. It must
+        be a whole number: a float32 label of 3.5 or NaN is damage, not class 3.
         """
-        header, image = self._unpack(self.key(index))
-        return int(first_label(header)), image
+        key = self.key(index)
+        header, image = self._unpack(key)
+        label = first_label(header)
+        if not float(label).is_integer():
+            raise RecordIOError(f"{self.reader.location(key)}: label {label} is not a whole number")
+        return int(label), image
 
     def identity_range(self, label: int) -> tuple[int, int]:
         """``[start, end)`` image keys of class ``label`` (insightface layout only)."""
