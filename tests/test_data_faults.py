@@ -1,15 +1,18 @@
-"""Every bad input is one line naming the file, key and offset: non-whole labels, and ``inspect --verify`` on
-damaged or empty datasets."""
+"""Every bad input is one line naming the file, key and offset: training (any worker and rank count), skip mode,
+non-whole labels, and ``inspect --verify`` on damaged or empty datasets."""
 
 from __future__ import annotations
 
+import gc
 import io
 import math
 import re
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -28,11 +31,12 @@ from sface_dist.data.recordio import (
     header_record,
     pack,
 )
+from sface_dist.data.sampler import EpochShardSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4
 SMALL = 8
-"""Image side of the test datasets."""
+"""Image side of the in-process datasets; training runs use 112, what the tiny backbone takes."""
 
 
 def png(index: int, size: int) -> bytes:
@@ -76,6 +80,70 @@ def overwrite(rec: Path, at: int, data: bytes) -> None:
 
 def location(rec: Path, key: int) -> str:
     return f"{rec}: key {key} at offset {offset_of(rec, key)}"
+
+
+def loader_config(rec: Path, setup: str, **overrides: object) -> DataConfig:
+    """``setup``: ``torch-N`` (N DataLoader workers) or ``dali``."""
+    backend, _, workers = setup.partition("-")
+    values: dict[str, object] = dict(
+        root=str(rec.parent), image_size=SMALL, batch_size=6, num_workers=int(workers or 1), backend=backend
+    )
+    return DataConfig(**(values | overrides))  # type: ignore[arg-type]
+
+
+def first_error(cfg: DataConfig) -> str:
+    """The message of the ``DataError`` that the first epoch of rank 0 of 1 raises.
+
+    The loader is freed before returning: a DALI pipeline kept alive by the traceback keeps its
+    threads, and DataLoader workers forked next to running threads can deadlock.
+    """
+    loader = build_loader(cfg, 0, 1, seed=0)
+    with pytest.raises(DataError) as caught:
+        list(loader)
+    message = str(caught.value)
+    del loader, caught
+    gc.collect()
+    return message
+
+
+# Each bad record of image 2 (key 3): how to make it, and what its one line says after "FILE: key 3 at offset O: ".
+BAD_RECORDS = {
+    "bad magic": (lambda rec: overwrite(rec, offset_of(rec, 3), b"\xde\xad\xbe\xef"), r"bad magic 0xefbeadde at byte"),
+    "truncated": (
+        lambda rec: overwrite(rec, offset_of(rec, 3) + 4, struct.pack("<I", 1 << 28)),
+        r"truncated record: needs 268435456 bytes",
+    ),
+    "undecodable": (lambda rec: write_dataset(rec.parent, 6, payloads={2: png(2, SMALL)[:40]}), "cannot decode image"),
+    "label out of range": (lambda rec: write_dataset(rec.parent, 6, labels={2: 4.0}), r"label 4 outside \[0, 4\)"),
+    "label 3.5": (lambda rec: write_dataset(rec.parent, 6, labels={2: 3.5}), "label 3.5 is not a whole number"),
+    "label nan": (lambda rec: write_dataset(rec.parent, 6, labels={2: math.nan}), "label nan is not a whole number"),
+    "label inf": (lambda rec: write_dataset(rec.parent, 6, labels={2: math.inf}), "label inf is not a whole number"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_RECORDS))
+def test_error_mode_raises_one_line_naming_the_record(tmp_path: Path, kind: str) -> None:
+    """Whatever is wrong with the record and wherever it is read: main process, DataLoader workers, DALI's source."""
+    rec = write_dataset(tmp_path, 6)
+    damage, problem = BAD_RECORDS[kind]
+    damage(rec)
+    for setup in ("torch-0", "torch-1", "torch-2", "dali"):
+        message = first_error(loader_config(rec, setup))
+        assert re.fullmatch(rf"{re.escape(location(rec, 3))}: {problem}[^\n]*", message), f"{setup}: {message}"
+
+
+@pytest.mark.parametrize("setup", ["torch-0", "torch-2", "dali"])
+def test_skip_mode_batch_of_only_bad_records_is_one_line(tmp_path: Path, setup: str) -> None:
+    """The message names the batch's first bad record and says that the whole batch was bad."""
+    payloads = {i: b"not an image" for i in range(6)}
+    rec = write_dataset(tmp_path, 6, payloads=payloads)
+    cfg = loader_config(rec, setup, on_bad_record="skip")
+    first_key = next(EpochShardSampler(6, 6, 0, 1, seed=0, flip=True).batches(0, 0))[0].image_index + 1
+    message = first_error(cfg)
+    assert message == (
+        f"{location(rec, first_key)}: payload of 12 bytes is not a JPEG, PNG or BMP; every image of this batch "
+        "of 6 was a bad record, so data.on_bad_record=skip has nothing to train on"
+    )
 
 
 def test_inspect_verify_reports_labels_that_are_not_whole_numbers(tmp_path: Path) -> None:
@@ -156,3 +224,76 @@ def test_empty_index_of_a_non_empty_rec_says_so(tmp_path: Path) -> None:
     rec.with_suffix(".idx").write_text("")
     with pytest.raises(RecordIOError, match=rf"^{re.escape(str(rec.with_suffix('.idx')))}: empty dataset: the index"):
         inspect_rec(rec, progress=False, workers=0)
+
+
+# Training runs: python -m sface_dist.train, single process or two torchrun ranks, on 112x112 images.
+
+
+class TrainingRun(NamedTuple):
+    process: subprocess.Popen[str]
+    rec: Path
+    bad_keys: dict[int, int]
+    """The key of the bad record in each rank's first batch."""
+
+
+def first_batch(num_images: int, rank: int, world_size: int) -> list[int]:
+    """Image indices of ``rank``'s first batch of 4 in a run seeded 0."""
+    sampler = EpochShardSampler(num_images, 4, rank, world_size, seed=0, flip=True)
+    return [sample.image_index for sample in next(sampler.batches(0, 0))]
+
+
+def start_training(folder: Path, workers: int, world_size: int) -> TrainingRun:
+    """Train on 4 images per rank, the second of every rank's first batch a truncated PNG."""
+    num_images = 4 * world_size
+    bad = {rank: first_batch(num_images, rank, world_size)[1] for rank in range(world_size)}
+    rec = write_dataset(folder, num_images, size=112, payloads={i: png(i, 112)[:60] for i in bad.values()})
+    config = folder / "run.yaml"
+    config.write_text(
+        f"data: {{backend: torch, root: {folder}, batch_size: 4, num_workers: {workers}}}\n"
+        f"model: {{backbone: tiny, embedding_size: 16}}\ntrain: {{output: {folder / 'run'}, steps: 2, seed: 0}}\n"
+    )
+    command = [sys.executable, "-m", "sface_dist.train", str(config)]
+    if world_size > 1:  # each rank's output in LOG_DIR/<run id>/attempt_0/<rank>/stderr.log
+        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
+        command[1:1] = [*launch, f"--log-dir={folder / 'logs'}", "--redirects=3"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return TrainingRun(process, rec, {rank: index + 1 for rank, index in bad.items()})
+
+
+@pytest.fixture(scope="module")
+def training_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, TrainingRun]]:
+    """The training runs, started together: each takes a few seconds, mostly imports."""
+    setups = {"1 rank, 0 workers": (0, 1), "1 rank, 2 workers": (2, 1), "2 ranks, 1 worker each": (1, 2)}
+    runs = {name: start_training(tmp_path_factory.mktemp("train"), *setup) for name, setup in setups.items()}
+    yield runs
+    for run in runs.values():
+        run.process.kill()
+        run.process.communicate()
+
+
+def assert_one_error_line(stderr: str, rec: Path, key: int) -> None:
+    """``stderr`` has exactly one ``error:`` line, naming ``rec``, ``key`` and its offset, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert re.fullmatch(rf"error: {re.escape(location(rec, key))}: cannot decode image \(.+\)", errors[0]), stderr
+
+
+def test_training_stops_at_a_bad_record_with_one_line_for_any_worker_count(
+    training_runs: dict[str, TrainingRun],
+) -> None:
+    for name in ("1 rank, 0 workers", "1 rank, 2 workers"):
+        run = training_runs[name]
+        _, stderr = run.process.communicate(timeout=240)
+        assert run.process.returncode == 1, f"{name}: {stderr}"
+        assert_one_error_line(stderr, run.rec, run.bad_keys[0])
+
+
+def test_training_on_two_ranks_stops_every_rank_with_one_line(training_runs: dict[str, TrainingRun]) -> None:
+    """Each rank meets its own bad record; torchrun's own report of the failed ranks is not the trainer's output."""
+    run = training_runs["2 ranks, 1 worker each"]
+    run.process.communicate(timeout=240)
+    assert run.process.returncode != 0
+    for rank, key in run.bad_keys.items():
+        (log,) = (run.rec.parent / "logs").glob(f"*/attempt_0/{rank}/stderr.log")
+        assert_one_error_line(log.read_text(), run.rec, key)

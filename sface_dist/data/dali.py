@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sface_dist.data.errors import DataError
-from sface_dist.data.loader import BadRecord, RecordFaceDataset, log_skipped
+from sface_dist.data.loader import BadRecord, RecordFaceDataset, every_image_bad, log_skipped
 from sface_dist.data.sampler import EpochShardSampler, Sample
 
 _PREFETCH = 2
@@ -61,24 +61,27 @@ class _BatchSource:
     def __call__(self) -> tuple[list[np.ndarray] | np.ndarray, ...]:
         samples = next(self.batches)  # StopIteration ends the epoch
         kept: list[Sample] = []
+        bad: list[BadRecord] = []
         encoded: list[np.ndarray] = []
         labels: list[int] = []
         for sample in samples:
             if sample.image_index in self.excluded:
-                self.on_skip(self.excluded[sample.image_index])
+                bad.append(self.excluded[sample.image_index])
+                self.on_skip(bad[-1])
                 continue
             try:
                 label, data = self.dataset.read_encoded(sample.image_index)
             except DataError as error:
                 if not self.skip_bad:
                     raise
-                self.on_skip(BadRecord(sample.image_index, str(error)))
+                bad.append(BadRecord(sample.image_index, str(error)))
+                self.on_skip(bad[-1])
                 continue
             kept.append(sample)
             encoded.append(np.frombuffer(data, dtype=np.uint8))
             labels.append(label)
         if not kept:
-            raise DataError(f"every image of a batch of {len(samples)} was a bad record")
+            raise every_image_bad(bad)
         self.handed_out.append(kept)
         flip = np.array([sample.flip for sample in kept], dtype=np.int32)
         inputs: tuple[list[np.ndarray] | np.ndarray, ...] = (encoded, np.asarray(labels, dtype=np.int64), flip)

@@ -9,7 +9,10 @@ parameters for the same ``(seed, epoch, rank, world_size)``, resumable at any ba
 
 Bad records (``data.on_bad_record``): ``error`` stops with the file, key and offset;
 ``skip`` leaves the record out of its batch (which is then smaller), logs it and counts it
-in ``loader.skipped_records``.
+in ``loader.skipped_records``, and stops when every image of a batch is bad. Either way the
+``DataError`` raised is one line naming the record: DataLoader workers hand bad records back
+as ``BadRecord`` values and the main process raises, because an exception raised in a worker
+reaches the trainer wrapped in that worker's traceback.
 """
 
 from __future__ import annotations
@@ -144,8 +147,11 @@ class _Loaded(NamedTuple):
     label: int
 
 
-class _SkippingDataset(Dataset[_Loaded | BadRecord]):
-    """Wraps a dataset so that a bad record becomes a ``BadRecord`` instead of an exception."""
+class _BadRecordsAsValues(Dataset[_Loaded | BadRecord]):
+    """Wraps a dataset so that a bad record becomes a ``BadRecord`` instead of an exception.
+
+    Under either policy: the main process decides what a ``BadRecord`` means (``TorchFaceLoader``).
+    """
 
     def __init__(self, dataset: RecordFaceDataset) -> None:
         self.dataset = dataset
@@ -167,16 +173,25 @@ def collate_pixels(
 
     Batches travel from the workers as uint8, a quarter of the float32 bytes, in shared memory
     filled in place; ``normalise`` turns them into the training tensor where they are used.
+    A batch of bad records only comes back with no images (the main process raises).
     """
     bad = [sample for sample in samples if isinstance(sample, BadRecord)]
     good = [sample for sample in samples if not isinstance(sample, BadRecord)]
     if not good:
-        raise DataError(f"every image of a batch of {len(samples)} was a bad record: {bad[0].message}")
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), bad
     pixels = torch.empty((len(good), *good[0][0].shape), dtype=torch.uint8)
     if torch.utils.data.get_worker_info() is not None:
         pixels.share_memory_()
     np.stack([image for image, _ in good], out=pixels.numpy())
     return pixels, torch.tensor([label for _, label in good], dtype=torch.int64), bad
+
+
+def every_image_bad(bad: list[BadRecord]) -> DataError:
+    """The error for a batch whose images were all bad records under ``on_bad_record=skip``."""
+    return DataError(
+        f"{bad[0].message}; every image of this batch of {len(bad)} was a bad record, "
+        "so data.on_bad_record=skip has nothing to train on"
+    )
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
@@ -212,9 +227,10 @@ class TorchFaceLoader:
         self.num_images = len(dataset)
         self.skipped_records = 0
         self._sampler = sampler
+        self._skip_bad = skip_bad
         cuda = device.type == "cuda"
         self._device = device if cuda else None
-        served = _SkippingDataset(dataset) if skip_bad and isinstance(dataset, RecordFaceDataset) else dataset
+        served = _BadRecordsAsValues(dataset) if isinstance(dataset, RecordFaceDataset) else dataset
         self._loader = DataLoader(
             served,  # type: ignore[arg-type]
             batch_sampler=sampler,  # type: ignore[arg-type]
@@ -241,6 +257,10 @@ class TorchFaceLoader:
         self, batches: Iterator[tuple[torch.Tensor, torch.Tensor, list[BadRecord]]]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for pixels, labels, bad in batches:
+            if bad and not self._skip_bad:
+                raise DataError(bad[0].message)
+            if not len(labels):
+                raise every_image_bad(bad)
             for record in bad:
                 log_skipped(record)
             self.skipped_records += len(bad)
