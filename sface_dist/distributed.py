@@ -222,6 +222,16 @@ def barrier(group: ProcessGroup | None = None) -> None:
         dist.barrier(group=group)
 
 
+def control_group() -> ProcessGroup | None:
+    """Collective: a gloo group for small host-side decisions, so that they never wait on a GPU stream.
+
+    None (the default group) when the default group is gloo already or there is none.
+    """
+    if not dist.is_initialized() or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
 def _control_device(group: ProcessGroup | None) -> torch.device:
     """Where small control tensors live: the current GPU under NCCL, else the CPU."""
     if dist.get_backend(group) == "nccl":

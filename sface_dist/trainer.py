@@ -41,7 +41,8 @@ from sface_dist.checkpoint import (
 )
 from sface_dist.config import Config, OptimConfig, save_config, to_dict
 from sface_dist.data.loader import build_loader
-from sface_dist.distributed import DistEnv, PeerError, data_parallel, raise_on_any_rank
+from sface_dist.data.errors import DataError
+from sface_dist.distributed import DistEnv, PeerError, control_group, data_parallel, raise_on_any_rank
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import VerificationResult
 from sface_dist.heads import HeadOutput, ShardedSFaceHead, ShardSGD, build_head
@@ -98,6 +99,8 @@ class Trainer:
         self.progress = Progress(samples=0, epoch=0, epoch_samples=0, schedule_batch=self.global_batch)
         self.interrupted = False
         """Set when Ctrl-C stopped the run at a step boundary (a checkpoint was written)."""
+        self.control = control_group()
+        """Where ranks agree on host-side outcomes (a bad batch on one rank stops all of them)."""
 
         backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size).to(env.device)
         if cfg.model.channels_last:
@@ -341,7 +344,7 @@ class Trainer:
         with _interrupt_at_step_boundary(self.env.world_size == 1) as interrupt:
             while not self._finished():
                 self._start_epoch()
-                for images, labels in self.loader:
+                for images, labels in self._agreed_batches():
                     images = images.to(self.env.device, non_blocking=True)
                     labels = labels.to(self.env.device, non_blocking=True)
                     lr = self._learning_rate()
@@ -374,6 +377,24 @@ class Trainer:
         if self.loader.num_images - self.progress.epoch_samples < self.global_batch:
             self.progress.epoch += 1
             self.progress.epoch_samples = 0
+
+    def _agreed_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The loader's batches, agreed on by every rank (one CPU all-reduce a step).
+
+        A rank that meets a bad record stops with its one line; the others stop with it instead
+        of failing later inside a collective the failed rank never joins.
+        """
+        batches = iter(self.loader)
+        while True:
+            error: DataError | None = None
+            try:
+                batch = next(batches, None)
+            except DataError as failure:
+                batch, error = None, failure
+            raise_on_any_rank(error, self.control)
+            if batch is None:
+                return
+            yield batch
 
     def _start_epoch(self) -> None:
         """Point the loader at the current epoch position, on this world size's batch grid."""

@@ -336,3 +336,30 @@ def test_torch_backend_on_gpu_gives_the_cpu_batches(dataset_root: Path) -> None:
         assert all(x.is_cuda and y.is_cuda for x, y in batches)
         on_cpu = epoch(build_loader(config(dataset_root, augment=True), 1, 2, seed=5), 3)
         assert_same_batches([(x.cpu(), y.cpu()) for x, y in batches], on_cpu)
+
+
+@pytest.mark.parametrize(("world_before", "world_after"), [(2, 1), (1, 3), (4, 3)])
+def test_first_sample_continues_the_permutation_at_another_world_size(world_before: int, world_after: int) -> None:
+    """The global batches of an epoch are consecutive slices of one permutation at every world size, so a run
+    that trained on ``n`` samples continues at position ``n`` whatever its new batch grid."""
+    num_images, batch, seed, epoch = 1000, 8, 3, 2
+    order = np.random.default_rng((seed, epoch)).permutation(num_images)
+
+    def global_batches(world: int, first_sample: int) -> list[list[int]]:
+        ranks = [EpochShardSampler(num_images, batch, rank, world, seed=seed, flip=True) for rank in range(world)]
+        for sampler in ranks:
+            sampler.set_epoch(epoch, first_sample=first_sample)
+        per_rank = [list(sampler) for sampler in ranks]
+        assert len({len(batches) for batches in per_rank}) == 1
+        return [sorted(s.image_index for r in range(world) for s in per_rank[r][b]) for b in range(len(per_rank[0]))]
+
+    global_before = batch * world_before
+    before = global_batches(world_before, 0)
+    assert before[:2] == [sorted(order[i * global_before : (i + 1) * global_before].tolist()) for i in range(2)]
+    stop = 5 * global_before + batch  # not a multiple of the new global batch for every pair
+    after = global_batches(world_after, stop)
+    global_after = batch * world_after
+    assert len(after) == (num_images - stop) // global_after
+    for number, images in enumerate(after):
+        start = stop + number * global_after
+        assert images == sorted(order[start : start + global_after].tolist())

@@ -118,9 +118,10 @@ class DaliFaceLoader:
     def __len__(self) -> int:
         return self._sampler.batches_per_epoch
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Select the epoch (its permutation, flips and augmentations) and the batch to start from."""
-        self._sampler.set_epoch(epoch, skip_batches)
+    def set_epoch(self, epoch: int, skip_batches: int = 0, first_sample: int = 0) -> None:
+        """Select the epoch (its permutation, flips and augmentations), where its batch grid starts and the batch
+        to start from (see ``EpochShardSampler``)."""
+        self._sampler.set_epoch(epoch, skip_batches, first_sample)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self._iterate(self._sampler.epoch, self._sampler.skip_batches)

@@ -48,7 +48,9 @@ class FaceLoader(Protocol):
 
     ``len()`` is the number of batches per epoch per rank (the last partial global batch is
     dropped); after ``set_epoch(epoch, skip_batches)`` an iteration yields batches
-    ``skip_batches..len()-1`` of that epoch. ``skipped_records`` counts the bad records left out.
+    ``skip_batches..len()-1`` of that epoch. ``first_sample`` starts the epoch's batch grid at
+    that position of its permutation (a run resumed at another world size), and ``len()``
+    counts that grid. ``skipped_records`` counts the bad records left out.
     """
 
     num_classes: int
@@ -57,7 +59,7 @@ class FaceLoader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None: ...
+    def set_epoch(self, epoch: int, skip_batches: int = 0, first_sample: int = 0) -> None: ...
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
@@ -243,9 +245,10 @@ class TorchFaceLoader:
     def __len__(self) -> int:
         return self._sampler.batches_per_epoch
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Select the epoch (its permutation, flips and augmentations) and the batch to start from."""
-        self._sampler.set_epoch(epoch, skip_batches)
+    def set_epoch(self, epoch: int, skip_batches: int = 0, first_sample: int = 0) -> None:
+        """Select the epoch (its permutation, flips and augmentations), where its batch grid starts and the batch
+        to start from (see ``EpochShardSampler``)."""
+        self._sampler.set_epoch(epoch, skip_batches, first_sample)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._counted(iter(self._loader))
