@@ -1,0 +1,507 @@
+"""Faults and hostile inputs around checkpoints and the run folder: nothing runs, nothing is lost, one line each.
+
+The entry points run in this process (``main(argv)``) where they can, so that each case costs
+a fraction of a second; launches with several ranks and signals run real subprocesses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from sface_dist import train
+from sface_dist.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    latest_checkpoint,
+    load_trainer_state,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+)
+from sface_dist.config import ConfigError, load_config
+
+from test_ijb import make_ijb_set
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss (-?[0-9.]+).* lr ([0-9.e+-]+) ", re.MULTILINE)
+
+
+def tool(name: str) -> ModuleType:
+    """A script of ``tools/`` imported as a module, so its ``main`` runs in this process."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "demo"
+    command = [sys.executable, "tools/make_demo_data.py", "--out", str(out), "--identities", "24", "--images", "8",
+               "--heldout", "8", "--pairs", "40"]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return out
+
+
+def write_config(
+    path: Path, demo_data: Path, output: Path, train_keys: str = "steps: 4, log_every: 2, checkpoint_every: 2"
+) -> Path:
+    path.write_text(
+        f"data: {{backend: torch, root: {demo_data}, batch_size: 8, num_workers: 0}}\n"
+        f"model: {{backbone: tiny, embedding_size: 32}}\n"
+        f"optim: {{lr: 0.05, warmup_steps: 2}}\n"
+        f"train: {{output: {output}, {train_keys}}}\n"
+        f"eval: {{bins: [{demo_data / 'heldout.bin'}], every: 2, batch_size: 32}}\n"
+    )
+    return path
+
+
+def train_in_process(config: Path, *overrides: str) -> int:
+    argv = [str(config)]
+    for override in overrides:
+        argv += ["--set", override]
+    return train.main(argv)
+
+
+def one_error_line(stderr: str) -> str:
+    """The single ``error:`` line of ``stderr``, asserting there is no other output of note."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4 and a best backbone for ``heldout``."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    config = write_config(run.parent / "run.yaml", demo_data, run)
+    assert train_in_process(config) == 0
+    assert (run / "best" / "heldout" / "backbone.pt").is_file()
+    return run
+
+
+class RunsCode:
+    """Pickles to a call of ``os.system``: what a crafted checkpoint would run when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[[str], int], tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(path: Path, marker: Path) -> None:
+    """Replace ``path`` by a torch checkpoint file that runs a command when loaded without restriction."""
+    torch.save({"backbone": RunsCode(marker), "weight": torch.zeros(1)}, path)
+
+
+def copy_run(run: Path, destination: Path) -> Path:
+    shutil.copytree(run, destination)
+    for lock in destination.rglob(".lock"):
+        lock.unlink()
+    return destination
+
+
+def step_dir(run: Path, step: int = 4) -> Path:
+    return run / "checkpoints" / f"step-{step:08d}"
+
+
+def test_planted_pickle_is_the_attack() -> None:
+    """The planted file does run its command under an unrestricted load: the tests below test something."""
+    marker = Path(os.environ.get("TMPDIR", "/tmp")) / f"sface-attack-{os.getpid()}"
+    path = marker.with_suffix(".pt")
+    plant(path, marker)
+    try:
+        torch.load(path, weights_only=False)
+        assert marker.exists()
+    finally:
+        marker.unlink(missing_ok=True)
+        path.unlink()
+
+
+def eval_ijb_arguments(checkpoint: Path, data: Path, out: Path) -> list[str]:
+    make_ijb_set(out / "IJBC", identities=2)
+    return ["--checkpoint", str(checkpoint), "--root", str(out / "IJBC"), "--out", str(out / "ijb"), "--quiet"]
+
+
+ENTRY_POINTS: dict[str, Callable[[Path, Path, Path], list[str]]] = {
+    "eval_verification": lambda ckpt, data, out: ["--checkpoint", str(ckpt), "--bin", str(data / "heldout.bin"),
+                                                  "--quiet"],
+    "eval_ijb": eval_ijb_arguments,
+    "export_onnx": lambda ckpt, data, out: ["--checkpoint", str(ckpt), "--out", str(out / "model.onnx")],
+    "embed": lambda ckpt, data, out: ["--checkpoint", str(ckpt), "--rec", str(data / "train.rec"),
+                                      "--out", str(out / "e.npy"), "--quiet"],
+}
+
+
+READERS = {
+    "trainer.pt": ["train", "bench_head", *ENTRY_POINTS],
+    "head": ["train", "bench_head"],
+    "backbone.pt": list(ENTRY_POINTS),
+}
+"""Which entry points read each checkpoint file (the evaluation tools read only the backbone)."""
+
+
+@pytest.mark.parametrize(
+    ("planted", "entry"), [(planted, entry) for planted, entries in READERS.items() for entry in entries]
+)
+def test_crafted_checkpoint_runs_no_code(
+    trained_run: Path, demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], entry: str, planted: str
+) -> None:
+    """Each entry point that reads the planted file refuses it with one line naming it; nothing executes."""
+    run = copy_run(trained_run, tmp_path / "run")
+    marker = tmp_path / "code-ran"
+    if planted == "backbone.pt":
+        target, checkpoint = run / "best" / "heldout" / "backbone.pt", run / "best" / "heldout"
+    elif planted == "head":
+        target, checkpoint = next(step_dir(run).glob("head-*.pt")), step_dir(run)
+    else:
+        target, checkpoint = step_dir(run) / "trainer.pt", step_dir(run)
+    plant(target, marker)
+    capsys.readouterr()
+    if entry == "train":
+        status = train_in_process(write_config(tmp_path / "c.yaml", demo_data, run), "train.steps=6")
+    elif entry == "bench_head":
+        with pytest.raises(SystemExit) as exit_info:
+            argv = sys.argv
+            sys.argv = ["bench_head.py", "--device", "cpu", "--live-pairs", str(checkpoint), "--rows", "16"]
+            try:
+                tool("bench_head").main()
+            finally:
+                sys.argv = argv
+        status = 1
+        print(exit_info.value.code, file=sys.stderr)
+    else:
+        status = tool(entry).main(ENTRY_POINTS[entry](checkpoint, demo_data, tmp_path))
+    stderr = capsys.readouterr().err
+    assert not marker.exists(), "the crafted checkpoint ran its command"
+    assert status != 0
+    line = one_error_line(stderr)
+    assert str(target) in line and "refused" in line, line
+
+
+def test_truncated_checkpoint_file_is_one_line(trained_run: Path, tmp_path: Path) -> None:
+    run = copy_run(trained_run, tmp_path / "run")
+    trainer_file = step_dir(run) / "trainer.pt"
+    trainer_file.write_bytes(trainer_file.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(trainer_file))}: unreadable checkpoint file"):
+        load_trainer_state(step_dir(run))
+
+
+def test_trainer_checkpoint_holds_only_weights(trained_run: Path) -> None:
+    state = load_weights(step_dir(trained_run) / "trainer.pt")
+    assert set(state) == {"step", "backbone", "backbone_optimizer", "rng", "progress"}
+    assert state["progress"] == {"samples": 4 * 8, "epoch": 0, "epoch_samples": 4 * 8, "schedule_batch": 8}
+
+
+def save_step(root: Path, step: int, keep: int, value: float = 0.0) -> Path:
+    weight = torch.nn.Parameter(torch.full((4, 2), value))
+    state = TrainerState(step=step, backbone={"w": torch.zeros(1)}, backbone_optimizer={}, rng=rng_state(),
+                         progress={})
+    return save_checkpoint(root, rank=0, world_size=1, trainer_state=state, head_weight=weight,
+                           head_optimizer=torch.optim.SGD([weight], lr=0.1), class_range=(0, 4), num_classes=4,
+                           config={}, keep=keep)
+
+
+def test_pruning_keeps_the_checkpoint_just_written(tmp_path: Path) -> None:
+    """Higher-numbered checkpoints of an earlier run do not make pruning delete the new one."""
+    for step in (100, 200):
+        save_step(tmp_path, step, keep=2)
+    written = save_step(tmp_path, 5, keep=1)
+    assert written.is_dir() and latest_checkpoint(tmp_path) == written
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000005"]
+    save_step(tmp_path, 10, keep=2)
+    save_step(tmp_path, 15, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000010", "step-00000015"]
+
+
+@pytest.mark.parametrize("keep", [0, -1])
+def test_keep_checkpoints_below_one_is_a_config_error(keep: int) -> None:
+    with pytest.raises(ConfigError, match=rf"train.keep_checkpoints: must be > 0, got {keep}"):
+        load_config(None, ["data.backend=synthetic", f"train.keep_checkpoints={keep}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=0", "optim.lr: must be > 0, got 0.0"),
+        ("optim.lr=-0.1", "optim.lr: must be > 0, got -0.1"),
+        ("optim.lr=.nan", "optim.lr: must be > 0, got nan"),
+        ("optim.momentum=1.0", "optim.momentum: must be in [0, 1), got 1.0"),
+        ("optim.weight_decay=-5e-4", "optim.weight_decay: must be >= 0, got -0.0005"),
+        ("head.s=0", "head.s: must be > 0"),
+    ],
+)
+def test_out_of_range_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["data.backend=synthetic", override])
+    assert message in str(error.value)
+
+
+def test_exponent_floats_are_numbers(tmp_path: Path) -> None:
+    """PyYAML reads ``5e-4`` as a string; the config reads it as YAML 1.2 does."""
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {backend: synthetic}\noptim: {weight_decay: 5e-4, lr: 1E-1}\n")
+    cfg = load_config(config, ["head.s=6.4e1"])
+    assert (cfg.optim.weight_decay, cfg.optim.lr, cfg.head.s) == (5e-4, 0.1, 64.0)
+
+
+def test_resume_false_refuses_a_folder_with_checkpoints(
+    trained_run: Path, demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(trained_run, tmp_path / "run")
+    config = write_config(tmp_path / "c.yaml", demo_data, run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert train_in_process(config, "train.resume=false") == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"train.output {run} already holds checkpoints" in line and "train.overwrite=true" in line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+    assert train_in_process(config, "train.overwrite=true") == 0
+    out = capsys.readouterr().out
+    assert "moved the earlier run's checkpoints to" in out and "resumed" not in out
+    (aside,) = run.glob("replaced-*")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == before
+    assert (aside / "best" / "heldout" / "backbone.pt").is_file()
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
+
+
+def test_second_run_on_the_same_folder_refuses(demo_data: Path, tmp_path: Path) -> None:
+    """A run holding the folder is named by host and pid; the second run writes nothing."""
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", demo_data, run)
+    command = [sys.executable, "-m", "sface_dist.train", str(config), "--set", "train.steps=100000",
+               "--set", "train.checkpoint_every=100000", "--set", "eval.every=100000"]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout is not None
+        for line in first.stdout:
+            if line.startswith("step "):
+                break
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 1
+    line = one_error_line(second.stderr)
+    assert f"train.output {run} is in use by another run (host {socket.gethostname()} pid {first.pid}" in line
+    assert not (run / "checkpoints").exists()
+    # The lock died with its holder: the folder is free again.
+    assert train_in_process(config, "train.steps=2") == 0
+
+
+@pytest.mark.parametrize("kind", ["file", "inside-file"])
+def test_unusable_output_path_is_one_line(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    output = blocker if kind == "file" else blocker / "run"
+    capsys.readouterr()
+    assert train_in_process(write_config(tmp_path / "c.yaml", demo_data, output)) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"train.output {output}" in line
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
+    """Mount small tmpfs file systems (root only): a real full or read-only disk."""
+    mounts: list[Path] = []
+
+    def mount(size: str, options: str = "rw") -> Path:
+        point = tmp_path / f"mount{len(mounts)}"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},{options}", "tmpfs", str(point)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounts.append(point)
+        return point
+
+    yield mount
+    for point in mounts:
+        subprocess.run(["umount", "--lazy", str(point)], check=False)
+
+
+def test_read_only_output_is_one_line(
+    demo_data: Path, tmp_path: Path, tmpfs: Callable[[str, str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmpfs("1m", "ro") / "run"
+    capsys.readouterr()
+    assert train_in_process(write_config(tmp_path / "c.yaml", demo_data, output)) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line == f"error: train.output {output}: cannot create the run folder: read-only file system"
+
+
+def test_disk_full_keeps_the_previous_checkpoint(
+    trained_run: Path, demo_data: Path, tmp_path: Path, tmpfs: Callable[[str, str], Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A disk with room for one checkpoint: the next write fails with one line, ``latest`` still resumes."""
+    disk = tmpfs("8m", "rw")
+    run = disk / "run"
+    shutil.copytree(step_dir(trained_run), run / "checkpoints" / "step-00000004")
+    (run / "checkpoints" / "latest").write_text("step-00000004")
+    filler = disk / "filler"
+    filler.write_bytes(b"\0" * (disk_free(disk) - 64 * 1024))
+    config = write_config(tmp_path / "c.yaml", demo_data, run)
+    capsys.readouterr()
+    assert train_in_process(config, "train.steps=6", "eval.bins=[]") == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert re.fullmatch(rf"error: cannot write checkpoint {re.escape(str(run))}/checkpoints/step-00000006\.tmp\S*: "
+                        "no space left on device", line), line
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000004"]
+    filler.unlink()
+    assert train_in_process(config, "train.steps=6", "eval.bins=[]") == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 4" in out
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000006"
+
+
+def disk_free(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def test_non_finite_weights_write_no_checkpoint(
+    trained_run: Path, demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A diverging run (finite loss, NaN batch-norm statistics) stops before writing; ``latest`` resumes."""
+    run = copy_run(trained_run, tmp_path / "run")
+    config = write_config(tmp_path / "c.yaml", demo_data, run)
+    capsys.readouterr()
+    status = train_in_process(config, "train.steps=8", "optim.lr=1e6", "optim.grad_clip=0", "eval.bins=[]")
+    assert status == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert re.match(r"error: step \d+: .* (is not finite|loss is nan)", line) and "step-00000004" in line, line
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000004"]
+    for path in (run / "checkpoints").glob("step-*"):
+        assert all(torch.isfinite(t).all() for t in load_trainer_state(path).backbone.values() if t.is_floating_point())
+    assert train_in_process(config, "train.steps=6", "eval.bins=[]") == 0
+    assert "at step 4" in capsys.readouterr().out
+
+
+def test_changed_architecture_is_one_line(
+    trained_run: Path, demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(trained_run, tmp_path / "run")
+    capsys.readouterr()
+    assert train_in_process(write_config(tmp_path / "c.yaml", demo_data, run), "model.embedding_size=64") == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line == (f"error: {step_dir(run)}: model.embedding_size is 32 in the checkpoint and 64 in the config: "
+                    "restore it, or start a new run (another train.output, or train.overwrite=true)")
+
+
+def test_debug_shows_the_traceback(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
+    run = copy_run(trained_run, tmp_path / "run")
+    config = write_config(tmp_path / "c.yaml", demo_data, run)
+    env = os.environ | {"SFACE_DEBUG": "1"}
+    result = subprocess.run([sys.executable, "-m", "sface_dist.train", str(config), "--set", "train.resume=false"],
+                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "RunDirectoryError" in result.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(demo_data: Path, tmp_path: Path, workers: int) -> None:
+    """SIGINT to the whole process group, as a terminal sends it: checkpoint, exit 130, resumable."""
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", demo_data, run)
+    overrides = ["--set", "train.steps=100000", "--set", "train.checkpoint_every=100000", "--set", "train.log_every=1",
+                 "--set", f"data.num_workers={workers}", "--set", "eval.bins=[]"]
+    command = [sys.executable, "-m", "sface_dist.train", str(config), *overrides]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "error" not in err, err
+    stopped = re.search(r"^interrupted at step (\d+): checkpoint (\S+)$", out, re.MULTILINE)
+    assert stopped is not None, out
+    step = int(stopped.group(1))
+    assert (run / "checkpoints" / "latest").read_text() == f"step-{step:08d}"
+    resumed = subprocess.run([*command, "--set", f"train.steps={step + 2}"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr
+
+
+def torchrun(nproc: int, config: Path, *overrides: str) -> str:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "sface_dist.train", str(config)]
+    for override in overrides:
+        command += ["--set", override]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def logged(log: str) -> dict[int, tuple[int, float, float]]:
+    """``step -> (total steps, loss, lr)`` of a run's log."""
+    return {int(m[1]): (int(m[2]), float(m[3]), float(m[4])) for m in STEP_LINE.finditer(log)}
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 3)])
+def test_resume_at_another_world_size_keeps_the_schedule(
+    demo_data: Path, tmp_path: Path, before: int, after: int
+) -> None:
+    """An epoch-based run stopped and resumed on another number of ranks follows the straight run's schedule.
+
+    Progress is in samples: at every sample count both runs reach, the learning rate is the
+    same, and the resumed run ends after the configured epochs (192 images, 3 epochs).
+    """
+    batch, epochs, images = 8, 3, 192
+    global_before, global_after = batch * before, batch * after
+    stop_step = 5 if before == 2 else 10
+    train_keys = f"epochs: {epochs}, steps: 0, log_every: 1, checkpoint_every: {stop_step}, keep_checkpoints: 50"
+    config = write_config(tmp_path / "c.yaml", demo_data, tmp_path / "straight", train_keys)
+    straight = logged(torchrun(before, config, "eval.bins=[]", "optim.warmup_steps=3"))
+    assert max(straight) == epochs * (images // global_before)
+
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    stop = f"step-{stop_step:08d}"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / stop, resumed_dir / "checkpoints" / stop)
+    (resumed_dir / "checkpoints" / "latest").write_text(stop)
+    log = torchrun(after, config, "eval.bins=[]", "optim.warmup_steps=3", f"train.output={resumed_dir}")
+    assert f"at step {stop_step}" in log
+    resumed = logged(log)
+
+    # The learning rate logged at a step is the one computed from the samples trained on before it.
+    samples_at_stop = stop_step * global_before
+    by_samples = {(step - 1) * global_before: lr for step, (_, _, lr) in straight.items()}
+    matched = 0
+    for step, (total, _, lr) in resumed.items():
+        samples = samples_at_stop + (step - stop_step - 1) * global_after
+        if samples in by_samples:
+            assert lr == pytest.approx(by_samples[samples], rel=1e-3), (step, samples)
+            matched += 1
+    assert matched >= 3
+    # The resumed run ends at the end of epoch 3: the straight run's samples, up to the dropped remainders.
+    final_samples = samples_at_stop + (max(resumed) - stop_step) * global_after
+    assert abs(final_samples - max(straight) * global_before) < epochs * global_after
+    assert {total for total, _, _ in resumed.values()} == {max(resumed)}
+    epoch, position = divmod(samples_at_stop, images // global_before * global_before)
+    assert f"at step {stop_step} ({samples_at_stop} samples, epoch {epoch})" in log
+    first_steps_of_next_epoch = (images // global_before * global_before - position) // global_after
+    assert min(resumed) == stop_step + 1 and first_steps_of_next_epoch > 0
