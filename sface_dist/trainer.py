@@ -40,8 +40,8 @@ from sface_dist.checkpoint import (
     state_dict_mismatch,
 )
 from sface_dist.config import Config, OptimConfig, save_config, to_dict
-from sface_dist.data.loader import build_loader
 from sface_dist.data.errors import DataError
+from sface_dist.data.loader import build_loader
 from sface_dist.distributed import DistEnv, PeerError, control_group, data_parallel, raise_on_any_rank
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import VerificationResult

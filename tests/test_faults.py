@@ -505,3 +505,19 @@ def test_resume_at_another_world_size_keeps_the_schedule(
     assert f"at step {stop_step} ({samples_at_stop} samples, epoch {epoch})" in log
     first_steps_of_next_epoch = (images // global_before * global_before - position) // global_after
     assert min(resumed) == stop_step + 1 and first_steps_of_next_epoch > 0
+
+
+def test_refusal_on_two_ranks_is_one_line(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
+    """Rank 0 decides about the folder and says why; rank 1 learns the decision and stops without a line."""
+    run = copy_run(trained_run, tmp_path / "run")
+    config = write_config(tmp_path / "c.yaml", demo_data, run)
+    logs = tmp_path / "logs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               f"--log-dir={logs}", "--redirects=3", "-m", "sface_dist.train", str(config),
+               "--set", "train.resume=false"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    (rank0,) = logs.glob("*/attempt_0/0/stderr.log")
+    (rank1,) = logs.glob("*/attempt_0/1/stderr.log")
+    assert f"train.output {run} already holds checkpoints" in one_error_line(rank0.read_text())
+    assert "Traceback" not in rank1.read_text() and "error" not in rank1.read_text(), rank1.read_text()
