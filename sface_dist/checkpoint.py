@@ -225,8 +225,7 @@ def save_checkpoint(
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             _fsync_dir(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            _publish(tmp, final)
             _atomic_write_text(root / LATEST, final.name)
         except OSError as failure:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -237,13 +236,24 @@ def save_checkpoint(
     return final
 
 
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` (the same step written again) is swapped out by
+    renames and deleted only afterwards, so ``latest`` never names a folder that is being deleted."""
+    retired = final.with_name(final.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if final.exists():
+        os.replace(final, retired)
+    os.replace(tmp, final)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
 def _prune(root: Path, keep: int, written: Path) -> None:
     """Delete the oldest checkpoints beyond ``keep``, never ``written`` nor the one ``latest`` names."""
     protected = {written.name}
     pointer = root / LATEST
     if pointer.is_file():
         protected.add(pointer.read_text().strip())
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and p.suffix not in (".tmp", ".old"))
     others = [p for p in steps if p.name not in protected]
     for old in others[: max(0, len(steps) - keep)]:
         shutil.rmtree(old, ignore_errors=True)

@@ -521,3 +521,15 @@ def test_refusal_on_two_ranks_is_one_line(trained_run: Path, demo_data: Path, tm
     (rank1,) = logs.glob("*/attempt_0/1/stderr.log")
     assert f"train.output {run} already holds checkpoints" in one_error_line(rank0.read_text())
     assert "Traceback" not in rank1.read_text() and "error" not in rank1.read_text(), rank1.read_text()
+
+
+def test_rerunning_a_finished_run_rewrites_its_last_checkpoint_in_place(trained_run: Path, demo_data: Path,
+                                                                       tmp_path: Path) -> None:
+    """The same step written again replaces the folder by renames: ``latest`` names a complete checkpoint."""
+    run = copy_run(trained_run, tmp_path / "run")
+    before = load_trainer_state(step_dir(run)).backbone
+    assert train_in_process(write_config(tmp_path / "c.yaml", demo_data, run), "eval.bins=[]") == 0
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000002", "step-00000004"]
+    after = load_trainer_state(step_dir(run)).backbone
+    assert all(torch.equal(before[name], after[name]) for name in before)
