@@ -414,25 +414,14 @@ class Trainer:
             self.lock = None
 
 
-class _Interrupt:
-    def __init__(self) -> None:
-        self._set = False
-
-    def set(self) -> None:
-        self._set = True
-
-    def is_set(self) -> bool:
-        return self._set
-
-
 @contextlib.contextmanager
-def _interrupt_at_step_boundary(enabled: bool) -> Iterator[_Interrupt]:
+def _interrupt_at_step_boundary(enabled: bool) -> Iterator[threading.Event]:
     """The first SIGINT asks the loop to stop at the next step boundary; the second interrupts at once.
 
     Only in a single process on the main thread: ranks of a distributed run would have to agree
     on the step, and a launcher forwards signals on its own terms.
     """
-    interrupt = _Interrupt()
+    interrupt = threading.Event()
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield interrupt
         return
