@@ -84,6 +84,9 @@ class HeadConfig:
     b: float = 1.23
     margin: list[float] = field(default_factory=list)
     """Margin heads: (m1, m2, m3) of cos(m1·θ + m2) - m3; empty takes the type's default."""
+    margin_grad: str = "cos"
+    """Margin heads: ``cos`` (the target logit's gradient is that of s·cos θ, as insightface applies its margin;
+    trains) or ``exact`` (the derivative of the margined logit, which vanishes near θ = π - m2)."""
     impl: str = "auto"
     """SFace: ``dense`` (reference), ``chunked`` (O(B x chunk) memory), ``triton`` (fused GPU kernels) or
     ``auto`` (``triton`` on CUDA with Triton installed, else ``chunked``)."""
@@ -164,6 +167,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_record": ("error", "skip"),
     "head.type": ("sface", "arcface", "cosface", "combined", "softmax"),
     "head.impl": ("auto", "dense", "chunked", "triton"),
+    "head.margin_grad": ("cos", "exact"),
     "head.precision": ("fp32", "tf32", "bf16", "fp16"),
     "head.init": ("xavier", "normal"),
     "train.amp": ("none", "bf16", "fp16"),

@@ -52,9 +52,13 @@ def sface_reference(
 
 
 def margin_reference(
-    embeddings: Tensor, weight: Tensor, labels: Tensor, s: float, m1: float, m2: float, m3: float
+    embeddings: Tensor, weight: Tensor, labels: Tensor, s: float, m1: float, m2: float, m3: float,
+    margin_grad: str = "cos",
 ) -> dict[str, Tensor]:
-    """Cross-entropy with target logit s·(cos(m1·θ + m2) - m3) (ArcFace / CosFace / combined), fp64."""
+    """Cross-entropy with target logit s·(cos(m1·θ + m2) - m3) (ArcFace / CosFace / combined), fp64.
+
+    ``margin_grad="cos"``: the target logit's gradient is that of s·cos θ (insightface); ``"exact"``: its own.
+    """
     cos = _cosines(embeddings, weight).clamp(-1.0, 1.0)
     rows = torch.arange(cos.shape[0])
     target_cos = cos[rows, labels]
@@ -64,6 +68,8 @@ def margin_reference(
         margined = torch.where(theta + m2 < math.pi, margined, target_cos - m2 * math.sin(m2) - m3)
     elif m1 == 1.0 and m2 == 0.0:
         margined = target_cos - m3
+    if margin_grad == "cos":
+        margined = target_cos + (margined - target_cos).detach()
     target = F.one_hot(labels, cos.shape[1]).bool()
     logits = s * torch.where(target, margined.unsqueeze(1), cos)
     return {

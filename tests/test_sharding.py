@@ -43,6 +43,8 @@ HEADS: dict[str, HeadConfig] = {
     "combined": HeadConfig(type="combined", s=16.0),
     "softmax": HeadConfig(type="softmax", s=16.0),
     "arcface-sampled": HeadConfig(type="arcface", s=16.0, sample_rate=0.5),
+    "arcface-exact": HeadConfig(type="arcface", s=16.0, margin_grad="exact"),
+    "combined-exact": HeadConfig(type="combined", s=16.0, margin_grad="exact"),
 }
 STAT_NAMES = {"sface": ("loss", "intra", "inter", "cos_target", "cos_nontarget", "accuracy")}
 MARGIN_STAT_NAMES = ("loss", "cos_target", "cos_nontarget", "accuracy")
@@ -111,7 +113,7 @@ def reference(cfg: HeadConfig, embeddings: torch.Tensor, weight: torch.Tensor, l
     from sface_dist.heads.margin import MARGIN_TYPES
 
     m1, m2, m3 = cfg.margin or MARGIN_TYPES[cfg.type]
-    return margin_reference(embeddings, weight, labels, cfg.s, m1, m2, m3)
+    return margin_reference(embeddings, weight, labels, cfg.s, m1, m2, m3, cfg.margin_grad)
 
 
 def expected_inter_scale(result: dict[str, Any], positives: set[int]) -> torch.Tensor:

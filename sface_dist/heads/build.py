@@ -28,4 +28,6 @@ def build_head(
     if cfg.type not in MARGIN_TYPES:
         raise ValueError(f"head.type: expected sface or one of {', '.join(MARGIN_TYPES)}, got {cfg.type!r}")
     m1, m2, m3 = cfg.margin or MARGIN_TYPES[cfg.type]
-    return ShardedMarginHead(num_classes, embedding_size, s=cfg.s, m1=m1, m2=m2, m3=m3, **common)
+    return ShardedMarginHead(
+        num_classes, embedding_size, s=cfg.s, m1=m1, m2=m2, m3=m3, margin_grad=cfg.margin_grad, **common
+    )

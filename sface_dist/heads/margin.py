@@ -1,8 +1,15 @@
 """Margin-softmax baselines sharded like the SFace head: ArcFace, CosFace, combined, plain.
 
 The target logit is ``s·(cos(m1·θ + m2) - m3)``, every other logit ``s·cos θ``:
-ArcFace is (1, m, 0), CosFace (1, 0, m), plain normalised softmax (1, 0, 0). The
-margin is differentiable (insightface applies its ArcFace margin under no_grad).
+ArcFace is (1, m, 0), CosFace (1, 0, m), plain normalised softmax (1, 0, 0).
+
+Two gradients for the margined logit (``margin_grad``): ``cos``, the gradient of
+``s·cos θ`` (the margin shifts the value only, as insightface applies it under
+no_grad), and ``exact``, the derivative of ``cos(m1·θ + m2)``. The exact one is
+``m1·sin(m1·θ + m2) / sin θ`` times that of cos θ: it vanishes as θ + m2 → π, so a
+target pushed past π - m2 stops being pulled back while its negatives are still
+pushed away, and training can settle there with every target cosine near
+cos(π - m2) (-0.88 for ArcFace's 0.5).
 
 The softmax normaliser spans all shards: ``distributed_cross_entropy`` all-reduces
 the target logits, the row maxima and the row sums of exponentials, so only
@@ -33,17 +40,22 @@ MARGIN_TYPES: dict[str, tuple[float, float, float]] = {
 """Default (m1, m2, m3) of each margin type (insightface's defaults)."""
 
 
+MARGIN_GRADS = ("cos", "exact")
+
+
 @dataclass(frozen=True)
 class MarginParams:
     s: float = 64.0
     m1: float = 1.0
     m2: float = 0.5
     m3: float = 0.0
+    margin_grad: str = "cos"
 
 
 def margin_target_cos(cos: Tensor, params: MarginParams) -> Tensor:
-    """cos(m1·θ + m2) - m3, differentiable; beyond θ + m2 > π it continues as cos θ - m2·sin m2 - m3
-    (insightface's fallback that keeps the target logit monotone in θ)."""
+    """cos(m1·θ + m2) - m3; beyond θ + m2 > π it continues as cos θ - m2·sin m2 - m3 (insightface's
+    fallback that keeps the target logit monotone in θ). Its gradient is that of cos θ for
+    ``margin_grad="cos"``, its own derivative for ``"exact"``."""
     if params.m1 == 1.0 and params.m2 == 0.0:
         return cos - params.m3
     eps = 1e-7
@@ -51,7 +63,9 @@ def margin_target_cos(cos: Tensor, params: MarginParams) -> Tensor:
     margined = torch.cos(params.m1 * theta + params.m2) - params.m3
     if params.m1 == 1.0:
         fallback = cos - params.m2 * math.sin(params.m2) - params.m3
-        return torch.where(theta + params.m2 < math.pi, margined, fallback)
+        margined = torch.where(theta + params.m2 < math.pi, margined, fallback)
+    if params.margin_grad == "cos":
+        return cos + (margined - cos).detach()
     return margined
 
 
@@ -105,6 +119,7 @@ class ShardedMarginHead(ShardedHead):
         m1: float = 1.0,
         m2: float = 0.5,
         m3: float = 0.0,
+        margin_grad: str = "cos",
         process_group: ProcessGroup | None = None,
         precision: str = "fp32",
         sample_rate: float = 1.0,
@@ -115,7 +130,9 @@ class ShardedMarginHead(ShardedHead):
         super().__init__(num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs)
         if precision not in PRECISIONS:
             raise ValueError(f"head.precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.params = MarginParams(s=s, m1=m1, m2=m2, m3=m3)
+        if margin_grad not in MARGIN_GRADS:
+            raise ValueError(f"head.margin_grad: expected one of {', '.join(MARGIN_GRADS)}, got {margin_grad!r}")
+        self.params = MarginParams(s=s, m1=m1, m2=m2, m3=m3, margin_grad=margin_grad)
         self.precision = precision
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
