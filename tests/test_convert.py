@@ -311,3 +311,31 @@ def test_reindex_cli(tmp_path: Path) -> None:
 def test_every_subcommand_has_help() -> None:
     for command in ("from-folder", "from-list", "to-folder", "inspect", "repack", "make-bin", "reindex"):
         assert "usage:" in run_cli(command, "--help").stdout
+
+
+def test_repack_exclude_leaves_out_the_listed_records(tmp_path: Path) -> None:
+    """A finder's CSV (header, key first) or a plain key list: exactly the listed images are left out."""
+    make_tree(tmp_path / "in")
+    folder_to_rec(tmp_path / "in", tmp_path / "src", progress=False)
+    source = tmp_path / "src" / "train.rec"
+    with RecordIOReader(source, source.with_suffix(".idx")) as reader:
+        keys = FaceRecordIndex(reader).image_keys.tolist()
+        record = {key: unpack(reader.read(key)) for key in keys}
+    excluded = [keys[1], keys[4]]
+    listing = tmp_path / "suspects.csv"
+    listing.write_text("key,label,score\n" + "".join(f"{k},{int(record[k][0].label)},0.1\n" for k in excluded))
+    result = run_cli("repack", str(source), str(tmp_path / "clean"), "--exclude", str(listing))
+    assert "4 images of 3 identities" in result.stdout and "excluded 2 listed records" in result.stdout
+    kept = sorted((int(record[k][0].label), record[k][1]) for k in keys if k not in excluded)
+    assert images_by_label(tmp_path / "clean" / "train.rec") == kept
+
+    (tmp_path / "keys.txt").write_text(f"# suspects\n{keys[0]}\n\n{10_000}\n{10_001}\n")
+    failed = run_cli("repack", str(source), str(tmp_path / "clean"), "--exclude", str(tmp_path / "keys.txt"),
+                     check=False)
+    assert failed.returncode == 2
+    assert failed.stderr == f"error: {tmp_path / 'keys.txt'}: 2 keys are not image records of {source}: 10000, 10001\n"
+    assert images_by_label(tmp_path / "clean" / "train.rec") == kept
+    (tmp_path / "bad.txt").write_text("key\nseven\n")
+    failed = run_cli("repack", str(source), str(tmp_path / "clean"), "--exclude", str(tmp_path / "bad.txt"),
+                     check=False)
+    assert failed.stderr == f"error: {tmp_path / 'bad.txt'}: line 2: 'seven' is not a record key\n"

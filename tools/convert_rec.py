@@ -62,7 +62,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _repack(args: argparse.Namespace) -> int:
-    summary = repack(args.rec, args.out, not args.no_shuffle, args.seed, args.skip_bad, not args.quiet)
+    summary = repack(args.rec, args.out, not args.no_shuffle, args.seed, args.skip_bad, not args.quiet, args.exclude)
     print(summary.describe("repacked into"))
     return 0
 
@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--seed", type=int, default=0, help="shuffle seed (0)")
     command.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     command.add_argument("--skip-bad", action="store_true", help="leave out unreadable records and list them")
+    command.add_argument(
+        "--exclude", metavar="LIST", help="leave out the records whose keys LIST names (one per line, or a CSV)"
+    )
     command.set_defaults(run=_repack)
 
     command = add("make-bin", "verification pack from a pair list")

@@ -73,6 +73,8 @@ class ConvertSummary:
     bytes_written: int
     seconds: float
     skipped: list[str] = field(default_factory=list)
+    excluded: int = 0
+    """Records left out because an exclusion list named them."""
 
     def describe(self, verb: str = "wrote") -> str:
         rate = self.num_images / max(self.seconds, 1e-9)
@@ -80,6 +82,8 @@ class ConvertSummary:
             f"{verb} {self.out} ({self.bytes_written / 2**20:.1f} MiB): {self.num_images} images of "
             f"{self.num_classes} identities in {self.seconds:.1f} s ({rate:,.0f} img/s)"
         )
+        if self.excluded:
+            line += f"; excluded {self.excluded} listed records"
         if self.skipped:
             line += f"; skipped {len(self.skipped)} bad records:\n  " + "\n  ".join(self.skipped)
         return line
@@ -160,6 +164,26 @@ def list_to_rec(
     )
 
 
+def read_exclusions(list_path: str | os.PathLike[str]) -> set[int]:
+    """Record keys listed in ``list_path``: the first comma- or space-separated field of each line;
+    blank lines, ``#`` comments and a header line whose first field is ``key`` are passed over."""
+    list_path = Path(list_path)
+    try:
+        lines = list_path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConvertError(f"{list_path}: cannot read the exclusion list ({error})") from None
+    keys: set[int] = set()
+    for number, line in enumerate(lines, start=1):
+        fields = line.split("#", 1)[0].replace(",", " ").split()
+        if not fields or (number == 1 and fields[0] == "key"):
+            continue
+        try:
+            keys.add(int(fields[0]))
+        except ValueError:
+            raise ConvertError(f"{list_path}: line {number}: {fields[0]!r} is not a record key") from None
+    return keys
+
+
 def repack(
     rec_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -167,12 +191,15 @@ def repack(
     seed: int = 0,
     skip_bad: bool = False,
     progress: bool = True,
+    exclude: str | os.PathLike[str] | None = None,
 ) -> ConvertSummary:
     """Rewrite any face ``.rec`` as a flat, images-only file with scalar labels (keys ``0..n-1``).
 
     Image bytes are copied unchanged; with ``shuffle`` they go in a ``seed``-determined random
     order. Records that cannot be read, carry no recognisable image or a label outside the
     class range stop the run, or with ``skip_bad`` are left out and listed in the summary.
+    ``exclude`` names a list of record keys to leave out (``read_exclusions``); a key that is
+    not an image record of the source is an error, so a list made for another file is caught.
     ``property`` and ``classes.txt`` next to the source are carried over.
     """
     start_time = time.perf_counter()
@@ -180,6 +207,8 @@ def repack(
     with _open_dataset(rec_path) as (reader, index):
         num_classes = known_num_classes(rec_path, index)
         order = np.random.default_rng(seed).permutation(len(index)) if shuffle else np.arange(len(index))
+        if exclude is not None:
+            order = _without_excluded(order, index, rec_path, Path(exclude))
         skipped: list[str] = []
         written = 0
         max_label = -1
@@ -206,8 +235,20 @@ def repack(
         if not classes.is_file():
             (out_dir / "classes.txt").unlink(missing_ok=True)
     return ConvertSummary(
-        out_dir, written, num_classes, _size(out_dir / "train.rec"), time.perf_counter() - start_time, skipped
+        out_dir, written, num_classes, _size(out_dir / "train.rec"), time.perf_counter() - start_time, skipped,
+        excluded=len(index) - len(order),
     )
+
+
+def _without_excluded(order: np.ndarray, index: FaceRecordIndex, rec_path: Path, list_path: Path) -> np.ndarray:
+    """``order`` without the image positions whose keys ``list_path`` names; unknown keys are an error."""
+    excluded = read_exclusions(list_path)
+    keys = index.image_keys
+    unknown = sorted(excluded - set(keys.tolist()))
+    if unknown:
+        shown = ", ".join(map(str, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
+        raise ConvertError(f"{list_path}: {len(unknown)} keys are not image records of {rec_path}: {shown}")
+    return order[~np.isin(keys[order], np.fromiter(excluded, dtype=np.int64, count=len(excluded)))]
 
 
 def rec_to_folder(
