@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sface_dist.data.convert import ConvertError, EncodeOptions, encode_jpeg, folder_to_rec, repack
+from sface_dist.data.convert import (
+    ConvertError,
+    EncodeOptions,
+    add_label_noise,
+    encode_jpeg,
+    folder_to_rec,
+    repack,
+)
 from sface_dist.data.inspection import inspect_rec
 from sface_dist.data.recordio import (
     FaceRecordIndex,
@@ -339,3 +346,40 @@ def test_repack_exclude_leaves_out_the_listed_records(tmp_path: Path) -> None:
     failed = run_cli("repack", str(source), str(tmp_path / "clean"), "--exclude", str(tmp_path / "bad.txt"),
                      check=False)
     assert failed.stderr == f"error: {tmp_path / 'bad.txt'}: line 2: 'seven' is not a record key\n"
+
+
+def test_label_noise_is_exactly_what_its_manifest_says(tmp_path: Path) -> None:
+    """Every image of the noisy copy is a source image; its label is the source's unless the manifest lists it,
+    and a listed one is another identity's label (closed) or an outside image given a label of the set (open)."""
+    make_tree(tmp_path / "in")
+    folder_to_rec(tmp_path / "in", tmp_path / "src", progress=False)
+    other_tree = tmp_path / "other"
+    make_tree(other_tree)
+    folder_to_rec(other_tree, tmp_path / "outside", progress=False, options=EncodeOptions(quality=50))
+    source, outside = tmp_path / "src" / "train.rec", tmp_path / "outside" / "train.rec"
+
+    def records(rec: Path) -> dict[int, tuple[int, bytes]]:
+        with RecordIOReader(rec, rec.with_suffix(".idx")) as reader:
+            index = FaceRecordIndex(reader)
+            return {index.key(i): index.read(i) for i in range(len(index))}
+
+    corrupted = add_label_noise(source, tmp_path / "noisy", closed_fraction=0.5, open_fraction=0.5, outside=outside,
+                                seed=4, progress=False)
+    clean, extra, noisy = records(source), records(outside), records(tmp_path / "noisy" / "train.rec")
+    assert sorted(noisy) == list(range(9)) and (tmp_path / "noisy" / "property").read_text() == "3,112,112\n"
+    by_key = {record.key: record for record in corrupted}
+    assert sorted(record.kind for record in corrupted) == ["closed"] * 3 + ["open"] * 3
+    clean_images = {image: label for label, image in clean.values()}
+    for key, (label, image) in noisy.items():
+        if key not in by_key:
+            assert clean_images[image] == label
+            continue
+        record = by_key[key]
+        assert record.noisy_label == label
+        origin = clean if record.kind == "closed" else extra
+        assert origin[record.source_key] == (record.true_label, image)
+        if record.kind == "closed":
+            assert label != record.true_label and 0 <= label < 3
+    assert add_label_noise(source, tmp_path / "again", 0.5, 0.5, outside, seed=4, progress=False) == corrupted
+    with pytest.raises(ConvertError, match="open-set noise needs a dataset of other identities"):
+        add_label_noise(source, tmp_path / "x", open_fraction=0.2, progress=False)

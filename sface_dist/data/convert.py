@@ -251,6 +251,78 @@ def _without_excluded(order: np.ndarray, index: FaceRecordIndex, rec_path: Path,
     return order[~np.isin(keys[order], np.fromiter(excluded, dtype=np.int64, count=len(excluded)))]
 
 
+@dataclass(frozen=True)
+class CorruptedRecord:
+    """One image of a noisy copy whose label is wrong: its key there, its label there, and the truth."""
+
+    key: int
+    noisy_label: int
+    kind: str
+    """``closed``: an image of the set relabelled to another identity; ``open``: an image of an identity
+    outside the set (``source_key`` of ``outside``) given a label of the set."""
+    true_label: int
+    """The identity the image shows: a label of the set (closed) or of ``outside`` (open)."""
+    source_key: int
+    """The record key of the image in the file it came from."""
+
+
+def add_label_noise(
+    rec_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    closed_fraction: float = 0.0,
+    open_fraction: float = 0.0,
+    outside: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[CorruptedRecord]:
+    """Write a copy of ``rec_path`` with label noise (flat layout, keys ``0..n-1``) and return the noise.
+
+    Closed-set noise relabels ``closed_fraction`` of the images, chosen uniformly, to another identity
+    drawn uniformly. Open-set noise adds ``open_fraction·n`` images of ``outside`` (a dataset of other
+    identities), each given a label of the set drawn uniformly. Image bytes are copied unchanged and
+    the records shuffled by ``seed``, so the noisy images are not grouped.
+    """
+    if not 0.0 <= closed_fraction <= 1.0 or not 0.0 <= open_fraction:
+        raise ConvertError(f"noise fractions must be in [0, 1] (closed) and >= 0 (open), got {closed_fraction}, "
+                           f"{open_fraction}")
+    if open_fraction and outside is None:
+        raise ConvertError("open-set noise needs a dataset of other identities (outside)")
+    rng = np.random.default_rng(seed)
+    rec_path, out_dir = Path(rec_path), Path(out_dir)
+    with _open_dataset(rec_path) as (reader, index):
+        num_classes = known_num_classes(rec_path, index)
+        images = [index.read(position) + (index.key(position),) for position in range(len(index))]
+    num_classes = num_classes if num_classes is not None else 1 + max(label for label, _, _ in images)
+    if num_classes < 2 and closed_fraction:
+        raise ConvertError(f"{rec_path}: closed-set noise needs at least 2 identities")
+    # (shown label, image, kind, true label, source key)
+    entries = [(label, image, "", label, key) for label, image, key in images]
+    for position in rng.choice(len(entries), round(closed_fraction * len(entries)), replace=False).tolist():
+        label, image, _, _, key = entries[position]
+        noisy = (label + int(rng.integers(1, num_classes))) % num_classes
+        entries[position] = (noisy, image, "closed", label, key)
+    if open_fraction:
+        with _open_dataset(Path(outside)) as (_, other):
+            count = round(open_fraction * len(entries))
+            if count > len(other):
+                raise ConvertError(f"{outside}: {len(other)} images cannot supply {count} open-set images")
+            for position in rng.choice(len(other), count, replace=False).tolist():
+                true_label, image = other.read(position)
+                noisy = int(rng.integers(0, num_classes))
+                entries.append((noisy, image, "open", true_label, other.key(position)))
+    order = rng.permutation(len(entries)).tolist()
+    corrupted: list[CorruptedRecord] = []
+    with _AtomicFiles(out_dir, ("train.rec", "train.idx", "property")) as files:
+        with RecordIOWriter(files["train.rec"], files["train.idx"]) as writer:
+            for key, position in enumerate(with_progress(order, len(order), progress)):
+                label, image, kind, true_label, source_key = entries[position]
+                writer.write(key, pack(IRHeader(0, float(label), key, 0), image))
+                if kind:
+                    corrupted.append(CorruptedRecord(key, label, kind, true_label, source_key))
+        _write_property(files["property"], num_classes, _image_shape(images[0][1]))
+    return corrupted
+
+
 def rec_to_folder(
     rec_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], progress: bool = True
 ) -> ConvertSummary:
