@@ -1,0 +1,101 @@
+"""The noisy-label finder: scores against an fp64 brute force, and planted errors found in a trained run."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sface_dist import train
+from sface_dist.data.convert import add_label_noise
+from sface_dist.evaluation.noisy_labels import score_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_scores_match_a_brute_force_in_fp64() -> None:
+    gen = torch.Generator().manual_seed(0)
+    embeddings, centres = torch.randn(23, 5, generator=gen), torch.randn(7, 5, generator=gen) * 3
+    labels = torch.randint(0, 7, (23,), generator=gen)
+    labels[0] = 6  # class 6's only image
+    labels[labels == 6] = 5
+    labels[0] = 6
+    scores = score_labels(embeddings, labels, centres, block=3)
+    x = embeddings.double() / embeddings.double().norm(dim=1, keepdim=True)
+    w = centres.double() / centres.double().norm(dim=1, keepdim=True)
+    cos = x @ w.t()
+    own = cos[torch.arange(23), labels]
+    others = cos.clone()
+    others[torch.arange(23), labels] = -np.inf
+    np.testing.assert_allclose(scores.own, own.numpy(), atol=1e-6)
+    np.testing.assert_allclose(scores.nearest, others.max(dim=1).values.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(scores.nearest_class, others.argmax(dim=1).numpy())
+    for i in range(23):
+        mates = [j for j in range(23) if j != i and labels[j] == labels[i]]
+        if not mates:
+            assert np.isnan(scores.identity[i])
+            continue
+        mean = x[mates].sum(dim=0)
+        assert scores.identity[i] == pytest.approx(float(x[i] @ mean / mean.norm()), abs=1e-6)
+    suspects = scores.suspects(threshold=0.1)
+    expected = {i for i in range(23) if others[i].max() > own[i] or own[i] < 0.1}
+    assert set(suspects.tolist()) == expected
+    lead = (others.max(dim=1).values - own).numpy()
+    assert list(lead[suspects]) == sorted(lead[suspects], reverse=True)
+
+
+@pytest.fixture(scope="module")
+def noisy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, set[int]]:
+    """SFace trained on 24 identities x 16 images with 20% of the labels moved to another identity.
+
+    100 steps (8 epochs): the tiny backbone memorises every label, noisy ones too, by ~25 epochs of this
+    small set, after which no centre-based finder can tell them apart (docs/noise.md).
+    """
+    root = tmp_path_factory.mktemp("noise")
+    command = [sys.executable, "tools/make_demo_data.py", "--out", str(root / "clean"), "--identities", "24",
+               "--images", "16", "--heldout", "4", "--pairs", "20"]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    corrupted = add_label_noise(root / "clean" / "train.rec", root / "noisy", closed_fraction=0.2, seed=1,
+                                progress=False)
+    config = root / "run.yaml"
+    config.write_text(
+        f"data: {{backend: torch, root: {root / 'noisy'}, batch_size: 32, num_workers: 0}}\n"
+        f"model: {{backbone: tiny, embedding_size: 32}}\noptim: {{lr: 0.1, warmup_steps: 10}}\n"
+        f"train: {{output: {root / 'run'}, steps: 100, log_every: 100, checkpoint_every: 1000}}\n"
+    )
+    assert train.main([str(config)]) == 0
+    return root / "run", root / "noisy" / "train.rec", {record.key for record in corrupted}
+
+
+def test_finder_recovers_planted_label_errors(noisy_run: tuple[Path, Path, set[int]], tmp_path: Path) -> None:
+    run, rec, planted = noisy_run
+    result = subprocess.run([sys.executable, "tools/find_noisy_labels.py", "--checkpoint", str(run), "--out",
+                             str(tmp_path), "--quiet", "--workers", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "suspects.csv") as f:
+        rows = list(csv.DictReader(f))
+    found = {int(row["key"]) for row in rows}
+    assert found == {int(line) for line in (tmp_path / "exclude.txt").read_text().split()}
+    precision, recall = len(found & planted) / max(len(found), 1), len(found & planted) / len(planted)
+    print(f"finder: {len(found)} suspects, precision {precision:.3f} recall {recall:.3f}")
+    # Measured 0.73 / 0.79 here; chance is 0.2 precision. The study's setting is in docs/noise.md.
+    assert precision >= 0.6 and recall >= 0.7, (precision, recall)
+
+
+def test_finder_refuses_a_dataset_of_another_class_count(noisy_run: tuple[Path, Path, set[int]],
+                                                         tmp_path: Path) -> None:
+    run, rec, _ = noisy_run
+    (tmp_path / "property").write_text("30,112,112\n")
+    for name in ("train.rec", "train.idx"):
+        (tmp_path / name).write_bytes((rec.parent / name).read_bytes())
+    result = subprocess.run([sys.executable, "tools/find_noisy_labels.py", "--checkpoint", str(run), "--rec",
+                             str(tmp_path / "train.rec"), "--out", str(tmp_path / "out")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(f"its head has 24 classes, {tmp_path / 'train.rec'} has 30")
+    assert "Traceback" not in result.stderr
