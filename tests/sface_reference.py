@@ -1,4 +1,4 @@
-"""Independent fp64 references of the heads, written straight from the formulas (DESIGN.md §3)."""
+"""Independent fp64 references of the heads, written straight from the formulas (docs/design.md, The SFace loss)."""
 
 from __future__ import annotations
 

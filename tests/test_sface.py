@@ -1,4 +1,4 @@
-"""SFace block math against the formula of DESIGN.md §3, single process."""
+"""SFace block math against the formula of docs/design.md (The SFace loss), single process."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The sharding invariant (DESIGN.md §4) on real gloo ranks.
+"""The sharding invariant (docs/design.md, Sharding) on real gloo ranks.
 
 For world sizes 1-4, an uneven class split and ragged per-rank batches, the loss,
 the diagnostics, the backbone gradients (after DDP) and the concatenated head

@@ -1,6 +1,6 @@
 """Time and peak extra memory of one head shard's fwd+bwd, every implementation side by side.
 
-    python tools/bench_head.py                                    # CUDA: the DESIGN.md §8 shapes; CPU: small ones
+    python tools/bench_head.py                                    # CUDA: MS1M/WebFace42M shards; CPU: small ones
     python tools/bench_head.py --device cpu --shapes 1024x100000 --impls floor,chunked,dense
     python tools/bench_head.py --live-pairs runs/demo/checkpoints/step-00000372 --random-init
 

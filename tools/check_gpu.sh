@@ -4,8 +4,8 @@
 #   2. the CUDA tests: fused kernels at full size against fp64, the torch loader's side-stream
 #      copy against the CPU batches, and DALI's mixed decoder where DALI is installed;
 #   3. tools/compile_kernels.py (registers, spills, shared memory under this Triton), then
-#      tools/bench_head.py at the DESIGN.md §8 shapes (every implementation, one table) and a
-#      bf16 tile sweep at 1,024 x 257,488 (large tiles that spill against small ones that do not);
+#      tools/bench_head.py at its CUDA shapes, an MS1M and a WebFace42M shard on 8 GPUs (every
+#      implementation, one table), and a bf16 tile sweep at 1,024 x 257,488 (large tiles that spill against small ones that do not);
 #   4. 200 demo steps on one GPU with head.impl=auto (Triton) and head.impl=chunked, head in
 #      bf16 as the GPU configs run it: the loss curves side by side and the step time each takes.
 # Usage: tools/check_gpu.sh [RESULTS_DIR]   (default: runs/check_gpu; uses $PYTHON or python3)

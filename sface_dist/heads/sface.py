@@ -1,7 +1,7 @@
 """SFace math on one block of classes: loss partial, gradients and diagnostics.
 
 For normalised rows x̂_i and class centres ŵ_j, cos_ij = x̂_i·ŵ_j and, with the
-sigmoid re-scale weights under stop-gradient (DESIGN.md §3),
+sigmoid re-scale weights under stop-gradient (docs/design.md, The SFace loss),
 
     L = (1/B) Σ_i [ -s·r_intra(θ_iy)·cos_iy + Σ_{j≠y} s·r_inter(θ_ij)·cos_ij ]
 

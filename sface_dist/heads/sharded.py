@@ -3,7 +3,7 @@
 ``ShardedHead`` owns what every sharded head shares: the contiguous class
 partition, the all-gather of embeddings and labels, Partial-FC sampling and input
 checks. ``ShardedSFaceHead`` scores the gathered rows with the SFace block math
-(DESIGN.md §3-4): its shards exchange nothing but the loss partials. The margin
+(docs/design.md, The SFace loss and Sharding): its shards exchange nothing but the loss partials. The margin
 baselines (``heads/margin.py``) add a distributed softmax.
 
 The head is never wrapped by DDP: each shard has its own gradient and optimizer

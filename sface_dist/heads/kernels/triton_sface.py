@@ -1,6 +1,6 @@
 """Triton kernels of the SFace block: cosines, sigmoid weights, loss and both gradients, tile by tile.
 
-With G = ∂L/∂cos known as soon as a cosine is (DESIGN.md §3), two kernels cover
+With G = ∂L/∂cos known as soon as a cosine is (docs/design.md, The SFace loss), two kernels cover
 the non-target pairs of a block without ever holding a [B, C] tensor:
 
 * ``_grad_weight_kernel`` — one program per class tile, walking every row tile:
