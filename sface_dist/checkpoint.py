@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sface_dist.distributed import all_ranks_ok, raise_on_any_rank
+from sface_dist.distributed import PeerError, raise_on_any_rank
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -209,10 +209,12 @@ def save_checkpoint(
         )
     except OSError as failure:
         error = _write_error(tmp / _head_file(start, end), failure)
-    if not all_ranks_ok(error is None):
+    try:
+        raise_on_any_rank(error)
+    except (CheckpointWriteError, PeerError):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-    raise_on_any_rank(error)
+        raise
     if rank == 0:
         try:
             _save(trainer_state.__dict__, tmp / TRAINER_FILE)

@@ -89,12 +89,6 @@ class Trainer:
         self.loader = build_loader(cfg.data, env.rank, env.world_size, cfg.train.seed, env.device)
         self.num_classes = self.loader.num_classes
         self.global_batch = cfg.data.batch_size * env.world_size
-        self.steps_per_epoch = len(self.loader)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"data: {self.loader.num_images} images cannot fill one global batch of "
-                f"{cfg.data.batch_size} x {env.world_size} ranks"
-            )
         self.base_lr = cfg.optim.lr * (self.global_batch / 512 if cfg.optim.scale_lr_with_batch else 1.0)
         self.progress = Progress(samples=0, epoch=0, epoch_samples=0, schedule_batch=self.global_batch)
         self.interrupted = False

@@ -298,11 +298,11 @@ def embed_checkpoint(
     dataset = RecordFaceDataset(data_cfg["root"], data_cfg["num_classes"], data_cfg["image_size"])
     num_classes = dataset.num_classes
     torch.manual_seed(seed)
-    backbone = build_backbone(model_cfg["backbone"], model_cfg["embedding_size"]).eval()
     if path:
         backbone = load_backbone(path).model
         weight, _ = load_head_shard(path, (0, num_classes), num_classes)
     else:
+        backbone = build_backbone(model_cfg["backbone"], model_cfg["embedding_size"]).eval()
         head = ShardedSFaceHead(num_classes, model_cfg["embedding_size"], impl="chunked")
         weight = head.weight.detach()
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:rows].tolist()
