@@ -18,6 +18,7 @@ from sface_dist.data.convert import (
     add_label_noise,
     encode_jpeg,
     folder_to_rec,
+    hold_out_identities,
     repack,
 )
 from sface_dist.data.inspection import inspect_rec
@@ -348,6 +349,13 @@ def test_repack_exclude_leaves_out_the_listed_records(tmp_path: Path) -> None:
     assert failed.stderr == f"error: {tmp_path / 'bad.txt'}: line 2: 'seven' is not a record key\n"
 
 
+def records(rec: Path) -> dict[int, tuple[int, bytes]]:
+    """Key -> (label, image bytes) of every image record."""
+    with RecordIOReader(rec, rec.with_suffix(".idx")) as reader:
+        index = FaceRecordIndex(reader)
+        return {index.key(i): index.read(i) for i in range(len(index))}
+
+
 def test_label_noise_is_exactly_what_its_manifest_says(tmp_path: Path) -> None:
     """Every image of the noisy copy is a source image; its label is the source's unless the manifest lists it,
     and a listed one is another identity's label (closed) or an outside image given a label of the set (open)."""
@@ -357,11 +365,6 @@ def test_label_noise_is_exactly_what_its_manifest_says(tmp_path: Path) -> None:
     make_tree(other_tree)
     folder_to_rec(other_tree, tmp_path / "outside", progress=False, options=EncodeOptions(quality=50))
     source, outside = tmp_path / "src" / "train.rec", tmp_path / "outside" / "train.rec"
-
-    def records(rec: Path) -> dict[int, tuple[int, bytes]]:
-        with RecordIOReader(rec, rec.with_suffix(".idx")) as reader:
-            index = FaceRecordIndex(reader)
-            return {index.key(i): index.read(i) for i in range(len(index))}
 
     corrupted = add_label_noise(source, tmp_path / "noisy", closed_fraction=0.5, open_fraction=0.5, outside=outside,
                                 seed=4, progress=False)
@@ -383,3 +386,21 @@ def test_label_noise_is_exactly_what_its_manifest_says(tmp_path: Path) -> None:
     assert add_label_noise(source, tmp_path / "again", 0.5, 0.5, outside, seed=4, progress=False) == corrupted
     with pytest.raises(ConvertError, match="open-set noise needs a dataset of other identities"):
         add_label_noise(source, tmp_path / "x", open_fraction=0.2, progress=False)
+
+
+def test_hold_out_identities_splits_by_label_and_keeps_every_image(tmp_path: Path) -> None:
+    make_tree(tmp_path / "in")
+    folder_to_rec(tmp_path / "in", tmp_path / "src", progress=False)
+    source = records(tmp_path / "src" / "train.rec")
+    kept, outside = hold_out_identities(tmp_path / "src" / "train.rec", tmp_path / "split", 1, progress=False)
+    assert (kept, outside) == (tmp_path / "split" / "kept" / "train.rec", tmp_path / "split" / "outside" / "train.rec")
+    in_order = [source[key] for key in sorted(source)]
+    assert list(records(kept).values()) == [entry for entry in in_order if entry[0] < 2]
+    assert list(records(outside).values()) == [(label - 2, image) for label, image in in_order if label == 2]
+    assert sorted(records(kept)) == list(range(4)) and sorted(records(outside)) == list(range(2))
+    assert kept.with_name("property").read_text() == "2,112,112\n"
+    assert outside.with_name("property").read_text() == "1,112,112\n"
+    for count in (0, 3):
+        with pytest.raises(ConvertError, match=f"cannot hold out {count} of its 3 identities"):
+            hold_out_identities(tmp_path / "src" / "train.rec", tmp_path / "bad", count, progress=False)
+    assert not (tmp_path / "bad" / "kept" / "train.rec").exists()

@@ -323,6 +323,40 @@ def add_label_noise(
     return corrupted
 
 
+def hold_out_identities(
+    rec_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], count: int, progress: bool = True
+) -> tuple[Path, Path]:
+    """Split ``rec_path`` by identity into ``out_dir/kept`` and ``out_dir/outside`` (flat layout, keys ``0..n-1``).
+
+    The last ``count`` identities go to ``outside``, relabelled from 0; the others keep their labels in
+    ``kept``. Open-set noise (``add_label_noise``) then draws from identities the kept set does not have.
+    """
+    rec_path, out_dir = Path(rec_path), Path(out_dir)
+    with _open_dataset(rec_path) as (reader, index):
+        num_classes = known_num_classes(rec_path, index)
+        if num_classes is None:
+            num_classes = 1 + max(index.read(position)[0] for position in range(len(index)))
+        if not 1 <= count < num_classes:
+            raise ConvertError(f"{rec_path}: cannot hold out {count} of its {num_classes} identities")
+        first_outside = num_classes - count
+        parts = {"kept": (out_dir / "kept", first_outside, 0), "outside": (out_dir / "outside", count, first_outside)}
+        with contextlib.ExitStack() as stack:
+            writers, written, shape = {}, dict.fromkeys(parts, 0), None
+            for name, (folder, _, _) in parts.items():
+                files = stack.enter_context(_AtomicFiles(folder, ("train.rec", "train.idx", "property")))
+                writers[name] = (files, stack.enter_context(RecordIOWriter(files["train.rec"], files["train.idx"])))
+            for position in with_progress(range(len(index)), len(index), progress):
+                label, image = index.read(position)
+                name = "outside" if label >= first_outside else "kept"
+                key = written[name]
+                writers[name][1].write(key, pack(IRHeader(0, float(label - parts[name][2]), key, 0), image))
+                written[name] += 1
+                shape = shape or _image_shape(image)
+            for name, (folder, classes, _) in parts.items():
+                _write_property(writers[name][0]["property"], classes, shape)
+    return out_dir / "kept" / "train.rec", out_dir / "outside" / "train.rec"
+
+
 def rec_to_folder(
     rec_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], progress: bool = True
 ) -> ConvertSummary:
