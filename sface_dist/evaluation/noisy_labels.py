@@ -3,9 +3,9 @@
 A trained head's weight rows are class centres. Each training image (embedded with the
 flip test) is scored by its cosine to its own centre, to the nearest other centre (which
 it names) and to the mean of its identity's other images. An image is a suspect when
-another centre is nearer than its own, or when its own centre's cosine is below a
-threshold: a mislabelled image that the loss did not pull in (SFace's claim) stays far
-from the centre it was labelled with.
+another centre is nearer than its own (a mislabelled image that the loss did not pull in,
+SFace's claim, stays nearer the centre of the identity it shows), or when it is far from
+the other images of its label (the identity's images vote, whatever the head learnt).
 """
 
 from __future__ import annotations
@@ -14,13 +14,23 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-DEFAULT_THRESHOLD = 0.2
-"""Own-centre cosine below which an image is a suspect even when no other centre is nearer."""
+from sface_dist.checkpoint import CheckpointError, load_head_shard, read_manifest
+from sface_dist.data.convert import known_num_classes
+from sface_dist.distributed import DistEnv, class_range, gather_labels, gather_sizes
+from sface_dist.evaluation.checkpoint_backbone import resolve_checkpoint
+from sface_dist.evaluation.embedder import open_model
+from sface_dist.evaluation.extraction import extract_views
+from sface_dist.evaluation.image_sources import RecordImages
+
+DEFAULT_THRESHOLD = 0.5
+"""Cosine to the mean of its identity's other images below which an image is a suspect even when no other
+centre is nearer its own (chosen on one seed of the noise study, checked on two others: docs/noise.md)."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,7 @@ class LabelScores:
 
     def suspects(self, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
         """Indices of the suspects, most suspicious first (largest lead of another centre over the own one)."""
-        flagged = np.flatnonzero((self.nearest > self.own) | (self.own < threshold))
+        flagged = np.flatnonzero((self.nearest > self.own) | (self.identity < threshold))
         return flagged[np.argsort(self.own[flagged] - self.nearest[flagged], kind="stable")]
 
 
@@ -77,7 +87,8 @@ def score_labels(
 def write_suspects(
     out_dir: str | os.PathLike[str], keys: np.ndarray, labels: np.ndarray, scores: LabelScores, threshold: float
 ) -> tuple[Path, Path, int]:
-    """Write ``suspects.csv`` (most suspicious first) and ``exclude.txt`` (their keys, for ``repack --exclude``)."""
+    """Write ``suspects.csv`` (most suspicious first), ``exclude.txt`` (their keys, for ``repack --exclude``)
+    and ``scores.npz`` (every image's key, label and scores, to re-threshold without embedding again)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     order = scores.suspects(threshold)
@@ -89,4 +100,64 @@ def write_suspects(
             writer.writerow([int(keys[i]), int(labels[i]), f"{scores.own[i]:.4f}", int(scores.nearest_class[i]),
                              f"{scores.nearest[i]:.4f}", f"{scores.identity[i]:.4f}"])
     listing.write_text("".join(f"{int(keys[i])}\n" for i in order.tolist()))
+    np.savez(out_dir / "scores.npz", key=keys, label=labels, own=scores.own, nearest=scores.nearest,
+             nearest_class=scores.nearest_class, identity=scores.identity)
     return table, listing, len(order)
+
+
+@dataclass(frozen=True)
+class FinderReport:
+    """What ``find_noisy_labels`` wrote and found."""
+
+    rec: Path
+    images: int
+    suspects: int
+    table: Path
+    listing: Path
+    median_own: float
+
+
+def find_noisy_labels(
+    checkpoint: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    env: DistEnv,
+    rec: str | os.PathLike[str] | None = None,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    batch_size: int = 128,
+    flip: bool = True,
+    workers: int = 4,
+    progress: TextIO | None = None,
+) -> FinderReport | None:
+    """Score every image of a run's dataset against the run's head and write the suspects (rank 0 returns).
+
+    Each rank embeds a contiguous ``1/world_size`` of the images on ``env.device``; the embeddings and
+    labels are all-gathered and rank 0 scores and writes. ``rec`` defaults to the run's ``data.root``.
+    """
+    checkpoint = resolve_checkpoint(checkpoint)
+    manifest = read_manifest(checkpoint)
+    if "head_files" not in manifest:
+        raise CheckpointError(f"{checkpoint}: holds no head (a best-backbone folder?): name a training checkpoint")
+    num_classes = int(manifest["num_classes"])
+    rec = Path(rec) if rec is not None else Path(manifest["config"]["data"]["root"]) / "train.rec"
+    source = RecordImages(rec)
+    dataset_classes = known_num_classes(rec, source.index)
+    if dataset_classes is not None and dataset_classes != num_classes:
+        raise CheckpointError(f"{checkpoint}: its head has {num_classes} classes, {rec} has {dataset_classes}")
+    model = open_model(checkpoint, None, env.device)
+    first, last = class_range(len(source), env.rank, env.world_size)
+    views = extract_views(model.embed, lambda i: source.load(first + i), last - first, batch_size=batch_size,
+                          flip=flip, workers=workers, progress=progress)
+    local = torch.from_numpy(views.sum(axis=0)).to(env.device)
+    labels = torch.from_numpy(source.labels[first:last]).to(env.device)
+    sizes = gather_sizes(last - first, env.device, None) if env.world_size > 1 else [last - first]
+    embeddings = gather_labels(local, sizes, None).cpu()
+    labels = gather_labels(labels, sizes, None).cpu()
+    if not env.is_main:
+        return None
+    if int(labels.max()) >= num_classes:
+        raise CheckpointError(f"{rec}: label {int(labels.max())} is outside the checkpoint's {num_classes} classes")
+    centres, _ = load_head_shard(checkpoint, (0, num_classes), num_classes)
+    scores = score_labels(embeddings, labels, centres)
+    table, listing, count = write_suspects(out_dir, source.keys, labels.numpy(), scores, threshold)
+    return FinderReport(rec, len(source), count, table, listing, float(np.median(scores.own)))
