@@ -1,0 +1,75 @@
+"""tools/noise_study.py: a small grid end to end, its report against the finder's own files, and resuming."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = [sys.executable, "tools/noise_study.py", "--quick", "--heads", "sface", "--noise", "closed", "--steps", "20"]
+
+
+def run_study(out: Path) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*STUDY, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("study")
+    return out, run_study(out).stdout
+
+
+def read_results(out: Path) -> list[dict[str, str]]:
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_study_reports_every_cell_with_the_finders_own_counts(study: tuple[Path, str]) -> None:
+    out, log = study
+    assert "[1/2] sface-clean-seed0" in log and "[2/2] sface-closed-0.2-seed0" in log
+    rows = {row["noise"]: row for row in read_results(out)}
+    assert set(rows) == {"clean", "closed"}
+    manifest = json.loads((out / "data" / "closed-0.2-seed0" / "corrupted.json").read_text())
+    planted = {record["key"] for record in manifest}
+    assert len(planted) == round(0.2 * 24 * 10) and {record["kind"] for record in manifest} == {"closed"}
+    cells = {"clean": "sface-clean-seed0", "closed": "sface-closed-0.2-seed0"}
+    for noise, row in rows.items():
+        with open(out / "cells" / cells[noise] / "finder" / "suspects.csv") as f:
+            suspects = {int(line["key"]) for line in csv.DictReader(f)}
+        expected_planted = planted if noise == "closed" else set()
+        assert int(row["suspects"]) == len(suspects)
+        assert int(row["found"]) == len(suspects & expected_planted)
+        assert int(row["corrupted"]) == len(expected_planted)
+        assert 0.0 <= float(row["accuracy"]) <= 1.0 and 0.0 <= float(row["tar"]) <= 1.0
+    report = (out / "report.md").read_text()
+    assert "| clean | 0 | sface |" in report and "| closed | 0.2 | sface |" in report
+    closed = rows["closed"]
+    precision, recall = int(closed["found"]) / int(closed["suspects"]), int(closed["found"]) / len(planted)
+    assert f"| {precision:.3f} | {recall:.3f} |" in report
+    for figure in ("accuracy.png", "target_cosine.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_rerun_trains_only_the_cells_without_a_result(study: tuple[Path, str]) -> None:
+    out, _ = study
+    before = read_results(out)
+    assert "[" not in run_study(out).stdout
+    assert read_results(out) == before
+    (out / "cells" / "sface-closed-0.2-seed0" / "result.json").unlink()
+    log = run_study(out).stdout
+    assert "[2/2] sface-closed-0.2-seed0" in log and "[1/2]" not in log
+    assert len(read_results(out)) == 2
+
+
+def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([*STUDY, "--out", str(tmp_path), "--ratios", "1.5"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "error: need seeds and ratios in [0, 1], got seeds (0,), ratios (1.5,)\n"

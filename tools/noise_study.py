@@ -1,0 +1,370 @@
+"""Does the loss resist label noise? Train each head type on noisy copies of a dataset and compare.
+
+    python tools/noise_study.py --out study/demo                        # synthetic demo data, ~40 min on 2 cores
+    python tools/noise_study.py --out study/quick --quick               # a smoke test, ~2 min
+    python tools/noise_study.py --out study/mine --rec data/mine/train.rec --bin data/mine/lfw.bin \\
+        --hold-out 500 --nproc 8 --set model.backbone=r50 --steps 20000
+
+The dataset's last ``--hold-out`` identities are set aside as the outside world. For each
+noise type (closed: images relabelled to another identity of the set; open: images of the
+outside identities added under labels of the set), ratio and seed, a noisy copy is written
+with a manifest of every corrupted record (``OUT/data/<noise>-<ratio>-seed<seed>/``). Each
+head type is trained on each copy through ``sface_dist.train`` with the same config, budget
+and seed, evaluated on the clean held-out pack, and the noisy-label finder is run on its
+final checkpoint and scored against the manifest.
+
+``OUT/report.md`` holds the table (mean ± std over seeds), ``OUT/results.csv`` every cell,
+``OUT/accuracy.png`` accuracy against the noise ratio per loss and ``OUT/target_cosine.png``
+the training images' cosine to the centre of the label they were given, clean against
+corrupted. A cell with ``OUT/cells/<cell>/result.json`` is not trained again: rerun the
+same command to continue an interrupted study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from sface_dist.data.convert import add_label_noise, hold_out_identities
+from sface_dist.distributed import DistEnv
+from sface_dist.evaluation.bin_pack import read_bin
+from sface_dist.evaluation.cli import default_device
+from sface_dist.evaluation.embedder import open_model
+from sface_dist.evaluation.noisy_labels import DEFAULT_THRESHOLD, LabelScores, find_noisy_labels
+from sface_dist.evaluation.verification import evaluate_embedder
+from sface_dist.heads.margin import MARGIN_TYPES
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT_FAR = "1e-03"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What the study trains: every head on every (noise, ratio) for every seed, and the shared budget."""
+
+    heads: tuple[str, ...]
+    noises: tuple[str, ...]
+    ratios: tuple[float, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    identities: int
+    images: int
+    hold_out: int
+
+
+DEFAULT = Grid(("sface", "arcface", "cosface"), ("closed", "open"), (0.0, 0.2, 0.4), (0, 1, 2), steps=600,
+               identities=200, images=20, hold_out=100)
+QUICK = Grid(("sface", "arcface"), ("closed", "open"), (0.0, 0.2), (0,), steps=40, identities=24, images=10,
+             hold_out=12)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the study."""
+
+    head: str
+    noise: str
+    """``clean``, ``closed`` or ``open``."""
+    ratio: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.head}-{self.data_name}"
+
+    @property
+    def data_name(self) -> str:
+        return f"clean-seed{self.seed}" if self.noise == "clean" else f"{self.noise}-{self.ratio:g}-seed{self.seed}"
+
+
+def cells_of(grid: Grid) -> list[Cell]:
+    """Seed-major, so that an interrupted study has whole seeds to report."""
+    conditions = [("clean", 0.0)] if 0.0 in grid.ratios else []
+    conditions += [(noise, ratio) for noise in grid.noises for ratio in grid.ratios if ratio > 0]
+    return [Cell(head, noise, ratio, seed) for seed in grid.seeds for noise, ratio in conditions
+            for head in grid.heads]  # fmt: skip
+
+
+def prepare_source(args: argparse.Namespace, grid: Grid, out: Path) -> tuple[Path, Path]:
+    """The dataset to corrupt and its held-out pack: the user's, or rendered synthetic identities."""
+    if args.rec is not None:
+        return Path(args.rec), Path(args.bin)
+    source = out / "data" / "source"
+    command = [sys.executable, str(ROOT / "tools" / "make_demo_data.py"), "--out", str(source), "--identities",
+               str(grid.identities + grid.hold_out), "--images", str(grid.images), "--heldout",
+               str(max(2, grid.identities // 2)), "--pairs", str(min(600, 4 * grid.identities))]
+    print(f"synthetic data: {grid.identities + grid.hold_out} identities in {source}", flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return source / "train.rec", source / "heldout.bin"
+
+
+def prepare_data(cell: Cell, kept: Path, outside: Path, data: Path) -> Path:
+    """The training set of ``cell``, written once per noise, ratio and seed with ``corrupted.json``, its manifest."""
+    if cell.noise == "clean":
+        return kept.parent
+    folder = data / cell.data_name
+    manifest = folder / "corrupted.json"
+    if not manifest.is_file():
+        closed, opened = (cell.ratio, 0.0) if cell.noise == "closed" else (0.0, cell.ratio)
+        corrupted = add_label_noise(kept, folder, closed, opened, outside, seed=cell.seed, progress=False)
+        _write_json(manifest, [asdict(record) for record in corrupted])
+    return folder
+
+
+def train(cell: Cell, root: Path, run: Path, args: argparse.Namespace, grid: Grid, log: Path) -> None:
+    """``sface_dist.train`` on ``root`` with the study's overrides (torchrun for more than one rank)."""
+    launcher = [sys.executable, "-m", "sface_dist.train"]
+    if args.nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                    "-m", "sface_dist.train"]
+    overrides = [f"data.root={root}", f"train.output={run}", f"head.type={cell.head}", f"train.seed={cell.seed}",
+                 f"train.steps={grid.steps}", "train.epochs=0", "eval.bins=[]", f"train.checkpoint_every={grid.steps}",
+                 f"train.log_every={max(1, grid.steps // 10)}", *args.overrides]
+    command = [*launcher, str(args.config), *[item for value in overrides for item in ("--set", value)]]
+    with open(log, "a") as stream:
+        status = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if status != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or [""]
+        raise RuntimeError(f"cell {cell.name}: training exited with status {status}: {tail[0]} (log: {log})")
+
+
+def run_cell(
+    cell: Cell, root: Path, heldout: Path, folder: Path, args: argparse.Namespace, grid: Grid
+) -> dict[str, object]:
+    """Train, evaluate and run the finder for one cell; its result is written last, so a cut cell reruns."""
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    run = folder / "run"
+    train(cell, root, run, args, grid, folder / "train.log")
+    model = open_model(run, None, default_device())
+    verification = evaluate_embedder(model.embed, read_bin(heldout), batch_size=128)
+    find_noisy_labels(run, folder / "finder", DistEnv(0, 1, 0, torch.device(default_device())), workers=2)
+    result = {**asdict(cell), "accuracy": verification.accuracy, "accuracy_std": verification.std,
+              "tar": verification.to_dict()["tar_at_far"][REPORT_FAR], "seconds": time.perf_counter() - start}
+    _write_json(folder / "result.json", result)
+    return result
+
+
+def finder_counts(out: Path, cell: Cell) -> dict[str, int]:
+    """The finder's default suspects in ``cell``, against the manifest of its data."""
+    scores = np.load(out / "cells" / cell.name / "finder" / "scores.npz")
+    manifest = out / "data" / cell.data_name / "corrupted.json"
+    planted_keys = [record["key"] for record in json.loads(manifest.read_text())] if manifest.is_file() else []
+    planted = np.isin(scores["key"], planted_keys)
+    found = np.zeros(len(planted), dtype=bool)
+    fields = ("own", "nearest", "nearest_class", "identity")
+    found[LabelScores(*(scores[name] for name in fields)).suspects(DEFAULT_THRESHOLD)] = True
+    return {"images": len(planted), "corrupted": int(planted.sum()), "suspects": int(found.sum()),
+            "found": int((found & planted).sum())}
+
+
+def run_study(args: argparse.Namespace, grid: Grid) -> list[dict[str, object]]:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    rec, heldout = prepare_source(args, grid, out)
+    kept_rec, outside_rec = out / "data" / "kept" / "train.rec", out / "data" / "outside" / "train.rec"
+    if not (outside_rec.with_name("property").is_file() and kept_rec.with_name("property").is_file()):
+        hold_out_identities(rec, out / "data", grid.hold_out, progress=False)
+    cells = cells_of(grid)
+    results, trained, spent = [], 0, 0.0
+    for number, cell in enumerate(cells, 1):
+        folder = out / "cells" / cell.name
+        if (folder / "result.json").is_file():
+            results.append(json.loads((folder / "result.json").read_text()))
+            continue
+        left = len(cells) - number + 1
+        eta = f", ~{spent / trained * left / 60:.0f} min left" if trained else ""
+        print(f"[{number}/{len(cells)}] {cell.name}{eta}", flush=True)
+        root = prepare_data(cell, kept_rec, outside_rec, out / "data")
+        result = run_cell(cell, root, heldout, folder, args, grid)
+        trained, spent = trained + 1, spent + float(result["seconds"])
+        found = finder_counts(out, cell)
+        print(f"    accuracy {result['accuracy']:.4f}, TAR@FAR={REPORT_FAR} {result['tar']:.4f}, "
+              f"{found['suspects']} suspects ({found['found']} of {found['corrupted']} corrupted) "
+              f"in {result['seconds']:.0f} s", flush=True)
+        results.append(result)
+    results = [{**result, **finder_counts(out, Cell(*(result[key] for key in ("head", "noise", "ratio", "seed"))))}
+               for result in results]  # fmt: skip
+    write_report(out, results, grid, describe_setup(args, out, results))
+    return results
+
+
+def _summary(values: list[float]) -> str:
+    mean = 100 * float(np.mean(values))
+    return f"{mean:.2f} ± {100 * float(np.std(values)):.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def describe_setup(args: argparse.Namespace, out: Path, results: list[dict[str, object]]) -> str:
+    """The base config, the overrides of every run and the heads' resolved settings, for the report."""
+    overrides = ", ".join(f"`{item}`" for item in args.overrides) or "none"
+    heads = {}
+    for result in results:
+        config = out / "cells" / Cell(*(result[key] for key in ("head", "noise", "ratio", "seed"))).name / "run"
+        head = yaml.safe_load((config / "config.yaml").read_text())["head"]
+        if head["type"] == "sface":
+            heads["sface"] = ", ".join(f"{key} {head[key]}" for key in ("s", "k", "a", "b"))
+        else:
+            margins = head["margin"] or list(MARGIN_TYPES[head["type"]])
+            heads[head["type"]] = f"s {head['s']}, (m1, m2, m3) {tuple(margins)}, margin_grad {head['margin_grad']}"
+    described = "; ".join(f"{name}: {values}" for name, values in heads.items())
+    return f"Config `{args.config.name}`, overrides for every run: {overrides}. Heads: {described}."
+
+
+def write_report(out: Path, results: list[dict[str, object]], grid: Grid, setup: str) -> None:
+    """``results.csv``, ``report.md`` and the two figures."""
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results[0]))
+        writer.writeheader()
+        writer.writerows(results)
+    groups: dict[tuple[str, float, str], list[dict[str, object]]] = {}
+    for result in results:
+        groups.setdefault((str(result["noise"]), float(result["ratio"]), str(result["head"])), []).append(result)
+    lines = [
+        f"{len(results)} runs: {grid.steps} steps each, seeds {', '.join(map(str, grid.seeds))}; mean ± std over "
+        f"seeds. Finder: its default suspects (another centre nearer, or identity cosine < {DEFAULT_THRESHOLD}) "
+        "against the manifest.",
+        "",
+        setup,
+        "",
+        f"| noise | ratio | loss | accuracy (%) | TAR@FAR={REPORT_FAR} (%) | suspects (%) | finder precision | "
+        "finder recall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (noise, ratio, head), rows in sorted(groups.items(), key=lambda item: (item[0][0] != "clean", item[0])):
+        accuracy = _summary([float(row["accuracy"]) for row in rows])
+        tar = _summary([float(row["tar"]) for row in rows])
+        suspects = _summary([int(row["suspects"]) / int(row["images"]) for row in rows])
+        found, flagged, corrupted = (sum(int(row[key]) for row in rows) for key in ("found", "suspects", "corrupted"))
+        precision = f"{found / flagged:.3f}" if corrupted and flagged else "-"
+        recall = f"{found / corrupted:.3f}" if corrupted else "-"
+        lines.append(f"| {noise} | {ratio:g} | {head} | {accuracy} | {tar} | {suspects} | {precision} | {recall} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    plot_accuracy(out / "accuracy.png", groups, grid)
+    plot_target_cosines(out / "target_cosine.png", out, grid)
+
+
+def plot_accuracy(path: Path, groups: dict[tuple[str, float, str], list[dict[str, object]]], grid: Grid) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(1, len(grid.noises), figsize=(5 * len(grid.noises), 4), squeeze=False)
+    for axis, noise in zip(axes[0], grid.noises):
+        for head in grid.heads:
+            keys = [("clean" if ratio == 0 else noise, ratio, head) for ratio in grid.ratios]
+            points = [(key[1], [100 * float(row["accuracy"]) for row in groups[key]]) for key in keys if key in groups]
+            if points:
+                means, spreads = [np.mean(values) for _, values in points], [np.std(values) for _, values in points]
+                axis.errorbar([ratio for ratio, _ in points], means, yerr=spreads, marker="o", capsize=3, label=head)
+        axis.set(title=f"{noise}-set noise", xlabel="noise ratio", ylabel="held-out accuracy (%)")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_target_cosines(path: Path, out: Path, grid: Grid) -> None:
+    """Histograms of the cosine to the given label's centre, clean vs corrupted images, first seed, per loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    conditions = [(noise, ratio) for noise in grid.noises for ratio in grid.ratios if ratio > 0]
+    size = (3.6 * len(conditions), 2.6 * len(grid.heads))
+    figure, axes = plt.subplots(len(grid.heads), len(conditions), figsize=size, squeeze=False, sharex=True)
+    bins = np.linspace(-0.4, 1.0, 57)
+    for row, head in enumerate(grid.heads):
+        for column, (noise, ratio) in enumerate(conditions):
+            axis = axes[row][column]
+            cell = Cell(head, noise, ratio, grid.seeds[0])
+            scores_path = out / "cells" / cell.name / "finder" / "scores.npz"
+            manifest = out / "data" / cell.data_name / "corrupted.json"
+            if scores_path.is_file() and manifest.is_file():
+                scores = np.load(scores_path)
+                planted = np.isin(scores["key"], [record["key"] for record in json.loads(manifest.read_text())])
+                own = scores["own"]
+                axis.hist(own[~planted], bins=bins, density=True, alpha=0.6, label="clean")
+                axis.hist(own[planted], bins=bins, density=True, alpha=0.6, label="corrupted")
+            axis.set_title(f"{head}, {noise} {ratio:g}", fontsize=9)
+            if row == len(grid.heads) - 1:
+                axis.set_xlabel("cosine to the given label's centre")
+            if row == 0 and column == 0:
+                axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _write_json(path: Path, value: object) -> None:
+    partial = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    partial.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+def parse_grid(args: argparse.Namespace) -> Grid:
+    base = QUICK if args.quick else DEFAULT
+    grid = Grid(
+        heads=tuple(args.heads or base.heads),
+        noises=tuple(args.noise or base.noises),
+        ratios=tuple(sorted(set(args.ratios if args.ratios is not None else base.ratios))),
+        seeds=tuple(args.seeds if args.seeds is not None else base.seeds),
+        steps=args.steps or base.steps,
+        identities=base.identities,
+        images=base.images,
+        hold_out=args.hold_out or base.hold_out,
+    )
+    if not grid.seeds or not grid.ratios or any(not 0.0 <= ratio <= 1.0 for ratio in grid.ratios):
+        raise ValueError(f"need seeds and ratios in [0, 1], got seeds {grid.seeds}, ratios {grid.ratios}")
+    if grid.steps < 1 or grid.hold_out < 1:
+        raise ValueError(f"--steps and --hold-out must be positive, got {grid.steps}, {grid.hold_out}")
+    return grid
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="study folder (rerun to continue)")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
+                        help="base training config (default: configs/demo.yaml)")
+    parser.add_argument("--rec", help="dataset to corrupt (default: synthetic identities rendered into OUT/data)")
+    parser.add_argument("--bin", help="clean held-out verification pack for --rec")
+    parser.add_argument("--hold-out", type=int, help="identities set aside for open-set noise (default: 100)")
+    parser.add_argument("--heads", nargs="+", choices=("sface", "arcface", "cosface", "combined", "softmax"),
+                        help="head types (default: sface arcface cosface)")
+    parser.add_argument("--noise", nargs="+", choices=("closed", "open"), help="noise types (default: both)")
+    parser.add_argument("--ratios", nargs="+", type=float, help="noise ratios (default: 0 0.2 0.4)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds of noise and training (default: 0 1 2)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 600)")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks per run, launched with torchrun (default: 1)")
+    parser.add_argument("--quick", action="store_true", help="a small grid on a small synthetic set")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for every run (repeatable)")
+    args = parser.parse_args(argv)
+    if (args.rec is None) != (args.bin is None):
+        parser.error("--rec and --bin go together")
+    try:
+        grid = parse_grid(args)
+        results = run_study(args, grid)
+    except (ValueError, OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    print(f"{len(results)} runs: {args.out / 'report.md'}, {args.out / 'accuracy.png'}, "
+          f"{args.out / 'target_cosine.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
