@@ -14,7 +14,7 @@ import os
 import sys
 
 from sface_dist.config import load_config
-from sface_dist.distributed import LaunchError, PeerError, destroy_distributed, init_distributed
+from sface_dist.distributed import LaunchError, PeerError, barrier, destroy_distributed, init_distributed
 from sface_dist.trainer import Trainer
 
 INTERRUPTED = 130
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 results = trainer.fit()
             finally:
                 trainer.close()
+            barrier()  # no rank tears its process group down while a peer still talks to it
         finally:
             destroy_distributed()
     except PeerError:
