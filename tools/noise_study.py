@@ -1,9 +1,9 @@
 """Does the loss resist label noise? Train each head type on noisy copies of a dataset and compare.
 
-    python tools/noise_study.py --out study/demo                        # synthetic demo data, ~40 min on 2 cores
+    python tools/noise_study.py --out study/demo                        # synthetic demo data, ~70 min on 2 cores
     python tools/noise_study.py --out study/quick --quick               # a smoke test, ~2 min
     python tools/noise_study.py --out study/mine --rec data/mine/train.rec --bin data/mine/lfw.bin \\
-        --hold-out 500 --nproc 8 --set model.backbone=r50 --steps 20000
+        --hold-out 500 --nproc 8 --set model.backbone=iresnet50 --steps 20000
 
 The dataset's last ``--hold-out`` identities are set aside as the outside world. For each
 noise type (closed: images relabelled to another identity of the set; open: images of the
