@@ -156,15 +156,20 @@ def run_cell(
     return result
 
 
-def finder_counts(out: Path, cell: Cell) -> dict[str, int]:
-    """The finder's default suspects in ``cell``, against the manifest of its data."""
+def cell_scores(out: Path, cell: Cell) -> tuple[LabelScores, np.ndarray]:
+    """The finder's scores of every image of ``cell`` and which images its manifest lists as corrupted."""
     scores = np.load(out / "cells" / cell.name / "finder" / "scores.npz")
     manifest = out / "data" / cell.data_name / "corrupted.json"
     planted_keys = [record["key"] for record in json.loads(manifest.read_text())] if manifest.is_file() else []
-    planted = np.isin(scores["key"], planted_keys)
-    found = np.zeros(len(planted), dtype=bool)
     fields = ("own", "nearest", "nearest_class", "identity")
-    found[LabelScores(*(scores[name] for name in fields)).suspects(DEFAULT_THRESHOLD)] = True
+    return LabelScores(*(scores[name] for name in fields)), np.isin(scores["key"], planted_keys)
+
+
+def finder_counts(out: Path, cell: Cell) -> dict[str, int]:
+    """The finder's default suspects in ``cell``, against the manifest of its data."""
+    scores, planted = cell_scores(out, cell)
+    found = np.zeros(len(planted), dtype=bool)
+    found[scores.suspects(DEFAULT_THRESHOLD)] = True
     return {"images": len(planted), "corrupted": int(planted.sum()), "suspects": int(found.sum()),
             "found": int((found & planted).sum())}
 
@@ -181,22 +186,19 @@ def run_study(args: argparse.Namespace, grid: Grid) -> list[dict[str, object]]:
     for number, cell in enumerate(cells, 1):
         folder = out / "cells" / cell.name
         if (folder / "result.json").is_file():
-            results.append(json.loads((folder / "result.json").read_text()))
+            results.append({**json.loads((folder / "result.json").read_text()), **finder_counts(out, cell)})
             continue
         left = len(cells) - number + 1
         eta = f", ~{spent / trained * left / 60:.0f} min left" if trained else ""
         print(f"[{number}/{len(cells)}] {cell.name}{eta}", flush=True)
         root = prepare_data(cell, kept_rec, outside_rec, out / "data")
-        result = run_cell(cell, root, heldout, folder, args, grid)
+        result = {**run_cell(cell, root, heldout, folder, args, grid), **finder_counts(out, cell)}
         trained, spent = trained + 1, spent + float(result["seconds"])
-        found = finder_counts(out, cell)
         print(f"    accuracy {result['accuracy']:.4f}, TAR@FAR={REPORT_FAR} {result['tar']:.4f}, "
-              f"{found['suspects']} suspects ({found['found']} of {found['corrupted']} corrupted) "
+              f"{result['suspects']} suspects ({result['found']} of {result['corrupted']} corrupted) "
               f"in {result['seconds']:.0f} s", flush=True)
         results.append(result)
-    results = [{**result, **finder_counts(out, Cell(*(result[key] for key in ("head", "noise", "ratio", "seed"))))}
-               for result in results]  # fmt: skip
-    write_report(out, results, grid, describe_setup(args, out, results))
+    write_report(out, results, grid, describe_setup(args, out, cells))
     return results
 
 
@@ -205,13 +207,12 @@ def _summary(values: list[float]) -> str:
     return f"{mean:.2f} ± {100 * float(np.std(values)):.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def describe_setup(args: argparse.Namespace, out: Path, results: list[dict[str, object]]) -> str:
+def describe_setup(args: argparse.Namespace, out: Path, cells: list[Cell]) -> str:
     """The base config, the overrides of every run and the heads' resolved settings, for the report."""
     overrides = ", ".join(f"`{item}`" for item in args.overrides) or "none"
     heads = {}
-    for result in results:
-        config = out / "cells" / Cell(*(result[key] for key in ("head", "noise", "ratio", "seed"))).name / "run"
-        head = yaml.safe_load((config / "config.yaml").read_text())["head"]
+    for cell in {cell.head: cell for cell in cells}.values():
+        head = yaml.safe_load((out / "cells" / cell.name / "run" / "config.yaml").read_text())["head"]
         if head["type"] == "sface":
             heads["sface"] = ", ".join(f"{key} {head[key]}" for key in ("s", "k", "a", "b"))
         else:
@@ -290,15 +291,9 @@ def plot_target_cosines(path: Path, out: Path, grid: Grid) -> None:
     for row, head in enumerate(grid.heads):
         for column, (noise, ratio) in enumerate(conditions):
             axis = axes[row][column]
-            cell = Cell(head, noise, ratio, grid.seeds[0])
-            scores_path = out / "cells" / cell.name / "finder" / "scores.npz"
-            manifest = out / "data" / cell.data_name / "corrupted.json"
-            if scores_path.is_file() and manifest.is_file():
-                scores = np.load(scores_path)
-                planted = np.isin(scores["key"], [record["key"] for record in json.loads(manifest.read_text())])
-                own = scores["own"]
-                axis.hist(own[~planted], bins=bins, density=True, alpha=0.6, label="clean")
-                axis.hist(own[planted], bins=bins, density=True, alpha=0.6, label="corrupted")
+            scores, planted = cell_scores(out, Cell(head, noise, ratio, grid.seeds[0]))
+            axis.hist(scores.own[~planted], bins=bins, density=True, alpha=0.6, label="clean")
+            axis.hist(scores.own[planted], bins=bins, density=True, alpha=0.6, label="corrupted")
             axis.set_title(f"{head}, {noise} {ratio:g}", fontsize=9)
             if row == len(grid.heads) - 1:
                 axis.set_xlabel("cosine to the given label's centre")
