@@ -339,21 +339,21 @@ def hold_out_identities(
         if not 1 <= count < num_classes:
             raise ConvertError(f"{rec_path}: cannot hold out {count} of its {num_classes} identities")
         first_outside = num_classes - count
-        parts = {"kept": (out_dir / "kept", first_outside, 0), "outside": (out_dir / "outside", count, first_outside)}
         with contextlib.ExitStack() as stack:
-            writers, written, shape = {}, dict.fromkeys(parts, 0), None
-            for name, (folder, _, _) in parts.items():
-                files = stack.enter_context(_AtomicFiles(folder, ("train.rec", "train.idx", "property")))
-                writers[name] = (files, stack.enter_context(RecordIOWriter(files["train.rec"], files["train.idx"])))
+            files = {name: stack.enter_context(_AtomicFiles(out_dir / name, ("train.rec", "train.idx", "property")))
+                     for name in ("kept", "outside")}  # fmt: skip
+            writers = {name: stack.enter_context(RecordIOWriter(paths["train.rec"], paths["train.idx"]))
+                       for name, paths in files.items()}  # fmt: skip
+            written, shape = dict.fromkeys(files, 0), None
             for position in with_progress(range(len(index)), len(index), progress):
                 label, image = index.read(position)
-                name = "outside" if label >= first_outside else "kept"
+                name, offset = ("outside", first_outside) if label >= first_outside else ("kept", 0)
                 key = written[name]
-                writers[name][1].write(key, pack(IRHeader(0, float(label - parts[name][2]), key, 0), image))
+                writers[name].write(key, pack(IRHeader(0, float(label - offset), key, 0), image))
                 written[name] += 1
                 shape = shape or _image_shape(image)
-            for name, (folder, classes, _) in parts.items():
-                _write_property(writers[name][0]["property"], classes, shape)
+            _write_property(files["kept"]["property"], first_outside, shape)
+            _write_property(files["outside"]["property"], count, shape)
     return out_dir / "kept" / "train.rec", out_dir / "outside" / "train.rec"
 
 

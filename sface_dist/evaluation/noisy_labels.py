@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from sface_dist.checkpoint import CheckpointError, load_head_shard, read_manifest
 from sface_dist.data.convert import known_num_classes
-from sface_dist.distributed import DistEnv, class_range, gather_labels, gather_sizes
+from sface_dist.distributed import DistEnv, class_range, gather_labels
 from sface_dist.evaluation.checkpoint_backbone import resolve_checkpoint
 from sface_dist.evaluation.embedder import open_model
 from sface_dist.evaluation.extraction import extract_views
@@ -150,7 +150,8 @@ def find_noisy_labels(
                           flip=flip, workers=workers, progress=progress)
     local = torch.from_numpy(views.sum(axis=0)).to(env.device)
     labels = torch.from_numpy(source.labels[first:last]).to(env.device)
-    sizes = gather_sizes(last - first, env.device, None) if env.world_size > 1 else [last - first]
+    sizes = [stop - start for start, stop in (class_range(len(source), rank, env.world_size)
+                                              for rank in range(env.world_size))]  # fmt: skip
     embeddings = gather_labels(local, sizes, None).cpu()
     labels = gather_labels(labels, sizes, None).cpu()
     if not env.is_main:
