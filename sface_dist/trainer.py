@@ -108,7 +108,11 @@ class Trainer:
             backbone.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
         self.head_optimizer = ShardSGD(
-            self.head, lr=self.base_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+            self.head,
+            lr=self.base_lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+            sample_update=cfg.head.sample_update,
         )
         self.grad_scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16")
         """Loss scaling for fp16 autocast (a pass-through otherwise)."""
@@ -176,7 +180,8 @@ class Trainer:
     def head_description(self) -> str:
         head = self.cfg.head
         impl = f" ({self.head.impl})" if isinstance(self.head, ShardedSFaceHead) else ""
-        return f"{head.type}{impl}, {head.precision}, sample rate {head.sample_rate}"
+        sampling = "" if head.sample_rate >= 1.0 else f" ({head.sample_correction}, {head.sample_update} update)"
+        return f"{head.type}{impl}, {head.precision}, sample rate {head.sample_rate}{sampling}"
 
     def log(self, message: str) -> None:
         if self.env.is_main:

@@ -53,11 +53,12 @@ def sface_reference(
 
 def margin_reference(
     embeddings: Tensor, weight: Tensor, labels: Tensor, s: float, m1: float, m2: float, m3: float,
-    margin_grad: str = "cos",
+    margin_grad: str = "cos", class_weight: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Cross-entropy with target logit s·(cos(m1·θ + m2) - m3) (ArcFace / CosFace / combined), fp64.
 
     ``margin_grad="cos"``: the target logit's gradient is that of s·cos θ (insightface); ``"exact"``: its own.
+    ``class_weight`` [C] multiplies each class's exponential in the softmax (Partial-FC correction).
     """
     cos = _cosines(embeddings, weight).clamp(-1.0, 1.0)
     rows = torch.arange(cos.shape[0])
@@ -72,6 +73,8 @@ def margin_reference(
         margined = target_cos + (margined - target_cos).detach()
     target = F.one_hot(labels, cos.shape[1]).bool()
     logits = s * torch.where(target, margined.unsqueeze(1), cos)
+    if class_weight is not None:
+        logits = logits + class_weight.double().log()
     return {
         "loss": F.cross_entropy(logits, labels),
         "cos_target": target_cos.detach().mean(),

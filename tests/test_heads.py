@@ -30,9 +30,28 @@ def test_sampling_keeps_positives_and_is_reproducible() -> None:
     assert first.rows.numel() == 8 and {3, 7, 12} <= set(first.rows.tolist())
     assert torch.equal(first.rows, first.rows.sort().values)
     assert first.rows[first.labels[:3]].tolist() == [3, 3, 7] and first.labels[3] == -1
-    positive = torch.isin(first.rows, torch.tensor([3, 7, 12]))
-    assert first.inter_scale[positive].eq(1.0).all()
-    assert first.inter_scale[~positive].eq(17 / 5).all()
+
+
+@pytest.mark.parametrize(
+    ("correction", "loss_weight", "centre_factor"),
+    [
+        ("none", None, None),
+        ("inverse_rate", 17 / 5, None),
+        ("inverse_rate_centres", None, 17 / 5),
+        ("inverse_rate_embeddings", 17 / 5, 5 / 17),
+    ],
+)
+def test_sample_corrections_weigh_negatives(correction: str, loss_weight: float | None, centre_factor: float | None):
+    """17 negatives available, 5 kept (q = 5/17): positives weigh 1, negatives as the correction says."""
+    labels = torch.tensor([3, 3, 7, -1, 12])
+    sample = sample_classes(labels, 20, 0.4, step_generator(0, 0, 5, torch.device("cpu")), correction)
+    positive = torch.isin(sample.rows, torch.tensor([3, 7, 12]))
+    for got, negative in ((sample.inter_scale, loss_weight), (sample.centre_grad_scale, centre_factor)):
+        if negative is None:
+            assert got is None
+        else:
+            assert got[positive].eq(1.0).all()
+            torch.testing.assert_close(got[~positive], torch.full((5,), negative))
 
 
 def test_positives_only() -> None:
@@ -49,7 +68,9 @@ def test_sampled_sface_is_unbiased() -> None:
     x_full = embeddings.double().requires_grad_(True)
     reference = sface_reference(x_full, weight, labels, **SOFT)
     reference["loss"].backward()
-    head = ShardedSFaceHead(40, 16, impl="dense", sample_rate=0.25, seed=3, **SOFT).double()
+    head = ShardedSFaceHead(
+        40, 16, impl="dense", sample_rate=0.25, seed=3, sample_correction="inverse_rate", **SOFT
+    ).double()
     with torch.no_grad():
         head.weight.copy_(weight)
     losses, grads = [], []

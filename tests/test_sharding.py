@@ -34,15 +34,25 @@ HEADS: dict[str, HeadConfig] = {
     "sface-dense-soft": HeadConfig(impl="dense", **SOFT),
     "sface-chunked-soft": HeadConfig(impl="chunked", chunk_size=2, **SOFT),
     "sface-chunked-sampled": HeadConfig(impl="chunked", chunk_size=2, sample_rate=0.5, **SOFT),
+    "sface-chunked-sampled-inverse": HeadConfig(
+        impl="chunked", chunk_size=2, sample_rate=0.5, sample_correction="inverse_rate", **SOFT
+    ),
+    "sface-dense-sampled-centres": HeadConfig(
+        impl="dense", sample_rate=0.5, sample_correction="inverse_rate_centres", **SOFT
+    ),
+    "sface-dense-sampled-embeddings": HeadConfig(
+        impl="dense", sample_rate=0.5, sample_correction="inverse_rate_embeddings", **SOFT
+    ),
     "sface-positives-only": HeadConfig(impl="dense", sample_rate=0.0, **SOFT),
     "sface-triton": HeadConfig(impl="triton", **OFFICIAL),
     "sface-triton-soft": HeadConfig(impl="triton", **SOFT),
-    "sface-triton-sampled": HeadConfig(impl="triton", sample_rate=0.5, **SOFT),
+    "sface-triton-sampled": HeadConfig(impl="triton", sample_rate=0.5, sample_correction="inverse_rate", **SOFT),
     "arcface": HeadConfig(type="arcface", s=16.0),
     "cosface": HeadConfig(type="cosface", s=16.0),
     "combined": HeadConfig(type="combined", s=16.0),
     "softmax": HeadConfig(type="softmax", s=16.0),
     "arcface-sampled": HeadConfig(type="arcface", s=16.0, sample_rate=0.5),
+    "arcface-sampled-inverse": HeadConfig(type="arcface", s=16.0, sample_rate=0.5, sample_correction="inverse_rate"),
     "arcface-exact": HeadConfig(type="arcface", s=16.0, margin_grad="exact"),
     "combined-exact": HeadConfig(type="combined", s=16.0, margin_grad="exact"),
 }
@@ -107,13 +117,25 @@ def test_sharded_heads_match_single_process_fp64(world: int) -> None:
 
 
 def reference(cfg: HeadConfig, embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-              inter_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+              negative_weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
     if cfg.type == "sface":
-        return sface_reference(embeddings, weight, labels, cfg.s, cfg.k, cfg.a, cfg.b, inter_scale)
+        return sface_reference(embeddings, weight, labels, cfg.s, cfg.k, cfg.a, cfg.b, negative_weight)
     from sface_dist.heads.margin import MARGIN_TYPES
 
     m1, m2, m3 = cfg.margin or MARGIN_TYPES[cfg.type]
-    return margin_reference(embeddings, weight, labels, cfg.s, m1, m2, m3, cfg.margin_grad)
+    return margin_reference(embeddings, weight, labels, cfg.s, m1, m2, m3, cfg.margin_grad, negative_weight)
+
+
+def sampled_weights(correction: str, weights: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(weight of each sampled class's negative term in the loss, factor on its centre's gradient),
+    from ``heads/sampling.py``'s definition of each correction; ``weights`` is 1 or 1/q per class."""
+    ones = torch.ones_like(weights)
+    return {
+        "none": (None, ones),
+        "inverse_rate": (weights, ones),
+        "inverse_rate_centres": (None, weights),
+        "inverse_rate_embeddings": (weights, weights.reciprocal()),
+    }[correction]
 
 
 def expected_inter_scale(result: dict[str, Any], positives: set[int]) -> torch.Tensor:
@@ -122,7 +144,7 @@ def expected_inter_scale(result: dict[str, Any], positives: set[int]) -> torch.T
     sampled = result["sampled_classes"].tolist()
     shard_positives = {c for c in positives if start <= c < end}
     kept_negatives = len(sampled) - len(shard_positives)
-    negative_scale = (end - start - len(shard_positives)) / kept_negatives if kept_negatives else 0.0
+    negative_scale = (end - start - len(shard_positives)) / kept_negatives if kept_negatives else 1.0
     return torch.tensor([1.0 if c in shard_positives else negative_scale for c in sampled], dtype=torch.float64)
 
 
@@ -131,15 +153,17 @@ def check_against_reference(name: str, cfg: HeadConfig, results: list[dict[str, 
     backbone = make_backbone().double()
     weight = weight.double().requires_grad_(True)
     classes = torch.arange(NUM_CLASSES)
-    inter_scale = None
+    negative_weight, centre_factor = None, torch.ones(NUM_CLASSES, dtype=torch.float64)
     if results[0]["sampled_classes"] is not None:
         classes = torch.cat([r["sampled_classes"] for r in results])
-        inter_scale = torch.cat([expected_inter_scale(r, set(labels.tolist())) for r in results])
+        weights = torch.cat([expected_inter_scale(r, set(labels.tolist())) for r in results])
+        negative_weight, centre_factor = sampled_weights(cfg.sample_correction, weights)
         assert set(labels.tolist()) <= set(classes.tolist()), f"{name}: a positive class was not sampled"
     position = torch.full((NUM_CLASSES,), -1, dtype=torch.long)
     position[classes] = torch.arange(classes.numel())
-    expected = reference(cfg, backbone(inputs.double()), weight[classes], position[labels], inter_scale)
+    expected = reference(cfg, backbone(inputs.double()), weight[classes], position[labels], negative_weight)
     expected["loss"].backward()
+    weight.grad[classes] *= centre_factor.unsqueeze(1)
 
     assert [r["range"] for r in results] == [class_range(NUM_CLASSES, r, world) for r in range(world)]
     for r in results:

@@ -16,6 +16,7 @@ def build_head(
         process_group=process_group,
         precision=cfg.precision,
         sample_rate=cfg.sample_rate,
+        sample_correction=cfg.sample_correction,
         seed=seed,
         init=cfg.init,
         check_inputs=cfg.check_inputs,

@@ -16,6 +16,11 @@ the target logits, the row maxima and the row sums of exponentials, so only
 three vectors of size B cross the network, never a [B, C] block. The loss it
 returns is already the global one on every rank; as for SFace, the gather's
 reduce-scatter sums each shard's share of the embedding gradient.
+
+Under Partial FC a negative's weight ``w`` from ``head.sample_correction`` enters as
+``exp(logit)·w``, i.e. ``log w`` is added to its logit: with ``inverse_rate`` the sum of
+exponentials over the sampled classes is an unbiased estimate of the full one (the
+log-q correction of sampled softmax).
 """
 
 from __future__ import annotations
@@ -126,8 +131,11 @@ class ShardedMarginHead(ShardedHead):
         seed: int = 0,
         init: str = "normal",
         check_inputs: bool = False,
+        sample_correction: str = "none",
     ) -> None:
-        super().__init__(num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs)
+        super().__init__(
+            num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs, sample_correction
+        )
         if precision not in PRECISIONS:
             raise ValueError(f"head.precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
         if margin_grad not in MARGIN_GRADS:
@@ -143,6 +151,8 @@ class ShardedMarginHead(ShardedHead):
         target_cos = torch.where(target_mask, cos, 0.0).sum(dim=1)
         logits = torch.where(target_mask, margin_target_cos(target_cos, self.params).unsqueeze(1), cos)
         logits = logits * self.params.s
+        if batch.inter_scale is not None:
+            logits = logits + batch.inter_scale.log()
         group = self.process_group
         loss, correct = distributed_cross_entropy(logits, target_mask, group)
         target_sum = target_cos.detach().sum()

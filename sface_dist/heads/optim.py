@@ -8,22 +8,35 @@ import torch
 
 from sface_dist.heads.sharded import ShardedHead
 
+SAMPLE_UPDATES = ("rows", "shard")
+
 
 class ShardSGD(torch.optim.SGD):
-    """``torch.optim.SGD`` over ``head.weight``; with sampling, weight decay and momentum act on the
-    sampled rows alone, so an unsampled class keeps its weight and momentum unchanged.
+    """``torch.optim.SGD`` over ``head.weight``. With sampling and ``sample_update="rows"``, weight
+    decay and momentum act on the sampled rows alone, so an unsampled class keeps its weight and
+    momentum unchanged.
 
-    insightface's PartialFC_V2 instead runs plain SGD over the whole shard: unsampled
-    rows get zero gradient but are still decayed and still move with their momentum.
+    ``sample_update="shard"`` is insightface's PartialFC_V2: plain SGD over the whole shard,
+    where unsampled rows get zero gradient but are still decayed and still move with their momentum.
     """
 
-    def __init__(self, head: ShardedHead, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
+    def __init__(
+        self,
+        head: ShardedHead,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        sample_update: str = "rows",
+    ) -> None:
+        if sample_update not in SAMPLE_UPDATES:
+            raise ValueError(f"head.sample_update: expected one of {', '.join(SAMPLE_UPDATES)}, got {sample_update!r}")
         super().__init__([head.weight], lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.head = head
+        self.sample_update = sample_update
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        if self.head.sample is None:
+        if self.head.sample is None or self.sample_update == "shard":
             return super().step(closure)
         rows = self.head.sample.rows
         loss = None

@@ -2,9 +2,19 @@
 
 Each step a shard keeps every class that is a positive of the gathered batch plus
 a uniformly random subset of its other classes. A negative survives with
-probability q = kept negatives / available negatives, so its inter term is
-multiplied by 1/q: the expectation over draws equals the full term. Positives
-(including the other rows' positives, which are negatives for this row) are
+probability q = kept negatives / available negatives. ``sample_correction`` says
+what the sampled negatives weigh:
+
+* ``none``: 1, as in insightface's Partial FC. The negatives' term is, in
+  expectation, q times the full head's.
+* ``inverse_rate``: 1/q in the loss, so the loss and both gradients are unbiased
+  estimates of the full head's.
+* ``inverse_rate_centres``: 1 in the loss and the embeddings' gradient, 1/q on the
+  class centres' gradient. Each centre is, in expectation, pushed as hard as by the
+  full head, while the embeddings' gradient keeps the variance of ``none``.
+* ``inverse_rate_embeddings``: the mirror image: 1/q on the embeddings, 1 on the centres.
+
+Positives, including the other rows' positives (negatives for this row), are
 always kept with weight 1.
 """
 
@@ -16,19 +26,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
+SAMPLE_CORRECTIONS = ("none", "inverse_rate", "inverse_rate_centres", "inverse_rate_embeddings")
+
 
 @dataclass
 class SampledClasses:
     """The shard rows scored this step.
 
     ``rows`` are sorted local row indices; ``labels`` the gathered labels mapped into
-    ``rows`` (-1 where the target is not in this shard); ``inter_scale`` the per-row
-    correction 1 (positives) or 1/q (sampled negatives).
+    ``rows`` (-1 where the target is not in this shard). Per scored row, ``inter_scale``
+    multiplies the row's negative term in the loss and ``centre_grad_scale`` the row's
+    gradient; None means 1.
     """
 
     rows: Tensor
     labels: Tensor
-    inter_scale: Tensor
+    inter_scale: Tensor | None
+    centre_grad_scale: Tensor | None
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
@@ -38,9 +52,15 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
 
 
 def sample_classes(
-    local_labels: Tensor, num_local: int, sample_rate: float, generator: torch.Generator
+    local_labels: Tensor,
+    num_local: int,
+    sample_rate: float,
+    generator: torch.Generator,
+    correction: str = "none",
 ) -> SampledClasses:
     """Keep every positive and ``max(0, int(sample_rate·num_local) - positives)`` random negatives."""
+    if correction not in SAMPLE_CORRECTIONS:
+        raise ValueError(f"head.sample_correction: expected one of {', '.join(SAMPLE_CORRECTIONS)}, got {correction!r}")
     device = local_labels.device
     owned = local_labels[local_labels >= 0]
     positive = torch.zeros(num_local, dtype=torch.bool, device=device)
@@ -54,6 +74,12 @@ def sample_classes(
     position = torch.full((num_local,), -1, dtype=torch.long, device=device)
     position[rows] = torch.arange(rows.numel(), device=device)
     labels = torch.where(local_labels >= 0, position[local_labels.clamp_min(0)], -1)
-    negative_weight = num_negative / keep_negative if keep_negative else 0.0
-    inter_scale = torch.where(positive[rows], 1.0, negative_weight).to(torch.float32)
-    return SampledClasses(rows=rows, labels=labels, inter_scale=inter_scale)
+    if correction == "none":
+        return SampledClasses(rows, labels, None, None)
+    inverse_rate = num_negative / keep_negative if keep_negative else 1.0
+    weight = torch.where(positive[rows], 1.0, inverse_rate).to(torch.float32)
+    if correction == "inverse_rate":
+        return SampledClasses(rows, labels, weight, None)
+    if correction == "inverse_rate_centres":
+        return SampledClasses(rows, labels, None, weight)
+    return SampledClasses(rows, labels, weight, weight.reciprocal())

@@ -32,7 +32,7 @@ from sface_dist.distributed import (
     reduce_from_shards,
 )
 from sface_dist.heads.kernels.fused import sface_block_triton, triton_available
-from sface_dist.heads.sampling import SampledClasses, sample_classes, step_generator
+from sface_dist.heads.sampling import SAMPLE_CORRECTIONS, SampledClasses, sample_classes, step_generator
 from sface_dist.heads.sface import (
     NUM_SCALAR_STATS,
     PRECISIONS,
@@ -75,7 +75,7 @@ class GatheredBatch:
     weight: Tensor
     """The weight rows scored this step (all of the shard, or the Partial-FC sample)."""
     inter_scale: Tensor | None
-    """Per scored row: 1 for positives, 1/q for sampled negatives; None without sampling."""
+    """Per scored row, the weight of its negative term (``heads/sampling.py``); None: 1."""
 
 
 INIT_BLOCK_CLASSES = 4096
@@ -121,6 +121,7 @@ class ShardedHead(nn.Module):
         seed: int = 0,
         init: str = "xavier",
         check_inputs: bool = False,
+        sample_correction: str = "none",
     ) -> None:
         super().__init__()
         world = group_size(process_group)
@@ -128,10 +129,15 @@ class ShardedHead(nn.Module):
             raise ValueError(f"num_classes={num_classes} is smaller than the {world} ranks that shard it")
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"head.sample_rate: expected a value in [0, 1], got {sample_rate}")
+        if sample_correction not in SAMPLE_CORRECTIONS:
+            raise ValueError(
+                f"head.sample_correction: expected one of {', '.join(SAMPLE_CORRECTIONS)}, got {sample_correction!r}"
+            )
         self.num_classes = num_classes
         self.embedding_size = embedding_size
         self.process_group = process_group
         self.sample_rate = sample_rate
+        self.sample_correction = sample_correction
         self.seed = seed
         self.check_inputs = check_inputs
         self.rank = group_rank(process_group)
@@ -183,10 +189,14 @@ class ShardedHead(nn.Module):
             self.sample = None
             return GatheredBatch(x_hat, all_labels, local_labels, self.weight, None)
         generator = step_generator(self.seed, self.rank, self.step, local_labels.device)
-        sample = sample_classes(local_labels, self.weight.shape[0], self.sample_rate, generator)
+        sample = sample_classes(local_labels, self.weight.shape[0], self.sample_rate, generator, self.sample_correction)
         self.sample = sample
         weight = self.weight.index_select(0, sample.rows)
-        return GatheredBatch(x_hat, all_labels, sample.labels, weight, sample.inter_scale.to(x_hat.dtype))
+        if sample.centre_grad_scale is not None and weight.requires_grad:
+            centre_scale = sample.centre_grad_scale.to(weight.dtype).unsqueeze(1)
+            weight.register_hook(lambda grad: grad * centre_scale)
+        inter_scale = None if sample.inter_scale is None else sample.inter_scale.to(x_hat.dtype)
+        return GatheredBatch(x_hat, all_labels, sample.labels, weight, inter_scale)
 
 
 IMPLEMENTATIONS = ("dense", "chunked", "triton")
@@ -221,8 +231,11 @@ class ShardedSFaceHead(ShardedHead):
         init: str = "xavier",
         check_inputs: bool = False,
         skip_threshold: float = 0.0,
+        sample_correction: str = "none",
     ) -> None:
-        super().__init__(num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs)
+        super().__init__(
+            num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs, sample_correction
+        )
         if precision not in PRECISIONS:
             raise ValueError(f"head.precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
         if skip_threshold < 0.0:
