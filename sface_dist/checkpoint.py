@@ -120,7 +120,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it and rename it over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -228,7 +229,7 @@ def save_checkpoint(
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             _fsync_dir(tmp)
             _publish(tmp, final)
-            _atomic_write_text(root / LATEST, final.name)
+            atomic_write_text(root / LATEST, final.name)
         except OSError as failure:
             shutil.rmtree(tmp, ignore_errors=True)
             error = _write_error(tmp, failure)

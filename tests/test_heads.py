@@ -115,20 +115,26 @@ def test_shard_sgd_touches_only_sampled_rows() -> None:
         assert head.step == step + 1
 
 
-def test_shard_sgd_without_sampling_is_torch_sgd() -> None:
+@pytest.mark.parametrize(("sample_rate", "sample_update"), [(1.0, "rows"), (0.3, "shard")])
+def test_shard_sgd_is_torch_sgd_without_sampling_or_with_shard_update(sample_rate: float, sample_update: str) -> None:
+    """``sample_update="shard"``: unsampled rows (zero gradient) still decay and move with their momentum."""
     torch.manual_seed(0)
-    head = ShardedSFaceHead(12, 8, **SOFT)
+    head = ShardedSFaceHead(30, 8, sample_rate=sample_rate, **SOFT)
     twin = head.weight.detach().clone().requires_grad_(True)
-    ours = ShardSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    ours = ShardSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4, sample_update=sample_update)
     torchs = torch.optim.SGD([twin], lr=0.1, momentum=0.9, weight_decay=5e-4)
-    for _ in range(2):
-        x, y = torch.randn(5, 8), torch.randint(0, 12, (5,))
+    for _ in range(3):
+        x, y = torch.randn(5, 8), torch.randint(0, 30, (5,))
         head(x, y).loss.backward()
         twin.grad = head.weight.grad.clone()
         ours.step()
         torchs.step()
         ours.zero_grad()
     torch.testing.assert_close(head.weight.detach(), twin.detach())
+    if sample_rate < 1.0:
+        assert head.sample is not None and head.sample.rows.numel() < 30
+    with pytest.raises(ValueError, match="head.sample_update"):
+        ShardSGD(head, lr=0.1, sample_update="some")
 
 
 @pytest.mark.parametrize(
@@ -164,6 +170,8 @@ def test_build_head_and_bad_settings() -> None:
         ShardedSFaceHead(10, 8, sample_rate=1.5)
     with pytest.raises(ValueError, match="head.precision"):
         ShardedSFaceHead(10, 8, precision="int8")
+    with pytest.raises(ValueError, match="head.sample_correction"):
+        ShardedSFaceHead(10, 8, sample_rate=0.5, sample_correction="half")
 
 
 def test_official_xavier_init_uses_the_global_class_count() -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from study_runs import launch_training, mean_std, write_json
 
 from sface_dist.data.convert import add_label_noise, hold_out_identities
 from sface_dist.distributed import DistEnv
@@ -118,25 +118,16 @@ def prepare_data(cell: Cell, kept: Path, outside: Path, data: Path) -> Path:
     if not manifest.is_file():
         closed, opened = (cell.ratio, 0.0) if cell.noise == "closed" else (0.0, cell.ratio)
         corrupted = add_label_noise(kept, folder, closed, opened, outside, seed=cell.seed, progress=False)
-        _write_json(manifest, [asdict(record) for record in corrupted])
+        write_json(manifest, [asdict(record) for record in corrupted])
     return folder
 
 
 def train(cell: Cell, root: Path, run: Path, args: argparse.Namespace, grid: Grid, log: Path) -> None:
-    """``sface_dist.train`` on ``root`` with the study's overrides (torchrun for more than one rank)."""
-    launcher = [sys.executable, "-m", "sface_dist.train"]
-    if args.nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                    "-m", "sface_dist.train"]
+    """``sface_dist.train`` on ``root`` with the study's overrides."""
     overrides = [f"data.root={root}", f"train.output={run}", f"head.type={cell.head}", f"train.seed={cell.seed}",
                  f"train.steps={grid.steps}", "train.epochs=0", "eval.bins=[]", f"train.checkpoint_every={grid.steps}",
                  f"train.log_every={max(1, grid.steps // 10)}", *args.overrides]
-    command = [*launcher, str(args.config), *[item for value in overrides for item in ("--set", value)]]
-    with open(log, "a") as stream:
-        status = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    if status != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or [""]
-        raise RuntimeError(f"cell {cell.name}: training exited with status {status}: {tail[0]} (log: {log})")
+    launch_training(args.config, overrides, args.nproc, log, f"cell {cell.name}")
 
 
 def run_cell(
@@ -152,7 +143,7 @@ def run_cell(
     find_noisy_labels(run, folder / "finder", DistEnv(0, 1, 0, torch.device(default_device())), workers=2)
     result = {**asdict(cell), "accuracy": verification.accuracy, "accuracy_std": verification.std,
               "tar": verification.to_dict()["tar_at_far"][REPORT_FAR], "seconds": time.perf_counter() - start}
-    _write_json(folder / "result.json", result)
+    write_json(folder / "result.json", result)
     return result
 
 
@@ -202,11 +193,6 @@ def run_study(args: argparse.Namespace, grid: Grid) -> list[dict[str, object]]:
     return results
 
 
-def _summary(values: list[float]) -> str:
-    mean = 100 * float(np.mean(values))
-    return f"{mean:.2f} ± {100 * float(np.std(values)):.2f}" if len(values) > 1 else f"{mean:.2f}"
-
-
 def describe_setup(args: argparse.Namespace, out: Path, cells: list[Cell]) -> str:
     """The base config, the overrides of every run and the heads' resolved settings, for the report."""
     overrides = ", ".join(f"`{item}`" for item in args.overrides) or "none"
@@ -243,9 +229,9 @@ def write_report(out: Path, results: list[dict[str, object]], grid: Grid, setup:
         "|---|---|---|---|---|---|---|---|",
     ]
     for (noise, ratio, head), rows in sorted(groups.items(), key=lambda item: (item[0][0] != "clean", item[0])):
-        accuracy = _summary([float(row["accuracy"]) for row in rows])
-        tar = _summary([float(row["tar"]) for row in rows])
-        suspects = _summary([int(row["suspects"]) / int(row["images"]) for row in rows])
+        accuracy = mean_std([float(row["accuracy"]) for row in rows])
+        tar = mean_std([float(row["tar"]) for row in rows])
+        suspects = mean_std([int(row["suspects"]) / int(row["images"]) for row in rows])
         found, flagged, corrupted = (sum(int(row[key]) for row in rows) for key in ("found", "suspects", "corrupted"))
         precision = f"{found / flagged:.3f}" if corrupted and flagged else "-"
         recall = f"{found / corrupted:.3f}" if corrupted else "-"
@@ -302,12 +288,6 @@ def plot_target_cosines(path: Path, out: Path, grid: Grid) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-def _write_json(path: Path, value: object) -> None:
-    partial = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    partial.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(partial, path)
 
 
 def parse_grid(args: argparse.Namespace) -> Grid:

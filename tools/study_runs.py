@@ -1,0 +1,39 @@
+"""What the study tools share: launching one training run, writing a result atomically, mean ± std."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from sface_dist.checkpoint import atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch_training(config: Path, overrides: list[str], nproc: int, log: Path, name: str) -> None:
+    """``sface_dist.train CONFIG --set ...`` (under torchrun for more than one rank), its output appended to ``log``."""
+    launcher = [sys.executable, "-m", "sface_dist.train"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", "sface_dist.train"]
+    command = [*launcher, str(config), *[item for value in overrides for item in ("--set", value)]]
+    with open(log, "a") as stream:
+        status = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if status != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or [""]
+        raise RuntimeError(f"{name}: training exited with status {status}: {tail[0]} (log: {log})")
+
+
+def write_json(path: Path, value: object) -> None:
+    """``value`` as JSON at ``path``, replacing it whole: a cut study never leaves half a result."""
+    atomic_write_text(path, json.dumps(value, indent=1) + "\n")
+
+
+def mean_std(values: list[float], scale: float = 100.0) -> str:
+    """``mean ± std`` of ``values`` times ``scale`` (percent by default); the mean alone for one value."""
+    mean = scale * float(np.mean(values))
+    return f"{mean:.2f} ± {scale * float(np.std(values)):.2f}" if len(values) > 1 else f"{mean:.2f}"
