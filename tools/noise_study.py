@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from study_runs import launch_training, mean_std, write_json
+from study_runs import launch_training, mean_std, render_synthetic, write_json
 
 from sface_dist.data.convert import add_label_noise, hold_out_identities
 from sface_dist.distributed import DistEnv
@@ -101,11 +101,8 @@ def prepare_source(args: argparse.Namespace, grid: Grid, out: Path) -> tuple[Pat
     if args.rec is not None:
         return Path(args.rec), Path(args.bin)
     source = out / "data" / "source"
-    command = [sys.executable, str(ROOT / "tools" / "make_demo_data.py"), "--out", str(source), "--identities",
-               str(grid.identities + grid.hold_out), "--images", str(grid.images), "--heldout",
-               str(max(2, grid.identities // 2)), "--pairs", str(min(600, 4 * grid.identities))]
-    print(f"synthetic data: {grid.identities + grid.hold_out} identities in {source}", flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    render_synthetic(source, grid.identities + grid.hold_out, grid.images, heldout=max(2, grid.identities // 2),
+                     pairs=min(600, 4 * grid.identities))
     return source / "train.rec", source / "heldout.bin"
 
 

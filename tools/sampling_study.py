@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from study_runs import launch_training, mean_std, write_json
+from study_runs import launch_training, mean_std, render_synthetic, write_json
 
 from sface_dist.checkpoint import load_head_shard, read_manifest
 from sface_dist.config import HeadConfig
@@ -131,12 +131,8 @@ def prepare_data(args: argparse.Namespace) -> Path:
     root: Path = args.data
     if (root / "train.rec").is_file() and (root / "heldout.bin").is_file():
         return root
-    identities, images = (200, 4) if args.quick else (800, 20)
-    command = [sys.executable, str(ROOT / "tools" / "make_demo_data.py"), "--out", str(root), "--identities",
-               str(identities), "--images", str(images), "--heldout", str(max(2, identities // 2)),
-               "--pairs", str(min(600, 4 * identities))]
-    print(f"synthetic data: {identities} identities x {images} images in {root}", flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    identities, images, heldout = (200, 4, 100) if args.quick else (800, 20, 100)
+    render_synthetic(root, identities, images, heldout, pairs=600)
     return root
 
 

@@ -28,6 +28,15 @@ def launch_training(config: Path, overrides: list[str], nproc: int, log: Path, n
         raise RuntimeError(f"{name}: training exited with status {status}: {tail[0]} (log: {log})")
 
 
+def render_synthetic(out: Path, identities: int, images: int, heldout: int, pairs: int) -> None:
+    """``tools/make_demo_data.py``'s synthetic identities in ``out``: ``train.rec``, and ``heldout.bin`` with
+    ``pairs`` verification pairs of ``heldout`` further identities."""
+    command = [sys.executable, str(ROOT / "tools" / "make_demo_data.py"), "--out", str(out), "--identities",
+               str(identities), "--images", str(images), "--heldout", str(heldout), "--pairs", str(pairs)]
+    print(f"synthetic data: {identities} identities x {images} images in {out}", flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def write_json(path: Path, value: object) -> None:
     """``value`` as JSON at ``path``, replacing it whole: a cut study never leaves half a result."""
     atomic_write_text(path, json.dumps(value, indent=1) + "\n")
