@@ -13,7 +13,7 @@ from sface_dist.config import HeadConfig
 from sface_dist.distributed import class_range
 from sface_dist.heads import ShardedSFaceHead, ShardSGD, build_head
 from sface_dist.heads.probe import embeddings_at_cosine
-from sface_dist.heads.sampling import sample_classes, step_generator
+from sface_dist.heads.sampling import DEFAULT_SAMPLE_CORRECTION, sample_classes, step_generator
 from sface_dist.heads.sharded import initial_weight_rows
 
 from sface_reference import relative_error, sface_reference
@@ -172,6 +172,7 @@ def test_build_head_and_bad_settings() -> None:
         ShardedSFaceHead(10, 8, precision="int8")
     with pytest.raises(ValueError, match="head.sample_correction"):
         ShardedSFaceHead(10, 8, sample_rate=0.5, sample_correction="half")
+    assert HeadConfig().sample_correction == DEFAULT_SAMPLE_CORRECTION == ShardedSFaceHead(10, 8).sample_correction
 
 
 def test_official_xavier_init_uses_the_global_class_count() -> None:

@@ -33,13 +33,13 @@ HEADS: dict[str, HeadConfig] = {
     "sface-chunked": HeadConfig(impl="chunked", chunk_size=2, **OFFICIAL),
     "sface-dense-soft": HeadConfig(impl="dense", **SOFT),
     "sface-chunked-soft": HeadConfig(impl="chunked", chunk_size=2, **SOFT),
-    "sface-chunked-sampled": HeadConfig(impl="chunked", chunk_size=2, sample_rate=0.5, **SOFT),
+    "sface-chunked-sampled": HeadConfig(
+        impl="chunked", chunk_size=2, sample_rate=0.5, sample_correction="none", **SOFT
+    ),
     "sface-chunked-sampled-inverse": HeadConfig(
         impl="chunked", chunk_size=2, sample_rate=0.5, sample_correction="inverse_rate", **SOFT
     ),
-    "sface-dense-sampled-centres": HeadConfig(
-        impl="dense", sample_rate=0.5, sample_correction="inverse_rate_centres", **SOFT
-    ),
+    "sface-dense-sampled-centres": HeadConfig(impl="dense", sample_rate=0.5, **SOFT),
     "sface-dense-sampled-embeddings": HeadConfig(
         impl="dense", sample_rate=0.5, sample_correction="inverse_rate_embeddings", **SOFT
     ),
@@ -51,7 +51,8 @@ HEADS: dict[str, HeadConfig] = {
     "cosface": HeadConfig(type="cosface", s=16.0),
     "combined": HeadConfig(type="combined", s=16.0),
     "softmax": HeadConfig(type="softmax", s=16.0),
-    "arcface-sampled": HeadConfig(type="arcface", s=16.0, sample_rate=0.5),
+    "arcface-sampled": HeadConfig(type="arcface", s=16.0, sample_rate=0.5, sample_correction="none"),
+    "arcface-sampled-centres": HeadConfig(type="arcface", s=16.0, sample_rate=0.5),
     "arcface-sampled-inverse": HeadConfig(type="arcface", s=16.0, sample_rate=0.5, sample_correction="inverse_rate"),
     "arcface-exact": HeadConfig(type="arcface", s=16.0, margin_grad="exact"),
     "combined-exact": HeadConfig(type="combined", s=16.0, margin_grad="exact"),

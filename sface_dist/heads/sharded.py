@@ -32,7 +32,13 @@ from sface_dist.distributed import (
     reduce_from_shards,
 )
 from sface_dist.heads.kernels.fused import sface_block_triton, triton_available
-from sface_dist.heads.sampling import SAMPLE_CORRECTIONS, SampledClasses, sample_classes, step_generator
+from sface_dist.heads.sampling import (
+    DEFAULT_SAMPLE_CORRECTION,
+    SAMPLE_CORRECTIONS,
+    SampledClasses,
+    sample_classes,
+    step_generator,
+)
 from sface_dist.heads.sface import (
     NUM_SCALAR_STATS,
     PRECISIONS,
@@ -121,7 +127,7 @@ class ShardedHead(nn.Module):
         seed: int = 0,
         init: str = "xavier",
         check_inputs: bool = False,
-        sample_correction: str = "none",
+        sample_correction: str = DEFAULT_SAMPLE_CORRECTION,
     ) -> None:
         super().__init__()
         world = group_size(process_group)
@@ -231,7 +237,7 @@ class ShardedSFaceHead(ShardedHead):
         init: str = "xavier",
         check_inputs: bool = False,
         skip_threshold: float = 0.0,
-        sample_correction: str = "none",
+        sample_correction: str = DEFAULT_SAMPLE_CORRECTION,
     ) -> None:
         super().__init__(
             num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs, sample_correction
