@@ -98,10 +98,10 @@ class HeadConfig:
     """Operand type of the head's matmuls: ``fp32``, ``tf32``, ``bf16`` or ``fp16`` (fp32 accumulation)."""
     sample_rate: float = 1.0
     """Partial FC: fraction of each shard's classes scored per step (positives always); 0: positives only."""
-    sample_correction: str = "inverse_rate_centres"
-    """Partial FC: weight of a sampled negative, kept with probability q: ``inverse_rate_centres`` (1/q on the class
-    centres' gradient only; learns best), ``none`` (1), ``inverse_rate`` (1/q: unbiased loss, learns slowly),
-    ``inverse_rate_embeddings`` (1/q on the embeddings' gradient only); docs/heads.md."""
+    sample_correction: str = "auto"
+    """Partial FC: weight of a sampled negative, kept with probability q: ``none`` (1), ``inverse_rate`` (1/q: unbiased
+    loss), ``inverse_rate_centres`` / ``inverse_rate_embeddings`` (1/q on that side's gradient only), ``auto`` (what
+    learns best with the head type: ``inverse_rate_centres`` for SFace, ``none`` for the margin heads)."""
     sample_update: str = "rows"
     """Partial FC: the head optimizer updates the sampled ``rows`` only, or the whole ``shard`` (insightface's
     PartialFC_V2: unsampled rows still decay and move with their momentum)."""
@@ -177,7 +177,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "head.margin_grad": ("cos", "exact"),
     "head.precision": ("fp32", "tf32", "bf16", "fp16"),
     "head.init": ("xavier", "normal"),
-    "head.sample_correction": ("none", "inverse_rate", "inverse_rate_centres", "inverse_rate_embeddings"),
+    "head.sample_correction": ("auto", "none", "inverse_rate", "inverse_rate_centres", "inverse_rate_embeddings"),
     "head.sample_update": ("rows", "shard"),
     "train.amp": ("none", "bf16", "fp16"),
 }

@@ -180,7 +180,7 @@ class Trainer:
     def head_description(self) -> str:
         head = self.cfg.head
         impl = f" ({self.head.impl})" if isinstance(self.head, ShardedSFaceHead) else ""
-        sampling = "" if head.sample_rate >= 1.0 else f" ({head.sample_correction}, {head.sample_update} update)"
+        sampling = "" if head.sample_rate >= 1.0 else f" ({self.head.sample_correction}, {head.sample_update} update)"
         return f"{head.type}{impl}, {head.precision}, sample rate {head.sample_rate}{sampling}"
 
     def log(self, message: str) -> None:

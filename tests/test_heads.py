@@ -13,7 +13,7 @@ from sface_dist.config import HeadConfig
 from sface_dist.distributed import class_range
 from sface_dist.heads import ShardedSFaceHead, ShardSGD, build_head
 from sface_dist.heads.probe import embeddings_at_cosine
-from sface_dist.heads.sampling import DEFAULT_SAMPLE_CORRECTION, sample_classes, step_generator
+from sface_dist.heads.sampling import sample_classes, step_generator
 from sface_dist.heads.sharded import initial_weight_rows
 
 from sface_reference import relative_error, sface_reference
@@ -23,9 +23,9 @@ SOFT = dict(s=30.0, k=4.0, a=1.2, b=1.4)
 
 def test_sampling_keeps_positives_and_is_reproducible() -> None:
     labels = torch.tensor([3, 3, 7, -1, 12])
-    first = sample_classes(labels, 20, 0.4, step_generator(0, 0, 5, torch.device("cpu")))
-    again = sample_classes(labels, 20, 0.4, step_generator(0, 0, 5, torch.device("cpu")))
-    other = sample_classes(labels, 20, 0.4, step_generator(0, 0, 6, torch.device("cpu")))
+    first = sample_classes(labels, 20, 0.4, step_generator(0, 0, 5, torch.device("cpu")), "none")
+    again = sample_classes(labels, 20, 0.4, step_generator(0, 0, 5, torch.device("cpu")), "none")
+    other = sample_classes(labels, 20, 0.4, step_generator(0, 0, 6, torch.device("cpu")), "none")
     assert torch.equal(first.rows, again.rows) and not torch.equal(first.rows, other.rows)
     assert first.rows.numel() == 8 and {3, 7, 12} <= set(first.rows.tolist())
     assert torch.equal(first.rows, first.rows.sort().values)
@@ -55,7 +55,7 @@ def test_sample_corrections_weigh_negatives(correction: str, loss_weight: float 
 
 
 def test_positives_only() -> None:
-    sample = sample_classes(torch.tensor([4, 1, 4]), 10, 0.0, step_generator(0, 0, 1, torch.device("cpu")))
+    sample = sample_classes(torch.tensor([4, 1, 4]), 10, 0.0, step_generator(0, 0, 1, torch.device("cpu")), "none")
     assert sample.rows.tolist() == [1, 4]
 
 
@@ -172,7 +172,9 @@ def test_build_head_and_bad_settings() -> None:
         ShardedSFaceHead(10, 8, precision="int8")
     with pytest.raises(ValueError, match="head.sample_correction"):
         ShardedSFaceHead(10, 8, sample_rate=0.5, sample_correction="half")
-    assert HeadConfig().sample_correction == DEFAULT_SAMPLE_CORRECTION == ShardedSFaceHead(10, 8).sample_correction
+    assert HeadConfig().sample_correction == "auto"
+    assert ShardedSFaceHead(10, 8).sample_correction == "inverse_rate_centres"
+    assert build_head(HeadConfig(type="arcface"), 10, 8, None).sample_correction == "none"
 
 
 def test_official_xavier_init_uses_the_global_class_count() -> None:

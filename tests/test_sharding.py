@@ -39,7 +39,9 @@ HEADS: dict[str, HeadConfig] = {
     "sface-chunked-sampled-inverse": HeadConfig(
         impl="chunked", chunk_size=2, sample_rate=0.5, sample_correction="inverse_rate", **SOFT
     ),
-    "sface-dense-sampled-centres": HeadConfig(impl="dense", sample_rate=0.5, **SOFT),
+    "sface-dense-sampled-centres": HeadConfig(
+        impl="dense", sample_rate=0.5, sample_correction="inverse_rate_centres", **SOFT
+    ),
     "sface-dense-sampled-embeddings": HeadConfig(
         impl="dense", sample_rate=0.5, sample_correction="inverse_rate_embeddings", **SOFT
     ),
@@ -52,7 +54,9 @@ HEADS: dict[str, HeadConfig] = {
     "combined": HeadConfig(type="combined", s=16.0),
     "softmax": HeadConfig(type="softmax", s=16.0),
     "arcface-sampled": HeadConfig(type="arcface", s=16.0, sample_rate=0.5, sample_correction="none"),
-    "arcface-sampled-centres": HeadConfig(type="arcface", s=16.0, sample_rate=0.5),
+    "arcface-sampled-centres": HeadConfig(
+        type="arcface", s=16.0, sample_rate=0.5, sample_correction="inverse_rate_centres"
+    ),
     "arcface-sampled-inverse": HeadConfig(type="arcface", s=16.0, sample_rate=0.5, sample_correction="inverse_rate"),
     "arcface-exact": HeadConfig(type="arcface", s=16.0, margin_grad="exact"),
     "combined-exact": HeadConfig(type="combined", s=16.0, margin_grad="exact"),
@@ -106,6 +110,7 @@ def shard_worker(rank: int, world: int) -> dict[str, dict[str, Any]]:
             "backbone_grads": [p.grad.clone() for p in backbone.parameters()],
             "stats": {stat: getattr(out, stat).detach().clone() for stat in stat_names(cfg)},
             "sampled_classes": None if sample is None else sample.rows + head.class_start,
+            "correction": head.sample_correction,
         }
     return results
 
@@ -158,7 +163,7 @@ def check_against_reference(name: str, cfg: HeadConfig, results: list[dict[str, 
     if results[0]["sampled_classes"] is not None:
         classes = torch.cat([r["sampled_classes"] for r in results])
         weights = torch.cat([expected_inter_scale(r, set(labels.tolist())) for r in results])
-        negative_weight, centre_factor = sampled_weights(cfg.sample_correction, weights)
+        negative_weight, centre_factor = sampled_weights(results[0]["correction"], weights)
         assert set(labels.tolist()) <= set(classes.tolist()), f"{name}: a positive class was not sampled"
     position = torch.full((NUM_CLASSES,), -1, dtype=torch.long)
     position[classes] = torch.arange(classes.numel())

@@ -210,7 +210,9 @@ def describe_setup(args: argparse.Namespace, out: Path, runs: list[Run]) -> str:
     overrides = ", ".join(f"`{item}`" for item in args.overrides) or "none"
     first = yaml.safe_load((out / "runs" / runs[0].name / "run" / "config.yaml").read_text())
     batch = first["data"]["batch_size"] * args.nproc
-    return (f"Config `{args.config.name}` on `{args.data}`, {args.nproc} rank(s), global batch {batch}, "
+    data = args.data.resolve()
+    shown = data.relative_to(ROOT) if data.is_relative_to(ROOT) else data
+    return (f"Config `{args.config.name}` on `{shown}`, {args.nproc} rank(s), global batch {batch}, "
             f"{args.steps} steps, optim.grad_clip {first['optim']['grad_clip']} unless the variant says; "
             f"overrides for every run: {overrides}.")
 

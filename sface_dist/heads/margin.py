@@ -33,7 +33,6 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from sface_dist.distributed import all_reduce_max, all_reduce_sum
-from sface_dist.heads.sampling import DEFAULT_SAMPLE_CORRECTION
 from sface_dist.heads.sface import PRECISIONS, matmul, target_mask_of
 from sface_dist.heads.sharded import HeadOutput, ShardedHead
 
@@ -132,7 +131,7 @@ class ShardedMarginHead(ShardedHead):
         seed: int = 0,
         init: str = "normal",
         check_inputs: bool = False,
-        sample_correction: str = DEFAULT_SAMPLE_CORRECTION,
+        sample_correction: str = "auto",
     ) -> None:
         super().__init__(
             num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs, sample_correction

@@ -9,14 +9,15 @@ what the sampled negatives weigh:
   expectation, q times the full head's.
 * ``inverse_rate``: 1/q in the loss, so the loss and both gradients are unbiased
   estimates of the full head's.
-* ``inverse_rate_centres`` (the default): 1 in the loss and the embeddings' gradient,
+* ``inverse_rate_centres``: 1 in the loss and the embeddings' gradient,
   1/q on the class centres' gradient. Each centre is, in expectation, pushed as hard
   as by the full head, while the embeddings' gradient, which every backbone weight
   shares, keeps the low variance of ``none``.
 * ``inverse_rate_embeddings``: the mirror image: 1/q on the embeddings, 1 on the centres.
 
 Positives, including the other rows' positives (negatives for this row), are
-always kept with weight 1.
+always kept with weight 1. Each head type names the correction that learns best
+with it (``ShardedHead.default_sample_correction``, measured in docs/heads.md).
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ import torch
 from torch import Tensor
 
 SAMPLE_CORRECTIONS = ("none", "inverse_rate", "inverse_rate_centres", "inverse_rate_embeddings")
-DEFAULT_SAMPLE_CORRECTION = "inverse_rate_centres"
-"""The correction that learns best on the demo (docs/heads.md, Partial FC)."""
 
 
 @dataclass
@@ -59,7 +58,7 @@ def sample_classes(
     num_local: int,
     sample_rate: float,
     generator: torch.Generator,
-    correction: str = DEFAULT_SAMPLE_CORRECTION,
+    correction: str,
 ) -> SampledClasses:
     """Keep every positive and ``max(0, int(sample_rate·num_local) - positives)`` random negatives."""
     if correction not in SAMPLE_CORRECTIONS:

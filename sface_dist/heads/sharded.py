@@ -32,13 +32,7 @@ from sface_dist.distributed import (
     reduce_from_shards,
 )
 from sface_dist.heads.kernels.fused import sface_block_triton, triton_available
-from sface_dist.heads.sampling import (
-    DEFAULT_SAMPLE_CORRECTION,
-    SAMPLE_CORRECTIONS,
-    SampledClasses,
-    sample_classes,
-    step_generator,
-)
+from sface_dist.heads.sampling import SAMPLE_CORRECTIONS, SampledClasses, sample_classes, step_generator
 from sface_dist.heads.sface import (
     NUM_SCALAR_STATS,
     PRECISIONS,
@@ -118,6 +112,9 @@ def initial_weight_rows(
 class ShardedHead(nn.Module):
     """Class partition, gather, sampling and checks shared by the sharded heads."""
 
+    default_sample_correction = "none"
+    """What ``sample_correction="auto"`` means for this head type: the correction that learns best with it."""
+
     def __init__(
         self,
         num_classes: int,
@@ -127,7 +124,7 @@ class ShardedHead(nn.Module):
         seed: int = 0,
         init: str = "xavier",
         check_inputs: bool = False,
-        sample_correction: str = DEFAULT_SAMPLE_CORRECTION,
+        sample_correction: str = "auto",
     ) -> None:
         super().__init__()
         world = group_size(process_group)
@@ -135,9 +132,12 @@ class ShardedHead(nn.Module):
             raise ValueError(f"num_classes={num_classes} is smaller than the {world} ranks that shard it")
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"head.sample_rate: expected a value in [0, 1], got {sample_rate}")
+        if sample_correction == "auto":
+            sample_correction = self.default_sample_correction
         if sample_correction not in SAMPLE_CORRECTIONS:
             raise ValueError(
-                f"head.sample_correction: expected one of {', '.join(SAMPLE_CORRECTIONS)}, got {sample_correction!r}"
+                f"head.sample_correction: expected auto or one of {', '.join(SAMPLE_CORRECTIONS)}, "
+                f"got {sample_correction!r}"
             )
         self.num_classes = num_classes
         self.embedding_size = embedding_size
@@ -220,6 +220,8 @@ def resolve_impl(impl: str) -> str:
 class ShardedSFaceHead(ShardedHead):
     """SFace classifier over ``num_classes`` identities, this rank holding ``class_range`` of them."""
 
+    default_sample_correction = "inverse_rate_centres"
+
     def __init__(
         self,
         num_classes: int,
@@ -237,7 +239,7 @@ class ShardedSFaceHead(ShardedHead):
         init: str = "xavier",
         check_inputs: bool = False,
         skip_threshold: float = 0.0,
-        sample_correction: str = DEFAULT_SAMPLE_CORRECTION,
+        sample_correction: str = "auto",
     ) -> None:
         super().__init__(
             num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs, sample_correction
