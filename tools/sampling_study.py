@@ -254,25 +254,33 @@ def write_report(out: Path, results: list[dict[str, object]], setup: str) -> Non
 
 
 def plot_curves(path: Path, groups: dict[str, list[dict[str, object]]]) -> None:
-    """Training accuracy and target cosine against the step, mean over seeds, one line per variant."""
+    """Training accuracy and target cosine against the step, mean over seeds at the steps every seed logged:
+    one row of panels per head type."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4.5))
-    for axis, curve in zip(axes, CURVES, strict=True):
-        for name, rows in groups.items():
-            steps = [step for step, _ in rows[0]["curves"][curve]]  # type: ignore[index]
-            values = np.mean([[value for _, value in row["curves"][curve]] for row in rows], axis=0)  # type: ignore[index]
-            style = "-" if float(rows[0]["rate"]) >= 1.0 else "--"
-            axis.plot(steps, values, style, label=name, linewidth=1.5 if style == "-" else 1.0)
-        axis.set_xlabel("step")
-        axis.set_ylabel(f"training {curve.replace('_', ' ')} (mean over seeds)")
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    heads = sorted({str(rows[0]["head"]) for rows in groups.values()})
+    figure, axes = plt.subplots(len(heads), len(CURVES), figsize=(6 * len(CURVES), 4.5 * len(heads)), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for row, head in enumerate(heads):
+        variants = [(name, rows) for name, rows in groups.items() if rows[0]["head"] == head]
+        for column, curve in enumerate(CURVES):
+            axis = axes[row][column]
+            for number, (name, rows) in enumerate(variants):
+                logged = [dict(r["curves"][curve]) for r in rows]  # type: ignore[index]
+                steps = sorted(set.intersection(*(set(points) for points in logged)))
+                values = [np.mean([points[step] for points in logged]) for step in steps]
+                full = float(rows[0]["rate"]) >= 1.0
+                axis.plot(steps, values, "-" if full else "--", color=colours(number % 10), label=name,
+                          linewidth=2.0 if full else 1.2)
+            axis.set_xlabel("step")
+            axis.set_ylabel(f"{head}: training {curve.replace('_', ' ')} (mean over seeds)")
+            axis.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 

@@ -116,6 +116,9 @@ def distributed_cross_entropy(
 class ShardedMarginHead(ShardedHead):
     """ArcFace / CosFace / combined-margin / normalised-softmax head, sharded by class."""
 
+    default_sample_correction = "none"
+    """Measured best for ArcFace under Partial FC (docs/heads.md)."""
+
     def __init__(
         self,
         num_classes: int,
