@@ -288,6 +288,7 @@ def plot_curves(path: Path, groups: dict[str, list[dict[str, object]]]) -> None:
 class GradientStats:
     """One correction's gradients over many draws, against the full head's on the same batches."""
 
+    rate: float
     correction: str
     embedding_bias: float
     """||mean over draws - full|| / ||full|| of ∂L/∂embeddings."""
@@ -320,12 +321,13 @@ def load_batches(root: Path, num_classes: int, image_size: int, batch: int, coun
 
 
 def gradient_statistics(
-    run_dir: Path, root: Path, rate: float, corrections: list[str], draws: int, batches: int, batch: int,
+    run_dir: Path, root: Path, rates: list[float], corrections: list[str], draws: int, batches: int, batch: int,
     seed: int = 0,
 ) -> list[GradientStats]:
-    """Measure each correction's gradient estimator at the run's checkpoint (one process, the whole head).
+    """Measure each correction's gradient estimator at each rate, at the run's checkpoint (one process, the
+    whole head). The first entry, ``full``, is the full head itself: no bias, no noise, its norm and balance.
 
-    The first entry, ``full``, is the full head itself: no bias, no noise, its norm and balance.
+    Each batch is embedded, and its full-head gradients computed, once for every (rate, correction).
     """
     loaded = load_backbone(run_dir)
     num_classes = int(read_manifest(loaded.path)["num_classes"])
@@ -343,35 +345,41 @@ def gradient_statistics(
             head.weight.copy_(weight)
         return head
 
-    stats = []
-    for correction in ["full", *corrections]:
-        drawn_embedding, drawn_centre, full_embedding, full_centre = [], [], [], []
-        norms, ratios = [], []
-        for images, labels in data:
-            embeddings = backbone(images)
-            full = head_with(1.0, "none")
-            reference = torch.autograd.grad(full(embeddings, labels).loss, [embeddings, full.weight],
-                                            retain_graph=True)
-            intra = intra_gradient(embeddings, weight, labels, params)
+    estimators = [(1.0, "full"), *((rate, correction) for rate in rates for correction in corrections)]
+    drawn: dict[tuple[float, str], dict[str, list]] = {
+        key: {"embedding": [], "centre": [], "norms": [], "ratios": []} for key in estimators
+    }
+    full_embedding, full_centre = [], []
+    for images, labels in data:
+        embeddings = backbone(images)
+        full = head_with(1.0, "none")
+        reference = torch.autograd.grad(full(embeddings, labels).loss, [embeddings, full.weight], retain_graph=True)
+        full_embedding.append(reference[0])
+        full_centre.append(reference[1])
+        intra = intra_gradient(embeddings, weight, labels, params)
+        for rate, correction in estimators:
             head = full if correction == "full" else head_with(rate, correction)
+            record = drawn[(rate, correction)]
             per_draw = []
             for _ in range(1 if correction == "full" else draws):
                 grads = torch.autograd.grad(head(embeddings, labels).loss,
                                             [embeddings, head.weight, *backbone.parameters()], retain_graph=True)
                 per_draw.append(grads[:2])
-                norms.append(float(torch.stack([grad.norm() for grad in grads[2:]]).norm()))
-                ratios.append(float((grads[0] - intra).norm() / intra.norm()))
-            drawn_embedding.append(torch.stack([grad for grad, _ in per_draw]))
-            drawn_centre.append(torch.stack([grad for _, grad in per_draw]))
-            full_embedding.append(reference[0])
-            full_centre.append(reference[1])
+                record["norms"].append(float(torch.stack([grad.norm() for grad in grads[2:]]).norm()))
+                record["ratios"].append(float((grads[0] - intra).norm() / intra.norm()))
+            record["embedding"].append(torch.stack([grad for grad, _ in per_draw]))
+            record["centre"].append(torch.stack([grad for _, grad in per_draw]))
+    stats = []
+    for (rate, correction), record in drawn.items():
+        norms = record["norms"]
         stats.append(GradientStats(
+            rate,
             correction,
-            *bias_and_noise(drawn_embedding, full_embedding),
-            *bias_and_noise(drawn_centre, full_centre),
+            *bias_and_noise(record["embedding"], full_embedding),
+            *bias_and_noise(record["centre"], full_centre),
             float(np.mean(norms)),
             float(np.mean([norm > grad_clip for norm in norms])) if grad_clip > 0 else 0.0,
-            float(np.mean(ratios)),
+            float(np.mean(record["ratios"])),
         ))
     return stats
 
@@ -404,14 +412,13 @@ def write_diagnostics(out: Path, run_dir: Path, root: Path, variants: list[Varia
         "backbone grad norm | clipped | inter/intra |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for rate in rates:
-        batch = int(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["batch_size"]) * args.nproc
-        for stat in gradient_statistics(run_dir, root, rate, list(SAMPLE_CORRECTIONS), args.diagnose_draws,
-                                        args.diagnose_batches, batch):
-            label = "1 (full head)" if stat.correction == "full" else f"{rate:g}"
-            lines.append(f"| {label} | {stat.correction} | {stat.embedding_bias:.3f} | {stat.embedding_noise:.3f} | "
-                         f"{stat.centre_bias:.3f} | {stat.centre_noise:.3f} | {stat.backbone_norm:.2f} | "
-                         f"{stat.clipped:.2f} | {stat.inter_intra:.2f} |")
+    batch = int(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["batch_size"]) * args.nproc
+    for stat in gradient_statistics(run_dir, root, rates, list(SAMPLE_CORRECTIONS), args.diagnose_draws,
+                                    args.diagnose_batches, batch):
+        label = "1 (full head)" if stat.correction == "full" else f"{stat.rate:g}"
+        lines.append(f"| {label} | {stat.correction} | {stat.embedding_bias:.3f} | {stat.embedding_noise:.3f} | "
+                     f"{stat.centre_bias:.3f} | {stat.centre_noise:.3f} | {stat.backbone_norm:.2f} | "
+                     f"{stat.clipped:.2f} | {stat.inter_intra:.2f} |")
     (out / "diagnostics.md").write_text("\n".join(lines) + "\n")
 
 
