@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from study_runs import launch_training, mean_std, render_synthetic, write_json
+from study_runs import launch_training, mean_std, render_synthetic, run_each, write_json
 
 from sface_dist.data.convert import add_label_noise, hold_out_identities
 from sface_dist.distributed import DistEnv
@@ -170,22 +170,18 @@ def run_study(args: argparse.Namespace, grid: Grid) -> list[dict[str, object]]:
     if not (outside_rec.with_name("property").is_file() and kept_rec.with_name("property").is_file()):
         hold_out_identities(rec, out / "data", grid.hold_out, progress=False)
     cells = cells_of(grid)
-    results, trained, spent = [], 0, 0.0
-    for number, cell in enumerate(cells, 1):
-        folder = out / "cells" / cell.name
-        if (folder / "result.json").is_file():
-            results.append({**json.loads((folder / "result.json").read_text()), **finder_counts(out, cell)})
-            continue
-        left = len(cells) - number + 1
-        eta = f", ~{spent / trained * left / 60:.0f} min left" if trained else ""
-        print(f"[{number}/{len(cells)}] {cell.name}{eta}", flush=True)
+
+    def run(index: int) -> dict[str, object]:
+        cell = cells[index]
         root = prepare_data(cell, kept_rec, outside_rec, out / "data")
-        result = {**run_cell(cell, root, heldout, folder, args, grid), **finder_counts(out, cell)}
-        trained, spent = trained + 1, spent + float(result["seconds"])
-        print(f"    accuracy {result['accuracy']:.4f}, TAR@FAR={REPORT_FAR} {result['tar']:.4f}, "
-              f"{result['suspects']} suspects ({result['found']} of {result['corrupted']} corrupted) "
-              f"in {result['seconds']:.0f} s", flush=True)
-        results.append(result)
+        return {**run_cell(cell, root, heldout, out / "cells" / cell.name, args, grid), **finder_counts(out, cell)}
+
+    def summary(result: dict[str, object]) -> str:
+        return (f"accuracy {result['accuracy']:.4f}, TAR@FAR={REPORT_FAR} {result['tar']:.4f}, {result['suspects']} "
+                f"suspects ({result['found']} of {result['corrupted']} corrupted) in {result['seconds']:.0f} s")
+
+    results = run_each([(cell.name, out / "cells" / cell.name) for cell in cells], run, summary,
+                       lambda index, result: {**result, **finder_counts(out, cells[index])})
     write_report(out, results, grid, describe_setup(args, out, cells))
     return results
 

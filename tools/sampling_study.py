@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from study_runs import launch_training, mean_std, render_synthetic, write_json
+from study_runs import launch_training, mean_std, render_synthetic, run_each, write_json
 
 from sface_dist.checkpoint import load_head_shard, read_manifest
 from sface_dist.config import HeadConfig
@@ -182,20 +181,13 @@ def run_study(args: argparse.Namespace, variants: list[Variant]) -> list[dict[st
     out.mkdir(parents=True, exist_ok=True)
     root = prepare_data(args)
     runs = [Run(variant, seed) for seed in args.seeds for variant in variants]
-    results, trained, spent = [], 0, 0.0
-    for number, run in enumerate(runs, 1):
-        folder = out / "runs" / run.name
-        if (folder / "result.json").is_file():
-            results.append(json.loads((folder / "result.json").read_text()))
-            continue
-        left = len(runs) - number + 1
-        eta = f", ~{spent / trained * left / 60:.0f} min left" if trained else ""
-        print(f"[{number}/{len(runs)}] {run.name}{eta}", flush=True)
-        result = run_one(run, root, folder, args)
-        trained, spent = trained + 1, spent + float(result["seconds"])
-        print(f"    accuracy {result['accuracy']:.4f}, TAR@FAR={REPORT_FAR} {result['tar']:.4f}, training accuracy "
-              f"{result['train_accuracy_mid']:.3f} at step {args.steps // 2} in {result['seconds']:.0f} s", flush=True)
-        results.append(result)
+
+    def summary(result: dict[str, object]) -> str:
+        return (f"accuracy {result['accuracy']:.4f}, TAR@FAR={REPORT_FAR} {result['tar']:.4f}, training accuracy "
+                f"{result['train_accuracy_mid']:.3f} at step {args.steps // 2} in {result['seconds']:.0f} s")
+
+    results = run_each([(run.name, out / "runs" / run.name) for run in runs],
+                       lambda index: run_one(runs[index], root, out / "runs" / runs[index].name, args), summary)
     write_report(out, results, describe_setup(args, out, runs))
     if args.diagnose and not (out / "diagnostics.md").is_file():
         full = next((run for run in runs if run.variant.rate >= 1.0 and run.variant.head == "sface"), None)

@@ -1,10 +1,12 @@
-"""What the study tools share: launching one training run, writing a result atomically, mean ± std."""
+"""What the study tools share: the resumable loop over runs, launching one training run, writing a result
+atomically, mean ± std."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,33 @@ import numpy as np
 from sface_dist.checkpoint import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+Result = dict[str, object]
+
+
+def run_each(
+    jobs: Sequence[tuple[str, Path]],
+    run: Callable[[int], Result],
+    summary: Callable[[Result], str],
+    complete: Callable[[int, Result], Result] = lambda _, result: result,
+) -> list[Result]:
+    """The result of every (name, folder) job: ``complete(i, FOLDER/result.json)`` where that file exists (the
+    job ran in an earlier invocation), else ``run(i)``, which writes it, announced with the time left and
+    followed by its ``summary``. ``run``'s result carries its ``seconds``."""
+    results, trained, spent = [], 0, 0.0
+    for number, (name, folder) in enumerate(jobs, 1):
+        if (folder / "result.json").is_file():
+            results.append(complete(number - 1, json.loads((folder / "result.json").read_text())))
+            continue
+        left = len(jobs) - number + 1
+        eta = f", ~{spent / trained * left / 60:.0f} min left" if trained else ""
+        print(f"[{number}/{len(jobs)}] {name}{eta}", flush=True)
+        result = run(number - 1)
+        trained, spent = trained + 1, spent + float(result["seconds"])  # type: ignore[arg-type]
+        print(f"    {summary(result)}", flush=True)
+        results.append(result)
+    return results
 
 
 def launch_training(config: Path, overrides: list[str], nproc: int, log: Path, name: str) -> None:
