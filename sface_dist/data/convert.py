@@ -400,7 +400,7 @@ def make_bin(
     Each line of ``pairs_path`` is ``path_a path_b same`` (paths relative to ``root``,
     ``same`` one of 1/0/true/false); blank lines and ``#`` comments are ignored.
     """
-    from sface_dist.evaluation.bin_pack import write_bin  # only make-bin needs evaluation/
+    from sface_dist.data.bin_pack import write_bin  # imports torch, which only make-bin needs
 
     start_time = time.perf_counter()
     pairs_path, root, out_path = Path(pairs_path), Path(root), Path(out_path)
