@@ -290,7 +290,7 @@ def embed_checkpoint(
     """
     from sface_dist.backbones import build_backbone
     from sface_dist.checkpoint import load_head_shard, read_manifest
-    from sface_dist.data.loader import RecordFaceDataset
+    from sface_dist.data.datasets import RecordFaceDataset
     from sface_dist.data.pixels import normalize_pixels
     from sface_dist.evaluation.checkpoint_backbone import load_backbone
 
