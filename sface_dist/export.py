@@ -1,8 +1,8 @@
 """ONNX export: a backbone that takes raw 0-255 RGB crops, checked against PyTorch on export.
 
 The graph maps input ``input`` float32 ``[batch, 3, 112, 112]`` (RGB, 0-255, dynamic
-batch) to output ``embedding`` float32 ``[batch, D]``, un-normalised. Pixel
-normalisation ``(x - 127.5) / 127.5`` is inside the graph, so the file is a drop-in
+batch) to output ``embedding`` float32 ``[batch, D]``, un-normalised. The training pixel
+normalisation ``(x - 127.5) / 127.5`` (``data/pixels.py``) is inside the graph, so the file is a drop-in
 for OpenCV's ``cv2.FaceRecognizerSF``: its ``feature()`` feeds exactly that tensor
 (``blobFromImage`` with scale 1 and BGR->RGB) and its ``match()`` L2-normalises.
 The exporter is ``torch.export`` based (``dynamo=True``), the one PyTorch maintains.
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from sface_dist.data.pixels import normalize_pixels
 from sface_dist.evaluation.checkpoint_backbone import LoadedBackbone, load_backbone
-from sface_dist.evaluation.embedder import OnnxEmbedder, normalize_pixels
+from sface_dist.evaluation.embedder import OnnxEmbedder
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"

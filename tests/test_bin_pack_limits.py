@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sface_dist.evaluation import bin_pack
-from sface_dist.evaluation.bin_pack import VerificationPackError, read_bin, write_bin
+from sface_dist.data import bin_pack
+from sface_dist.data.bin_pack import VerificationPackError, read_bin, write_bin
 
 try:
     from numpy._core import multiarray
@@ -141,7 +141,7 @@ def test_object_dtype_smuggled_through_dtype_state_is_refused(tmp_path: Path) ->
     path = tmp_path / "segfault.bin"
     path.write_bytes(pickle.dumps(([jpeg(0), jpeg(1)], array), protocol=2))
     child = subprocess.run(
-        [sys.executable, "-c", f"from sface_dist.evaluation.bin_pack import read_bin; read_bin({str(path)!r})"],
+        [sys.executable, "-c", f"from sface_dist.data.bin_pack import read_bin; read_bin({str(path)!r})"],
         capture_output=True,
         text=True,
         timeout=120,

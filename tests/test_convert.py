@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sface_dist.data.bin_pack import read_bin
 from sface_dist.data.convert import (
     ConvertError,
     EncodeOptions,
     add_label_noise,
-    encode_jpeg,
     folder_to_rec,
     hold_out_identities,
+    rec_to_folder,
     repack,
 )
+from sface_dist.data.errors import BadRecordError, DataError
+from sface_dist.data.images import encode_jpeg
 from sface_dist.data.inspection import inspect_rec
 from sface_dist.data.recordio import (
     FaceRecordIndex,
@@ -31,7 +35,6 @@ from sface_dist.data.recordio import (
     pack,
     unpack,
 )
-from sface_dist.evaluation.bin_pack import read_bin
 
 REPO = Path(__file__).resolve().parents[1]
 COUNTS = {"alice": 3, "bob": 1, "carol": 2}
@@ -283,7 +286,7 @@ def test_repack_bad_records_error_or_skip_and_keep_existing_output(tmp_path: Pat
     repack(tmp_path / "src" / "train.rec", tmp_path / "flat", progress=False)
     before = (tmp_path / "flat" / "train.rec").read_bytes()
     rec, problems = corrupt_dataset(tmp_path / "bad")
-    with pytest.raises(ConvertError, match=rf"{rec}: key \d at offset \d+: "):
+    with pytest.raises(BadRecordError, match=rf"{rec}: key \d at offset \d+: "):
         repack(rec, tmp_path / "flat", progress=False)
     assert (tmp_path / "flat" / "train.rec").read_bytes() == before
     assert sorted(path.name for path in (tmp_path / "flat").iterdir()) == _DATASET_FILES
@@ -404,3 +407,58 @@ def test_hold_out_identities_splits_by_label_and_keeps_every_image(tmp_path: Pat
         with pytest.raises(ConvertError, match=f"cannot hold out {count} of its 3 identities"):
             hold_out_identities(tmp_path / "src" / "train.rec", tmp_path / "bad", count, progress=False)
     assert not (tmp_path / "bad" / "kept" / "train.rec").exists()
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every file under ``root``."""
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def test_every_dataset_input_takes_the_folder_or_its_rec(tmp_path: Path) -> None:
+    """The folder ``from-folder`` writes (and ``data.root`` takes) and its ``train.rec`` name the same dataset."""
+    make_tree(tmp_path / "in")
+    folder = tmp_path / "src"
+    folder_to_rec(tmp_path / "in", folder, progress=False)
+    rec = folder / "train.rec"
+    for spelling, dataset in (("folder", folder), ("rec", rec)):
+        run_cli("to-folder", str(dataset), str(tmp_path / f"images-{spelling}"), "--quiet")
+        run_cli("repack", str(dataset), str(tmp_path / f"flat-{spelling}"), "--quiet")
+    assert tree_bytes(tmp_path / "images-folder") == tree_bytes(tmp_path / "images-rec")
+    assert len(tree_bytes(tmp_path / "images-folder")) == sum(COUNTS.values())
+    assert tree_bytes(tmp_path / "flat-folder") == tree_bytes(tmp_path / "flat-rec")
+    assert images_by_label(tmp_path / "flat-folder" / "train.rec") == images_by_label(rec)
+    inspected = [run_cli("inspect", str(dataset), "--verify", "--quiet").stdout for dataset in (folder, rec)]
+    assert inspected[0] == inspected[1] and inspected[0].startswith(f"{rec}: insightface layout, 10 records, 6 images")
+
+    noisy = [add_label_noise(dataset, tmp_path / f"noisy-{i}", 0.5, 0.5, dataset, seed=1, progress=False)
+             for i, dataset in enumerate((folder, rec))]  # fmt: skip
+    assert noisy[0] == noisy[1] and tree_bytes(tmp_path / "noisy-0") == tree_bytes(tmp_path / "noisy-1")
+    split = [hold_out_identities(dataset, tmp_path / f"split-{i}", 1, progress=False)
+             for i, dataset in enumerate((folder, rec))]  # fmt: skip
+    assert [records(path) for path in split[0]] == [records(path) for path in split[1]]
+
+    original = (folder / "train.idx").read_bytes()
+    (folder / "train.idx").unlink()
+    assert "10 records" in run_cli("reindex", str(folder), "--quiet").stdout
+    assert (folder / "train.idx").read_bytes() == original
+
+
+def test_a_dataset_that_is_no_folder_with_train_rec_nor_a_rec_is_one_line_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a dataset\n")
+    expected = {
+        tmp_path / "empty": f"{tmp_path / 'empty'}: the dataset folder holds no train.rec",
+        tmp_path / "notes.txt": f"{tmp_path / 'notes.txt'}: expected a dataset folder (holding train.rec, train.idx) "
+        "or a .rec file",
+    }
+    for dataset, message in expected.items():
+        for command in (["to-folder", str(dataset), str(tmp_path / "out")], ["inspect", str(dataset)],
+                        ["repack", str(dataset), str(tmp_path / "out")], ["reindex", str(dataset)]):  # fmt: skip
+            result = run_cli(*command, "--quiet", check=False)
+            assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {message}\n"), command
+        for convert in (rec_to_folder, repack):
+            with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+                convert(dataset, tmp_path / "out", progress=False)
+        with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+            inspect_rec(dataset, progress=False, workers=0)
+    assert not (tmp_path / "out").exists()

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from sface_dist.config import DataConfig
-from sface_dist.data.convert import encode_jpeg
 from sface_dist.data.dali import dali_available
-from sface_dist.data.loader import DataError, FaceLoader, build_loader, resolve_backend
+from sface_dist.data.errors import BadRecordError, DataError
+from sface_dist.data.images import encode_jpeg
+from sface_dist.data.loader import FaceLoader, build_loader, resolve_backend
 from sface_dist.data.recordio import FaceRecordWriter, IRHeader, RecordIOReader, RecordIOWriter, header_record, pack
 from sface_dist.data.sampler import EpochShardSampler, Sample
 from sface_dist.data.synthetic import SyntheticFaces
@@ -225,7 +226,8 @@ def test_bad_records_are_errors_that_name_file_key_and_offset(tmp_path: Path, ba
         root = make_rec(tmp_path / f"bad{index}", labels, payloads=payloads)
         offset = RecordIOReader(root / "train.rec", root / "train.idx").offset(index + 1)
         loader = build_loader(config(root, backend=backend, batch_size=12), 0, 1, seed=0)
-        with pytest.raises(DataError, match=rf"{root / 'train.rec'}: key {index + 1} at offset {offset}: {message}"):
+        expected = rf"{root / 'train.rec'}: key {index + 1} at offset {offset}: {message}"
+        with pytest.raises(BadRecordError, match=expected):
             list(loader)
 
 
@@ -235,7 +237,7 @@ def test_skip_leaves_bad_records_out_and_counts_them(
 ) -> None:
     root, problems = bad_dataset(tmp_path)
     loader = build_loader(config(root, backend=backend, batch_size=3, on_bad_record="skip"), 0, 1, seed=0)
-    with caplog.at_level(logging.WARNING, logger="sface_dist.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="sface_dist.data.datasets"):
         batches = epoch(loader, 0)
     seen = sorted(index for images, _ in batches for index in decode(images)[0])
     assert seen == [i for i in range(12) if i not in problems]

@@ -17,10 +17,10 @@ from PIL import Image
 from torch import nn
 
 from sface_dist.backbones import build_backbone
+from sface_dist.data.bin_pack import VerificationPack, VerificationPackError, read_bin, write_bin
 from sface_dist.data.convert import encode_jpeg
 from sface_dist.data.synthetic import SyntheticFaces
 from sface_dist.distributed import DistEnv
-from sface_dist.evaluation.bin_pack import VerificationPack, VerificationPackError, read_bin, write_bin
 from sface_dist.evaluation.checkpoint_backbone import load_backbone
 from sface_dist.evaluation.embedder import TorchEmbedder, embed_images, embed_views
 from sface_dist.evaluation.monitor import VerificationMonitor

@@ -36,6 +36,7 @@ from sface_dist.config import DataConfig
 from sface_dist.data.convert import EncodeOptions, folder_to_rec, repack
 from sface_dist.data.dali import dali_available
 from sface_dist.data.loader import build_loader
+from sface_dist.data.pixels import PIXEL_MEAN, PIXEL_STD
 from sface_dist.data.recordio import FaceRecordIndex, RecordIOReader
 from sface_dist.data.synthetic import SyntheticFaces, write_identity_folders
 
@@ -46,6 +47,7 @@ import mxnet as mx
 from PIL import Image
 
 rec, idx, count, transforms, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+mean, std = float(sys.argv[6]), float(sys.argv[7])  # the project's pixel normalisation
 record_io = mx.recordio.MXIndexedRecordIO(idx, rec, "r")
 header, _ = mx.recordio.unpack(record_io.read_idx(0))
 keys = list(range(1, int(header.label[0]))) if header.flag > 0 else list(record_io.keys)
@@ -78,7 +80,7 @@ def load(key):  # the peer's MXFaceDataset.__getitem__
         return sample, torch.tensor(label, dtype=torch.long)
     if rng.random() < 0.5:
         pixels = pixels[:, ::-1]
-    return (pixels.transpose(2, 0, 1).astype(np.float32) - 127.5) / 127.5, int(label)
+    return (pixels.transpose(2, 0, 1).astype(np.float32) - mean) / std, int(label)
 
 def batch(keys):  # the DataLoader's default_collate for "peer"; a numpy stack otherwise
     samples = [load(key) for key in keys]
@@ -183,7 +185,7 @@ def pil_rate(work: Path, args: argparse.Namespace, cores: int) -> Measured:
         pixels = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
         if rng.random() < 0.5:
             pixels = pixels[:, ::-1]
-        (pixels.transpose(2, 0, 1).astype(np.float32) - 127.5) / 127.5
+        (pixels.transpose(2, 0, 1).astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
     return Measured(args.per_row, time.perf_counter() - start, time.process_time() - cpu)
 
 
@@ -202,7 +204,7 @@ def dali_native_rate(threads: int | None) -> Callable[[Path, argparse.Namespace,
             )
             decoded = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
             normalised = fn.crop_mirror_normalize(
-                decoded, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3,
+                decoded, dtype=types.FLOAT, output_layout="CHW", mean=[PIXEL_MEAN] * 3, std=[PIXEL_STD] * 3,
                 mirror=fn.random.coin_flip(),
             )  # fmt: skip
             return normalised, labels
@@ -246,7 +248,7 @@ def run_row(row: Row, work: Path, args: argparse.Namespace) -> Measured | str:
         python = args.mxnet_python or sys.executable
         rec, idx = str(work / "rec" / "train.rec"), str(work / "rec" / "train.idx")
         command = [python, "-c", _MXNET_READER, rec, idx, str(args.per_row // 2), row.measure.removeprefix("mxnet-"),
-                   str(args.batch_size)]  # fmt: skip
+                   str(args.batch_size), str(PIXEL_MEAN), str(PIXEL_STD)]  # fmt: skip
     else:
         command = [sys.executable, __file__, "--measure", row.measure, "--work", str(work), "--cores", str(row.cores),
                    "--per-row", str(args.per_row), "--batch-size", str(args.batch_size)]  # fmt: skip

@@ -290,7 +290,8 @@ def embed_checkpoint(
     """
     from sface_dist.backbones import build_backbone
     from sface_dist.checkpoint import load_head_shard, read_manifest
-    from sface_dist.data.loader import RecordFaceDataset
+    from sface_dist.data.datasets import RecordFaceDataset
+    from sface_dist.data.pixels import normalize_pixels
     from sface_dist.evaluation.checkpoint_backbone import load_backbone
 
     config = read_manifest(path or reference)["config"]
@@ -310,7 +311,7 @@ def embed_checkpoint(
     for index in indices:
         label, encoded = dataset.read_encoded(index)
         pixels = torch.from_numpy(dataset.decode(index, encoded).copy()).permute(2, 0, 1).float()
-        images.append((pixels - 127.5) / 127.5)
+        images.append(normalize_pixels(pixels))
         labels.append(label)
     with torch.no_grad():
         embeddings = torch.cat([backbone(torch.stack(images[i : i + 128])) for i in range(0, rows, 128)])

@@ -2,12 +2,14 @@
 
   from-folder ROOT OUT       identity sub-folders -> OUT/train.rec, train.idx, property, classes.txt
   from-list LIST ROOT OUT    im2rec .lst (index<TAB>label<TAB>path) -> OUT/train.rec, train.idx, property
-  to-folder REC OUT          extract the images into OUT/<identity>/<key>.<ext>
-  inspect REC [--verify]     counts, layout, labels, image sizes; --verify decodes and re-frames everything
-  repack REC OUT             flat, shuffled, images-only copy with scalar labels (DALI's reader layout)
+  to-folder DATASET OUT      extract the images into OUT/<identity>/<key>.<ext>
+  inspect DATASET [--verify] counts, layout, labels, image sizes; --verify decodes and re-frames everything
+  repack DATASET OUT         flat, shuffled, images-only copy with scalar labels (DALI's reader layout)
   make-bin PAIRS ROOT OUT    verification pack (insightface .bin) from 'path_a path_b 1|0' lines
-  reindex REC                rebuild a lost .idx by scanning the .rec
+  reindex DATASET            rebuild a lost .idx by scanning the .rec
 
+A DATASET is named by its folder (holding train.rec, train.idx), as from-folder writes it and
+data.root takes it, or by its .rec file.
 Every output is written under a temporary name and renamed into place at the end: a failed
 or interrupted run leaves an existing output as it was. `python tools/convert_rec.py CMD --help`
 describes each command.
@@ -17,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from sface_dist.data.convert import (
-    ConvertError,
     EncodeOptions,
     folder_to_rec,
     list_to_rec,
@@ -28,8 +28,10 @@ from sface_dist.data.convert import (
     rec_to_folder,
     repack,
 )
+from sface_dist.data.errors import DataError
 from sface_dist.data.inspection import inspect_rec
 from sface_dist.data.recordio import RecordIOError, ScannedRecord, rebuild_index
+from sface_dist.data.records import dataset_rec_path
 from sface_dist.progress import ProgressBar
 
 
@@ -51,18 +53,19 @@ def _from_list(args: argparse.Namespace) -> int:
 
 
 def _to_folder(args: argparse.Namespace) -> int:
-    print(rec_to_folder(args.rec, args.out, not args.quiet).describe("extracted to"))
+    print(rec_to_folder(args.dataset, args.out, not args.quiet).describe("extracted to"))
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    report = inspect_rec(args.rec, args.verify, not args.quiet, args.workers)
+    report = inspect_rec(args.dataset, args.verify, not args.quiet, args.workers)
     print(report.describe())
     return 1 if report.num_problems else 0
 
 
 def _repack(args: argparse.Namespace) -> int:
-    summary = repack(args.rec, args.out, not args.no_shuffle, args.seed, args.skip_bad, not args.quiet, args.exclude)
+    shuffle = not args.no_shuffle
+    summary = repack(args.dataset, args.out, shuffle, args.seed, args.skip_bad, not args.quiet, args.exclude)
     print(summary.describe("repacked into"))
     return 0
 
@@ -74,7 +77,7 @@ def _make_bin(args: argparse.Namespace) -> int:
 
 
 def _reindex(args: argparse.Namespace) -> int:
-    rec = Path(args.rec)
+    rec = dataset_rec_path(args.dataset)
     idx = rec.with_suffix(".idx")
     bar = ProgressBar(rec.stat().st_size // 2**20, unit="MiB", stream=None if args.quiet else sys.stderr)
     scanned_mib = 0
@@ -126,18 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(run=_from_list)
 
     command = add("to-folder", "extract images into OUT/<identity>/<key>.<ext>")
-    command.add_argument("rec", help="train.rec (train.idx and optional classes.txt next to it)")
+    command.add_argument("dataset", help="dataset folder or its train.rec (train.idx, optional classes.txt alongside)")
     command.add_argument("out", help="output folder (replaced as a whole at the end)")
     command.set_defaults(run=_to_folder)
 
     command = add("inspect", "counts, layout, labels, sizes; --verify checks every record")
-    command.add_argument("rec", help="train.rec (train.idx and optional property next to it)")
+    command.add_argument("dataset", help="dataset folder or its train.rec (train.idx, optional property alongside)")
     command.add_argument("--verify", action="store_true", help="decode every image and check every record's framing")
     command.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
     command.set_defaults(run=_inspect)
 
     command = add("repack", "flat, shuffled, images-only copy with scalar labels")
-    command.add_argument("rec", help="source train.rec (any layout)")
+    command.add_argument("dataset", help="source dataset folder or its train.rec (any layout)")
     command.add_argument("out", help="output folder (created if missing)")
     command.add_argument("--seed", type=int, default=0, help="shuffle seed (0)")
     command.add_argument("--no-shuffle", action="store_true", help="keep the source order")
@@ -154,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoding(command)
     command.set_defaults(run=_make_bin)
 
-    command = add("reindex", "rebuild REC's .idx by scanning REC")
-    command.add_argument("rec", help="the .rec whose .idx is missing or wrong")
+    command = add("reindex", "rebuild a dataset's .idx by scanning its .rec")
+    command.add_argument("dataset", help="dataset folder or the .rec whose .idx is missing or wrong")
     command.add_argument(
         "--keys",
         choices=("sequential", "header-id"),
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConvertError, RecordIOError) as error:
+    except (DataError, RecordIOError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

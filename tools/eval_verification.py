@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from sface_dist.evaluation.bin_pack import read_bin
+from sface_dist.data.bin_pack import read_bin
 from sface_dist.evaluation.cli import add_model_arguments, open_model_from_args, run_tool
 from sface_dist.evaluation.verification import VERIFICATION_FARS, VerificationResult, evaluate_embedder
 from sface_dist.progress import ProgressBar

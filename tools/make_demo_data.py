@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from sface_dist.data.bin_pack import write_bin
 from sface_dist.data.convert import encode_jpeg, folder_to_rec
 from sface_dist.data.synthetic import SyntheticFaces, write_identity_folders
-from sface_dist.evaluation.bin_pack import write_bin
 
 _STAMP = "demo.json"
 _OUTPUTS = ("train.rec", "train.idx", "property", "classes.txt", "heldout.bin")

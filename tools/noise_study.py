@@ -36,9 +36,9 @@ import torch
 import yaml
 from study_runs import launch_training, mean_std, render_synthetic, run_each, write_json
 
+from sface_dist.data.bin_pack import read_bin
 from sface_dist.data.convert import add_label_noise, hold_out_identities
 from sface_dist.distributed import DistEnv
-from sface_dist.evaluation.bin_pack import read_bin
 from sface_dist.evaluation.cli import default_device
 from sface_dist.evaluation.embedder import open_model
 from sface_dist.evaluation.noisy_labels import DEFAULT_THRESHOLD, LabelScores, find_noisy_labels

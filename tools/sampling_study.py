@@ -37,8 +37,9 @@ from study_runs import launch_training, mean_std, render_synthetic, run_each, wr
 
 from sface_dist.checkpoint import load_head_shard, read_manifest
 from sface_dist.config import HeadConfig
-from sface_dist.data.loader import RecordFaceDataset, normalise
-from sface_dist.evaluation.bin_pack import read_bin
+from sface_dist.data.bin_pack import read_bin
+from sface_dist.data.datasets import RecordFaceDataset
+from sface_dist.data.torch_backend import normalise
 from sface_dist.evaluation.checkpoint_backbone import load_backbone
 from sface_dist.evaluation.cli import default_device
 from sface_dist.evaluation.embedder import open_model

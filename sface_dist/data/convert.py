@@ -25,6 +25,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from sface_dist.data.errors import BadRecordError, DataError
 from sface_dist.data.images import encode_jpeg, image_extension
 from sface_dist.data.recordio import (
     FaceRecordIndex,
@@ -35,6 +36,7 @@ from sface_dist.data.recordio import (
     RecordIOWriter,
     pack,
 )
+from sface_dist.data.records import dataset_rec_path, known_num_classes, read_checked
 from sface_dist.progress import with_progress
 
 _CHUNK = 64
@@ -45,7 +47,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class ConvertError(ValueError):
+class ConvertError(DataError):
     """An input that cannot be converted as it is; the message names the file (and key, offset)."""
 
 
@@ -185,7 +187,7 @@ def read_exclusions(list_path: str | os.PathLike[str]) -> set[int]:
 
 
 def repack(
-    rec_path: str | os.PathLike[str],
+    dataset: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     shuffle: bool = True,
     seed: int = 0,
@@ -193,7 +195,8 @@ def repack(
     progress: bool = True,
     exclude: str | os.PathLike[str] | None = None,
 ) -> ConvertSummary:
-    """Rewrite any face ``.rec`` as a flat, images-only file with scalar labels (keys ``0..n-1``).
+    """Rewrite any face dataset (its folder or ``.rec``) as a flat, images-only file with scalar labels
+    (keys ``0..n-1``).
 
     Image bytes are copied unchanged; with ``shuffle`` they go in a ``seed``-determined random
     order. Records that cannot be read, carry no recognisable image or a label outside the
@@ -203,9 +206,9 @@ def repack(
     ``property`` and ``classes.txt`` next to the source are carried over.
     """
     start_time = time.perf_counter()
-    rec_path, out_dir = Path(rec_path), Path(out_dir)
-    with _open_dataset(rec_path) as (reader, index):
-        num_classes = known_num_classes(rec_path, index)
+    rec_path, out_dir = dataset_rec_path(dataset), Path(out_dir)
+    with _open_dataset(rec_path) as index:
+        num_classes = known_num_classes(index)
         order = np.random.default_rng(seed).permutation(len(index)) if shuffle else np.arange(len(index))
         if exclude is not None:
             order = _without_excluded(order, index, rec_path, Path(exclude))
@@ -217,10 +220,10 @@ def repack(
             with RecordIOWriter(files["train.rec"], files["train.idx"]) as writer:
                 for position in with_progress(order.tolist(), len(order), progress):
                     try:
-                        label, image = _checked_image(reader, index, position, num_classes)
-                    except (RecordIOError, ConvertError) as error:
+                        label, image = read_checked(index, position, num_classes)
+                    except BadRecordError as error:
                         if not skip_bad:
-                            raise ConvertError(str(error)) from None
+                            raise
                         skipped.append(str(error))
                         continue
                     writer.write(written, pack(IRHeader(0, float(label), written, 0), image))
@@ -267,7 +270,7 @@ class CorruptedRecord:
 
 
 def add_label_noise(
-    rec_path: str | os.PathLike[str],
+    dataset: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     closed_fraction: float = 0.0,
     open_fraction: float = 0.0,
@@ -275,7 +278,8 @@ def add_label_noise(
     seed: int = 0,
     progress: bool = True,
 ) -> list[CorruptedRecord]:
-    """Write a copy of ``rec_path`` with label noise (flat layout, keys ``0..n-1``) and return the noise.
+    """Write a copy of ``dataset`` (its folder or ``.rec``) with label noise (flat layout, keys ``0..n-1``) and
+    return the noise.
 
     Closed-set noise relabels ``closed_fraction`` of the images, chosen uniformly, to another identity
     drawn uniformly. Open-set noise adds ``open_fraction·n`` images of ``outside`` (a dataset of other
@@ -288,9 +292,9 @@ def add_label_noise(
     if open_fraction and outside is None:
         raise ConvertError("open-set noise needs a dataset of other identities (outside)")
     rng = np.random.default_rng(seed)
-    rec_path, out_dir = Path(rec_path), Path(out_dir)
-    with _open_dataset(rec_path) as (reader, index):
-        num_classes = known_num_classes(rec_path, index)
+    rec_path, out_dir = dataset_rec_path(dataset), Path(out_dir)
+    with _open_dataset(rec_path) as index:
+        num_classes = known_num_classes(index)
         images = [index.read(position) + (index.key(position),) for position in range(len(index))]
     num_classes = num_classes if num_classes is not None else 1 + max(label for label, _, _ in images)
     if num_classes < 2 and closed_fraction:
@@ -302,7 +306,7 @@ def add_label_noise(
         noisy = (label + int(rng.integers(1, num_classes))) % num_classes
         entries[position] = (noisy, image, "closed", label, key)
     if open_fraction:
-        with _open_dataset(Path(outside)) as (_, other):
+        with _open_dataset(dataset_rec_path(outside)) as other:
             count = round(open_fraction * len(entries))
             if count > len(other):
                 raise ConvertError(f"{outside}: {len(other)} images cannot supply {count} open-set images")
@@ -324,16 +328,17 @@ def add_label_noise(
 
 
 def hold_out_identities(
-    rec_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], count: int, progress: bool = True
+    dataset: str | os.PathLike[str], out_dir: str | os.PathLike[str], count: int, progress: bool = True
 ) -> tuple[Path, Path]:
-    """Split ``rec_path`` by identity into ``out_dir/kept`` and ``out_dir/outside`` (flat layout, keys ``0..n-1``).
+    """Split ``dataset`` (its folder or ``.rec``) by identity into ``out_dir/kept`` and ``out_dir/outside``
+    (flat layout, keys ``0..n-1``).
 
     The last ``count`` identities go to ``outside``, relabelled from 0; the others keep their labels in
     ``kept``. Open-set noise (``add_label_noise``) then draws from identities the kept set does not have.
     """
-    rec_path, out_dir = Path(rec_path), Path(out_dir)
-    with _open_dataset(rec_path) as (reader, index):
-        num_classes = known_num_classes(rec_path, index)
+    rec_path, out_dir = dataset_rec_path(dataset), Path(out_dir)
+    with _open_dataset(rec_path) as index:
+        num_classes = known_num_classes(index)
         if num_classes is None:
             num_classes = 1 + max(index.read(position)[0] for position in range(len(index)))
         if not 1 <= count < num_classes:
@@ -358,16 +363,17 @@ def hold_out_identities(
 
 
 def rec_to_folder(
-    rec_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], progress: bool = True
+    dataset: str | os.PathLike[str], out_dir: str | os.PathLike[str], progress: bool = True
 ) -> ConvertSummary:
-    """Extract every image as ``out_dir/<identity>/<key>.<ext>`` (bytes unchanged).
+    """Extract every image of ``dataset`` (its folder or ``.rec``) as ``out_dir/<identity>/<key>.<ext>`` (bytes
+    unchanged).
 
     Identity folders are named from ``classes.txt`` next to the ``.rec`` when there is one,
     else by zero-padded label. The folder is built under a temporary name and swapped in.
     """
     start_time = time.perf_counter()
-    rec_path, out_dir = Path(rec_path), Path(out_dir)
-    with _open_dataset(rec_path) as (reader, index):
+    rec_path, out_dir = dataset_rec_path(dataset), Path(out_dir)
+    with _open_dataset(rec_path) as index:
         classes_path = rec_path.with_name("classes.txt")
         names = classes_path.read_text(encoding="utf-8").splitlines() if classes_path.is_file() else None
         labels: set[int] = set()
@@ -375,9 +381,9 @@ def rec_to_folder(
         with _AtomicFolder(out_dir) as staging:
             for position in with_progress(range(len(index)), len(index), progress):
                 key = index.key(position)
-                label, image = _checked_image(reader, index, position, None)
+                label, image = read_checked(index, position, None)
                 if names is not None and not 0 <= label < len(names):
-                    raise ConvertError(f"{reader.location(key)}: label {label} has no line in {classes_path}")
+                    raise ConvertError(f"{index.reader.location(key)}: label {label} has no line in {classes_path}")
                 folder = staging / (names[label] if names is not None else f"{label:07d}")
                 if label not in labels:
                     folder.mkdir(parents=True, exist_ok=True)
@@ -400,7 +406,7 @@ def make_bin(
     Each line of ``pairs_path`` is ``path_a path_b same`` (paths relative to ``root``,
     ``same`` one of 1/0/true/false); blank lines and ``#`` comments are ignored.
     """
-    from sface_dist.evaluation.bin_pack import write_bin  # only make-bin needs evaluation/
+    from sface_dist.data.bin_pack import write_bin  # imports torch, which only make-bin needs
 
     start_time = time.perf_counter()
     pairs_path, root, out_path = Path(pairs_path), Path(root), Path(out_path)
@@ -457,19 +463,6 @@ def map_chunks(
             yield from pending.popleft().result()
 
 
-def _checked_image(
-    reader: RecordIOReader, index: FaceRecordIndex, position: int, num_classes: int | None
-) -> tuple[int, bytes]:
-    """Label and image bytes of image ``position``; errors name file, key and offset."""
-    key = index.key(position)
-    label, image = index.read(position)
-    if num_classes is not None and not 0 <= label < num_classes:
-        raise ConvertError(f"{reader.location(key)}: label {label} outside [0, {num_classes})")
-    if image_extension(image) == "":
-        raise ConvertError(f"{reader.location(key)}: payload of {len(image)} bytes is not a JPEG, PNG or BMP image")
-    return label, image
-
-
 def _image_shape(image: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(image)) as opened:
@@ -478,41 +471,18 @@ def _image_shape(image: bytes) -> tuple[int, int] | None:
         return None
 
 
-def known_num_classes(rec_path: Path, index: FaceRecordIndex) -> int | None:
-    """The class count the ``property`` file or the identity records state (they must agree)."""
-    property_path = rec_path.with_name("property")
-    stated = read_property(property_path)[0] if property_path.is_file() else None
-    if stated is not None and index.num_classes is not None and stated != index.num_classes:
-        raise ConvertError(
-            f"{property_path} says {stated} classes, the identity records of {rec_path} say {index.num_classes}"
-        )
-    return stated if stated is not None else index.num_classes
-
-
-def read_property(path: Path) -> tuple[int, int, int]:
-    """``(num_classes, height, width)`` of an insightface ``property`` file."""
-    text = path.read_text().strip()
-    try:
-        num_classes, height, width = (int(value) for value in text.split(","))
-    except ValueError:
-        raise ConvertError(f"{path}: expected 'num_classes,height,width', got {text[:80]!r}") from None
-    return num_classes, height, width
-
-
 def _write_property(path: Path, num_classes: int, shape: tuple[int, int] | None) -> None:
     height, width = shape or (0, 0)
     path.write_text(f"{num_classes},{height},{width}\n")
 
 
 @contextlib.contextmanager
-def _open_dataset(rec_path: Path) -> Iterator[tuple[RecordIOReader, FaceRecordIndex]]:
-    """The reader of ``rec_path`` (its ``.idx`` alongside) and its image index; an empty dataset is an error."""
-    if rec_path.suffix != ".rec":
-        raise ConvertError(f"{rec_path}: expected a .rec file (its .idx next to it)")
+def _open_dataset(rec_path: Path) -> Iterator[FaceRecordIndex]:
+    """The image index of ``rec_path`` (its ``.idx`` alongside), open while in use; an empty dataset is an error."""
     with RecordIOReader(rec_path, rec_path.with_suffix(".idx")) as reader:
         index = FaceRecordIndex(reader)
         index.require_images()
-        yield reader, index
+        yield index
 
 
 class _AtomicFiles:

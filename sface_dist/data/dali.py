@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from sface_dist.data.errors import DataError
-from sface_dist.data.loader import BadRecord, RecordFaceDataset, every_image_bad, log_skipped
+from sface_dist.data.datasets import BadRecord, RecordFaceDataset, every_image_bad, log_skipped
+from sface_dist.data.errors import BadRecordError, DataError
+from sface_dist.data.pixels import PIXEL_MEAN, PIXEL_STD
 from sface_dist.data.sampler import EpochShardSampler, Sample
 
 _PREFETCH = 2
@@ -71,7 +72,7 @@ class _BatchSource:
                 continue
             try:
                 label, data = self.dataset.read_encoded(sample.image_index)
-            except DataError as error:
+            except BadRecordError as error:
                 if not self.skip_bad:
                     raise
                 bad.append(BadRecord(sample.image_index, str(error)))
@@ -157,7 +158,7 @@ class DaliFaceLoader:
                     message = f"DALI failed in epoch {epoch} at batch {position} or the next {_PREFETCH}: {error}"
                     raise DataError(message) from error
                 if not self._skip_bad:
-                    raise DataError(bad[0].message) from None
+                    raise BadRecordError(bad[0].message) from None
                 for record in bad:
                     excluded[record.image_index] = record
 
@@ -184,7 +185,12 @@ class DaliFaceLoader:
                 if (hue != 0) | (saturation != 1):
                     images = fn.hsv(images, hue=hue, saturation=saturation)
             images = fn.crop_mirror_normalize(
-                images, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3, mirror=flip
+                images,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=[PIXEL_MEAN] * 3,
+                std=[PIXEL_STD] * 3,
+                mirror=flip,
             )
             return images, labels
 
@@ -203,6 +209,6 @@ def _undecodable(dataset: RecordFaceDataset, batches: list[list[Sample]]) -> lis
         for sample in samples:
             try:
                 dataset.decode(sample.image_index, dataset.read_encoded(sample.image_index)[1])
-            except DataError as error:
+            except BadRecordError as error:
                 bad.append(BadRecord(sample.image_index, str(error)))
     return bad

@@ -1,7 +1,8 @@
 """What a face ``.rec`` holds, and (``verify``) whether every record of it is sound.
 
 ``inspect_rec`` reads every image record's header and image header on worker processes:
-counts, layout, label range, image formats and sizes. ``verify=True`` also walks the
+counts, layout, label range, image formats and sizes; each record must pass the loaders'
+check (``records.check_record``: label range, JPEG/PNG/BMP signature). ``verify=True`` also walks the
 ``.rec`` frame by frame (records the ``.idx`` does not list included), re-synchronising on
 the next sound record after damaged bytes, checks that every ``.idx`` offset is a record
 start, and fully decodes every image. Each problem is one line with the file, the record
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sface_dist.data.convert import known_num_classes, map_chunks
+from sface_dist.data.convert import map_chunks
+from sface_dist.data.errors import BadRecordError
 from sface_dist.data.recordio import (
     FaceRecordIndex,
     RecordIOError,
@@ -31,6 +33,7 @@ from sface_dist.data.recordio import (
     SkippedBytes,
     scan_resynchronising,
 )
+from sface_dist.data.records import check_record, dataset_rec_path, known_num_classes
 from sface_dist.progress import ProgressBar
 
 _MAX_LISTED = 1000
@@ -74,18 +77,19 @@ class Inspection:
 
 
 def inspect_rec(
-    rec_path: str | os.PathLike[str], verify: bool = False, progress: bool = True, workers: int | None = None
+    dataset: str | os.PathLike[str], verify: bool = False, progress: bool = True, workers: int | None = None
 ) -> Inspection:
-    """Inspect ``rec_path`` (its ``.idx`` alongside); ``verify`` decodes and re-frames everything.
+    """Inspect ``dataset``: its folder or its ``.rec`` (the ``.idx`` alongside); ``verify`` decodes and re-frames
+    everything.
 
     Raises ``RecordIOError`` for a dataset without image records.
     """
-    rec_path = Path(rec_path)
+    rec_path = dataset_rec_path(dataset)
     idx_path = rec_path.with_suffix(".idx")
     with RecordIOReader(rec_path, idx_path) as reader:
         index = FaceRecordIndex(reader)
         index.require_images()
-        num_classes = known_num_classes(rec_path, index)
+        num_classes = known_num_classes(index)
         report = Inspection(rec_path, index.layout, len(reader), len(index), num_classes, verified=verify)
         reported = _verify_framing(reader, report) if verify else set()
         ranges = [(start, min(start + 256, len(index))) for start in range(0, len(index), 256)]
@@ -118,7 +122,7 @@ def _inspect_range(
     ranges: Sequence[tuple[int, int]], rec_path: str, idx_path: str, num_classes: int | None, verify: bool
 ) -> list[_RangeStats]:
     """Per range of image positions: labels, formats, sizes and problems (runs in a worker process)."""
-    reader, index = _open(rec_path, idx_path)
+    index = _open(rec_path, idx_path)
     results = []
     for start, stop in ranges:
         stats = _RangeStats()
@@ -130,8 +134,11 @@ def _inspect_range(
                 stats.problems.append((key, str(error)))
                 continue
             stats.labels.add(label)
-            if num_classes is not None and not 0 <= label < num_classes:
-                stats.problems.append((key, f"{reader.location(key)}: label {label} outside [0, {num_classes})"))
+            try:
+                check_record(index, position, label, image, num_classes)
+            except BadRecordError as error:
+                stats.problems.append((key, str(error)))
+                continue
             try:
                 with Image.open(io.BytesIO(image)) as opened:
                     stats.formats[opened.format or "unknown"] += 1
@@ -139,16 +146,15 @@ def _inspect_range(
                     if verify:
                         opened.convert("RGB")
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-                message = f"{reader.location(key)}: image of {len(image)} bytes does not decode ({error})"
+                message = f"{index.reader.location(key)}: image of {len(image)} bytes does not decode ({error})"
                 stats.problems.append((key, message))
         results.append(stats)
     return results
 
 
 @functools.lru_cache(maxsize=2)
-def _open(rec_path: str, idx_path: str) -> tuple[RecordIOReader, FaceRecordIndex]:
-    reader = RecordIOReader(rec_path, idx_path)
-    return reader, FaceRecordIndex(reader)
+def _open(rec_path: str, idx_path: str) -> FaceRecordIndex:
+    return FaceRecordIndex(RecordIOReader(rec_path, idx_path))
 
 
 def _verify_framing(reader: RecordIOReader, report: Inspection) -> set[int]:

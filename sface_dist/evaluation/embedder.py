@@ -2,8 +2,8 @@
 
 Every embedder maps uint8 RGB crops ``[B, 3, H, W]`` to float32 un-normalised
 embeddings ``[B, D]`` on the CPU, so the protocols downstream do not care which
-runtime produced them. PyTorch backbones see ``(x - 127.5) / 127.5``; exported
-models carry that normalisation in their graph and take the raw pixels.
+runtime produced them. PyTorch backbones see the pixels normalised as in training
+(``data/pixels.py``); exported models carry that normalisation in their graph and take the raw pixels.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sface_dist.data.pixels import normalize_pixels
 from sface_dist.evaluation.checkpoint_backbone import load_backbone
 from sface_dist.progress import ProgressBar
 
@@ -26,11 +27,6 @@ class Embedder(Protocol):
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 RGB ``[B, 3, H, W]`` -> float32 ``[B, D]`` un-normalised embeddings on the CPU."""
         ...
-
-
-def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
-    """insightface's input mapping of uint8 (or 0-255 float) pixels to ``[-1, 1]``."""
-    return (images.float() - 127.5) / 127.5
 
 
 class TorchEmbedder:

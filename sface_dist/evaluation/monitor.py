@@ -30,8 +30,8 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from sface_dist.checkpoint import MANIFEST
+from sface_dist.data.bin_pack import VerificationPack, read_bin
 from sface_dist.distributed import DistEnv, class_range, gather_labels
-from sface_dist.evaluation.bin_pack import VerificationPack, read_bin
 from sface_dist.evaluation.checkpoint_backbone import save_backbone
 from sface_dist.evaluation.embedder import TorchEmbedder, embed_views
 from sface_dist.evaluation.verification import N_FOLDS, VerificationResult, verification_accuracy

@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from sface_dist.checkpoint import CheckpointError, load_head_shard, read_manifest
-from sface_dist.data.convert import known_num_classes
+from sface_dist.data.records import known_num_classes
 from sface_dist.distributed import DistEnv, class_range, gather_labels
 from sface_dist.evaluation.checkpoint_backbone import resolve_checkpoint
 from sface_dist.evaluation.embedder import open_model
@@ -141,7 +141,7 @@ def find_noisy_labels(
     num_classes = int(manifest["num_classes"])
     rec = Path(rec) if rec is not None else Path(manifest["config"]["data"]["root"]) / "train.rec"
     source = RecordImages(rec)
-    dataset_classes = known_num_classes(rec, source.index)
+    dataset_classes = known_num_classes(source.index)
     if dataset_classes is not None and dataset_classes != num_classes:
         raise CheckpointError(f"{checkpoint}: its head has {num_classes} classes, {rec} has {dataset_classes}")
     model = open_model(checkpoint, None, env.device)

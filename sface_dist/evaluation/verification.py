@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sface_dist.evaluation.bin_pack import VerificationPack
+from sface_dist.data.bin_pack import VerificationPack
 from sface_dist.evaluation.embedder import Embedder, TorchEmbedder, embed_views
 from sface_dist.evaluation.roc import tar_at_far
 from sface_dist.progress import ProgressBar
