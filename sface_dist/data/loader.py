@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from sface_dist.config import Backend, BadRecordPolicy, choices
 from sface_dist.data.augment import augment
 from sface_dist.data.errors import DataError
 from sface_dist.data.images import decode_rgb, image_extension
@@ -37,8 +38,8 @@ from sface_dist.data.synthetic import SyntheticFaces
 if TYPE_CHECKING:
     from sface_dist.config import DataConfig
 
-BACKENDS = ("auto", "dali", "torch", "synthetic")
-BAD_RECORD_POLICIES = ("error", "skip")
+BACKENDS = choices(Backend)
+BAD_RECORD_POLICIES = choices(BadRecordPolicy)
 
 logger = logging.getLogger(__name__)
 
