@@ -1,8 +1,12 @@
 """Typed configuration tree: dataclasses loaded from YAML with ``--set`` overrides.
 
 Every component receives only its own section (``DataConfig`` to the loader,
-``HeadConfig`` to the head, ...). Loading is strict: unknown keys and values of
-the wrong type are errors that name the file, the key and the expected type.
+``HeadConfig`` to the head, ...). Loading is strict: unknown keys, values of the
+wrong type and values outside a field's ``Literal`` choices are errors that name
+the file, the key and what was expected. Each choice is declared once, as a
+``Literal`` alias here; code elsewhere derives its values with ``choices``.
+Every field's docstring is its entry in docs/configuration.md
+(``python -m sface_dist.config_reference`` writes it).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -45,81 +49,135 @@ def _parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+Backend = Literal["auto", "dali", "torch", "synthetic"]
+BadRecordPolicy = Literal["error", "skip"]
+MarginHeadType = Literal["arcface", "cosface", "combined", "softmax"]
+HeadType = Literal["sface", MarginHeadType]
+SFaceImpl = Literal["dense", "chunked", "triton"]
+SFaceImplOrAuto = Literal["auto", SFaceImpl]
+MarginGrad = Literal["cos", "exact"]
+Precision = Literal["fp32", "tf32", "bf16", "fp16"]
+HeadInit = Literal["xavier", "normal"]
+SampleCorrection = Literal["none", "inverse_rate", "inverse_rate_centres", "inverse_rate_embeddings"]
+SampleCorrectionOrAuto = Literal["auto", SampleCorrection]
+SampleUpdate = Literal["rows", "shard"]
+Amp = Literal["none", "bf16", "fp16"]
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values a ``Literal`` alias allows, in declaration order (nested Literals are flattened)."""
+    return typing.get_args(literal)
+
+
+def check_choice(value: object, literal: Any, where: str, error: type[ValueError] = ValueError) -> None:
+    """Raise ``error`` naming ``where``, the allowed values and ``value`` unless ``literal`` allows ``value``."""
+    allowed = choices(literal)
+    if value not in allowed:
+        raise error(f"{where}: expected one of {', '.join(allowed)}, got {value!r}")
+
+
 @dataclass
 class DataConfig:
-    backend: str = "auto"
+    """``data``: where the training images come from and how they are batched (docs/data.md)."""
+
+    backend: Backend = "auto"
     """``dali`` (DALI decode, on the GPU when training runs on one), ``torch`` (decode in DataLoader workers),
-    ``synthetic`` (rendered identities) or ``auto`` (``dali`` with DALI on a GPU, else ``torch``)."""
+    ``synthetic`` (rendered identities) or ``auto`` (``dali`` with DALI on a GPU, else ``torch``); docs/data.md."""
     root: str = ""
-    """Directory holding ``train.rec``, ``train.idx`` and ``property``."""
+    """Folder holding ``train.rec``, ``train.idx`` and ``property``; required except for ``synthetic``."""
     num_classes: int = 0
-    """0: read from the ``property`` file (or the synthetic identity count)."""
+    """0: read from the ``property`` file (or the synthetic identity count); a value that disagrees with the data
+    is an error."""
     image_size: int = 112
+    """Side of the aligned square crop, in pixels."""
     batch_size: int = 128
     """Images per rank per step."""
     num_workers: int = 2
-    """DataLoader worker processes (``torch``), or DALI CPU threads (``dali``)."""
+    """DataLoader worker processes per rank (``torch``), or DALI CPU threads (``dali``)."""
     flip: bool = True
+    """Random horizontal flip."""
     augment: bool = False
     """The peer's augmentations: random downscale-upscale, blur, hue/saturation jitter, greyscale."""
-    on_bad_record: str = "error"
-    """``error``: stop at a bad record; ``skip``: leave it out of its batch, log and count it."""
+    on_bad_record: BadRecordPolicy = "error"
+    """``error``: stop at a bad record, naming file, key and offset; ``skip``: leave it out of its batch, log and
+    count it."""
     synthetic_images_per_class: int = 20
+    """Images per identity in an epoch of the ``synthetic`` backend."""
 
 
 @dataclass
 class ModelConfig:
+    """``model``: the backbone that turns an aligned face into an embedding."""
+
     backbone: str = "iresnet50"
+    """``iresnet18``, ``iresnet34``, ``iresnet50``, ``iresnet100``, ``iresnet200``, ``mobilefacenet`` or ``tiny``."""
     embedding_size: int = 512
+    """Length of the embedding."""
     channels_last: bool = False
+    """Channels-last memory format (faster convolutions on GPU)."""
 
 
 @dataclass
 class HeadConfig:
-    type: str = "sface"
-    """``sface``, or a margin baseline: ``arcface``, ``cosface``, ``combined``, ``softmax``."""
+    """``head``: the class-sharded classifier and its loss (docs/heads.md)."""
+
+    type: HeadType = "sface"
+    """``sface``, or a margin baseline: ``arcface``, ``cosface``, ``combined``, ``softmax`` (docs/heads.md)."""
     s: float = 64.0
+    """Scale of the logits: SFace's s (docs/design.md), also the margin heads' scale."""
     k: float = 80.0
+    """SFace: steepness of the intra- and inter-class weight sigmoids (docs/design.md)."""
     a: float = 0.80
+    """SFace: angle θ (radians) where the intra-class weight r_intra is 1/2 (docs/design.md)."""
     b: float = 1.23
+    """SFace: angle θ (radians) where the inter-class weight r_inter is 1/2 (docs/design.md)."""
     margin: list[float] = field(default_factory=list)
-    """Margin heads: (m1, m2, m3) of cos(m1·θ + m2) - m3; empty takes the type's default."""
-    margin_grad: str = "cos"
+    """Margin heads: [m1, m2, m3] of cos(m1·θ + m2) - m3; empty takes the type's default."""
+    margin_grad: MarginGrad = "cos"
     """Margin heads: ``cos`` (the target logit's gradient is that of s·cos θ, as insightface applies its margin;
-    trains) or ``exact`` (the derivative of the margined logit, which vanishes near θ = π - m2)."""
-    impl: str = "auto"
+    trains) or ``exact`` (the derivative of the margined logit, which vanishes near θ = π - m2; docs/heads.md)."""
+    impl: SFaceImplOrAuto = "auto"
     """SFace: ``dense`` (reference), ``chunked`` (O(B x chunk) memory), ``triton`` (fused GPU kernels) or
     ``auto`` (``triton`` on CUDA with Triton installed, else ``chunked``)."""
     chunk_size: int = 0
-    """Classes per chunk for ``chunked``; 0 picks one from a memory budget."""
+    """Classes per chunk for ``chunked``; 0 sizes it from a 64 MiB budget."""
     skip_threshold: float = 0.0
-    """``triton``: skip the gradient matmuls of tiles whose inter weights are all <= this; 0: exact."""
-    precision: str = "fp32"
-    """Operand type of the head's matmuls: ``fp32``, ``tf32``, ``bf16`` or ``fp16`` (fp32 accumulation)."""
+    """``triton``: skip the gradient matmuls of tiles whose inter weights are all <= this; 0: exact
+    (docs/kernels.md)."""
+    precision: Precision = "fp32"
+    """Operand type of the head's matmuls: ``fp32``, ``tf32``, ``bf16`` or ``fp16`` (fp32 accumulation; errors in
+    docs/heads.md)."""
     sample_rate: float = 1.0
     """Partial FC: fraction of each shard's classes scored per step (positives always); 0: positives only."""
-    sample_correction: str = "auto"
-    """Partial FC: weight of a sampled negative, kept with probability q: ``none`` (1), ``inverse_rate`` (1/q: unbiased
-    loss), ``inverse_rate_centres`` / ``inverse_rate_embeddings`` (1/q on that side's gradient only), ``auto`` (what
-    learns best with the head type: ``inverse_rate_centres`` for SFace, ``none`` for the margin heads)."""
-    sample_update: str = "rows"
+    sample_correction: SampleCorrectionOrAuto = "auto"
+    """Partial FC: weight of a sampled negative, kept with probability q: ``none`` (1, insightface's),
+    ``inverse_rate`` (1/q: unbiased loss, learns slowly), ``inverse_rate_centres`` / ``inverse_rate_embeddings``
+    (1/q on the class centres' / the embeddings' gradient only), ``auto`` (what learns best with the head type:
+    ``inverse_rate_centres`` for SFace, ``none`` for the margin heads; docs/heads.md)."""
+    sample_update: SampleUpdate = "rows"
     """Partial FC: the head optimizer updates the sampled ``rows`` only, or the whole ``shard`` (insightface's
     PartialFC_V2: unsampled rows still decay and move with their momentum)."""
-    init: str = "xavier"
-    """``xavier`` (official SFace: xavier normal, gain 2, fan-out) or ``normal`` (std 0.01)."""
+    init: HeadInit = "xavier"
+    """``xavier`` (official SFace init: normal, std 2·sqrt(2/num_classes)) or ``normal`` (std 0.01)."""
     check_inputs: bool = False
     """Debug: check labels and embeddings every step (costs a host sync)."""
 
 
 @dataclass
 class OptimConfig:
+    """``optim``: SGD for the backbone and the head shards, and the learning-rate schedule."""
+
     lr: float = 0.1
     """Peak learning rate (reached at the end of warmup)."""
     momentum: float = 0.9
+    """SGD momentum, in [0, 1)."""
     weight_decay: float = 5e-4
+    """SGD weight decay."""
     warmup_steps: int = 0
+    """Steps of linear warmup from 0 to ``lr``; counted in steps of the run's first global batch, like
+    ``train.steps``."""
     poly_power: float = 2.0
-    """Decay after warmup: lr * (1 - progress) ** poly_power."""
+    """Decay after warmup: lr·(1 - progress)^poly_power, down to 0 at the last step."""
     grad_clip: float = 5.0
     """Max L2 norm of the backbone gradient; 0 disables clipping."""
     scale_lr_with_batch: bool = False
@@ -128,39 +186,57 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """``train``: the run's length, folder, logging and checkpoints (docs/checkpoints.md)."""
+
     output: str = "runs/default"
+    """Run directory (``OUTPUT``): ``checkpoints/``, ``tensorboard/`` and the resolved ``config.yaml``."""
     epochs: int = 20
+    """Passes over the data, when ``steps`` is 0."""
     steps: int = 0
-    """Total optimizer steps; 0 means ``epochs`` passes over the data."""
+    """Total optimizer steps; 0 means ``epochs`` passes over the data. Steps are those of the global batch the
+    run started with, so a run resumed on another number of ranks trains on the same number of samples."""
     seed: int = 0
-    amp: str = "none"
-    """``none``, ``bf16`` or ``fp16`` autocast for the backbone."""
+    """Seeds the data order, the flips and the initialisation."""
+    amp: Amp = "none"
+    """``none``, or ``bf16`` / ``fp16`` autocast for the backbone (``fp16`` with dynamic loss scaling; ``bf16``
+    needs none)."""
     log_every: int = 50
+    """Console and TensorBoard every N steps."""
     checkpoint_every: int = 2000
+    """A checkpoint every N steps, plus one at the end."""
     keep_checkpoints: int = 2
     """Checkpoints kept (>= 1); the one just written and the one ``latest`` names are never deleted."""
     resume: bool = True
-    """Continue from ``OUTPUT/checkpoints/latest``; false refuses a folder that already holds checkpoints."""
+    """Continue from ``OUTPUT/checkpoints/latest`` when it exists; false refuses a folder that already holds
+    checkpoints."""
     overwrite: bool = False
-    """Start over, whatever ``resume`` says: an earlier run's checkpoints move into ``OUTPUT/replaced-<time>/``."""
+    """Start over, whatever ``resume`` says: an earlier run's ``checkpoints/`` and ``best/`` move into
+    ``OUTPUT/replaced-<time>/``."""
 
 
 @dataclass
 class EvalConfig:
+    """``eval``: verification on held-out packs during training (docs/evaluation.md)."""
+
     bins: list[str] = field(default_factory=list)
     """Verification packs (insightface ``.bin``); results are named by file stem, which must be unique."""
     every: int = 2000
+    """Evaluate every N steps, plus once at the end."""
     batch_size: int = 128
+    """Images per forward pass while embedding a pack."""
     flip: bool = True
     """Flip test: embed each image and its mirror and sum the two (insightface's protocol)."""
     shared: bool = True
-    """Every rank embeds 1/world_size of each pack; false: rank 0 embeds it alone while the others wait."""
+    """Every rank embeds 1/world_size of each pack (faster); false: rank 0 embeds it alone while the others
+    wait."""
     keep_best: bool = True
     """Write the best backbone per pack to ``OUTPUT/best/<pack>/`` (loadable by the eval and export tools)."""
 
 
 @dataclass
 class Config:
+    """A whole run: one section per component."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -169,26 +245,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.backend": ("auto", "dali", "torch", "synthetic"),
-    "data.on_bad_record": ("error", "skip"),
-    "head.type": ("sface", "arcface", "cosface", "combined", "softmax"),
-    "head.impl": ("auto", "dense", "chunked", "triton"),
-    "head.margin_grad": ("cos", "exact"),
-    "head.precision": ("fp32", "tf32", "bf16", "fp16"),
-    "head.init": ("xavier", "normal"),
-    "head.sample_correction": ("auto", "none", "inverse_rate", "inverse_rate_centres", "inverse_rate_embeddings"),
-    "head.sample_update": ("rows", "shard"),
-    "train.amp": ("none", "bf16", "fp16"),
-}
-
-
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    """Check ``value`` against the annotation ``tp``: its type, or its choices for a ``Literal``; ints are
+    accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -197,6 +260,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: expected {tp}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        kind = type(choices(tp)[0])
+        if not isinstance(value, kind):
+            raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        check_choice(value, tp, where, ConfigError)
+        return value
     if origin is list:
         (item_type,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -249,12 +318,7 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
 
 
 def validate(cfg: Config, source: str = "config") -> None:
-    """Value checks beyond types: choices and ranges."""
-    for dotted, choices in _CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            raise ConfigError(f"{source}: {dotted}: expected one of {', '.join(choices)}, got {value!r}")
+    """Value checks beyond types and choices: ranges and combinations."""
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.image_size": cfg.data.image_size,

@@ -1,14 +1,29 @@
-"""Config loading: strict types, unknown keys, overrides, and every shipped config."""
+"""Config loading: strict types, choices, unknown keys, overrides, every shipped config, and the generated
+reference docs/configuration.md."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 
-from sface_dist.config import Config, ConfigError, load_config, save_config
+from sface_dist.config import (
+    Config,
+    ConfigError,
+    SampleCorrection,
+    SampleCorrectionOrAuto,
+    choices,
+    load_config,
+    save_config,
+)
+from sface_dist.config_reference import REGENERATE, ConfigReferenceError, field_docs, render
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.joinpath("configs").glob("*.yaml"))
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -66,3 +81,66 @@ def test_saved_config_loads_back_equal(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_load(path: Path) -> None:
     assert isinstance(load_config(path), Config)
+
+
+def literal_fields() -> list[tuple[str, Any]]:
+    """(dotted key, annotation) of every config field whose annotation is a Literal."""
+    found = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        for name, tp in typing.get_type_hints(cls).items():
+            if typing.get_origin(tp) is Literal:
+                found.append((f"{section.name}.{name}", tp))
+    return found
+
+
+@pytest.mark.parametrize("key, literal", literal_fields(), ids=[key for key, _ in literal_fields()])
+def test_choice_fields_accept_their_choices_only(key: str, literal: Any) -> None:
+    section, name = key.split(".")
+    for value in typing.get_args(literal):
+        assert getattr(getattr(load_config(None, ["data.root=d", f"{key}={value}"]), section), name) == value
+    listed = ", ".join(typing.get_args(literal))
+    with pytest.raises(ConfigError, match=rf"^defaults: {key}: expected one of {listed}, got 'bogus'$"):
+        load_config(None, ["data.root=d", f"{key}=bogus"])
+
+
+def test_sample_correction_setting_is_the_heads_choices_plus_auto() -> None:
+    assert choices(SampleCorrectionOrAuto) == ("auto", *choices(SampleCorrection))
+    assert "auto" not in choices(SampleCorrection)
+
+
+def test_reference_on_disk_is_the_generated_one() -> None:
+    on_disk = (ROOT / "docs" / "configuration.md").read_text()
+    assert on_disk == render(), f"docs/configuration.md is out of date: run `{REGENERATE}` from the repository root"
+
+
+@pytest.mark.parametrize("section", [f.name for f in dataclasses.fields(Config)])
+def test_every_field_has_a_docstring(section: str) -> None:
+    cls = typing.get_type_hints(Config)[section]
+    docs = field_docs(cls)
+    assert list(docs) == [f.name for f in dataclasses.fields(cls)]
+    assert all(doc.strip() for doc in docs.values())
+
+
+def test_a_field_without_docstring_is_refused() -> None:
+    @dataclasses.dataclass
+    class Planted:
+        documented: int = 1
+        """Has one."""
+        bare: int = 2
+        also_documented: str = ""
+        """Has one too."""
+
+    with pytest.raises(ConfigReferenceError, match=r"test_config\.py: Planted: no docstring after field\(s\) bare$"):
+        field_docs(Planted)
+
+
+def test_reference_lists_exactly_each_literals_choices() -> None:
+    rows = {}
+    for line in render().splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        if len(cells) == 4 and cells[0].startswith("`") and "." in cells[0]:
+            rows[cells[0].strip("`")] = cells[1]
+    for key, literal in literal_fields():
+        assert re.findall(r"`([^`]+)`", rows[key]) == list(typing.get_args(literal)), key
+    assert rows["head.s"] == "float" and rows["eval.bins"] == "list[str]"

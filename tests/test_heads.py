@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from sface_dist import train
-from sface_dist.config import HeadConfig
+from sface_dist.config import HeadConfig, HeadType, MarginHeadType, choices
 from sface_dist.distributed import class_range
 from sface_dist.heads import ShardedSFaceHead, ShardSGD, build_head
+from sface_dist.heads.margin import MARGIN_TYPES
 from sface_dist.heads.probe import embeddings_at_cosine
 from sface_dist.heads.sampling import sample_classes, step_generator
 from sface_dist.heads.sharded import initial_weight_rows
@@ -194,10 +195,15 @@ def test_initial_weights_do_not_depend_on_the_partition() -> None:
     assert not torch.equal(full, initial_weight_rows(10_000, 8, (0, 10_000), "xavier", seed=4))
 
 
+def test_every_margin_type_has_default_margins() -> None:
+    assert sorted(MARGIN_TYPES) == sorted(choices(MarginHeadType))
+    assert choices(HeadType) == ("sface", *choices(MarginHeadType))
+
+
 TRAINING_LINE = re.compile(r"^step (\d+)/\d+ loss (-?[0-9.]+).* acc ([0-9.]+) ", re.MULTILINE)
 
 
-@pytest.mark.parametrize("head_type", ["sface", "arcface", "cosface", "combined", "softmax"])
+@pytest.mark.parametrize("head_type", choices(HeadType))
 def test_every_head_type_trains(head_type: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Defaults only: on 20 synthetic identities, 100 steps, the loss falls and the training accuracy rises.
 

@@ -12,9 +12,9 @@ import argparse
 
 import torch
 
+from sface_dist.config import Precision, choices
 from sface_dist.heads import ShardedSFaceHead
 from sface_dist.heads.probe import embeddings_at_cosine
-from sface_dist.heads.sface import PRECISIONS
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -51,7 +51,7 @@ def main() -> None:
         with torch.no_grad():
             reference_head.weight.copy_(weight)
         reference = run_head(reference_head, embeddings.double(), labels)
-        for precision in PRECISIONS:
+        for precision in choices(Precision):
             head = ShardedSFaceHead(args.classes, args.dim, impl=args.impl, precision=precision)
             with torch.no_grad():
                 head.weight.copy_(weight)

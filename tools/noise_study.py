@@ -36,6 +36,7 @@ import torch
 import yaml
 from study_runs import launch_training, mean_std, render_synthetic, run_each, write_json
 
+from sface_dist.config import HeadType, choices
 from sface_dist.data.bin_pack import read_bin
 from sface_dist.data.convert import add_label_noise, hold_out_identities
 from sface_dist.distributed import DistEnv
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rec", help="dataset to corrupt (default: synthetic identities rendered into OUT/data)")
     parser.add_argument("--bin", help="clean held-out verification pack for --rec")
     parser.add_argument("--hold-out", type=int, help="identities set aside for open-set noise (default: 100)")
-    parser.add_argument("--heads", nargs="+", choices=("sface", "arcface", "cosface", "combined", "softmax"),
+    parser.add_argument("--heads", nargs="+", choices=choices(HeadType),
                         help="head types (default: sface arcface cosface)")
     parser.add_argument("--noise", nargs="+", choices=("closed", "open"), help="noise types (default: both)")
     parser.add_argument("--ratios", nargs="+", type=float, help="noise ratios (default: 0 0.2 0.4)")

@@ -36,7 +36,7 @@ import yaml
 from study_runs import launch_training, mean_std, render_synthetic, run_each, write_json
 
 from sface_dist.checkpoint import load_head_shard, read_manifest
-from sface_dist.config import HeadConfig
+from sface_dist.config import HeadConfig, HeadType, SampleCorrection, SampleUpdate, choices
 from sface_dist.data.bin_pack import read_bin
 from sface_dist.data.datasets import RecordFaceDataset
 from sface_dist.data.torch_backend import normalise
@@ -45,9 +45,6 @@ from sface_dist.evaluation.cli import default_device
 from sface_dist.evaluation.embedder import open_model
 from sface_dist.evaluation.verification import evaluate_embedder
 from sface_dist.heads import ShardedHead, build_head
-from sface_dist.heads.margin import MARGIN_TYPES
-from sface_dist.heads.optim import SAMPLE_UPDATES
-from sface_dist.heads.sampling import SAMPLE_CORRECTIONS
 from sface_dist.heads.sface import SFaceParams, sigmoid_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,16 +88,18 @@ def parse_variant(text: str) -> Variant:
         grad_clip = float(parts[4]) if len(parts) > 4 else None
     except ValueError:
         raise ValueError(f"variant {text!r}: RATE and CLIP must be numbers") from None
-    if head != "sface" and head not in MARGIN_TYPES:
-        raise ValueError(f"variant {text!r}: head {head!r} is not sface or one of {', '.join(MARGIN_TYPES)}")
+    if head not in choices(HeadType):
+        raise ValueError(f"variant {text!r}: head {head!r} is not one of {', '.join(choices(HeadType))}")
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"variant {text!r}: rate {rate} is not in [0, 1]")
     correction = parts[2] if len(parts) > 2 else "none"
     update = parts[3] if len(parts) > 3 else "rows"
-    if correction not in SAMPLE_CORRECTIONS:
-        raise ValueError(f"variant {text!r}: correction {correction!r} is not one of {', '.join(SAMPLE_CORRECTIONS)}")
-    if update not in SAMPLE_UPDATES:
-        raise ValueError(f"variant {text!r}: update {update!r} is not one of {', '.join(SAMPLE_UPDATES)}")
+    if correction not in choices(SampleCorrection):
+        raise ValueError(
+            f"variant {text!r}: correction {correction!r} is not one of {', '.join(choices(SampleCorrection))}"
+        )
+    if update not in choices(SampleUpdate):
+        raise ValueError(f"variant {text!r}: update {update!r} is not one of {', '.join(choices(SampleUpdate))}")
     return Variant(head, rate, correction, update, grad_clip)
 
 
@@ -406,7 +405,7 @@ def write_diagnostics(out: Path, run_dir: Path, root: Path, variants: list[Varia
         "|---|---|---|---|---|---|---|---|---|",
     ]
     batch = int(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["batch_size"]) * args.nproc
-    for stat in gradient_statistics(run_dir, root, rates, list(SAMPLE_CORRECTIONS), args.diagnose_draws,
+    for stat in gradient_statistics(run_dir, root, rates, list(choices(SampleCorrection)), args.diagnose_draws,
                                     args.diagnose_batches, batch):
         label = "1 (full head)" if stat.correction == "full" else f"{stat.rate:g}"
         lines.append(f"| {label} | {stat.correction} | {stat.embedding_bias:.3f} | {stat.embedding_noise:.3f} | "

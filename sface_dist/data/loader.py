@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from sface_dist.config import Backend, BadRecordPolicy, choices
 from sface_dist.data.datasets import RecordFaceDataset, SyntheticFaceDataset
 from sface_dist.data.errors import DataError
 from sface_dist.data.sampler import EpochShardSampler
@@ -29,8 +30,8 @@ from sface_dist.data.torch_backend import TorchFaceLoader
 if TYPE_CHECKING:
     from sface_dist.config import DataConfig
 
-BACKENDS = ("auto", "dali", "torch", "synthetic")
-BAD_RECORD_POLICIES = ("error", "skip")
+BACKENDS = choices(Backend)
+BAD_RECORD_POLICIES = choices(BadRecordPolicy)
 
 
 class FaceLoader(Protocol):

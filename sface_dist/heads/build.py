@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.distributed import ProcessGroup
 
-from sface_dist.config import HeadConfig
+from sface_dist.config import HeadConfig, HeadType, check_choice
 from sface_dist.heads.margin import MARGIN_TYPES, ShardedMarginHead
 from sface_dist.heads.sharded import ShardedHead, ShardedSFaceHead
 
@@ -12,6 +12,7 @@ from sface_dist.heads.sharded import ShardedHead, ShardedSFaceHead
 def build_head(
     cfg: HeadConfig, num_classes: int, embedding_size: int, process_group: ProcessGroup | None, seed: int = 0
 ) -> ShardedHead:
+    check_choice(cfg.type, HeadType, "head.type")
     common = dict(
         process_group=process_group,
         precision=cfg.precision,
@@ -26,8 +27,6 @@ def build_head(
             num_classes, embedding_size, s=cfg.s, k=cfg.k, a=cfg.a, b=cfg.b,
             impl=cfg.impl, chunk_size=cfg.chunk_size, skip_threshold=cfg.skip_threshold, **common,
         )
-    if cfg.type not in MARGIN_TYPES:
-        raise ValueError(f"head.type: expected sface or one of {', '.join(MARGIN_TYPES)}, got {cfg.type!r}")
     m1, m2, m3 = cfg.margin or MARGIN_TYPES[cfg.type]
     return ShardedMarginHead(
         num_classes, embedding_size, s=cfg.s, m1=m1, m2=m2, m3=m3, margin_grad=cfg.margin_grad, **common

@@ -32,11 +32,21 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from sface_dist.config import (
+    HeadInit,
+    MarginGrad,
+    MarginHeadType,
+    Precision,
+    SampleCorrection,
+    SampleCorrectionOrAuto,
+    check_choice,
+)
 from sface_dist.distributed import all_reduce_max, all_reduce_sum
-from sface_dist.heads.sface import PRECISIONS, matmul, target_mask_of
+from sface_dist.heads.precision import check_precision, matmul
+from sface_dist.heads.sface import target_mask_of
 from sface_dist.heads.sharded import HeadOutput, ShardedHead
 
-MARGIN_TYPES: dict[str, tuple[float, float, float]] = {
+MARGIN_TYPES: dict[MarginHeadType, tuple[float, float, float]] = {
     "arcface": (1.0, 0.5, 0.0),
     "cosface": (1.0, 0.0, 0.4),
     "combined": (1.0, 0.3, 0.2),
@@ -45,16 +55,13 @@ MARGIN_TYPES: dict[str, tuple[float, float, float]] = {
 """Default (m1, m2, m3) of each margin type (insightface's defaults)."""
 
 
-MARGIN_GRADS = ("cos", "exact")
-
-
 @dataclass(frozen=True)
 class MarginParams:
     s: float = 64.0
     m1: float = 1.0
     m2: float = 0.5
     m3: float = 0.0
-    margin_grad: str = "cos"
+    margin_grad: MarginGrad = "cos"
 
 
 def margin_target_cos(cos: Tensor, params: MarginParams) -> Tensor:
@@ -116,7 +123,7 @@ def distributed_cross_entropy(
 class ShardedMarginHead(ShardedHead):
     """ArcFace / CosFace / combined-margin / normalised-softmax head, sharded by class."""
 
-    default_sample_correction = "none"
+    default_sample_correction: SampleCorrection = "none"
     """Measured best for ArcFace under Partial FC (docs/heads.md)."""
 
     def __init__(
@@ -127,22 +134,20 @@ class ShardedMarginHead(ShardedHead):
         m1: float = 1.0,
         m2: float = 0.5,
         m3: float = 0.0,
-        margin_grad: str = "cos",
+        margin_grad: MarginGrad = "cos",
         process_group: ProcessGroup | None = None,
-        precision: str = "fp32",
+        precision: Precision = "fp32",
         sample_rate: float = 1.0,
         seed: int = 0,
-        init: str = "normal",
+        init: HeadInit = "normal",
         check_inputs: bool = False,
-        sample_correction: str = "auto",
+        sample_correction: SampleCorrectionOrAuto = "auto",
     ) -> None:
         super().__init__(
             num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs, sample_correction
         )
-        if precision not in PRECISIONS:
-            raise ValueError(f"head.precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-        if margin_grad not in MARGIN_GRADS:
-            raise ValueError(f"head.margin_grad: expected one of {', '.join(MARGIN_GRADS)}, got {margin_grad!r}")
+        check_precision(precision)
+        check_choice(margin_grad, MarginGrad, "head.margin_grad")
         self.params = MarginParams(s=s, m1=m1, m2=m2, m3=m3, margin_grad=margin_grad)
         self.precision = precision
 

@@ -6,9 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from sface_dist.config import SampleUpdate, check_choice
 from sface_dist.heads.sharded import ShardedHead
-
-SAMPLE_UPDATES = ("rows", "shard")
 
 
 class ShardSGD(torch.optim.SGD):
@@ -26,10 +25,9 @@ class ShardSGD(torch.optim.SGD):
         lr: float,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
-        sample_update: str = "rows",
+        sample_update: SampleUpdate = "rows",
     ) -> None:
-        if sample_update not in SAMPLE_UPDATES:
-            raise ValueError(f"head.sample_update: expected one of {', '.join(SAMPLE_UPDATES)}, got {sample_update!r}")
+        check_choice(sample_update, SampleUpdate, "head.sample_update")
         super().__init__([head.weight], lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.head = head
         self.sample_update = sample_update

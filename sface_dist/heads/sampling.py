@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SAMPLE_CORRECTIONS = ("none", "inverse_rate", "inverse_rate_centres", "inverse_rate_embeddings")
+from sface_dist.config import SampleCorrection, check_choice
 
 
 @dataclass
@@ -58,11 +58,10 @@ def sample_classes(
     num_local: int,
     sample_rate: float,
     generator: torch.Generator,
-    correction: str,
+    correction: SampleCorrection,
 ) -> SampledClasses:
     """Keep every positive and ``max(0, int(sample_rate·num_local) - positives)`` random negatives."""
-    if correction not in SAMPLE_CORRECTIONS:
-        raise ValueError(f"head.sample_correction: expected one of {', '.join(SAMPLE_CORRECTIONS)}, got {correction!r}")
+    check_choice(correction, SampleCorrection, "head.sample_correction")
     device = local_labels.device
     owned = local_labels[local_labels >= 0]
     positive = torch.zeros(num_local, dtype=torch.bool, device=device)

@@ -17,14 +17,16 @@ Two implementations share one signature (``BlockFn``):
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sface_dist.config import Precision
+from sface_dist.heads.precision import matmul
 
 NUM_SCALAR_STATS = 5
 """intra sum, inter sum, target-cos sum, non-target-cos sum, non-target count."""
@@ -56,9 +58,6 @@ class BlockResult:
     max_nontarget: Tensor
 
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-
-
 @dataclass(frozen=True)
 class BlockOptions:
     """How one block is computed.
@@ -69,36 +68,13 @@ class BlockOptions:
     """
 
     inv_batch: float
-    precision: str = "fp32"
+    precision: Precision = "fp32"
 
 
 BlockFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", SFaceParams, BlockOptions], BlockResult]
 """(x_hat [B, D], weight [C, D], local_labels [B] (-1: not in block), inter_scale [C] or None,
 params, options) -> BlockResult. ``inter_scale`` multiplies each class's inter term (the
 Partial-FC correction for sampled negatives); None means 1."""
-
-
-@contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
-    """Allow TF32 tensor cores for fp32 CUDA matmuls inside the block only."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-_LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def matmul(a: Tensor, b: Tensor, precision: str) -> Tensor:
-    """``a @ b`` with operands in ``precision`` and the result in ``a``'s dtype (fp32 accumulation)."""
-    low = _LOW_PRECISION.get(precision)
-    if low is None or a.dtype == torch.float64:
-        with _tf32(precision == "tf32"):
-            return a @ b
-    return (a.to(low) @ b.to(low)).to(a.dtype)
 
 
 def sigmoid_weights(cos: Tensor, params: SFaceParams) -> tuple[Tensor, Tensor]:
@@ -167,7 +143,7 @@ def _row_extremes(cos: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor]:
     return cos_target, max_nontarget
 
 
-def _exact_targets(x_hat: Tensor, weight: Tensor, local_labels: Tensor, precision: str) -> Tensor | None:
+def _exact_targets(x_hat: Tensor, weight: Tensor, local_labels: Tensor, precision: Precision) -> Tensor | None:
     """[B, 1] full-precision target cosines to replace the matmul's, or None when the matmul is fp32."""
     return None if precision == "fp32" else target_cosines(x_hat, weight, local_labels).unsqueeze(1)
 

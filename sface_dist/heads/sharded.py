@@ -21,6 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from sface_dist.config import (
+    HeadInit,
+    Precision,
+    SampleCorrection,
+    SampleCorrectionOrAuto,
+    SFaceImpl,
+    SFaceImplOrAuto,
+    check_choice,
+)
 from sface_dist.distributed import (
     all_reduce_max,
     all_reduce_sum,
@@ -32,10 +41,10 @@ from sface_dist.distributed import (
     reduce_from_shards,
 )
 from sface_dist.heads.kernels.fused import sface_block_triton, triton_available
-from sface_dist.heads.sampling import SAMPLE_CORRECTIONS, SampledClasses, sample_classes, step_generator
+from sface_dist.heads.precision import check_precision
+from sface_dist.heads.sampling import SampledClasses, sample_classes, step_generator
 from sface_dist.heads.sface import (
     NUM_SCALAR_STATS,
-    PRECISIONS,
     BlockFn,
     BlockOptions,
     SFaceParams,
@@ -82,7 +91,7 @@ INIT_BLOCK_CLASSES = 4096
 
 
 def initial_weight_rows(
-    num_classes: int, embedding_size: int, rows: tuple[int, int], init: str, seed: int
+    num_classes: int, embedding_size: int, rows: tuple[int, int], init: HeadInit, seed: int
 ) -> Tensor:
     """Rows ``[start, end)`` of the initial class-centre matrix, the same whatever the world size.
 
@@ -91,12 +100,8 @@ def initial_weight_rows(
     INIT_BLOCK_CLASSES classes, each from a generator seeded by (seed, block), so a shard
     draws only the blocks it overlaps and no two shards repeat each other's draws.
     """
-    if init == "xavier":
-        std = 2.0 * math.sqrt(2.0 / num_classes)
-    elif init == "normal":
-        std = 0.01
-    else:
-        raise ValueError(f"head.init: expected xavier or normal, got {init!r}")
+    check_choice(init, HeadInit, "head.init")
+    std = 2.0 * math.sqrt(2.0 / num_classes) if init == "xavier" else 0.01
     start, end = rows
     out = torch.empty(end - start, embedding_size)
     first_block = start - start % INIT_BLOCK_CLASSES
@@ -112,7 +117,7 @@ def initial_weight_rows(
 class ShardedHead(nn.Module):
     """Class partition, gather, sampling and checks shared by the sharded heads."""
 
-    default_sample_correction = "none"
+    default_sample_correction: SampleCorrection = "none"
     """What ``sample_correction="auto"`` means for this head type: the correction that learns best with it."""
 
     def __init__(
@@ -122,9 +127,9 @@ class ShardedHead(nn.Module):
         process_group: ProcessGroup | None = None,
         sample_rate: float = 1.0,
         seed: int = 0,
-        init: str = "xavier",
+        init: HeadInit = "xavier",
         check_inputs: bool = False,
-        sample_correction: str = "auto",
+        sample_correction: SampleCorrectionOrAuto = "auto",
     ) -> None:
         super().__init__()
         world = group_size(process_group)
@@ -132,13 +137,9 @@ class ShardedHead(nn.Module):
             raise ValueError(f"num_classes={num_classes} is smaller than the {world} ranks that shard it")
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"head.sample_rate: expected a value in [0, 1], got {sample_rate}")
+        check_choice(sample_correction, SampleCorrectionOrAuto, "head.sample_correction")
         if sample_correction == "auto":
             sample_correction = self.default_sample_correction
-        if sample_correction not in SAMPLE_CORRECTIONS:
-            raise ValueError(
-                f"head.sample_correction: expected auto or one of {', '.join(SAMPLE_CORRECTIONS)}, "
-                f"got {sample_correction!r}"
-            )
         self.num_classes = num_classes
         self.embedding_size = embedding_size
         self.process_group = process_group
@@ -160,7 +161,7 @@ class ShardedHead(nn.Module):
         return self.class_start, self.class_end
 
     @torch.no_grad()
-    def reset_parameters(self, init: str) -> None:
+    def reset_parameters(self, init: HeadInit) -> None:
         self.weight.copy_(initial_weight_rows(self.num_classes, self.embedding_size, self.class_range, init, self.seed))
 
     def _check(self, embeddings: Tensor, labels: Tensor) -> None:
@@ -205,22 +206,18 @@ class ShardedHead(nn.Module):
         return GatheredBatch(x_hat, all_labels, sample.labels, weight, inter_scale)
 
 
-IMPLEMENTATIONS = ("dense", "chunked", "triton")
-
-
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: SFaceImplOrAuto) -> SFaceImpl:
     """``auto`` -> the best implementation available here: ``triton`` on CUDA with Triton, else ``chunked``."""
+    check_choice(impl, SFaceImplOrAuto, "head.impl")
     if impl == "auto":
         return "triton" if torch.cuda.is_available() and triton_available() else "chunked"
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"head.impl: expected auto or one of {', '.join(IMPLEMENTATIONS)}, got {impl!r}")
     return impl
 
 
 class ShardedSFaceHead(ShardedHead):
     """SFace classifier over ``num_classes`` identities, this rank holding ``class_range`` of them."""
 
-    default_sample_correction = "inverse_rate_centres"
+    default_sample_correction: SampleCorrection = "inverse_rate_centres"
 
     def __init__(
         self,
@@ -231,21 +228,20 @@ class ShardedSFaceHead(ShardedHead):
         a: float = 0.80,
         b: float = 1.23,
         process_group: ProcessGroup | None = None,
-        impl: str = "auto",
+        impl: SFaceImplOrAuto = "auto",
         chunk_size: int = 0,
-        precision: str = "fp32",
+        precision: Precision = "fp32",
         sample_rate: float = 1.0,
         seed: int = 0,
-        init: str = "xavier",
+        init: HeadInit = "xavier",
         check_inputs: bool = False,
         skip_threshold: float = 0.0,
-        sample_correction: str = "auto",
+        sample_correction: SampleCorrectionOrAuto = "auto",
     ) -> None:
         super().__init__(
             num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs, sample_correction
         )
-        if precision not in PRECISIONS:
-            raise ValueError(f"head.precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         if skip_threshold < 0.0:
             raise ValueError(f"head.skip_threshold: expected a value >= 0, got {skip_threshold}")
         self.params = SFaceParams(s=s, k=k, a=a, b=b)

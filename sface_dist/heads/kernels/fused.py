@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sface_dist.heads.precision import LOW_PRECISION_DTYPES
 from sface_dist.heads.sface import (
     BlockOptions,
     BlockResult,
@@ -102,8 +103,6 @@ def _auto_splits(num_tiles_b: int, num_tiles_c: int, device: torch.device) -> in
 
 
 _DOT_DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-_LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
-"""x̂ is cast once (O(B·D)): every class tile re-reads it, so half the bytes is half the L2 traffic."""
 
 
 def kernel_constants(
@@ -160,7 +159,8 @@ def _inter_gradients(
     constants = kernel_constants(
         tiles, options.precision, dim, inter_scale is not None, sparse, emulate=device.type != "cuda"
     )
-    x_operand = x_hat.to(_LOW_PRECISION.get(options.precision, torch.float32))
+    # x̂ is cast once (O(B·D)): every class tile re-reads it, so half the bytes is half the L2 traffic.
+    x_operand = x_hat.to(LOW_PRECISION_DTYPES.get(options.precision, torch.float32))
     labels = local_labels.contiguous()
     scale = inter_scale.to(torch.float32).contiguous() if inter_scale is not None else inv_norm
     grad_scale = params.s * options.inv_batch
