@@ -106,11 +106,24 @@ def group_size(group: ProcessGroup | None) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The contiguous ``[start, end)`` slice of classes owned by ``rank``; sizes differ by at most one."""
-    base, extra = divmod(num_classes, world_size)
+def even_split(count: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous ``[start, stop)`` share of ``count`` items (classes, images) for ``rank``.
+
+    Shares are in rank order and differ in size by at most one, the larger ones first.
+    """
+    base, extra = divmod(count, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+def even_split_sizes(count: int, world_size: int) -> list[int]:
+    """The size of every rank's ``even_split`` share, in rank order (the row counts for ``gather_rows``)."""
+    return [stop - start for start, stop in (even_split(count, rank, world_size) for rank in range(world_size))]
+
+
+def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous ``[start, end)`` slice of the head's classes owned by ``rank`` (an ``even_split``)."""
+    return even_split(num_classes, rank, world_size)
 
 
 def gather_sizes(count: int, device: torch.device, group: ProcessGroup | None) -> list[int]:
@@ -176,8 +189,11 @@ def gather_embeddings(
     return _GatherEmbeddings.apply(local, sizes, group), sizes
 
 
-def gather_labels(local: Tensor, sizes: list[int], group: ProcessGroup | None) -> Tensor:
-    """All-gather labels (no gradient) with the row counts from ``gather_embeddings``."""
+def gather_rows(local: Tensor, sizes: list[int], group: ProcessGroup | None) -> Tensor:
+    """All-gather ragged row blocks without gradient (labels, evaluation embeddings), in rank order.
+
+    ``sizes`` is every rank's row count, e.g. from ``gather_embeddings`` or ``even_split_sizes``.
+    """
     if group_size(group) == 1:
         return local
     return _all_gather_ragged(local, sizes, group)

@@ -25,6 +25,8 @@ from sface_dist.evaluation.extraction import extract_views
 from sface_dist.evaluation.ijb import IjbError, detect_target, read_ijb, score_ijb, template_features
 from sface_dist.evaluation.roc import IJB_FARS
 
+from roc_reference import brute_force_tar_at_far, insightface_tar_at_far
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -242,6 +244,12 @@ def test_scores_match_insightface_aggregation(ijb_root: Path, flip: bool, facene
     expected = brute_force_ijb_scores(views, ijb_root, flip, faceness, unit)
     np.testing.assert_allclose(result.scores, expected, rtol=0, atol=1e-12)
     assert [point.far_target for point in result.points] == list(IJB_FARS)
+    labels = result.labels.tolist()
+    for point, nearest in zip(result.points, result.nearest_points):
+        assert point.tar == brute_force_tar_at_far(result.scores.tolist(), labels, point.far_target)[0]
+        assert (nearest.tar, nearest.far, nearest.threshold) == insightface_tar_at_far(
+            result.scores.tolist(), labels, nearest.far_target
+        )
 
 
 def test_template_features_are_unit_and_order_independent() -> None:
@@ -350,7 +358,8 @@ def test_eval_ijb_tool_end_to_end(ijb_root: Path, tmp_path: Path) -> None:
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "IJBC: 30 faces, 45 template pairs" in first.stdout
-    assert "| tiny TAR (%) |" in first.stdout and "5 genuine and 40 impostor pairs" in first.stdout
+    assert "| tiny TAR (%), FAR <= target |" in first.stdout and "5 genuine and 40 impostor pairs" in first.stdout
+    assert "| tiny TAR (%), nearest ROC point (insightface's tables) |" in first.stdout
 
     scores = np.load(out / "ijbc_scores.npy")
     (cache,) = (out / "cache").iterdir()
@@ -364,6 +373,9 @@ def test_eval_ijb_tool_end_to_end(ijb_root: Path, tmp_path: Path) -> None:
 
     summary = json.loads((out / "ijbc_tar_at_far.json").read_text())
     assert [p["far_target"] for p in summary["tar_at_far"]] == list(IJB_FARS)
+    nearest = [insightface_tar_at_far(scores.tolist(), protocol.labels.tolist(), far) for far in IJB_FARS]
+    assert [(p["tar"], p["far"], p["threshold"]) for p in summary["tar_at_far_nearest"]] == nearest
+    assert summary["readings"].keys() == {"tar_at_far", "tar_at_far_nearest"}
     assert summary["pairs"] == {"genuine": 5, "impostor": 40}
     assert (out / "ijbc_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -7,6 +7,9 @@ meta file names). Faces are aligned from their 5 landmarks, embedded with their 
 and aggregated per media and template as insightface does. Writes into ``--out``:
 ``<target>_scores.npy`` (one score per line of the pair file), ``<target>_tar_at_far.json``,
 ``<target>_roc.png`` and ``cache/`` (embedding chunks: an interrupted run resumes there).
+
+TAR@FAR is printed and saved two ways: the highest TAR at FAR <= target (the primary
+reading), and the ROC point nearest the target, as insightface's published tables read it.
 """
 
 from __future__ import annotations

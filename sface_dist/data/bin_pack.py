@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sface_dist.distributed import class_range
+from sface_dist.distributed import even_split
 
 try:
     from numpy._core import multiarray as _multiarray
@@ -314,7 +314,7 @@ def read_bin(
     """Read and decode a pack; images not ``image_size`` square are resized, with one warning per pack.
 
     ``shard=(rank, world_size)`` decodes only that rank's contiguous share of the images
-    (``distributed.class_range`` split), so ranks that share the evaluation hold ``1/world_size`` each.
+    (``distributed.even_split``), so ranks that share the evaluation hold ``1/world_size`` each.
     Before the output is allocated, entries that share storage and a share whose decoded size exceeds
     the memory available are refused; images are then decoded one at a time into the output, so
     memory peaks at the output plus one image.
@@ -332,7 +332,7 @@ def read_bin(
         count = len(encoded) if isinstance(encoded, (list, tuple)) else type(encoded).__name__
         raise VerificationPackError(f"{path}: {len(issame)} pairs need {2 * len(issame)} images, got {count}")
     _check_separate_storage(path, encoded)
-    start, stop = class_range(len(encoded), rank, world_size)
+    start, stop = even_split(len(encoded), rank, world_size)
     _check_memory(path, stop - start, image_size)
     images = torch.empty((stop - start, 3, image_size, image_size), dtype=torch.uint8)
     resized_count = 0

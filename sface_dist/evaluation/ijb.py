@@ -12,6 +12,9 @@ with its mirror. The image feature is the sum of the two views (flip test), scal
 the detector's faceness score; images of one media (video) are averaged, the media
 of a template summed, the template feature L2-normalised; a pair's score is the cosine
 of its two templates. These are insightface's defaults (its F1, N1, D1 modes).
+
+TAR@FAR is read two ways (``evaluation.roc``): the primary "FAR <= target", and the
+"nearest ROC point" that insightface's script, and so its published tables, report.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sface_dist.evaluation.roc import (
     IJB_FARS,
     OperatingPoint,
     RocCurve,
+    nearest_operating_points,
     operating_points,
     roc_curve,
     save_roc_plot,
@@ -36,6 +40,14 @@ from sface_dist.evaluation.roc import (
 
 TARGETS = ("IJBB", "IJBC")
 _MAX_LISTED = 5
+READINGS: dict[str, str] = {
+    "tar_at_far": "TAR@FAR (FAR <= target): the highest TAR among thresholds whose FAR does not exceed the target",
+    "tar_at_far_nearest": (
+        "TAR@FAR (nearest ROC point, as insightface's tables): the point of scikit-learn's roc_curve "
+        "whose FAR is nearest the target, which may exceed it"
+    ),
+}
+"""The two TAR@FAR readings by their JSON key, with what each means."""
 
 
 class IjbError(ValueError):
@@ -254,13 +266,18 @@ def pair_scores(
 
 @dataclass(frozen=True)
 class IjbResult:
-    """Scores in pair-file order, the ROC and TAR at ``IJB_FARS``."""
+    """Scores in pair-file order, the ROC and both readings of TAR at ``IJB_FARS``.
+
+    ``points``: the primary reading (FAR <= target); ``nearest_points``: the ROC point
+    nearest each target, as insightface's tables report it.
+    """
 
     target: str
     scores: np.ndarray
     labels: np.ndarray
     curve: RocCurve
     points: list[OperatingPoint]
+    nearest_points: list[OperatingPoint]
 
 
 def score_ijb(
@@ -277,16 +294,35 @@ def score_ijb(
     template_ids, template_feats = template_features(features, protocol.templates, protocol.medias)
     scores = pair_scores(template_ids, template_feats, protocol.template_pairs)
     curve = roc_curve(scores, protocol.labels)
-    return IjbResult(protocol.target, scores, protocol.labels, curve, operating_points(curve, IJB_FARS))
+    return IjbResult(
+        protocol.target,
+        scores,
+        protocol.labels,
+        curve,
+        points=operating_points(curve, IJB_FARS),
+        nearest_points=nearest_operating_points(curve, IJB_FARS),
+    )
 
 
 def format_tar_table(result: IjbResult, model: str) -> str:
-    """A Markdown table: TAR (%) and the score threshold at each FAR target."""
-    header = "| model | " + " | ".join(f"{point.far_target:.0e}" for point in result.points) + " |"
-    rule = "|---|" + "---|" * len(result.points)
-    tar = f"| {model} TAR (%) | " + " | ".join(f"{100 * point.tar:.2f}" for point in result.points) + " |"
-    threshold = "| threshold | " + " | ".join(f"{point.threshold:.4f}" for point in result.points) + " |"
-    return "\n".join([header, rule, tar, threshold])
+    """A Markdown table per FAR target: both TAR (%) readings, the primary's threshold and the nearest point's FAR."""
+
+    def row(label: str, values: list[str]) -> str:
+        return f"| {label} | " + " | ".join(values) + " |"
+
+    points, nearest = result.points, result.nearest_points
+    percent = [f"{100 * point.tar:.2f}" for point in points]
+    nearest_percent = [f"{100 * point.tar:.2f}" for point in nearest]
+    return "\n".join(
+        [
+            row("model", [f"{point.far_target:.0e}" for point in points]),
+            "|---|" + "---|" * len(points),
+            row(f"{model} TAR (%), FAR <= target", percent),
+            row("threshold", [f"{point.threshold:.4f}" for point in points]),
+            row(f"{model} TAR (%), nearest ROC point (insightface's tables)", nearest_percent),
+            row("FAR of that point", [f"{point.far:.2e}" for point in nearest]),
+        ]
+    )
 
 
 def write_ijb_outputs(
@@ -311,7 +347,9 @@ def write_ijb_outputs(
         "model": model,
         "settings": settings,
         "pairs": {"genuine": result.curve.num_genuine, "impostor": result.curve.num_impostor},
+        "readings": READINGS,
         "tar_at_far": [point.__dict__ for point in result.points],
+        "tar_at_far_nearest": [point.__dict__ for point in result.nearest_points],
     }
     paths["table"].write_text(json.dumps(summary, indent=2) + "\n")
     save_roc_plot({name: result.curve}, paths["roc"], f"{result.target} 1:1 verification")

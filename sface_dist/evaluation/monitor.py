@@ -31,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from sface_dist.checkpoint import MANIFEST
 from sface_dist.data.bin_pack import VerificationPack, read_bin
-from sface_dist.distributed import DistEnv, class_range, gather_labels
+from sface_dist.distributed import DistEnv, even_split_sizes, gather_rows
 from sface_dist.evaluation.checkpoint_backbone import save_backbone
 from sface_dist.evaluation.embedder import TorchEmbedder, embed_views
 from sface_dist.evaluation.verification import N_FOLDS, VerificationResult, verification_accuracy
@@ -130,10 +130,9 @@ class VerificationMonitor:
         local = embed_views(embed, pack.images, self.batch_size, self.flip)
         if not self.shared:
             return local
-        bounds = [class_range(2 * len(pack.issame), rank, self.env.world_size) for rank in range(self.env.world_size)]
-        sizes = [stop - start for start, stop in bounds]
+        sizes = even_split_sizes(2 * len(pack.issame), self.env.world_size)
         rows = local.transpose(0, 1).contiguous().to(self.env.device)
-        return gather_labels(rows, sizes, None).cpu().transpose(0, 1)
+        return gather_rows(rows, sizes, None).cpu().transpose(0, 1)
 
     def _sync_buffers(self, backbone: nn.Module) -> None:
         """Give every rank rank 0's BatchNorm statistics (each rank's last training forward moved its own)."""

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from sface_dist.checkpoint import CheckpointError, load_head_shard, read_manifest
 from sface_dist.data.records import known_num_classes
-from sface_dist.distributed import DistEnv, class_range, gather_labels
+from sface_dist.distributed import DistEnv, even_split, even_split_sizes, gather_rows
 from sface_dist.evaluation.checkpoint_backbone import resolve_checkpoint
 from sface_dist.evaluation.embedder import open_model
 from sface_dist.evaluation.extraction import extract_views
@@ -145,15 +145,14 @@ def find_noisy_labels(
     if dataset_classes is not None and dataset_classes != num_classes:
         raise CheckpointError(f"{checkpoint}: its head has {num_classes} classes, {rec} has {dataset_classes}")
     model = open_model(checkpoint, None, env.device)
-    first, last = class_range(len(source), env.rank, env.world_size)
+    first, last = even_split(len(source), env.rank, env.world_size)
     views = extract_views(model.embed, lambda i: source.load(first + i), last - first, batch_size=batch_size,
                           flip=flip, workers=workers, progress=progress)
     local = torch.from_numpy(views.sum(axis=0)).to(env.device)
     labels = torch.from_numpy(source.labels[first:last]).to(env.device)
-    sizes = [stop - start for start, stop in (class_range(len(source), rank, env.world_size)
-                                              for rank in range(env.world_size))]  # fmt: skip
-    embeddings = gather_labels(local, sizes, None).cpu()
-    labels = gather_labels(labels, sizes, None).cpu()
+    sizes = even_split_sizes(len(source), env.world_size)
+    embeddings = gather_rows(local, sizes, None).cpu()
+    labels = gather_rows(labels, sizes, None).cpu()
     if not env.is_main:
         return None
     if int(labels.max()) >= num_classes:

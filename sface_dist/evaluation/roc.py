@@ -1,12 +1,15 @@
-"""ROC of similarity scores: TAR at a fixed FAR, and the curve as a PNG.
+"""ROC of similarity scores: TAR at a fixed FAR, read two ways, and the curve as a PNG.
 
 A pair is accepted when its score is ``>= threshold``. The curve has one point per
 distinct score (ties move together), plus ``(0, 0)`` at ``threshold = +inf``.
-``TAR@FAR=f`` is the highest true-accept rate among thresholds whose false-accept
-rate is at most ``f`` (the NIST definition); below ``1 / impostor pairs`` that means
-no false accept at all. insightface's IJB script takes the curve point nearest to
-``f`` instead, which can sit slightly above ``f``; with IJB-C's 15.6M impostor pairs
-the two agree to the reported precision.
+
+* ``operating_points`` (the primary reading, "FAR <= target"): the highest
+  true-accept rate among thresholds whose false-accept rate is at most the target
+  (the NIST definition); below ``1 / impostor pairs`` that means no false accept at all.
+* ``nearest_operating_points`` ("nearest ROC point"): what insightface's IJB scripts
+  report, and so its published IJB-B/C tables: the point of scikit-learn's
+  ``roc_curve`` (``drop_intermediate=True``) whose FAR is nearest the target, which
+  may lie above it. Where the curve is steep (the lowest FARs), the two can differ.
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ class RocCurve:
     far: np.ndarray
     tar: np.ndarray
     thresholds: np.ndarray
+    false_accepts: np.ndarray
+    """int64 impostor pairs accepted at each point: the count behind ``far``."""
+    true_accepts: np.ndarray
+    """int64 genuine pairs accepted at each point."""
     num_genuine: int
     num_impostor: int
 
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """The best TAR allowed at a FAR target, and the score threshold that reaches it."""
+    """The ROC point read at a FAR target: its TAR, its FAR and the score threshold that reaches it."""
 
     far_target: float
     tar: float
@@ -67,6 +74,8 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> RocCurve:
         far=np.r_[0.0, false_accepts / num_impostor],
         tar=np.r_[0.0, true_accepts / num_genuine],
         thresholds=np.r_[np.inf, sorted_scores[last_of_tie]],
+        false_accepts=np.r_[0, false_accepts],
+        true_accepts=np.r_[0, true_accepts],
         num_genuine=num_genuine,
         num_impostor=num_impostor,
     )
@@ -83,8 +92,38 @@ def operating_points(curve: RocCurve, far_targets: tuple[float, ...]) -> list[Op
     return points
 
 
+def sklearn_roc_points(curve: RocCurve) -> np.ndarray:
+    """Indices of the points that scikit-learn's ``roc_curve(..., drop_intermediate=True)`` returns.
+
+    scikit-learn drops a point of its distinct-score curve when the steps into and out
+    of it are equal in both false and true accepts (a zero second difference); the first
+    and last points stay, and ``(0, 0)`` is added in front after the dropping.
+    """
+    false_accepts, true_accepts = curve.false_accepts[1:], curve.true_accepts[1:]
+    if false_accepts.size <= 2:
+        return np.arange(false_accepts.size + 1)
+    corner = (np.diff(false_accepts, 2) != 0) | (np.diff(true_accepts, 2) != 0)
+    return np.r_[0, np.flatnonzero(np.r_[True, corner, True]) + 1]
+
+
+def nearest_operating_points(curve: RocCurve, far_targets: tuple[float, ...]) -> list[OperatingPoint]:
+    """For each FAR target, the point among ``sklearn_roc_points`` whose FAR is nearest it, as insightface reads it.
+
+    insightface reverses the curve and takes the first minimum of ``|far - target|``, so a
+    tie in distance goes to the later point (the higher TAR at equal FAR).
+    """
+    kept = sklearn_roc_points(curve)
+    reversed_far = curve.far[kept][::-1]
+    points = []
+    for target in far_targets:
+        index = int(kept[len(kept) - 1 - int(np.argmin(np.abs(reversed_far - target)))])
+        tar, far, threshold = (float(values[index]) for values in (curve.tar, curve.far, curve.thresholds))
+        points.append(OperatingPoint(far_target=target, tar=tar, far=far, threshold=threshold))
+    return points
+
+
 def tar_at_far(scores: np.ndarray, labels: np.ndarray, far_targets: tuple[float, ...]) -> dict[float, float]:
-    """``{far: tar}`` for each target (see the module docstring for the definition)."""
+    """``{far: tar}`` for each target, the primary reading (highest TAR at FAR <= target)."""
     return {point.far_target: point.tar for point in operating_points(roc_curve(scores, labels), far_targets)}
 
 

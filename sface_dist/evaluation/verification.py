@@ -5,7 +5,9 @@ embeddings are summed and L2-normalised, and a pair is "same" when the
 squared L2 distance is below a threshold from ``np.arange(0, 4, 0.01)``.
 Ten folds in order (scikit-learn ``KFold`` without shuffling): the threshold
 that maximises accuracy on nine folds is scored on the tenth. TAR at FAR
-1e-3 and 1e-4 come from the ROC of all pairs' cosine similarities.
+1e-3 and 1e-4 come from the ROC of all pairs' cosine similarities, read as the
+highest TAR at FAR <= target (``roc.tar_at_far``); insightface's verification
+script logs accuracy and XNorm only, so there is no published reading to match.
 """
 
 from __future__ import annotations

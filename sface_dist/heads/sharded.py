@@ -35,7 +35,7 @@ from sface_dist.distributed import (
     all_reduce_sum,
     class_range,
     gather_embeddings,
-    gather_labels,
+    gather_rows,
     group_rank,
     group_size,
     reduce_from_shards,
@@ -187,7 +187,7 @@ class ShardedHead(nn.Module):
         if self.check_inputs:
             self._check(embeddings, labels)
         gathered, sizes = gather_embeddings(embeddings, self.process_group)
-        all_labels = gather_labels(labels, sizes, self.process_group)
+        all_labels = gather_rows(labels, sizes, self.process_group)
         x_hat = F.normalize(gathered.to(torch.promote_types(gathered.dtype, torch.float32)), dim=1)
         owned = (all_labels >= self.class_start) & (all_labels < self.class_end)
         local_labels = torch.where(owned, all_labels - self.class_start, -1)
