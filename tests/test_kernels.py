@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sface_dist.heads import ShardedSFaceHead  # noqa: E402
 from sface_dist.heads.kernels.fused import CUDA_TILES, TileConfig, sface_block_triton, triton_available  # noqa: E402
 from sface_dist.heads.kernels.offline_compile import SHARED_MEMORY_LIMIT, compile_kernels  # noqa: E402
+from sface_dist.heads.probe import embeddings_at_cosine  # noqa: E402
 from sface_dist.heads.sface import BlockOptions, SFaceParams, sface_block_chunked, sface_block_dense  # noqa: E402
 
 from sface_reference import relative_error, sface_reference  # noqa: E402
@@ -41,18 +43,31 @@ SPARSE_GRAD_TOLERANCE = 2e-4
 """~10x the relative gradient error measured at skip_threshold=1e-4 on this case (docs/kernels.md)."""
 
 Errors = dict[str, float]
+PARAMETER_SETS = {"official": OFFICIAL, "soft": SOFT}
 
 
-def trained_like(batch: int, classes: int, dim: int, cos_target: float, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Embeddings at a chosen target cosine from random centres, like a head mid-training (cf. test_heads)."""
-    gen = torch.Generator().manual_seed(seed)
-    centres = F.normalize(torch.randn(classes, dim, generator=gen), dim=1)
-    labels = torch.randint(0, classes, (batch,), generator=gen)
-    noise = torch.randn(batch, dim, generator=gen)
-    noise = F.normalize(noise - (noise * centres[labels]).sum(1, keepdim=True) * centres[labels], dim=1)
-    cos = (cos_target + 0.08 * torch.randn(batch, 1, generator=gen)).clamp(-1, 1)
-    embeddings = cos * centres[labels] + (1 - cos**2).sqrt() * noise
-    return embeddings * 10, centres * 3, labels
+@dataclass(frozen=True)
+class KernelCase:
+    """One comparison the worker runs."""
+
+    inputs: str
+    """What it feeds the kernels (rows, shapes, seed, parameters, precision), named in failure messages."""
+    measure: Callable[[], Errors]
+
+
+def describe(**inputs: object) -> str:
+    return ", ".join(f"{key}={value}" for key, value in inputs.items())
+
+
+def describe_params(name: str) -> str:
+    params = PARAMETER_SETS[name]
+    return f"{name} (s={params.s:g} k={params.k:g} a={params.a:g} b={params.b:g})"
+
+
+def assert_below(label: str, errors: Errors, tolerances: dict[str, float]) -> None:
+    """Each named error under its tolerance; a failure names the case and its inputs, the error and the tolerance."""
+    for name, tolerance in tolerances.items():
+        assert errors[name] < tolerance, f"{label}: {name} error {errors[name]:.3g}, tolerance {tolerance:g}"
 
 
 def block_errors(
@@ -117,54 +132,101 @@ def ragged_problem(batch: int, classes: int, dim: int, outside: float, seed: int
     return embeddings, weight, local
 
 
-def all_easy() -> tuple[torch.Tensor, ...]:
+def all_easy(batch: int, classes: int, dim: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Targets at θ≈0, non-targets orthogonal: every weight saturates towards 0."""
-    labels = torch.arange(20) % 17
-    weight = torch.eye(17, 32) + 0.01 * torch.randn(17, 32, generator=torch.Generator().manual_seed(0))
-    return torch.eye(17, 32)[labels] * 2.0, weight, labels
+    labels = torch.arange(batch) % classes
+    weight = torch.eye(classes, dim) + 0.01 * torch.randn(classes, dim, generator=torch.Generator().manual_seed(seed))
+    return torch.eye(classes, dim)[labels] * 2.0, weight, labels
 
 
-def all_hard() -> tuple[torch.Tensor, ...]:
+def all_hard(batch: int, classes: int, dim: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Every row sits on another class's centre among near-duplicate centres: r_intra and r_inter near 1."""
-    gen = torch.Generator().manual_seed(4)
-    base = F.normalize(torch.randn(1, 32, generator=gen), dim=1)
-    weight = base + 0.05 * torch.randn(19, 32, generator=gen)
-    targets = torch.randint(0, 19, (21,), generator=gen)
-    embeddings = weight[(targets + 1) % 19] * 3.0
+    gen = torch.Generator().manual_seed(seed)
+    base = F.normalize(torch.randn(1, dim, generator=gen), dim=1)
+    weight = base + 0.05 * torch.randn(classes, dim, generator=gen)
+    targets = torch.randint(0, classes, (batch,), generator=gen)
+    embeddings = weight[(targets + 1) % classes] * 3.0
     return embeddings, weight, targets
 
 
-def sparse_errors() -> Errors:
-    """Sparse mode vs exact mode vs fp64 on trained-like cosines (official parameters)."""
-    embeddings, weight, labels = trained_like(48, 160, 256, 0.7, seed=1)
-    exact = block_errors(embeddings, weight, labels, None, OFFICIAL)
-    sparse = block_errors(embeddings, weight, labels, None, OFFICIAL, skip_threshold=SPARSE_THRESHOLD)
-    return {**{f"exact_{k}": v for k, v in exact.items()}, **{f"sparse_{k}": v for k, v in sparse.items()}}
+def ragged_case(
+    params: str, batch: int, classes: int, dim: int, outside: float, seed: int, scale_seed: int | None = None
+) -> KernelCase:
+    """Ragged rows; with ``scale_seed``, Partial-FC weights 1 + 3·U(0, 1) on the negative terms."""
+
+    def measure() -> Errors:
+        inter_scale = None
+        if scale_seed is not None:
+            inter_scale = 1.0 + 3.0 * torch.rand(classes, generator=torch.Generator().manual_seed(scale_seed))
+        return block_errors(*ragged_problem(batch, classes, dim, outside, seed), inter_scale, PARAMETER_SETS[params])
+
+    scale = "none" if scale_seed is None else f"1+3*U(0,1) seed {scale_seed}"
+    inputs = describe(
+        rows="ragged", B=batch, C=classes, D=dim, outside=outside, seed=seed, inter_scale=scale,
+        params=describe_params(params), precision="fp32",
+    )
+    return KernelCase(inputs, measure)
 
 
-CASES: dict[str, Callable[[], Errors]] = {
-    "ragged-outside-soft": lambda: block_errors(*ragged_problem(37, 45, 24, 0.3, seed=0), None, SOFT),
-    "ragged-outside-official": lambda: block_errors(*ragged_problem(37, 45, 24, 0.3, seed=1), None, OFFICIAL),
-    "inter-scale": lambda: block_errors(
-        *ragged_problem(29, 51, 40, 0.2, seed=2),
-        1.0 + 3.0 * torch.rand(51, generator=torch.Generator().manual_seed(9)),
-        SOFT,
-    ),
-    "all-easy": lambda: block_errors(*all_easy(), None, OFFICIAL),
-    "all-hard": lambda: block_errors(*all_hard(), None, OFFICIAL),
+def geometry_case(rows: str, batch: int, classes: int, dim: int, seed: int) -> KernelCase:
+    """``all_easy`` or ``all_hard`` rows, official parameters."""
+    problem = {"all-easy": all_easy, "all-hard": all_hard}[rows]
+    params = describe_params("official")
+    inputs = describe(rows=rows, B=batch, C=classes, D=dim, seed=seed, params=params, precision="fp32")
+    return KernelCase(inputs, lambda: block_errors(*problem(batch, classes, dim, seed), None, OFFICIAL))
+
+
+def head_case(precision: str, batch: int, classes: int, dim: int, cos_target: float, seed: int) -> KernelCase:
+    """The whole head (``impl=triton``) at ``precision`` on trained-like rows against the fp64 formula."""
+    inputs = describe(
+        rows="trained-like", B=batch, C=classes, D=dim, cos_target=cos_target, seed=seed,
+        params=describe_params("official"), precision=precision,
+    )
+
+    def measure() -> Errors:
+        return head_errors(*embeddings_at_cosine(batch, classes, dim, cos_target, seed=seed), OFFICIAL, precision)
+
+    return KernelCase(inputs, measure)
+
+
+def sparse_case(batch: int, classes: int, dim: int, cos_target: float, seed: int) -> KernelCase:
+    """Sparse mode vs exact mode vs fp64 on trained-like rows (official parameters)."""
+
+    def measure() -> Errors:
+        embeddings, weight, labels = embeddings_at_cosine(batch, classes, dim, cos_target, seed=seed)
+        exact = block_errors(embeddings, weight, labels, None, OFFICIAL)
+        sparse = block_errors(embeddings, weight, labels, None, OFFICIAL, skip_threshold=SPARSE_THRESHOLD)
+        return {**{f"exact_{k}": v for k, v in exact.items()}, **{f"sparse_{k}": v for k, v in sparse.items()}}
+
+    inputs = describe(
+        rows="trained-like", B=batch, C=classes, D=dim, cos_target=cos_target, seed=seed,
+        params=describe_params("official"), precision="fp32", skip_threshold=SPARSE_THRESHOLD,
+    )
+    return KernelCase(inputs, measure)
+
+
+CASES: dict[str, KernelCase] = {
+    "ragged-outside-soft": ragged_case("soft", 37, 45, 24, outside=0.3, seed=0),
+    "ragged-outside-official": ragged_case("official", 37, 45, 24, outside=0.3, seed=1),
+    "inter-scale": ragged_case("soft", 29, 51, 40, outside=0.2, seed=2, scale_seed=9),
+    "all-easy": geometry_case("all-easy", 20, 17, 32, seed=0),
+    "all-hard": geometry_case("all-hard", 21, 19, 32, seed=4),
     **{
-        f"head-{precision}": lambda precision=precision: head_errors(
-            *trained_like(40, 120, 64, 0.7), OFFICIAL, precision
-        )
+        f"head-{precision}": head_case(precision, 40, 120, 64, cos_target=0.7, seed=0)
         for precision in PRECISION_TOLERANCES
     },
-    "sparse": sparse_errors,
+    "sparse": sparse_case(48, 160, 256, cos_target=0.7, seed=1),
 }
 
 
 def run_cases() -> dict[str, Errors]:
     torch.manual_seed(0)
-    return {name: case() for name, case in CASES.items()}
+    return {name: case.measure() for name, case in CASES.items()}
+
+
+def label(case: str) -> str:
+    """The case's name and inputs, as assertion messages start."""
+    return f"{case} ({CASES[case].inputs})"
 
 
 @pytest.fixture(scope="module")
@@ -182,33 +244,35 @@ def interpreted() -> dict[str, Errors]:
 
 @pytest.mark.parametrize("case", ["ragged-outside-soft", "ragged-outside-official", "inter-scale", "all-hard"])
 def test_block_matches_fp64(interpreted: dict[str, Errors], case: str) -> None:
-    errors = interpreted[case]
-    for name in ("loss", "grad_x", "grad_w", "stats", "cos_target"):
-        assert errors[name] < 1e-4, (name, errors)
-    assert errors["max_nontarget"] < 1e-5, errors
+    tolerances = dict.fromkeys(("loss", "grad_x", "grad_w", "stats", "cos_target"), 1e-4)
+    assert_below(label(case), interpreted[case], {**tolerances, "max_nontarget": 1e-5})
 
 
 def test_all_easy_rows(interpreted: dict[str, Errors]) -> None:
     """Gradients ~1e-12: relative errors of near-zero gradients are noise, the loss must still match."""
-    errors = interpreted["all-easy"]
-    assert errors["loss"] < 1e-4 and errors["stats"] < 1e-4 and errors["max_nontarget"] < 1e-5, errors
+    assert_below(label("all-easy"), interpreted["all-easy"], {"loss": 1e-4, "stats": 1e-4, "max_nontarget": 1e-5})
 
 
 @pytest.mark.parametrize("precision", list(PRECISION_TOLERANCES))
 def test_head_precision_against_fp64(interpreted: dict[str, Errors], precision: str) -> None:
     loss_tol, grad_tol = PRECISION_TOLERANCES[precision]
-    errors = interpreted[f"head-{precision}"]
-    assert errors["loss"] < loss_tol and errors["intra"] < loss_tol and errors["inter"] < loss_tol, errors
-    assert errors["grad_x"] < grad_tol and errors["grad_w"] < grad_tol, errors
-    assert errors["cos_target"] < 1e-5 and errors["accuracy"] == 0.0, errors
+    case = f"head-{precision}"
+    errors = interpreted[case]
+    tolerances = {"loss": loss_tol, "intra": loss_tol, "inter": loss_tol, "grad_x": grad_tol, "grad_w": grad_tol}
+    assert_below(label(case), errors, {**tolerances, "cos_target": 1e-5})
+    assert errors["accuracy"] == 0.0, f"{label(case)}: accuracy error {errors['accuracy']:.3g}, expected exactly 0"
 
 
 def test_sparse_mode_error_is_bounded(interpreted: dict[str, Errors]) -> None:
     """Skipping moves the gradients (tiles were skipped) but within the documented bound; the loss stays exact."""
     errors = interpreted["sparse"]
-    assert errors["sparse_loss"] < 1e-4 and errors["sparse_stats"] < 1e-4, errors
-    assert errors["sparse_grad_x"] > 10 * errors["exact_grad_x"], "nothing was skipped: the case tests nothing"
-    assert errors["sparse_grad_x"] < SPARSE_GRAD_TOLERANCE and errors["sparse_grad_w"] < SPARSE_GRAD_TOLERANCE, errors
+    assert_below(label("sparse"), errors, {"sparse_loss": 1e-4, "sparse_stats": 1e-4})
+    assert errors["sparse_grad_x"] > 10 * errors["exact_grad_x"], (
+        f"{label('sparse')}: sparse grad_x error {errors['sparse_grad_x']:.3g} is not above 10x the exact mode's "
+        f"{errors['exact_grad_x']:.3g}: nothing was skipped, the case tests nothing"
+    )
+    tolerances = dict.fromkeys(("sparse_grad_x", "sparse_grad_w"), SPARSE_GRAD_TOLERANCE)
+    assert_below(label("sparse"), errors, tolerances)
 
 
 def test_falls_back_to_chunked_without_a_device() -> None:
@@ -251,20 +315,26 @@ def test_full_size_on_gpu() -> None:
     """Compiled kernels at training shapes: 1,000 rows (ragged), 20,011 classes, D=512, every precision,
     with and without Partial-FC scales, and sparse mode."""
     device = torch.device("cuda")
-    embeddings, weight, labels = (t.to(device) for t in trained_like(1000, 20011, 512, 0.7))
+    batch, classes, dim, cos_target = 1000, 20011, 512, 0.7
+    problem = embeddings_at_cosine(batch, classes, dim, cos_target)
+    embeddings, weight, labels = (t.to(device) for t in problem)
     local = torch.where(labels % 7 == 0, -1, labels)
-    inter_scale = torch.rand(20011, device=device) + 1.0
+    inter_scale = torch.rand(classes, device=device) + 1.0
+    inputs = describe(
+        rows="trained-like", B=batch, C=classes, D=dim, cos_target=cos_target, seed=0,
+        outside="labels divisible by 7", params=describe_params("official"),
+    )
     for precision, (loss_tol, grad_tol) in GPU_TOLERANCES.items():
         for scale in (None, inter_scale):
             errors = block_errors(embeddings, weight, local, scale, OFFICIAL, precision)
-            assert errors["loss"] < loss_tol and errors["stats"] < loss_tol, (precision, errors)
-            assert errors["grad_x"] < grad_tol and errors["grad_w"] < grad_tol, (precision, errors)
-            assert errors["cos_target"] < 1e-5, (precision, errors)
+            case = f"full-size ({inputs}, precision={precision}, inter_scale={'none' if scale is None else '1+U(0,1)'})"
+            tolerances = {"loss": loss_tol, "stats": loss_tol, "grad_x": grad_tol, "grad_w": grad_tol}
+            assert_below(case, errors, {**tolerances, "cos_target": 1e-5})
     exact = block_errors(embeddings, weight, local, None, OFFICIAL)
-    assert exact["max_nontarget"] < 1e-5, exact
+    assert_below(f"full-size ({inputs}, precision=fp32)", exact, {"max_nontarget": 1e-5})
     sparse = block_errors(embeddings, weight, local, None, OFFICIAL, skip_threshold=SPARSE_THRESHOLD)
-    assert sparse["loss"] < 1e-4 and sparse["stats"] < 1e-4, sparse
-    assert sparse["grad_x"] < SPARSE_GRAD_TOLERANCE and sparse["grad_w"] < SPARSE_GRAD_TOLERANCE, sparse
+    tolerances = {"loss": 1e-4, "stats": 1e-4, "grad_x": SPARSE_GRAD_TOLERANCE, "grad_w": SPARSE_GRAD_TOLERANCE}
+    assert_below(f"full-size ({inputs}, precision=fp32, skip_threshold={SPARSE_THRESHOLD})", sparse, tolerances)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ before it, with glibc's mmap threshold pinned at 64 KiB so that freed tensors le
 (times on CPU come from a second child with the default allocator). Both include the fp32 ∂W
 (C·D·4 bytes), which every head produces.
 
-Inputs are "trained-like": each row at cos ~0.7 from its class centre, other centres random —
+Inputs are "trained-like" (``heads/probe.py``): each row at cos ~0.7 from its class centre, other centres random —
 the geometry where sparse mode pays most; ``--live-pairs`` measures real checkpoints.
 """
 
@@ -48,25 +48,15 @@ from sface_dist.heads.kernels.fused import (
     triton_available,
 )
 from sface_dist.heads.kernels.sparsity import live_pairs
+from sface_dist.heads.probe import embeddings_at_cosine
 from sface_dist.heads.sface import BlockFn, BlockOptions, SFaceParams, sface_block_chunked, sface_block_dense
 
 CUDA_SHAPES = "1024x10717,1024x257488,4096x257488"
 CPU_SHAPES = "256x10717,1024x20000"
 IMPLS = ("floor", "triton", "triton-sparse", "chunked", "dense", "pfc", "pfc-0.2")
 MIB = 2**20
-
-
-def trained_like(batch: int, classes: int, dim: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows at cos ~0.7 ± 0.08 from their (random) class centres; weights of norm ~3."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    weight = torch.randn(classes, dim, generator=gen, device=device)
-    labels = torch.randint(0, classes, (batch,), generator=gen, device=device)
-    centres = F.normalize(weight[labels], dim=1)
-    noise = torch.randn(batch, dim, generator=gen, device=device)
-    noise = F.normalize(noise - (noise * centres).sum(1, keepdim=True) * centres, dim=1)
-    cos = (0.7 + 0.08 * torch.randn(batch, 1, generator=gen, device=device)).clamp(-1, 1)
-    embeddings = cos * centres + (1 - cos**2).sqrt() * noise
-    return embeddings * 10, F.normalize(weight, dim=1) * 3, labels
+COS_TARGET = 0.7
+"""Each row's cosine to its class centre, ± the probe's default spread of 0.08."""
 
 
 def floor_step(embeddings: Tensor, weight: Tensor, dtype: torch.dtype) -> Callable[[], None]:
@@ -180,7 +170,7 @@ def run_case(impl: str, shape: str, args: argparse.Namespace) -> dict[str, float
     """One implementation at one shape, in this process: ``args.measure`` is memory, time or both."""
     device = torch.device(args.device)
     batch, classes = (int(n) for n in shape.split("x"))
-    embeddings, weight, labels = trained_like(batch, classes, args.dim, device)
+    embeddings, weight, labels = embeddings_at_cosine(batch, classes, args.dim, COS_TARGET, device=device)
     step = build_step(impl, embeddings, weight, labels, args)
     result = {}
     if args.measure in ("memory", "both"):
@@ -223,7 +213,7 @@ def run_in_child(impl: str, shape: str, tiles: str, args: argparse.Namespace) ->
 
 def live_tile_note(shape: str, tiles: TileConfig, args: argparse.Namespace) -> str:
     batch, classes = (int(n) for n in shape.split("x"))
-    embeddings, weight, labels = trained_like(batch, classes, args.dim, torch.device(args.device))
+    embeddings, weight, labels = embeddings_at_cosine(batch, classes, args.dim, COS_TARGET, device=args.device)
     stats = live_pairs(
         F.normalize(embeddings, dim=1), weight, labels, SFaceParams(), args.skip_threshold,
         tiles.block_b, tiles.block_c,
