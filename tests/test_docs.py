@@ -1,8 +1,9 @@
 """The documentation is self-contained, true and runnable.
 
-Self-contained: every repository path that README.md, docs/ or a docstring or comment of
-sface_dist/, tools/ or tests/ names exists, every relative markdown link resolves, and no text
-cites an outside design document or its section numbers.
+Self-contained: every repository path (and every ``.py`` path, written from the root) that
+README.md, docs/ or a docstring or comment of sface_dist/, tools/ or tests/ names exists, every
+relative markdown link resolves, every section cited by name is a heading of its document, and
+no text cites an outside design document or its section numbers.
 
 Runnable: a fenced shell block in README.md or docs/*.md whose line before the fence is
 ``<!-- runnable -->`` is executed, blocks of one file in order, each by ``bash -euo pipefail``
