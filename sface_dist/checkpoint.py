@@ -3,10 +3,10 @@
 Layout of ``OUTPUT/checkpoints``::
 
     step-00001200/
-        manifest.json            step, world size, class count, head files and their class ranges
-        trainer.pt               backbone, backbone optimizer, RNG state, data position (rank 0)
-        head-00000-00042.pt      one file per rank: class range [start, end), weight, momentum
-    latest                       name of the newest complete checkpoint
+        manifest.json                step, world size, class count, head file names, the resolved config
+        trainer.pt                   backbone, backbone optimizer, RNG state, data position (rank 0)
+        head-00000000-00042871.pt    one file per rank: class range [start, end), weight, momentum
+    latest                           name of the newest complete checkpoint
 
 A checkpoint is written into ``step-N.tmp`` and renamed once every rank has
 finished, so a crash never leaves a half-written ``step-N``. The head is stored by

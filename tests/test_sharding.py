@@ -134,7 +134,7 @@ def reference(cfg: HeadConfig, embeddings: torch.Tensor, weight: torch.Tensor, l
 
 def sampled_weights(correction: str, weights: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(weight of each sampled class's negative term in the loss, factor on its centre's gradient),
-    from ``heads/sampling.py``'s definition of each correction; ``weights`` is 1 or 1/q per class."""
+    from ``sface_dist/heads/sampling.py``'s definition of each correction; ``weights`` is 1 or 1/q per class."""
     ones = torch.ones_like(weights)
     return {
         "none": (None, ones),

@@ -4,12 +4,13 @@ The target logit is ``s·(cos(m1·θ + m2) - m3)``, every other logit ``s·cos �
 ArcFace is (1, m, 0), CosFace (1, 0, m), plain normalised softmax (1, 0, 0).
 
 Two gradients for the margined logit (``margin_grad``): ``cos``, the gradient of
-``s·cos θ`` (the margin shifts the value only, as insightface applies it under
-no_grad), and ``exact``, the derivative of ``cos(m1·θ + m2)``. The exact one is
+``s·cos θ`` (the margin shifts the value only, as arcface_torch applies it under
+no_grad), and ``exact``, the derivative of ``cos(m1·θ + m2)``, as insightface's MXNet-era
+training differentiated it (docs/heads.md, Which insightface). The exact one is
 ``m1·sin(m1·θ + m2) / sin θ`` times that of cos θ: it vanishes as θ + m2 → π, so a
-target pushed past π - m2 stops being pulled back while its negatives are still
-pushed away, and training can settle there with every target cosine near
-cos(π - m2) (-0.88 for ArcFace's 0.5).
+target drifting towards π - m2 is pulled back ever more weakly while its negatives are
+still pushed away (past π - m2 the fallback pulls it back to the edge), and training can
+settle with every target cosine near cos(π - m2) (-0.88 for ArcFace's 0.5).
 
 The softmax normaliser spans all shards: ``distributed_cross_entropy`` all-reduces
 the target logits, the row maxima and the row sums of exponentials, so only
@@ -52,7 +53,9 @@ MARGIN_TYPES: dict[MarginHeadType, tuple[float, float, float]] = {
     "combined": (1.0, 0.3, 0.2),
     "softmax": (1.0, 0.0, 0.0),
 }
-"""Default (m1, m2, m3) of each margin type (insightface's defaults)."""
+"""Default (m1, m2, m3) of each margin type. ArcFace's 0.5 is every insightface version's; CosFace's 0.4
+is arcface_torch's; the combined (1, 0.3, 0.2) comes from insightface's MXNet-era recognition training.
+arcface_torch cannot express it: its CombinedMarginLoss ignores m1 and m2 whenever m3 > 0."""
 
 
 @dataclass(frozen=True)
@@ -65,9 +68,9 @@ class MarginParams:
 
 
 def margin_target_cos(cos: Tensor, params: MarginParams) -> Tensor:
-    """cos(m1·θ + m2) - m3; beyond θ + m2 > π it continues as cos θ - m2·sin m2 - m3 (insightface's
-    fallback that keeps the target logit monotone in θ). Its gradient is that of cos θ for
-    ``margin_grad="cos"``, its own derivative for ``"exact"``."""
+    """cos(m1·θ + m2) - m3; for m1 = 1, beyond θ + m2 > π it continues as cos θ - m2·sin m2 - m3 (the
+    MXNet-era ArcFace's fallback that keeps the target logit falling in θ; arcface_torch has none). Its
+    gradient is that of cos θ for ``margin_grad="cos"``, its own derivative for ``"exact"``."""
     if params.m1 == 1.0 and params.m2 == 0.0:
         return cos - params.m3
     eps = 1e-7

@@ -4,10 +4,10 @@
 partition, the all-gather of embeddings and labels, Partial-FC sampling and input
 checks. ``ShardedSFaceHead`` scores the gathered rows with the SFace block math
 (docs/design.md, The SFace loss and Sharding): its shards exchange nothing but the loss partials. The margin
-baselines (``heads/margin.py``) add a distributed softmax.
+baselines (``sface_dist/heads/margin.py``) add a distributed softmax.
 
 The head is never wrapped by DDP: each shard has its own gradient and optimizer
-state (``heads/optim.py``).
+state (``sface_dist/heads/optim.py``).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class GatheredBatch:
     weight: Tensor
     """The weight rows scored this step (all of the shard, or the Partial-FC sample)."""
     inter_scale: Tensor | None
-    """Per scored row, the weight of its negative term (``heads/sampling.py``); None: 1."""
+    """Per scored row, the weight of its negative term (``sface_dist/heads/sampling.py``); None: 1."""
 
 
 INIT_BLOCK_CLASSES = 4096
