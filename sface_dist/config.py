@@ -134,7 +134,7 @@ class HeadConfig:
     margin: list[float] = field(default_factory=list)
     """Margin heads: [m1, m2, m3] of cos(m1·θ + m2) - m3; empty takes the type's default."""
     margin_grad: MarginGrad = "cos"
-    """Margin heads: ``cos`` (the target logit's gradient is that of s·cos θ, as insightface applies its margin;
+    """Margin heads: ``cos`` (the target logit's gradient is that of s·cos θ, as arcface_torch applies its margin;
     trains) or ``exact`` (the derivative of the margined logit, which vanishes near θ = π - m2; docs/heads.md)."""
     impl: SFaceImplOrAuto = "auto"
     """SFace: ``dense`` (reference), ``chunked`` (O(B x chunk) memory), ``triton`` (fused GPU kernels) or

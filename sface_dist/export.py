@@ -2,7 +2,7 @@
 
 The graph maps input ``input`` float32 ``[batch, 3, 112, 112]`` (RGB, 0-255, dynamic
 batch) to output ``embedding`` float32 ``[batch, D]``, un-normalised. The training pixel
-normalisation ``(x - 127.5) / 127.5`` (``data/pixels.py``) is inside the graph, so the file is a drop-in
+normalisation ``(x - 127.5) / 127.5`` (``sface_dist/data/pixels.py``) is inside the graph, so the file is a drop-in
 for OpenCV's ``cv2.FaceRecognizerSF``: its ``feature()`` feeds exactly that tensor
 (``blobFromImage`` with scale 1 and BGR->RGB) and its ``match()`` L2-normalises.
 The exporter is ``torch.export`` based (``dynamo=True``), the one PyTorch maintains.

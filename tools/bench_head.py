@@ -18,8 +18,8 @@ before it, with glibc's mmap threshold pinned at 64 KiB so that freed tensors le
 (times on CPU come from a second child with the default allocator). Both include the fp32 ∂W
 (C·D·4 bytes), which every head produces.
 
-Inputs are "trained-like" (``heads/probe.py``): each row at cos ~0.7 from its class centre, other centres random —
-the geometry where sparse mode pays most; ``--live-pairs`` measures real checkpoints.
+Inputs are "trained-like" (``sface_dist/heads/probe.py``): each row at cos ~0.7 from its class centre,
+other centres random — the geometry where sparse mode pays most; ``--live-pairs`` measures real checkpoints.
 """
 
 from __future__ import annotations

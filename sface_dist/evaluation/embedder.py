@@ -3,7 +3,7 @@
 Every embedder maps uint8 RGB crops ``[B, 3, H, W]`` to float32 un-normalised
 embeddings ``[B, D]`` on the CPU, so the protocols downstream do not care which
 runtime produced them. PyTorch backbones see the pixels normalised as in training
-(``data/pixels.py``); exported models carry that normalisation in their graph and take the raw pixels.
+(``sface_dist/data/pixels.py``); exported models carry that normalisation in their graph and take the raw pixels.
 """
 
 from __future__ import annotations
