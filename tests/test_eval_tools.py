@@ -118,3 +118,17 @@ def test_embed_rec_lists_keys_and_labels(model_files: tuple[nn.Module, Path, Pat
     expected = embed_views(TorchEmbedder(model), pixels, 8, flip=False)[0]
     cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(np.load(out)), expected, dim=1)
     assert cosine.min() > 0.99  # JPEG in the .rec vs the PNG originals
+    by_folder = tmp_path / "folder.npy"
+    result = run_tool("tools/embed.py", "--onnx", str(onnx_path), "--rec", str(tmp_path / "data"), "--out",
+                      str(by_folder), "--no-flip", "--quiet")
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(np.load(by_folder), np.load(out))
+    assert by_folder.with_suffix(".txt").read_text() == out.with_suffix(".txt").read_text()
+
+
+def test_embed_names_a_folder_without_a_dataset(model_files: tuple[nn.Module, Path, Path], tmp_path: Path) -> None:
+    _, _, onnx_path = model_files
+    result = run_tool("tools/embed.py", "--onnx", str(onnx_path), "--rec", str(tmp_path), "--out",
+                      str(tmp_path / "out.npy"), "--quiet")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path}: the dataset folder holds no train.rec"

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(parser)
     images = parser.add_mutually_exclusive_group(required=True)
     images.add_argument("--folder", type=Path, help="folder of aligned crops (searched recursively)")
-    images.add_argument("--rec", type=Path, help="RecordIO file (its .idx beside it)")
+    images.add_argument("--rec", type=Path, help="dataset folder holding train.rec, or a .rec (its .idx beside it)")
     parser.add_argument("--out", type=Path, required=True, help="output .npy (the image list goes to .txt beside it)")
     parser.add_argument("--no-flip", dest="flip", action="store_false", help="embed the images without mirrors")
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")

@@ -44,7 +44,7 @@ def find(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="training checkpoint: step dir, run dir or checkpoints dir")
-    parser.add_argument("--rec", help="dataset .rec (default: the run's data.root/train.rec)")
+    parser.add_argument("--rec", help="dataset folder or its .rec (default: the run's data.root)")
     parser.add_argument("--out", type=Path, required=True, help="output folder for suspects.csv and exclude.txt")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="cosine to its identity's other images below which an image is a suspect "

@@ -39,6 +39,7 @@ from study_runs import launch_training, mean_std, render_synthetic, run_each, wr
 from sface_dist.config import HeadType, choices
 from sface_dist.data.bin_pack import read_bin
 from sface_dist.data.convert import add_label_noise, hold_out_identities
+from sface_dist.data.records import dataset_rec_path
 from sface_dist.distributed import DistEnv
 from sface_dist.evaluation.cli import default_device
 from sface_dist.evaluation.embedder import open_model
@@ -100,7 +101,7 @@ def cells_of(grid: Grid) -> list[Cell]:
 def prepare_source(args: argparse.Namespace, grid: Grid, out: Path) -> tuple[Path, Path]:
     """The dataset to corrupt and its held-out pack: the user's, or rendered synthetic identities."""
     if args.rec is not None:
-        return Path(args.rec), Path(args.bin)
+        return dataset_rec_path(args.rec), Path(args.bin)
     source = out / "data" / "source"
     render_synthetic(source, grid.identities + grid.hold_out, grid.images, heldout=max(2, grid.identities // 2),
                      pairs=min(600, 4 * grid.identities))
@@ -308,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="study folder (rerun to continue)")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml",
                         help="base training config (default: configs/demo.yaml)")
-    parser.add_argument("--rec", help="dataset to corrupt (default: synthetic identities rendered into OUT/data)")
+    parser.add_argument("--rec", help="dataset folder or .rec to corrupt "
+                        "(default: synthetic identities rendered into OUT/data)")
     parser.add_argument("--bin", help="clean held-out verification pack for --rec")
     parser.add_argument("--hold-out", type=int, help="identities set aside for open-set noise (default: 100)")
     parser.add_argument("--heads", nargs="+", choices=choices(HeadType),

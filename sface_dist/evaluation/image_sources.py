@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sface_dist.data.recordio import FaceRecordIndex, RecordIOReader
+from sface_dist.data.records import dataset_rec_path
 
 
 class ImageSourceError(ValueError):
@@ -73,10 +74,11 @@ class FolderImages:
 
 
 class RecordImages:
-    """The image records of a ``.rec`` (index: the ``.idx`` beside it); ``labels`` fill in as images load."""
+    """The image records of a dataset, named by its folder or its ``.rec`` (index: the ``.idx`` beside it);
+    ``labels`` fill in as images load."""
 
-    def __init__(self, rec_path: str | os.PathLike[str], image_size: int = 112) -> None:
-        rec_path = Path(rec_path)
+    def __init__(self, dataset: str | os.PathLike[str], image_size: int = 112) -> None:
+        rec_path = dataset_rec_path(dataset)
         self.reader = RecordIOReader(rec_path, rec_path.with_suffix(".idx"))
         self.index = FaceRecordIndex(self.reader)
         if len(self.index) == 0:

@@ -139,11 +139,11 @@ def find_noisy_labels(
     if "head_files" not in manifest:
         raise CheckpointError(f"{checkpoint}: holds no head (a best-backbone folder?): name a training checkpoint")
     num_classes = int(manifest["num_classes"])
-    rec = Path(rec) if rec is not None else Path(manifest["config"]["data"]["root"]) / "train.rec"
-    source = RecordImages(rec)
+    source = RecordImages(rec if rec is not None else manifest["config"]["data"]["root"])
+    rec_path = source.reader.rec_path
     dataset_classes = known_num_classes(source.index)
     if dataset_classes is not None and dataset_classes != num_classes:
-        raise CheckpointError(f"{checkpoint}: its head has {num_classes} classes, {rec} has {dataset_classes}")
+        raise CheckpointError(f"{checkpoint}: its head has {num_classes} classes, {rec_path} has {dataset_classes}")
     model = open_model(checkpoint, None, env.device)
     first, last = even_split(len(source), env.rank, env.world_size)
     views = extract_views(model.embed, lambda i: source.load(first + i), last - first, batch_size=batch_size,
@@ -156,8 +156,10 @@ def find_noisy_labels(
     if not env.is_main:
         return None
     if int(labels.max()) >= num_classes:
-        raise CheckpointError(f"{rec}: label {int(labels.max())} is outside the checkpoint's {num_classes} classes")
+        raise CheckpointError(
+            f"{rec_path}: label {int(labels.max())} is outside the checkpoint's {num_classes} classes"
+        )
     centres, _ = load_head_shard(checkpoint, (0, num_classes), num_classes)
     scores = score_labels(embeddings, labels, centres)
     table, listing, count = write_suspects(out_dir, source.keys, labels.numpy(), scores, threshold)
-    return FinderReport(rec, len(source), count, table, listing, float(np.median(scores.own)))
+    return FinderReport(rec_path, len(source), count, table, listing, float(np.median(scores.own)))
