@@ -1,5 +1,5 @@
-"""Start-up checks of the GPU paths: the fused SFace block (``heads/self_check.py``) and DALI's GPU decoder
-(``data/decoder_check.py``).
+"""Start-up checks of the GPU paths: the fused SFace block (``sface_dist/heads/self_check.py``) and DALI's GPU decoder
+(``sface_dist/data/decoder_check.py``).
 
 On CPU the real kernel check runs under the Triton interpreter in one worker process (this file run as a
 script: ``TRITON_INTERPRET`` must be set before Triton compiles, as in tests/test_kernels.py). Failures are
