@@ -21,12 +21,14 @@ import pytest
 import torch
 from torch import Tensor
 
+from sface_dist import distributed
 from sface_dist.config import HeadConfig
 from sface_dist.data import decoder_check, loader
 from sface_dist.data.dali import DaliFaceLoader, dali_available
 from sface_dist.data.decoder_check import MEAN_ABS_TOLERANCE, compare_batches
 from sface_dist.data.errors import DataError
 from sface_dist.data.torch_backend import TorchFaceLoader
+from sface_dist.distributed import PeerError
 from sface_dist.heads import build_head, self_check
 from sface_dist.heads.kernels.fused import triton_available
 from sface_dist.heads.self_check import TOLERANCES, SelfCheckError, check_triton_block
@@ -160,6 +162,32 @@ def test_no_check_without_a_gpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     assert sface_head("auto").impl == "chunked"
     assert "warning" not in capsys.readouterr().out
     assert sface_head("triton").impl == "triton"
+
+
+@pytest.mark.usefixtures("on_gpu")
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ranks_agree_and_rank_0_names_the_failing_rank(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], rank: int
+) -> None:
+    """Two ranks, rank 1's block raises, rank 0's agrees (the gather of their causes stands in for gloo)."""
+    monkeypatch.setattr(self_check, "sface_block_triton", raising_block if rank == 1 else block_with_gradient_scaled(1))
+    monkeypatch.setattr(distributed, "group_size", lambda group: 2)
+    monkeypatch.setattr(self_check, "group_size", lambda group: 2)
+    monkeypatch.setattr(self_check, "group_rank", lambda group: rank)
+
+    def all_gather_object(gathered: list[str | None], message: str | None, group: object = None) -> None:
+        gathered[:] = [message, "RuntimeError: PassManager::run failed"] if rank == 0 else [None, message]
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    summary = "the Triton SFace block failed its fp32 self-check on rank 1: RuntimeError: PassManager::run failed"
+    assert self_check.checked_impl("auto", "fp32", DIM, SFaceParams(), None) == "chunked"
+    assert capsys.readouterr().out == (f"warning: head.impl=auto: {summary}{FALLBACK}" if rank == 0 else "")
+    expected = (PeerError, f"rank 1: {summary}") if rank == 0 else (
+        SelfCheckError, f"head.impl=triton: {summary} (head.impl=auto would train with chunked)"
+    )
+    with pytest.raises(expected[0]) as raised:
+        self_check.checked_impl("triton", "fp32", DIM, SFaceParams(), None)
+    assert str(raised.value) == expected[1]
 
 
 def reference_batch() -> tuple[Tensor, Tensor]:
