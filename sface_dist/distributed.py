@@ -285,6 +285,18 @@ def broadcast_message(message: str | None, group: ProcessGroup | None = None) ->
     return box[0]
 
 
+def first_message(message: str | None, group: ProcessGroup | None = None) -> tuple[int, str] | None:
+    """Collective: the lowest rank that has a ``message``, and that message (None: no rank has one).
+
+    A local check that failed on some ranks: every rank takes the same branch, and one of them can say why.
+    """
+    if group_size(group) == 1:
+        return None if message is None else (0, message)
+    messages: list[str | None] = [None] * group_size(group)
+    dist.all_gather_object(messages, message, group=group)
+    return next(((rank, text) for rank, text in enumerate(messages) if text is not None), None)
+
+
 def _allreduce_sum_hook(group: ProcessGroup | None, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """DDP communication hook that sums gradients instead of averaging them."""
     work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, group=group, async_op=True)

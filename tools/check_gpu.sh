@@ -6,7 +6,10 @@
 #   3. tools/compile_kernels.py (registers, spills, shared memory under this Triton), then
 #      tools/bench_head.py at its CUDA shapes, an MS1M and a WebFace42M shard on 8 GPUs (every
 #      implementation, one table), and a bf16 tile sweep at 1,024 x 257,488 (large tiles that spill against small ones that do not);
-#   4. 200 demo steps on one GPU with head.impl=auto (Triton) and head.impl=chunked, head in
+#   4. the start-up self-checks, one verdict each: the fused SFace block in every precision at D=512
+#      against the fp64 chunked block, and DALI's GPU decoder on the demo data's first batch
+#      against the CPU decode (where DALI is installed);
+#   5. 200 demo steps on one GPU with head.impl=auto (Triton) and head.impl=chunked, head in
 #      bf16 as the GPU configs run it: the loss curves side by side and the step time each takes.
 # Usage: tools/check_gpu.sh [RESULTS_DIR]   (default: runs/check_gpu; uses $PYTHON or python3)
 # Each part writes its log under RESULTS_DIR and a failing part does not stop the next.
@@ -53,6 +56,44 @@ demo_data=$results/demo_data
 if [[ ! -f $demo_data/train.rec ]]; then
     part demo_data "$python" tools/make_demo_data.py --out "$demo_data"
 fi
+part self_checks "$python" - "$demo_data" <<'EOF'
+"""The verdicts of the start-up self-checks: the fused SFace block in every precision at D=512
+(sface_dist/heads/self_check.py) and DALI's GPU decoder on the demo data (sface_dist/data/decoder_check.py)."""
+import sys
+
+import torch
+
+from sface_dist.heads.self_check import TOLERANCES, check_triton_block
+
+device = torch.device("cuda")
+failed = 0
+for precision in TOLERANCES:
+    result = check_triton_block(precision, 512, device)
+    print(f"triton block, D=512, {result.verdict}")
+    failed += result.cause is not None
+from sface_dist.data.dali import dali_available
+if dali_available():
+    from pathlib import Path
+
+    from sface_dist.data.datasets import RecordFaceDataset
+    from sface_dist.data.decoder_check import compare_batches, first_batches
+    from sface_dist.data.sampler import EpochShardSampler
+
+    root = Path(sys.argv[1])
+    image_size = int((root / "property").read_text().split(",")[1])
+    dataset = RecordFaceDataset(root, 0, image_size)
+    sampler = EpochShardSampler(len(dataset), 128, 0, 1, 0, True, False, image_size)
+    decoded, reference = first_batches(dataset, sampler, 4, device, skip_bad=False)
+    cause = compare_batches(decoded, reference)
+    levels = (decoded[0].cpu() - reference[0]).abs() * 127.5
+    measured = f"|GPU - CPU| mean {levels.mean():.2f}, max {levels.max():.0f} grey levels"
+    print(f"DALI mixed decoder, first demo batch: {'ok' if cause is None else 'FAILED: ' + cause} ({measured})")
+    failed += cause is not None
+else:
+    print("DALI mixed decoder: not checked (DALI is not installed)")
+sys.exit(1 if failed else 0)
+EOF
+
 for impl in auto chunked; do
     part "demo_$impl" "$python" -m torch.distributed.run --standalone --nproc_per_node=1 -m sface_dist.train \
         configs/demo.yaml --set data.root="$demo_data" --set eval.bins="[$demo_data/heldout.bin]" \

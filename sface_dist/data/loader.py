@@ -3,10 +3,11 @@
 Backends (``data.backend``): ``dali`` decodes with NVIDIA DALI (``dali.py``; on the GPU when
 batches go to a CUDA device), ``torch`` with simplejpeg/PIL in DataLoader workers
 (``torch_backend.py``), ``synthetic`` renders identities through the same loader; ``auto`` picks
-``dali`` where DALI imports and batches go to a CUDA device, else ``torch``. Batches arrive on
-the ``device`` given to ``build_loader``. All of them follow ``EpochShardSampler``: the same
-images, order, flips and augmentation parameters for the same ``(seed, epoch, rank, world_size)``,
-resumable at any batch.
+``dali`` where DALI imports and batches go to a CUDA device, else ``torch``. DALI decoding on a
+GPU is first checked against the CPU decode (``decoder_check.py``): ``auto`` falls back to ``torch``
+when they disagree. Batches arrive on the ``device`` given to ``build_loader``. All backends follow
+``EpochShardSampler``: the same images, order, flips and augmentation parameters for the same
+``(seed, epoch, rank, world_size)``, resumable at any batch.
 
 Bad records (``data.on_bad_record``): ``error`` stops with the file, key and offset;
 ``skip`` leaves the record out of its batch (which is then smaller), logs it and counts it
@@ -55,13 +56,18 @@ class FaceLoader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
+def gpu_decoding(device: torch.device) -> bool:
+    """Whether DALI decodes on the GPU (``mixed``) for batches on ``device``: ``auto``'s pick, checked at start-up."""
+    return device.type == "cuda"
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend ``auto`` stands for with batches on ``device``; other names are returned as they are."""
     if backend != "auto":
         return backend
     from sface_dist.data.dali import dali_available  # DALI stays optional
 
-    return "dali" if dali_available() and device.type == "cuda" else "torch"
+    return "dali" if dali_available() and gpu_decoding(device) else "torch"
 
 
 def build_loader(
@@ -70,7 +76,8 @@ def build_loader(
     """The training loader of ``rank`` out of ``world_size`` for the backend ``cfg.backend`` names.
 
     Batches arrive on ``device``: a CUDA device gets GPU decoding (``dali``) or pinned memory and a
-    side-stream copy (``torch``); the CPU gets batches normalised in this process.
+    side-stream copy (``torch``); the CPU gets batches normalised in this process. Collective for ``dali``
+    decoding on a GPU: the decoder's first-batch check (``decoder_check.py``) runs first.
     """
     if cfg.backend not in BACKENDS:
         raise DataError(f"data.backend {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
@@ -92,7 +99,11 @@ def build_loader(
     skip_bad = cfg.on_bad_record == "skip"
     if backend == "dali":
         from sface_dist.data.dali import DaliFaceLoader  # DALI stays optional
+        from sface_dist.data.decoder_check import dali_decoder_agrees
 
         assert isinstance(dataset, RecordFaceDataset)
-        return DaliFaceLoader(dataset, sampler, max(cfg.num_workers, 1), device, skip_bad)
+        threads = max(cfg.num_workers, 1)
+        loader = DaliFaceLoader(dataset, sampler, threads, device, skip_bad)
+        if not gpu_decoding(device) or dali_decoder_agrees(cfg.backend, dataset, sampler, threads, device, skip_bad):
+            return loader
     return TorchFaceLoader(dataset, sampler, cfg.num_workers, device, skip_bad)
