@@ -15,8 +15,9 @@ Rows, per backbone, on synthetic device tensors (data loading excluded):
 * ``backbone``: the backbone alone (forward, backward, SGD; no head), under the project's autocast.
 
 Each row warms up, then times ``--repeat`` windows of ``--steps`` steps, the device synchronised
-at both ends of a window; samples/s is the median window's. Peak memory (CUDA) is
-``max_memory_allocated`` over the row: weights, optimizer state, activations and inputs.
+at both ends of a window, the rows' windows interleaved; samples/s is the median window's. Peak
+memory (CUDA) is ``max_memory_allocated`` over the row's build and warm-up, less what the rows
+built before it hold: its weights, optimizer state, activations and inputs.
 The process runs as a single-rank process group (FileStore), so the peer's DDP hook runs; the
 project's ``data_parallel`` is the identity on one rank, as in a one-GPU run.
 """
@@ -175,25 +176,42 @@ def backbone_step(backbone_name: str, args: argparse.Namespace, env: DistEnv) ->
 STEPS = {"project": project_step, "peer": peer_step, "backbone": backbone_step}
 
 
-def measure(variant: str, backbone: str, args: argparse.Namespace, env: DistEnv) -> dict[str, float]:
-    """Samples/s (median window) and peak device MiB of one variant."""
+def time_window(step: Step, args: argparse.Namespace, device: torch.device) -> float:
+    """Samples/s of ``args.steps`` steps, the device synchronised at both ends."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(device)
+    return args.steps * args.batch / (time.perf_counter() - start)
+
+
+def measure(backbone: str, args: argparse.Namespace, env: DistEnv) -> dict[str, dict[str, float]]:
+    """Per variant: samples/s (median window) and peak device MiB over its build and warm-up.
+
+    All variants stay built and their windows interleave, so a change of load on a shared
+    machine slows every row alike instead of one.
+    """
     device = env.device
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    with STEPS[variant](backbone, args, env) as step:
-        for _ in range(args.warmup):
-            step()
-        rates = []
+    cuda = device.type == "cuda"
+    steps: dict[str, Step] = {}
+    peaks: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        for variant in VARIANTS:
+            synchronize(device)
+            held = torch.cuda.memory_allocated(device) if cuda else 0
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            steps[variant] = stack.enter_context(STEPS[variant](backbone, args, env))
+            for _ in range(args.warmup):
+                steps[variant]()
+            synchronize(device)
+            peaks[variant] = (torch.cuda.max_memory_allocated(device) - held) / MIB if cuda else math.nan
+        rates: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
         for _ in range(args.repeat):
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            synchronize(device)
-            rates.append(args.steps * args.batch / (time.perf_counter() - start))
-    peak = torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else math.nan
-    return {"samples_per_s": statistics.median(rates), "peak_mib": peak}
+            for variant in VARIANTS:
+                rates[variant].append(time_window(steps[variant], args, device))
+    return {name: {"samples_per_s": statistics.median(rates[name]), "peak_mib": peaks[name]} for name in VARIANTS}
 
 
 def init_single_rank(device: torch.device, store_dir: str) -> DistEnv:
@@ -231,7 +249,7 @@ def benchmark(args: argparse.Namespace) -> None:
             print(header(args, env.device), flush=True)
             print(f"{'backbone':>12} {'variant':>9} {'samples/s':>10} {'x peer':>7} {'x backbone':>10} {'peak MiB':>9}")
             for backbone in args.backbones.split(","):
-                results = {variant: measure(variant, backbone, args, env) for variant in VARIANTS}
+                results = measure(backbone, args, env)
                 peer, alone = results["peer"]["samples_per_s"], results["backbone"]["samples_per_s"]
                 for variant, result in results.items():
                     rate, peak = result["samples_per_s"], result["peak_mib"]
