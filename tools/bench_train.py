@@ -8,10 +8,10 @@ Rows, per backbone, on synthetic device tensors (data loading excluded):
 * ``project``: ``Trainer.train_step``, one call a step, of a ``Trainer`` built from a synthetic-backend
   config (the backbone ``build_backbone`` makes, ``data_parallel``, the SFace head ``build_head`` makes
   with ``head.impl``, ``ShardSGD``, the GradScaler path, gradient clipping, ``train.amp`` autocast);
-* ``peer``: a loop with insightface arcface_torch's structure (``train_v2.py``): DDP with the
-  fp16-compression communication hook, fp16 autocast, a dense ArcFace head over the whole shard
-  (logits [B, C] materialised) with cross-entropy, a GradScaler, ``clip_grad_norm_(5)``, one SGD
-  over backbone and head, ``loss.item()`` every step;
+* ``peer``: a loop with insightface arcface_torch's structure (``train_v2.py``): DDP (16 MiB buckets,
+  static graph) with the fp16-compression communication hook, fp16 autocast, a dense ArcFace head
+  over the whole shard (logits [B, C] materialised) with cross-entropy, a GradScaler,
+  ``clip_grad_norm_(5)``, one SGD over backbone and head, ``loss.item()`` every step;
 * ``backbone``: the backbone alone (forward, backward, SGD; no head), under the project's autocast.
 
 Each row warms up, then times ``--repeat`` windows of ``--steps`` steps, the device synchronised
@@ -96,8 +96,9 @@ def project_step(backbone: str, args: argparse.Namespace, env: DistEnv) -> Itera
 
 
 class PeerArcFace(nn.Module):
-    """ArcFace over the whole shard as arcface_torch's PartialFC_V2 (sample rate 1) and CombinedMarginLoss
-    compute it on one rank: normalised fp16 matmul, logits [B, C] in fp32, margin on the target, cross-entropy."""
+    """ArcFace over the whole shard as arcface_torch's PartialFC_V2 (sample rate 1) and its ArcFace margin compute
+    it on one rank: normalised fp16 matmul, logits [B, C] in fp32, margin on the target rows ``torch.where`` finds
+    (a host sync, as there), then ``F.cross_entropy`` (the peer's DistCrossEntropy on one rank, fused)."""
 
     def __init__(self, classes: int, dim: int, s: float = 64.0, m: float = 0.5) -> None:
         super().__init__()
@@ -109,13 +110,13 @@ class PeerArcFace(nn.Module):
         with autocast(embeddings.device, amp):
             logits = F.linear(F.normalize(embeddings), F.normalize(self.weight))
         logits = logits.float().clamp(-1, 1)
-        rows = torch.arange(labels.shape[0], device=labels.device)
-        target = logits[rows, labels]
+        rows = torch.where(labels != -1)[0]
+        target = logits[rows, labels[rows]]
         sin_theta = torch.sqrt(1.0 - target.pow(2))
         margined = torch.where(
             target > self.theta, target * self.cos_m - sin_theta * self.sin_m, target - self.sinmm
         )
-        logits[rows, labels] = margined
+        logits[rows, labels[rows]] = margined
         return F.cross_entropy(logits * self.s, labels)
 
 
@@ -125,9 +126,10 @@ def peer_step(backbone_name: str, args: argparse.Namespace, env: DistEnv) -> Ite
     device = env.device
     backbone = build_backbone(backbone_name).to(device)
     warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+    warnings.filterwarnings("ignore", "You passed find_unused_parameters=true", UserWarning)
     model = nn.parallel.DistributedDataParallel(
         backbone, broadcast_buffers=False, device_ids=[device.index] if device.type == "cuda" else None,
-        bucket_cap_mb=16, find_unused_parameters=True,
+        bucket_cap_mb=16, find_unused_parameters=True, static_graph=True,
     )
     model.register_comm_hook(None, fp16_compress_hook)
     head = PeerArcFace(args.classes, 512).to(device)
