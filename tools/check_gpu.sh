@@ -6,10 +6,12 @@
 #   3. tools/compile_kernels.py (registers, spills, shared memory under this Triton), then
 #      tools/bench_head.py at its CUDA shapes, an MS1M and a WebFace42M shard on 8 GPUs (every
 #      implementation, one table), and a bf16 tile sweep at 1,024 x 257,488 (large tiles that spill against small ones that do not);
-#   4. the start-up self-checks, one verdict each: the fused SFace block in every precision at D=512
+#   4. tools/bench_train.py: samples/s of the whole training step for iresnet50 and iresnet100 at batch 128 with the
+#      MS1M head (85,742 classes) on one GPU, against a peer-structured loop and the backbone alone (~1 minute);
+#   5. the start-up self-checks, one verdict each: the fused SFace block in every precision at D=512
 #      against the fp64 chunked block, and DALI's GPU decoder on the demo data's first batch
 #      against the CPU decode (where DALI is installed);
-#   5. 200 demo steps on one GPU with head.impl=auto (Triton) and head.impl=chunked, head in
+#   6. 200 demo steps on one GPU with head.impl=auto (Triton) and head.impl=chunked, head in
 #      bf16 as the GPU configs run it: the loss curves side by side and the step time each takes.
 # Usage: tools/check_gpu.sh [RESULTS_DIR]   (default: runs/check_gpu; uses $PYTHON or python3)
 # Each part writes its log under RESULTS_DIR and a failing part does not stop the next.
@@ -51,6 +53,7 @@ part compile_kernels "$python" tools/compile_kernels.py
 part bench_head "$python" tools/bench_head.py
 part tile_sweep "$python" tools/bench_head.py --shapes 1024x257488 --impls floor,triton \
     --tiles 64x32x8x2,32x16x8x2,16x16x8x2,16x16x4x2
+part bench_train "$python" tools/bench_train.py --warmup 5 --steps 10 --repeat 3
 
 demo_data=$results/demo_data
 if [[ ! -f $demo_data/train.rec ]]; then
