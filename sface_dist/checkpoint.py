@@ -20,7 +20,7 @@ import json
 import os
 import pickle
 import shutil
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,10 @@ class TrainerState:
     backbone_optimizer: dict[str, Any]
     rng: dict[str, Any]
     progress: dict[str, int]
+    schedulers: list[dict[str, Any]] = field(default_factory=list)
+    """The learning-rate schedulers' state (``optimization.Optimization``); empty in older checkpoints."""
+    grad_scaler: dict[str, Any] = field(default_factory=dict)
+    """The fp16 loss scaler's state; empty without fp16 and in older checkpoints."""
 
 
 def state_dict_mismatch(error: RuntimeError) -> str:
@@ -284,10 +288,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 def load_trainer_state(path: str | Path) -> TrainerState:
     trainer_file = Path(path) / TRAINER_FILE
     state = load_weights(trainer_file)
-    fields = set(TrainerState.__dataclass_fields__)
-    if not isinstance(state, dict) or not fields <= set(state):
-        raise CheckpointError(f"{trainer_file}: not a trainer state (expected the keys {', '.join(sorted(fields))})")
-    return TrainerState(**{name: state[name] for name in fields})
+    required = {f.name for f in fields(TrainerState) if f.default is MISSING and f.default_factory is MISSING}
+    if not isinstance(state, dict) or not required <= set(state):
+        raise CheckpointError(f"{trainer_file}: not a trainer state (expected the keys {', '.join(sorted(required))})")
+    return TrainerState(**{f.name: state[f.name] for f in fields(TrainerState) if f.name in state})
 
 
 def load_head_shard(

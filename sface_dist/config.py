@@ -62,6 +62,10 @@ SampleCorrection = Literal["none", "inverse_rate", "inverse_rate_centres", "inve
 SampleCorrectionOrAuto = Literal["auto", SampleCorrection]
 SampleUpdate = Literal["rows", "shard"]
 Amp = Literal["none", "bf16", "fp16"]
+OptimizerName = Literal["sgd", "adamw"]
+LrSchedule = Literal["poly", "cosine", "step"]
+MilestoneUnit = Literal["steps", "epochs"]
+OnNonFinite = Literal["stop", "skip"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -165,23 +169,46 @@ class HeadConfig:
 
 @dataclass
 class OptimConfig:
-    """``optim``: SGD for the backbone and the head shards, and the learning-rate schedule."""
+    """``optim``: the backbone and head optimizers and the learning-rate schedule (docs/training.md, The loop)."""
 
+    name: OptimizerName = "sgd"
+    """Backbone optimizer: ``sgd`` (with ``momentum``) or ``adamw`` (with ``betas`` and ``eps``; decoupled weight
+    decay). The head shards use SGD."""
     lr: float = 0.1
     """Peak learning rate (reached at the end of warmup)."""
     momentum: float = 0.9
     """SGD momentum, in [0, 1)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW: [beta1, beta2], each in [0, 1)."""
+    eps: float = 1e-8
+    """AdamW: term added to the denominator."""
     weight_decay: float = 5e-4
-    """SGD weight decay."""
+    """Weight decay (SGD: added to the gradient; AdamW: decoupled)."""
+    no_decay_bn_bias: bool = False
+    """Exclude the backbone's normalisation weights and biases from weight decay (false: decay every
+    parameter)."""
+    head_lr_scale: float = 1.0
+    """The head shards' learning rate is the backbone's times this, through warmup and schedule."""
     warmup_steps: int = 0
     """Steps of linear warmup from 0 to ``lr``; counted in steps of the run's first global batch, like
     ``train.steps``."""
+    schedule: LrSchedule = "poly"
+    """Decay after warmup: ``poly`` (lr·(1 - progress)^poly_power, 0 at the last step), ``cosine``
+    (lr·(1 + cos(π·progress))/2, 0 at the last step) or ``step`` (lr·decay_factor^(milestones passed))."""
     poly_power: float = 2.0
-    """Decay after warmup: lr·(1 - progress)^poly_power, down to 0 at the last step."""
+    """``poly``: the exponent of the decay."""
+    milestones: list[float] = field(default_factory=list)
+    """``step``: where the learning rate is multiplied by ``decay_factor``, increasing, in ``milestone_unit``."""
+    milestone_unit: MilestoneUnit = "steps"
+    """``step``: ``milestones`` are in ``steps`` (of the run's first global batch, like ``train.steps``) or in
+    ``epochs`` (fractions allowed)."""
+    decay_factor: float = 0.1
+    """``step``: factor applied at each milestone, in (0, 1]."""
     grad_clip: float = 5.0
     """Max L2 norm of the backbone gradient; 0 disables clipping."""
     scale_lr_with_batch: bool = False
-    """Multiply ``lr`` by (global batch / 512), so a run keeps its schedule at another world size."""
+    """Multiply ``lr`` by (global batch / 512), so a run keeps its schedule at another world size. The global batch
+    is that of an optimizer step (``train.grad_accum`` micro-batches)."""
 
 
 @dataclass
@@ -195,6 +222,14 @@ class TrainConfig:
     steps: int = 0
     """Total optimizer steps; 0 means ``epochs`` passes over the data. Steps are those of the global batch the
     run started with, so a run resumed on another number of ranks trains on the same number of samples."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: the gradient of one step on a global batch ``grad_accum`` times larger.
+    ``steps``, ``log_every``, ``checkpoint_every`` and ``eval.every`` count optimizer steps."""
+    on_nonfinite: OnNonFinite = "stop"
+    """A non-finite loss or gradient: ``stop`` at the next log step at the latest (no host read per step; the last
+    good checkpoint stays the latest), or ``skip`` the step, weights untouched (one host read per step)."""
+    max_nonfinite: int = 10
+    """``skip``: stop after this many non-finite steps in a row."""
     seed: int = 0
     """Seeds the data order, the flips and the initialisation."""
     amp: Amp = "none"
@@ -326,6 +361,10 @@ def validate(cfg: Config, source: str = "config") -> None:
         "train.log_every": cfg.train.log_every,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.max_nonfinite": cfg.train.max_nonfinite,
+        "optim.head_lr_scale": cfg.optim.head_lr_scale,
+        "optim.eps": cfg.optim.eps,
         "eval.every": cfg.eval.every,
         "eval.batch_size": cfg.eval.batch_size,
         "optim.lr": cfg.optim.lr,
@@ -352,6 +391,13 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: {dotted}: must be >= 0, got {value}")
     if not 0.0 <= cfg.optim.momentum < 1.0:
         raise ConfigError(f"{source}: optim.momentum: must be in [0, 1), got {cfg.optim.momentum}")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in cfg.optim.betas):
+        raise ConfigError(f"{source}: optim.betas: expected [beta1, beta2] in [0, 1), got {cfg.optim.betas}")
+    if not 0.0 < cfg.optim.decay_factor <= 1.0:
+        raise ConfigError(f"{source}: optim.decay_factor: must be in (0, 1], got {cfg.optim.decay_factor}")
+    milestones = cfg.optim.milestones
+    if any(not (math.isfinite(m) and m > 0) for m in milestones) or milestones != sorted(set(milestones)):
+        raise ConfigError(f"{source}: optim.milestones: must be increasing and > 0, got {milestones}")
     for dotted, value in (("head.a", cfg.head.a), ("head.b", cfg.head.b)):
         if not math.isfinite(value):
             raise ConfigError(f"{source}: {dotted}: must be finite, got {value}")

@@ -1,8 +1,9 @@
 """The training loop: data-parallel backbone, class-sharded SFace head.
 
-One ``Trainer`` per rank. Each step: backbone forward on the local batch, head
-forward on the gathered batch (loss = global-batch loss), backward, gradient
-clipping, SGD on the backbone (replicated) and on this rank's head shard.
+One ``Trainer`` per rank. Each optimizer step: ``train.grad_accum`` micro-steps of backbone forward on the
+local batch, head forward on the gathered batch (loss = global-batch loss) and backward, the backbone's
+gradient summed across ranks on the last one only; then ``optimization.Optimization`` unscales, clips and
+steps both optimizers and the schedule. Step metrics stay on the device until a log step reads them.
 
 Progress is counted in samples (``checkpoint.Progress``), so the schedule, the run's
 length and the epoch position survive a resume at another world size.
@@ -16,13 +17,13 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
 from sface_dist.backbones import build_backbone
@@ -39,30 +40,21 @@ from sface_dist.checkpoint import (
     save_checkpoint,
     state_dict_mismatch,
 )
-from sface_dist.config import Config, OptimConfig, save_config, to_dict
+from sface_dist.config import Config, OnNonFinite, save_config, to_dict
 from sface_dist.data.errors import DataError
 from sface_dist.data.loader import build_loader
-from sface_dist.distributed import DistEnv, PeerError, control_group, data_parallel, raise_on_any_rank
+from sface_dist.distributed import DistEnv, all_reduce_max, control_group, data_parallel, raise_on_any_rank
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import VerificationResult
-from sface_dist.heads import HeadOutput, ShardedSFaceHead, ShardSGD, build_head
+from sface_dist.heads import HeadOutput, ShardedSFaceHead, build_head
+from sface_dist.optimization import Optimization, Schedule
 from sface_dist.run_directory import claim_run_directory
-
-
-def learning_rate(step: float, total_steps: float, base_lr: float, cfg: OptimConfig) -> float:
-    """Linear warmup to ``base_lr`` over ``warmup_steps``, then polynomial decay to 0 at ``total_steps``.
-
-    Steps are those of the run's schedule batch, fractional when a resumed run's global batch differs.
-    """
-    if step < cfg.warmup_steps:
-        return base_lr * (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, total_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    return base_lr * (1.0 - progress) ** cfg.poly_power
 
 
 @dataclass
 class StepMetrics:
+    """An optimizer step's metrics on the host (the mean over its micro-batches)."""
+
     loss: float
     intra: float
     inter: float
@@ -71,11 +63,75 @@ class StepMetrics:
     accuracy: float
 
     @classmethod
-    def from_output(cls, out: HeadOutput) -> StepMetrics:
-        values = torch.stack(
-            [out.loss.detach(), out.intra, out.inter, out.cos_target, out.cos_nontarget, out.accuracy]
-        ).tolist()
-        return cls(*values)
+    def from_tensor(cls, values: Tensor) -> StepMetrics:
+        """Read a ``metric_tensor`` (one host sync)."""
+        return cls(*values.tolist())
+
+
+def metric_tensor(out: HeadOutput) -> Tensor:
+    """The ``StepMetrics`` of a head output, stacked on the device (no host sync)."""
+    return torch.stack([out.loss.detach(), out.intra, out.inter, out.cos_target, out.cos_nontarget, out.accuracy])
+
+
+CHECKED = ("loss", "backbone gradient", "head gradient")
+"""What an optimizer step checks for NaN and inf, in the order of ``NonFiniteWatch``'s flags."""
+
+
+class NonFiniteWatch:
+    """Non-finite losses and gradients, by ``train.on_nonfinite``.
+
+    ``stop`` keeps the first bad (step, quantity) on the device, read at log steps (no host sync a step);
+    ``skip`` agrees across ranks and reads the outcome every step (one host sync a step), so that every
+    rank skips the same steps, and stops after ``max_nonfinite`` in a row.
+    """
+
+    def __init__(self, policy: OnNonFinite, max_in_a_row: int, rank: int, device: torch.device) -> None:
+        self.policy, self.max_in_a_row, self.rank = policy, max_in_a_row, rank
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        """This step's number, counted on the device."""
+        self.first = torch.full((3,), -1, dtype=torch.long, device=device)
+        """``stop``: (step, quantity, rank) of the first non-finite step; -1 while there is none."""
+        self.in_a_row = 0
+        self.streak_start: tuple[int, int, int] | None = None
+        self.skipped = 0
+
+    def update(self, step: int, finite: Tensor) -> bool:
+        """Record this step's flags (one per ``CHECKED``); whether to apply the step's update."""
+        self.step += 1
+        if self.policy == "stop":
+            bad = ~finite.all()
+            found = torch.stack([self.step, (~finite).int().argmax(), torch.full_like(self.step, self.rank)])
+            self.first = torch.where((self.first[0] < 0) & bad, found, self.first)
+            return True
+        ranks = all_reduce_max(torch.where(finite, 0, self.rank + 1).long(), None).tolist()
+        if not any(ranks):
+            self.in_a_row, self.streak_start = 0, None
+            return True
+        quantity = next(i for i, rank in enumerate(ranks) if rank)
+        if self.streak_start is None:
+            self.streak_start = (step, quantity, ranks[quantity] - 1)
+        self.in_a_row += 1
+        self.skipped += 1
+        return False
+
+    def describe(self, step: int, quantity: int, rank: int) -> str:
+        return f"step {step}: the {CHECKED[quantity]} is not finite on rank {rank}"
+
+    def error(self, kept: str) -> FloatingPointError | None:
+        """This rank's error when the run must stop (reads the device record under ``stop``)."""
+        hint = "lower optim.lr or enable head.check_inputs to find the offending rows"
+        if self.policy == "skip":
+            if self.streak_start is None or self.in_a_row < self.max_in_a_row:
+                return None
+            first = self.describe(*self.streak_start)
+            return FloatingPointError(
+                f"{first} and on the {self.in_a_row - 1} steps after it (train.max_nonfinite={self.max_in_a_row}): "
+                f"stopped; {kept}; {hint}"
+            )
+        step, quantity, rank = self.first.tolist()
+        if step < 0 or (CHECKED[quantity] != "head gradient" and self.rank != 0):
+            return None
+        return FloatingPointError(f"{self.describe(step, quantity, rank)} (the first such step); {kept}; {hint}")
 
 
 class Trainer:
@@ -88,7 +144,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.loader = build_loader(cfg.data, env.rank, env.world_size, cfg.train.seed, env.device)
         self.num_classes = self.loader.num_classes
-        self.global_batch = cfg.data.batch_size * env.world_size
+        self.micro_batch = cfg.data.batch_size * env.world_size
+        """Images in one micro-step, over all ranks."""
+        self.global_batch = self.micro_batch * cfg.train.grad_accum
+        """Images in one optimizer step, over all ranks."""
         self.base_lr = cfg.optim.lr * (self.global_batch / 512 if cfg.optim.scale_lr_with_batch else 1.0)
         self.progress = Progress(samples=0, epoch=0, epoch_samples=0, schedule_batch=self.global_batch)
         self.interrupted = False
@@ -104,18 +163,17 @@ class Trainer:
         self.head = build_head(
             cfg.head, self.num_classes, cfg.model.embedding_size, process_group=None, seed=cfg.train.seed
         ).to(env.device)
-        self.backbone_optimizer = torch.optim.SGD(
-            backbone.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
-        )
-        self.head_optimizer = ShardSGD(
+        self.optimization = Optimization(
+            backbone,
             self.head,
-            lr=self.base_lr,
-            momentum=cfg.optim.momentum,
-            weight_decay=cfg.optim.weight_decay,
-            sample_update=cfg.head.sample_update,
+            cfg.optim,
+            self.base_lr,
+            cfg.head.sample_update,
+            cfg.train.amp,
+            env.device,
+            self._schedule(),
         )
-        self.grad_scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16")
-        """Loss scaling for fp16 autocast (a pass-through otherwise)."""
+        self.watch = NonFiniteWatch(cfg.train.on_nonfinite, cfg.train.max_nonfinite, env.rank, env.device)
         self.step = 0
         self.writer: SummaryWriter | None = None
         self.lock, moved = claim_run_directory(
@@ -129,6 +187,11 @@ class Trainer:
             self.close()
             raise
         self.total_steps = self.step + self._steps_left()
+
+    def _schedule(self) -> Schedule:
+        """The learning-rate schedule in steps of the run's first global batch."""
+        batch = self.progress.schedule_batch
+        return Schedule(self.cfg.optim, self._schedule_samples() / batch, self.loader.num_images // batch)
 
     def _open_run(self, cfg: Config) -> None:
         """Write the resolved config, open TensorBoard and the verification monitor, and resume if asked."""
@@ -172,11 +235,6 @@ class Trainer:
             return self.progress.samples >= self._schedule_samples()
         return self.progress.epoch >= self.cfg.train.epochs
 
-    def _learning_rate(self) -> float:
-        batch = self.progress.schedule_batch
-        total = self._schedule_samples() / batch
-        return learning_rate(self.progress.samples / batch, total, self.base_lr, self.cfg.optim)
-
     def head_description(self) -> str:
         head = self.cfg.head
         impl = f" ({self.head.impl})" if isinstance(self.head, ShardedSFaceHead) else ""
@@ -206,7 +264,13 @@ class Trainer:
             mismatch = state_dict_mismatch(error)
             raise CheckpointError(f"{path}: the backbone does not fit the config: {mismatch}") from None
         try:
-            self.backbone_optimizer.load_state_dict(state.backbone_optimizer)
+            self.optimization.load_state_dict(
+                {
+                    "backbone_optimizer": state.backbone_optimizer,
+                    "schedulers": state.schedulers,
+                    "grad_scaler": state.grad_scaler,
+                }
+            )
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"{path}: the backbone optimizer state does not fit: {error}") from None
         restore_rng_state(state.rng)
@@ -219,9 +283,12 @@ class Trainer:
         with torch.no_grad():
             self.head.weight.copy_(weight)
         if momentum is not None:
-            self.head_optimizer.state[self.head.weight]["momentum_buffer"] = momentum.to(self.env.device)
-        self.step = self.head.step = state.step
+            self.optimization.head_optimizer.state[self.head.weight]["momentum_buffer"] = momentum.to(self.env.device)
+        self.step = state.step
+        self.head.step = state.step * self.cfg.train.grad_accum
         self.progress = Progress(**state.progress)
+        batch = self.progress.schedule_batch
+        self.optimization.restart(self._schedule(), self.progress.samples / batch, self.global_batch / batch)
         done = f"{self.progress.samples} samples, epoch {self.progress.epoch}"
         self.log(f"resumed from {path} at step {self.step} ({done})")
 
@@ -244,23 +311,31 @@ class Trainer:
             return None
         return next(name for name, ok in zip(tensors, finite.tolist(), strict=True) if not ok)
 
+    def _kept(self) -> str:
+        latest = latest_checkpoint(self.checkpoints)
+        return f"{latest.name} stays the latest checkpoint" if latest else "no checkpoint was written yet"
+
+    def check_finite(self) -> None:
+        """Collective: stop every rank when ``train.on_nonfinite`` says so (the one host read of ``stop``)."""
+        raise_on_any_rank(self.watch.error(self._kept()), self.control)
+
     def save(self) -> Path:
-        """Collective: write a checkpoint, unless a weight is not finite on some rank (then every rank stops)."""
+        """Collective: write a checkpoint, unless a loss, gradient or weight is not finite on some rank (then
+        every rank stops)."""
+        self.check_finite()
         bad = self._non_finite()
         error = None
         if bad is not None:
-            latest = latest_checkpoint(self.checkpoints)
-            kept = f"{latest.name} stays the latest checkpoint" if latest else "no checkpoint was written yet"
             error = FloatingPointError(
-                f"step {self.step}: {bad} is not finite: no checkpoint written, {kept} (lower optim.lr)"
+                f"step {self.step}: {bad} is not finite: no checkpoint written, {self._kept()} (lower optim.lr)"
             )
         raise_on_any_rank(error)
         state = TrainerState(
             step=self.step,
             backbone=self.backbone.state_dict(),
-            backbone_optimizer=self.backbone_optimizer.state_dict(),
             rng=rng_state(),
             progress=dataclasses.asdict(self.progress),
+            **self.optimization.state_dict(),
         )
         return save_checkpoint(
             self.checkpoints,
@@ -268,7 +343,7 @@ class Trainer:
             world_size=self.env.world_size,
             trainer_state=state,
             head_weight=self.head.weight,
-            head_optimizer=self.head_optimizer,
+            head_optimizer=self.optimization.head_optimizer,
             class_range=self.head.class_range,
             num_classes=self.num_classes,
             config=to_dict(self.cfg),
@@ -279,41 +354,67 @@ class Trainer:
         """Collective: score every verification pack (logged and kept-best by the monitor)."""
         return self.monitor.run(self.backbone, self.step).results
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> StepMetrics:
-        for optimizer in (self.backbone_optimizer, self.head_optimizer):
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        if self.cfg.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            embeddings = self.model(images)
-        out = self.head(embeddings.float(), labels)
-        self.grad_scaler.scale(out.loss).backward()
-        if self.cfg.optim.grad_clip > 0:
-            self.grad_scaler.unscale_(self.backbone_optimizer)
-            nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.optim.grad_clip)
-        self.grad_scaler.step(self.backbone_optimizer)
-        self.grad_scaler.step(self.head_optimizer)
-        self.grad_scaler.update()
-        self.backbone_optimizer.zero_grad(set_to_none=True)
-        self.head_optimizer.zero_grad(set_to_none=True)
-        metrics = StepMetrics.from_output(out)
-        if not math.isfinite(metrics.loss):
-            if not self.env.is_main:
-                raise PeerError("the loss is not finite (rank 0 reports it)")
-            latest = latest_checkpoint(self.checkpoints)
-            kept = f"; {latest.name} stays the latest checkpoint" if latest else ""
-            raise FloatingPointError(
-                f"step {self.step}: loss is {metrics.loss} (intra {metrics.intra}, inter {metrics.inter}){kept}; "
-                "lower optim.lr or enable head.check_inputs to find the offending rows"
-            )
-        return metrics
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager[None]:
+        """DDP's gradient sum on the last micro-step only; the others accumulate locally."""
+        if last or not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def train_step(self, batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """One optimizer step over ``train.grad_accum`` micro-batches (this rank's share of each): the gradient
+        of the loss on their union. Returns the mean of the micro-steps' metrics (``StepMetrics`` order), on the
+        device.
+
+        Under Partial FC each micro-step draws its own negatives; the head optimizer updates the union of the
+        rows they scored.
+        """
+        metrics = []
+        samples = []
+        for i, (images, labels) in enumerate(batches):
+            if self.cfg.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with self._no_sync(last=i == len(batches) - 1):
+                with self._autocast():
+                    embeddings = self.model(images)
+                out = self.head(embeddings.float(), labels)
+                self.optimization.grad_scaler.scale(out.loss / len(batches)).backward()
+            metrics.append(metric_tensor(out))
+            if self.head.sample is not None:
+                samples.append(self.head.sample)
+        if len(samples) > 1:
+            rows = torch.unique(torch.cat([sample.rows for sample in samples]))
+            self.head.sample = dataclasses.replace(samples[-1], rows=rows)
+        mean = torch.stack(metrics).mean(dim=0)
+        backbone_norm = self.optimization.unscale_and_clip()
+        apply = self.watch.update(self.step + 1, self._finite(mean[0], backbone_norm))
+        if not apply:
+            self.log(f"step {self.step + 1}: skipped ({self.watch.describe(*self.watch.streak_start)}, "
+                     f"{self.watch.in_a_row} in a row)")
+        self.optimization.step(apply)
+        self.optimization.zero_grad()
+        if not apply:  # every rank took this branch: the outcome was agreed on
+            error = self.watch.error(self._kept())
+            raise_on_any_rank(error if self.env.is_main else None, self.control)
+        return mean
+
+    def _finite(self, loss: Tensor, backbone_norm: Tensor) -> Tensor:
+        """One flag per ``CHECKED``. Under fp16 the gradients are the loss scaler's to check (an overflow there
+        skips the step and lowers the scale)."""
+        checked = [loss.float()]
+        grad = self.head.weight.grad
+        if self.cfg.train.amp == "fp16" or grad is None:
+            checked += [loss.new_zeros((), dtype=torch.float32)] * 2
+        else:
+            checked += [backbone_norm.float(), torch.linalg.vector_norm(grad).float()]
+        return torch.isfinite(torch.stack(checked))
 
     def _log_step(self, metrics: StepMetrics, lr: float, samples_per_s: float, started: float, start_step: int) -> None:
         done = self.step - start_step
         eta = (time.perf_counter() - started) / max(done, 1) * (self.total_steps - self.step)
         terms = f" (intra {metrics.intra:.3f} inter {metrics.inter:.3f})" if self.cfg.head.type == "sface" else ""
         skipped = f", {self.loader.skipped_records} bad records skipped" if self.loader.skipped_records else ""
+        if self.watch.skipped:
+            skipped += f", {self.watch.skipped} non-finite steps skipped"
         self.log(
             f"step {self.step}/{self.total_steps} loss {metrics.loss:.4f}{terms} acc {metrics.accuracy:.3f} "
             f"cos+ {metrics.cos_target:.3f} cos- {metrics.cos_nontarget:.3f} lr {lr:.4g} "
@@ -343,17 +444,17 @@ class Trainer:
         with _interrupt_at_step_boundary(self.env.world_size == 1) as interrupt:
             while not self._finished():
                 self._start_epoch()
-                for images, labels in self._agreed_batches():
-                    images = images.to(self.env.device, non_blocking=True)
-                    labels = labels.to(self.env.device, non_blocking=True)
-                    lr = self._learning_rate()
-                    metrics = self.train_step(images, labels, lr)
+                for batches in self._optimizer_batches():
+                    lr = self.optimization.lr
+                    metrics = self.train_step(batches)
                     self.step += 1
                     self._advance()
                     window_steps += 1
                     if self.step % cfg.log_every == 0 or self._finished():
+                        self.check_finite()
                         elapsed = time.perf_counter() - window_start
-                        self._log_step(metrics, lr, window_steps * self.global_batch / elapsed, started, start_step)
+                        samples_per_s = window_steps * self.global_batch / elapsed
+                        self._log_step(StepMetrics.from_tensor(metrics), lr, samples_per_s, started, start_step)
                         window_start, window_steps = time.perf_counter(), 0
                     if interrupt.is_set():
                         self.interrupted = True
@@ -364,13 +465,15 @@ class Trainer:
                     if self.step % cfg.checkpoint_every == 0:
                         self.log(f"checkpoint {self.save()}")
                     if self.step % self.cfg.eval.every == 0:
+                        self.check_finite()
                         self.evaluate()
                         self.model.train()
         self.log(f"checkpoint {self.save()}")
         return self.evaluate()
 
     def _advance(self) -> None:
-        """Count one global batch; an epoch ends where the next batch no longer fits (the loader's end too)."""
+        """Count one optimizer step's global batch; an epoch ends where the next one no longer fits (the loader's
+        end too)."""
         self.progress.samples += self.global_batch
         self.progress.epoch_samples += self.global_batch
         if self.loader.num_images - self.progress.epoch_samples < self.global_batch:
@@ -395,11 +498,24 @@ class Trainer:
                 return
             yield batch
 
+    def _optimizer_batches(self) -> Iterator[list[tuple[Tensor, Tensor]]]:
+        """This epoch's micro-batches on the device, ``train.grad_accum`` at a time; a partial group at the epoch's
+        end is left out, like a partial batch."""
+        epoch, group = self.progress.epoch, []
+        for images, labels in self._agreed_batches():
+            group.append((images.to(self.env.device, non_blocking=True), labels.to(self.env.device, non_blocking=True)))
+            if len(group) < self.cfg.train.grad_accum:
+                continue
+            yield group
+            group = []
+            if self.progress.epoch != epoch:
+                return
+
     def _start_epoch(self) -> None:
         """Point the loader at the current epoch position, on this world size's batch grid."""
         position = self.progress.epoch_samples
-        if position % self.global_batch == 0:
-            self.loader.set_epoch(self.progress.epoch, skip_batches=position // self.global_batch)
+        if position % self.micro_batch == 0:
+            self.loader.set_epoch(self.progress.epoch, skip_batches=position // self.micro_batch)
         else:
             self.loader.set_epoch(self.progress.epoch, first_sample=position)
 

@@ -205,7 +205,7 @@ def test_truncated_checkpoint_file_is_one_line(trained_run: Path, tmp_path: Path
 
 def test_trainer_checkpoint_holds_only_weights(trained_run: Path) -> None:
     state = load_weights(step_dir(trained_run) / "trainer.pt")
-    assert set(state) == {"step", "backbone", "backbone_optimizer", "rng", "progress"}
+    assert set(state) == {"step", "backbone", "backbone_optimizer", "rng", "progress", "schedulers", "grad_scaler"}
     assert state["progress"] == {"samples": 4 * 8, "epoch": 0, "epoch_samples": 4 * 8, "schedule_batch": 8}
 
 

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from sface_dist.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from sface_dist.distributed import DistEnv
-from sface_dist.trainer import StepMetrics, Trainer, learning_rate
+from sface_dist.optimization import Schedule
+from sface_dist.trainer import StepMetrics, Trainer
 
 from sface_reference import relative_error, sface_reference
 
@@ -73,9 +74,10 @@ def record_steps(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> list[tupl
     steps: list[tuple[float, StepMetrics]] = []
     train_step = trainer.train_step
 
-    def recorded(images: Tensor, labels: Tensor, lr: float) -> StepMetrics:
-        metrics = train_step(images, labels, lr)
-        steps.append((lr, metrics))
+    def recorded(batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        lr = trainer.optimization.lr
+        metrics = train_step(batches)
+        steps.append((lr, StepMetrics.from_tensor(metrics)))
         return metrics
 
     monkeypatch.setattr(trainer, "train_step", recorded)
@@ -85,6 +87,10 @@ def record_steps(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> list[tupl
 def first_batch(trainer: Trainer) -> tuple[Tensor, Tensor]:
     trainer.loader.set_epoch(0)
     return next(iter(trainer.loader))
+
+
+def one_step(trainer: Trainer, images: Tensor, labels: Tensor) -> StepMetrics:
+    return StepMetrics.from_tensor(trainer.train_step([(images, labels)]))
 
 
 def backbone_vector(trainer: Trainer) -> Tensor:
@@ -125,13 +131,13 @@ def reference_step(trainer: Trainer, images: Tensor, labels: Tensor, lr: float) 
     ],
 )
 def test_learning_rate_warms_up_linearly_then_decays_polynomially(step: float, expected: float) -> None:
-    cfg = OptimConfig(warmup_steps=4, poly_power=2.0)
-    assert learning_rate(step, total_steps=14, base_lr=0.2, cfg=cfg) == pytest.approx(expected, abs=1e-15)
+    schedule = Schedule(OptimConfig(warmup_steps=4, poly_power=2.0), total_steps=14, steps_per_epoch=1)
+    assert 0.2 * schedule.factor(step) == pytest.approx(expected, abs=1e-15)
 
 
 def test_learning_rate_without_warmup_starts_at_the_peak() -> None:
-    cfg = OptimConfig(warmup_steps=0, poly_power=1.0)
-    assert [learning_rate(step, 10, 0.2, cfg) for step in (0, 5, 10)] == pytest.approx([0.2, 0.1, 0.0])
+    schedule = Schedule(OptimConfig(warmup_steps=0, poly_power=1.0), total_steps=10, steps_per_epoch=1)
+    assert [0.2 * schedule.factor(step) for step in (0, 5, 10)] == pytest.approx([0.2, 0.1, 0.0])
 
 
 def test_fit_scales_the_peak_with_the_global_batch_and_follows_the_schedule(
@@ -144,8 +150,8 @@ def test_fit_scales_the_peak_with_the_global_batch_and_follows_the_schedule(
     peak = 0.4 * 8 / 512
     expected = [peak / 2, peak, peak, peak * (2 / 3) ** 2, peak * (1 / 3) ** 2]
     assert [lr for lr, _ in steps] == pytest.approx(expected, rel=1e-12)
-    groups = trainer.backbone_optimizer.param_groups + trainer.head_optimizer.param_groups
-    assert [group["lr"] for group in groups] == pytest.approx([expected[-1]] * len(groups), rel=1e-12)
+    groups = trainer.optimization.backbone_optimizer.param_groups + trainer.optimization.head_optimizer.param_groups
+    assert [group["lr"] for group in groups] == pytest.approx([0.0] * len(groups)), "the step after the last"
 
 
 def test_a_resumed_run_counts_its_schedule_in_its_first_global_batch(
@@ -175,7 +181,7 @@ def test_step_metrics_are_the_fp64_loss_and_statistics_of_the_batch(
     head = trainer.cfg.head
     weight = trainer.head.weight.detach()
     expected = sface_reference(embeddings, weight, labels, s=head.s, k=head.k, a=head.a, b=head.b)
-    metrics = trainer.train_step(images, labels, LR)
+    metrics = one_step(trainer, images, labels)
     for name, value in dataclasses.asdict(metrics).items():
         assert value == pytest.approx(expected[name].item(), rel=1e-5, abs=1e-6), name
 
@@ -214,12 +220,12 @@ def test_one_step_clips_the_backbone_gradient_alone(
 ) -> None:
     """The parameters after one step against the fp64 step: the backbone gradient clipped to ``grad_clip``
     (0: not clipped), the head's never."""
-    trainer = open_trainer(make_config(tmp_path, optim=OptimConfig(grad_clip=grad_clip)))
+    trainer = open_trainer(make_config(tmp_path, optim=OptimConfig(lr=LR, grad_clip=grad_clip)))
     images, labels = first_batch(trainer)
-    backbone_update, head_update, norm = reference_step(trainer, images, labels, LR)
+    backbone_update, head_update, norm = reference_step(trainer, images, labels, trainer.optimization.lr)
     assert norm > 2 * CLIP, f"the backbone gradient norm {norm:.3g} must be above the clip for this test to clip"
     backbone_before, head_before = backbone_vector(trainer), trainer.head.weight.detach().clone()
-    trainer.train_step(images, labels, LR)
+    one_step(trainer, images, labels)
     assert relative_error(backbone_vector(trainer) - backbone_before, backbone_update) < 1e-4
     assert relative_error(trainer.head.weight.detach() - head_before, head_update) < 1e-4
 
@@ -230,13 +236,13 @@ def test_fp16_unscales_the_backbone_gradient_before_clipping_it(
     """Clipping the scaled gradient would leave an update ``scale`` times too small. At the initial
     scale (2^16) the fp16 gradients overflow and the scaler skips the backbone's step and halves the
     scale; the first step it keeps is compared (fp16 activations: within 3%)."""
-    trainer = open_trainer(make_config(tmp_path, optim=OptimConfig(grad_clip=CLIP), amp="fp16"))
+    trainer = open_trainer(make_config(tmp_path, optim=OptimConfig(lr=LR, grad_clip=CLIP), amp="fp16", steps=64))
     images, labels = first_batch(trainer)
     for _ in range(16):
-        backbone_update, _, norm = reference_step(trainer, images, labels, LR)
-        backbone_before, scale = backbone_vector(trainer), trainer.grad_scaler.get_scale()
-        trainer.train_step(images, labels, LR)
-        if trainer.grad_scaler.get_scale() == scale:
+        backbone_update, _, norm = reference_step(trainer, images, labels, trainer.optimization.lr)
+        backbone_before, scale = backbone_vector(trainer), trainer.optimization.grad_scaler.get_scale()
+        one_step(trainer, images, labels)
+        if trainer.optimization.grad_scaler.get_scale() == scale:
             break
     assert scale >= 2**8, f"the step was kept at loss scale {scale}, too small to tell unscaled from scaled"
     assert norm > 2 * CLIP, f"the backbone gradient norm {norm:.3g} must be above the clip for this test to clip"

@@ -1,0 +1,52 @@
+"""``train.on_nonfinite``: a NaN planted in the head's gradient from step 3 on (a hook), one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer import ENV, make_config
+
+from sface_dist.trainer import Trainer
+
+
+def plant_nan(trainer: Trainer, from_step: int) -> None:
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan") if trainer.step + 1 >= from_step else grad
+
+    trainer.head.weight.register_hook(hook)
+
+
+def test_skip_leaves_the_weights_untouched_and_stops_after_max_in_a_row(tmp_path: Path) -> None:
+    trainer = Trainer(make_config(tmp_path, steps=8, log_every=4, on_nonfinite="skip", max_nonfinite=3), ENV)
+    try:
+        plant_nan(trainer, from_step=3)
+        before: list[torch.Tensor] = []
+        train_step = trainer.train_step
+
+        def recorded(batches: list) -> torch.Tensor:
+            before.append(trainer.head.weight.detach().clone())
+            return train_step(batches)
+
+        trainer.train_step = recorded  # type: ignore[method-assign]
+        with pytest.raises(FloatingPointError, match=r"^step 3: the head gradient is not finite on rank 0 and on "
+                           r"the 2 steps after it \(train.max_nonfinite=3\): stopped"):
+            trainer.fit()
+        assert trainer.step == 4 and trainer.watch.skipped == 3
+        assert torch.equal(trainer.head.weight, before[2]) and not torch.equal(before[1], before[2])
+    finally:
+        trainer.close()
+
+
+def test_stop_names_the_first_bad_step_at_the_next_log_step(tmp_path: Path) -> None:
+    trainer = Trainer(make_config(tmp_path, steps=8, log_every=4, checkpoint_every=2), ENV)
+    try:
+        plant_nan(trainer, from_step=3)
+        with pytest.raises(FloatingPointError, match=r"^step 3: the head gradient is not finite on rank 0 \(the "
+                           r"first such step\); step-00000002 stays the latest checkpoint"):
+            trainer.fit()
+        assert trainer.step == 4
+        assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000002"
+    finally:
+        trainer.close()
