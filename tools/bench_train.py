@@ -90,7 +90,7 @@ def project_step(backbone: str, args: argparse.Namespace, env: DistEnv) -> Itera
         trainer = Trainer(cfg, env)
         try:
             images, labels = synthetic_batch(args, env.device)
-            yield lambda: trainer.train_step(images, labels, LR)
+            yield lambda: trainer.train_step([(images, labels)])
         finally:
             trainer.close()
 
