@@ -45,7 +45,7 @@ from sface_dist.data.loader import build_loader
 from sface_dist.distributed import DistEnv, PeerError, control_group, data_parallel, raise_on_any_rank
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import VerificationResult
-from sface_dist.heads import HeadOutput, ShardedSFaceHead, ShardSGD, build_head
+from sface_dist.heads import HeadOutput, ShardedSFaceHead, ShardOptimizer, build_head
 from sface_dist.run_directory import claim_run_directory
 
 
@@ -64,18 +64,23 @@ def learning_rate(step: float, total_steps: float, base_lr: float, cfg: OptimCon
 @dataclass
 class StepMetrics:
     loss: float
-    intra: float
-    inter: float
     cos_target: float
     cos_nontarget: float
     accuracy: float
+    diagnostics: dict[str, float]
+    """The head type's own terms (``HeadOutput.diagnostics``), logged after the loss."""
 
     @classmethod
     def from_output(cls, out: HeadOutput) -> StepMetrics:
         values = torch.stack(
-            [out.loss.detach(), out.intra, out.inter, out.cos_target, out.cos_nontarget, out.accuracy]
+            [out.loss.detach(), out.cos_target, out.cos_nontarget, out.accuracy, *out.diagnostics.values()]
         ).tolist()
-        return cls(*values)
+        return cls(*values[:4], diagnostics=dict(zip(out.diagnostics, values[4:], strict=True)))
+
+    def scalars(self) -> dict[str, float]:
+        """Every metric by name, the head's terms included."""
+        return {"loss": self.loss, **self.diagnostics, "cos_target": self.cos_target,
+                "cos_nontarget": self.cos_nontarget, "accuracy": self.accuracy}
 
 
 class Trainer:
@@ -107,7 +112,7 @@ class Trainer:
         self.backbone_optimizer = torch.optim.SGD(
             backbone.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
-        self.head_optimizer = ShardSGD(
+        self.head_optimizer = ShardOptimizer(
             self.head,
             lr=self.base_lr,
             momentum=cfg.optim.momentum,
@@ -210,17 +215,13 @@ class Trainer:
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"{path}: the backbone optimizer state does not fit: {error}") from None
         restore_rng_state(state.rng)
-        weight, momentum = load_head_shard(path, self.head.class_range, self.num_classes)
-        if weight.shape != self.head.weight.shape:
-            raise CheckpointError(
-                f"{path}: head rows are {weight.shape[1]}-d, the config's model.embedding_size is "
-                f"{self.head.weight.shape[1]}"
-            )
-        with torch.no_grad():
-            self.head.weight.copy_(weight)
-        if momentum is not None:
-            self.head_optimizer.state[self.head.weight]["momentum_buffer"] = momentum.to(self.env.device)
-        self.step = self.head.step = state.step
+        head_state, head_optimizer_state = load_head_shard(path, self.head.class_range, self.num_classes)
+        try:
+            self.head.load_state_dict(head_state)
+            self.head_optimizer.load_state_dict(head_optimizer_state)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+        self.step = state.step
         self.progress = Progress(**state.progress)
         done = f"{self.progress.samples} samples, epoch {self.progress.epoch}"
         self.log(f"resumed from {path} at step {self.step} ({done})")
@@ -267,9 +268,8 @@ class Trainer:
             rank=self.env.rank,
             world_size=self.env.world_size,
             trainer_state=state,
-            head_weight=self.head.weight,
-            head_optimizer=self.head_optimizer,
-            class_range=self.head.class_range,
+            head_state=self.head.state_dict(),
+            head_optimizer_state=self.head_optimizer.state_dict(),
             num_classes=self.num_classes,
             config=to_dict(self.cfg),
             keep=self.cfg.train.keep_checkpoints,
@@ -287,13 +287,13 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             embeddings = self.model(images)
-        out = self.head(embeddings.float(), labels)
+        out = self.head(embeddings.float(), labels, step=self.step + 1)
         self.grad_scaler.scale(out.loss).backward()
         if self.cfg.optim.grad_clip > 0:
             self.grad_scaler.unscale_(self.backbone_optimizer)
             nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.optim.grad_clip)
         self.grad_scaler.step(self.backbone_optimizer)
-        self.grad_scaler.step(self.head_optimizer)
+        self.grad_scaler.step(self.head_optimizer, out.sampled_rows)
         self.grad_scaler.update()
         self.backbone_optimizer.zero_grad(set_to_none=True)
         self.head_optimizer.zero_grad(set_to_none=True)
@@ -303,8 +303,9 @@ class Trainer:
                 raise PeerError("the loss is not finite (rank 0 reports it)")
             latest = latest_checkpoint(self.checkpoints)
             kept = f"; {latest.name} stays the latest checkpoint" if latest else ""
+            terms = ", ".join(f"{name} {value}" for name, value in metrics.diagnostics.items())
             raise FloatingPointError(
-                f"step {self.step}: loss is {metrics.loss} (intra {metrics.intra}, inter {metrics.inter}){kept}; "
+                f"step {self.step}: loss is {metrics.loss}{f' ({terms})' if terms else ''}{kept}; "
                 "lower optim.lr or enable head.check_inputs to find the offending rows"
             )
         return metrics
@@ -312,7 +313,8 @@ class Trainer:
     def _log_step(self, metrics: StepMetrics, lr: float, samples_per_s: float, started: float, start_step: int) -> None:
         done = self.step - start_step
         eta = (time.perf_counter() - started) / max(done, 1) * (self.total_steps - self.step)
-        terms = f" (intra {metrics.intra:.3f} inter {metrics.inter:.3f})" if self.cfg.head.type == "sface" else ""
+        terms = " ".join(f"{name} {value:.3f}" for name, value in metrics.diagnostics.items())
+        terms = f" ({terms})" if terms else ""
         skipped = f", {self.loader.skipped_records} bad records skipped" if self.loader.skipped_records else ""
         self.log(
             f"step {self.step}/{self.total_steps} loss {metrics.loss:.4f}{terms} acc {metrics.accuracy:.3f} "
@@ -320,7 +322,7 @@ class Trainer:
             f"{samples_per_s:.0f} samples/s ETA {eta / 60:.1f} min{skipped}"
         )
         if self.writer is not None:
-            for name, value in metrics.__dict__.items():
+            for name, value in metrics.scalars().items():
                 self.writer.add_scalar(f"train/{name}", value, self.step)
             self.writer.add_scalar("train/lr", lr, self.step)
             self.writer.add_scalar("train/samples_per_s", samples_per_s, self.step)
