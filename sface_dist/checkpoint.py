@@ -5,13 +5,14 @@ Layout of ``OUTPUT/checkpoints``::
     step-00001200/
         manifest.json                step, world size, class count, head file names, the resolved config
         trainer.pt                   backbone, backbone optimizer, RNG state, data position (rank 0)
-        head-00000000-00042871.pt    one file per rank: class range [start, end), weight, momentum
+        head-00000000-00042871.pt    one file per rank: class range [start, end), the head's and its optimizer's state
     latest                           name of the newest complete checkpoint
 
 A checkpoint is written into ``step-N.tmp`` and renamed once every rank has
 finished, so a crash never leaves a half-written ``step-N``. The head is stored by
-class range: a run with another number of ranks loads the rows it owns from
-whichever files overlap them.
+class range: a head file holds the ``state_dict()`` of the head shard and of its optimizer
+(``sface_dist/heads``), every tensor in their ``rows`` one entry per class, so a run with
+another number of ranks loads the rows it owns from whichever files overlap them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from sface_dist.distributed import PeerError, raise_on_any_rank
 
@@ -147,9 +147,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _head_momentum(head_optimizer: torch.optim.Optimizer, weight: nn.Parameter) -> torch.Tensor | None:
-    buffer = head_optimizer.state.get(weight, {}).get("momentum_buffer")
-    return None if buffer is None else buffer.detach().cpu()
+def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
+    """A class-range state dict with its ``rows`` tensors on the CPU."""
+    return {**state, "rows": {key: value.detach().cpu() for key, value in state["rows"].items()}}
 
 
 def _save(obj: Any, path: Path) -> None:
@@ -176,14 +176,16 @@ def save_checkpoint(
     rank: int,
     world_size: int,
     trainer_state: TrainerState,
-    head_weight: nn.Parameter,
-    head_optimizer: torch.optim.Optimizer,
-    class_range: tuple[int, int],
+    head_state: dict[str, Any],
+    head_optimizer_state: dict[str, Any],
     num_classes: int,
     config: dict[str, Any],
     keep: int = 2,
 ) -> Path:
     """Collective: every rank writes its head shard, rank 0 the rest, then the directory is published.
+
+    ``head_state`` and ``head_optimizer_state`` are the ``state_dict()`` of this rank's head shard and
+    of its optimizer: class-range state dicts whose ``rows`` tensors hold one entry per class.
 
     A rank that cannot write (full disk, read-only folder) stops every rank with one error; the
     half-written ``step-N.tmp`` is removed and ``latest`` keeps naming the previous checkpoint.
@@ -193,7 +195,7 @@ def save_checkpoint(
     root = Path(root)
     final = _step_dir(root, trainer_state.step)
     tmp = final.with_name(final.name + ".tmp")
-    start, end = class_range
+    start, end = head_state["class_start"], head_state["class_end"]
     error: CheckpointWriteError | None = None
     try:
         if rank == 0:
@@ -207,8 +209,8 @@ def save_checkpoint(
             {
                 "class_start": start,
                 "class_end": end,
-                "weight": head_weight.detach().cpu(),
-                "momentum": _head_momentum(head_optimizer, head_weight),
+                "head": _to_cpu(head_state),
+                "optimizer": _to_cpu(head_optimizer_state),
             },
             tmp / _head_file(start, end),
         )
@@ -294,10 +296,44 @@ def load_trainer_state(path: str | Path) -> TrainerState:
     return TrainerState(**{f.name: state[f.name] for f in fields(TrainerState) if f.name in state})
 
 
+def _read_head_file(path: Path, num_classes: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The head and optimizer state a head file holds; files of the first layout (``weight`` and SGD's
+    ``momentum`` beside the class range) read as the state of a head and its SGD."""
+    shard = load_weights(path)
+    if isinstance(shard, dict) and isinstance(shard.get("head"), dict) and isinstance(shard.get("optimizer"), dict):
+        return shard["head"], shard["optimizer"]
+    if not isinstance(shard, dict) or not isinstance(shard.get("weight"), torch.Tensor):
+        raise CheckpointError(f"{path}: not a head shard (expected a dict with 'head' and 'optimizer' states)")
+    start, end, momentum = shard["class_start"], shard["class_end"], shard.get("momentum")
+    head = {"class_start": start, "class_end": end, "num_classes": num_classes, "rows": {"weight": shard["weight"]}}
+    rows = {} if momentum is None else {"momentum_buffer": momentum}
+    return head, {"name": "sgd", "class_start": start, "class_end": end, "rows": rows}
+
+
+def _assemble_rows(
+    pieces: list[dict[str, Any]], class_range: tuple[int, int], path: Path
+) -> dict[str, Any]:
+    """One class-range state dict for ``class_range`` from the overlapping ``pieces``: each ``rows``
+    tensor's entries copied to where their classes fall; other keys from the first piece."""
+    start, end = class_range
+    keys = {tuple(sorted(piece["rows"])) for piece in pieces}
+    if len(keys) > 1:
+        raise CheckpointError(f"{path}: head files hold different state ({' vs '.join(map(str, sorted(keys)))})")
+    rows: dict[str, torch.Tensor] = {}
+    for piece in pieces:
+        lo, hi = max(start, piece["class_start"]), min(end, piece["class_end"])
+        for key, value in piece["rows"].items():
+            if key not in rows:
+                rows[key] = value.new_empty((end - start, *value.shape[1:]))
+            rows[key][lo - start : hi - start] = value[lo - piece["class_start"] : hi - piece["class_start"]]
+    return {**pieces[0], "class_start": start, "class_end": end, "rows": rows}
+
+
 def load_head_shard(
     path: str | Path, class_range: tuple[int, int], num_classes: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows ``[start, end)`` of the head weight (and momentum) assembled from the files that overlap them.
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The head's and its optimizer's ``state_dict()`` for classes ``[start, end)``, assembled from the files
+    that overlap them: what ``ShardedHead.load_state_dict`` and ``ShardOptimizer.load_state_dict`` take.
 
     Only those files are read: at 2M classes on many ranks each rank loads one or two shards, not all.
     """
@@ -308,27 +344,17 @@ def load_head_shard(
             f"{path}: checkpoint head has {manifest['num_classes']} classes, the run has {num_classes}"
         )
     start, end = class_range
-    weight: torch.Tensor | None = None
-    momentum: torch.Tensor | None = None
+    heads: list[dict[str, Any]] = []
+    optimizers: list[dict[str, Any]] = []
     covered = 0
     for name in manifest["head_files"]:
         file_start, file_end = _head_file_range(name)
         if max(start, file_start) >= min(end, file_end):
             continue
-        shard = load_weights(path / name)
-        if not isinstance(shard, dict) or not isinstance(shard.get("weight"), torch.Tensor):
-            raise CheckpointError(f"{path / name}: not a head shard (expected a dict with a 'weight' tensor)")
-        lo, hi = max(start, shard["class_start"]), min(end, shard["class_end"])
-        src = slice(lo - shard["class_start"], hi - shard["class_start"])
-        dst = slice(lo - start, hi - start)
-        if weight is None:
-            weight = shard["weight"].new_empty((end - start, shard["weight"].shape[1]))
-        weight[dst] = shard["weight"][src]
-        if shard["momentum"] is not None:
-            if momentum is None:
-                momentum = torch.zeros_like(weight)
-            momentum[dst] = shard["momentum"][src]
-        covered += hi - lo
-    if weight is None or covered != end - start:
+        head, optimizer = _read_head_file(path / name, num_classes)
+        heads.append(head)
+        optimizers.append(optimizer)
+        covered += min(end, file_end) - max(start, file_start)
+    if covered != end - start:
         raise ValueError(f"{path}: head files cover {covered} of the {end - start} classes [{start}, {end})")
-    return weight, momentum
+    return _assemble_rows(heads, class_range, path), _assemble_rows(optimizers, class_range, path)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from sface_dist.config import Amp, OptimConfig, OptimizerName, SampleUpdate, check_choice
-from sface_dist.heads import ShardedHead, ShardSGD
+from sface_dist.heads import ShardedHead, ShardOptimizer
 
 NORMALISATION = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -92,8 +92,13 @@ def build_backbone_optimizer(backbone: nn.Module, cfg: OptimConfig, lr: float) -
 def build_head_optimizer(
     head: ShardedHead, cfg: OptimConfig, lr: float, sample_update: SampleUpdate
 ) -> torch.optim.Optimizer:
-    """The head shard's optimizer (its state is checkpointed by class rows, with the shard)."""
-    return ShardSGD(head, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, sample_update=sample_update)
+    """The head shard's optimizer, ``optim.name`` like the backbone's (its state is checkpointed by class rows,
+    with the shard)."""
+    beta1, beta2 = cfg.betas
+    return ShardOptimizer(
+        head, lr=lr, name=cfg.name, momentum=cfg.momentum, betas=(beta1, beta2), eps=cfg.eps,
+        weight_decay=cfg.weight_decay, sample_update=sample_update,
+    )
 
 
 class Optimization:
@@ -154,12 +159,13 @@ class Optimization:
             return nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.grad_clip)
         return nn.utils.get_total_norm(grads)
 
-    def step(self, apply: bool = True) -> None:
-        """Step both optimizers (unless ``apply`` is false: the weights stay as they are), update the loss
-        scaler and advance the schedule. Call ``unscale_and_clip`` first."""
+    def step(self, apply: bool = True, head_rows: Tensor | None = None) -> None:
+        """Step both optimizers (unless ``apply`` is false: the weights stay as they are), the head's on
+        ``head_rows`` (the Partial-FC rows scored this step; None: every row), update the loss scaler and
+        advance the schedule. Call ``unscale_and_clip`` first."""
         if apply:
             self.grad_scaler.step(self.backbone_optimizer)
-            self.grad_scaler.step(self.head_optimizer)
+            self.grad_scaler.step(self.head_optimizer, head_rows)
             self.grad_scaler.update()
         with warnings.catch_warnings():  # the schedule follows the data: a step left out still counts
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")

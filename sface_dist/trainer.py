@@ -56,21 +56,30 @@ class StepMetrics:
     """An optimizer step's metrics on the host (the mean over its micro-batches)."""
 
     loss: float
-    intra: float
-    inter: float
     cos_target: float
     cos_nontarget: float
     accuracy: float
+    diagnostics: dict[str, float]
+    """The head type's own terms (``HeadOutput.diagnostics``), logged after the loss."""
 
     @classmethod
-    def from_tensor(cls, values: Tensor) -> StepMetrics:
-        """Read a ``metric_tensor`` (one host sync)."""
-        return cls(*values.tolist())
+    def from_tensor(cls, values: Tensor, diagnostic_names: tuple[str, ...]) -> StepMetrics:
+        """Read a ``metric_tensor`` (one host sync); ``diagnostic_names`` name its entries after the fourth."""
+        loss, cos_target, cos_nontarget, accuracy, *terms = values.tolist()
+        return cls(loss, cos_target, cos_nontarget, accuracy, dict(zip(diagnostic_names, terms, strict=True)))
+
+    def scalars(self) -> dict[str, float]:
+        """Every metric by name, the head's terms included."""
+        return {"loss": self.loss, **self.diagnostics, "cos_target": self.cos_target,
+                "cos_nontarget": self.cos_nontarget, "accuracy": self.accuracy}
 
 
 def metric_tensor(out: HeadOutput) -> Tensor:
-    """The ``StepMetrics`` of a head output, stacked on the device (no host sync)."""
-    return torch.stack([out.loss.detach(), out.intra, out.inter, out.cos_target, out.cos_nontarget, out.accuracy])
+    """The ``StepMetrics`` of a head output, stacked on the device (no host sync): loss, cos_target,
+    cos_nontarget, accuracy, then ``out.diagnostics`` in their order."""
+    return torch.stack(
+        [out.loss.detach(), out.cos_target, out.cos_nontarget, out.accuracy, *out.diagnostics.values()]
+    )
 
 
 CHECKED = ("loss", "backbone gradient", "head gradient")
@@ -175,6 +184,8 @@ class Trainer:
         )
         self.watch = NonFiniteWatch(cfg.train.on_nonfinite, cfg.train.max_nonfinite, env.rank, env.device)
         self.step = 0
+        self.diagnostic_names: tuple[str, ...] = ()
+        """The names of the head's own terms in ``train_step``'s metric tensor (``HeadOutput.diagnostics``)."""
         self.writer: SummaryWriter | None = None
         self.lock, moved = claim_run_directory(
             self.output, resume=cfg.train.resume, overwrite=cfg.train.overwrite, is_main=env.is_main
@@ -274,18 +285,13 @@ class Trainer:
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"{path}: the backbone optimizer state does not fit: {error}") from None
         restore_rng_state(state.rng)
-        weight, momentum = load_head_shard(path, self.head.class_range, self.num_classes)
-        if weight.shape != self.head.weight.shape:
-            raise CheckpointError(
-                f"{path}: head rows are {weight.shape[1]}-d, the config's model.embedding_size is "
-                f"{self.head.weight.shape[1]}"
-            )
-        with torch.no_grad():
-            self.head.weight.copy_(weight)
-        if momentum is not None:
-            self.optimization.head_optimizer.state[self.head.weight]["momentum_buffer"] = momentum.to(self.env.device)
+        head_state, head_optimizer_state = load_head_shard(path, self.head.class_range, self.num_classes)
+        try:
+            self.head.load_state_dict(head_state)
+            self.optimization.head_optimizer.load_state_dict(head_optimizer_state)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from None
         self.step = state.step
-        self.head.step = state.step * self.cfg.train.grad_accum
         self.progress = Progress(**state.progress)
         batch = self.progress.schedule_batch
         self.optimization.restart(self._schedule(), self.progress.samples / batch, self.global_batch / batch)
@@ -342,9 +348,8 @@ class Trainer:
             rank=self.env.rank,
             world_size=self.env.world_size,
             trainer_state=state,
-            head_weight=self.head.weight,
-            head_optimizer=self.optimization.head_optimizer,
-            class_range=self.head.class_range,
+            head_state=self.head.state_dict(),
+            head_optimizer_state=self.optimization.head_optimizer.state_dict(),
             num_classes=self.num_classes,
             config=to_dict(self.cfg),
             keep=self.cfg.train.keep_checkpoints,
@@ -365,32 +370,31 @@ class Trainer:
         of the loss on their union. Returns the mean of the micro-steps' metrics (``StepMetrics`` order), on the
         device.
 
-        Under Partial FC each micro-step draws its own negatives; the head optimizer updates the union of the
-        rows they scored.
+        Under Partial FC micro-step ``m`` of optimizer step ``t`` draws its own negatives from
+        (``train.seed``, rank, ``t``, ``m``); the head optimizer updates the union of the rows they scored.
         """
         metrics = []
-        samples = []
+        sampled_rows = []
         for i, (images, labels) in enumerate(batches):
             if self.cfg.model.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self._no_sync(last=i == len(batches) - 1):
                 with self._autocast():
                     embeddings = self.model(images)
-                out = self.head(embeddings.float(), labels)
+                out = self.head(embeddings.float(), labels, step=self.step + 1, micro_step=i)
                 self.optimization.grad_scaler.scale(out.loss / len(batches)).backward()
             metrics.append(metric_tensor(out))
-            if self.head.sample is not None:
-                samples.append(self.head.sample)
-        if len(samples) > 1:
-            rows = torch.unique(torch.cat([sample.rows for sample in samples]))
-            self.head.sample = dataclasses.replace(samples[-1], rows=rows)
+            if out.sampled_rows is not None:
+                sampled_rows.append(out.sampled_rows)
+        self.diagnostic_names = tuple(out.diagnostics)
+        rows = torch.unique(torch.cat(sampled_rows)) if len(sampled_rows) > 1 else next(iter(sampled_rows), None)
         mean = torch.stack(metrics).mean(dim=0)
         backbone_norm = self.optimization.unscale_and_clip()
         apply = self.watch.update(self.step + 1, self._finite(mean[0], backbone_norm))
         if not apply:
             self.log(f"step {self.step + 1}: skipped ({self.watch.describe(*self.watch.streak_start)}, "
                      f"{self.watch.in_a_row} in a row)")
-        self.optimization.step(apply)
+        self.optimization.step(apply, rows)
         self.optimization.zero_grad()
         if not apply:  # every rank took this branch: the outcome was agreed on
             error = self.watch.error(self._kept())
@@ -411,7 +415,8 @@ class Trainer:
     def _log_step(self, metrics: StepMetrics, lr: float, samples_per_s: float, started: float, start_step: int) -> None:
         done = self.step - start_step
         eta = (time.perf_counter() - started) / max(done, 1) * (self.total_steps - self.step)
-        terms = f" (intra {metrics.intra:.3f} inter {metrics.inter:.3f})" if self.cfg.head.type == "sface" else ""
+        terms = " ".join(f"{name} {value:.3f}" for name, value in metrics.diagnostics.items())
+        terms = f" ({terms})" if terms else ""
         skipped = f", {self.loader.skipped_records} bad records skipped" if self.loader.skipped_records else ""
         if self.watch.skipped:
             skipped += f", {self.watch.skipped} non-finite steps skipped"
@@ -421,7 +426,7 @@ class Trainer:
             f"{samples_per_s:.0f} samples/s ETA {eta / 60:.1f} min{skipped}"
         )
         if self.writer is not None:
-            for name, value in metrics.__dict__.items():
+            for name, value in metrics.scalars().items():
                 self.writer.add_scalar(f"train/{name}", value, self.step)
             self.writer.add_scalar("train/lr", lr, self.step)
             self.writer.add_scalar("train/samples_per_s", samples_per_s, self.step)
@@ -454,7 +459,8 @@ class Trainer:
                         self.check_finite()
                         elapsed = time.perf_counter() - window_start
                         samples_per_s = window_steps * self.global_batch / elapsed
-                        self._log_step(StepMetrics.from_tensor(metrics), lr, samples_per_s, started, start_step)
+                        step_metrics = StepMetrics.from_tensor(metrics, self.diagnostic_names)
+                        self._log_step(step_metrics, lr, samples_per_s, started, start_step)
                         window_start, window_steps = time.perf_counter(), 0
                     if interrupt.is_set():
                         self.interrupted = True

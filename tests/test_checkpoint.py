@@ -1,7 +1,8 @@
-"""Checkpoints: written by 3 gloo ranks, the head reloads exactly at other world sizes."""
+"""Checkpoints: written by 3 gloo ranks, the head and its optimizer reload exactly at other world sizes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from sface_dist.checkpoint import (
     save_checkpoint,
 )
 from sface_dist.distributed import class_range
+from sface_dist.heads import ShardedSFaceHead, ShardOptimizer
 
 from rank_launcher import run_ranks
 
@@ -28,29 +30,49 @@ def full_weight() -> torch.Tensor:
 
 
 def save_worker(rank: int, world: int, root: str) -> None:
-    """Three checkpoints (steps 5, 10, 15) of the same head shard, after one momentum step."""
-    start, end = class_range(NUM_CLASSES, rank, world)
-    weight = torch.nn.Parameter(full_weight()[start:end].clone())
-    optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
-    weight.grad = torch.ones_like(weight) * (rank + 1)
-    optimizer.step()
+    """Three checkpoints (steps 5, 10, 15) of the same head shard, after one momentum step; in ``ROOT/adamw``
+    one of a head trained with AdamW (``adamw_root``)."""
+    adamw_head_shard, adamw = adamw_head()
+    save_step(rank, world, str(adamw_root(Path(root))), 3, adamw_head_shard, adamw)
+    head = ShardedSFaceHead(NUM_CLASSES, DIM, impl="dense")
+    with torch.no_grad():
+        head.weight.copy_(full_weight()[head.class_start : head.class_end])
+    optimizer = ShardOptimizer(head, lr=0.1, momentum=0.9, weight_decay=0.0)
+    head.weight.grad = torch.ones_like(head.weight) * (rank + 1)
+    optimizer.step(None)
     for step in (5, 10, 15):
-        save_step(rank, world, root, step, weight, optimizer)
+        save_step(rank, world, root, step, head, optimizer)
 
 
-def save_step(
-    rank: int, world: int, root: str, step: int, weight: torch.nn.Parameter, optimizer: torch.optim.Optimizer
-) -> None:
-    start, end = class_range(NUM_CLASSES, rank, world)
+def adamw_root(root: Path) -> Path:
+    return root.with_name(root.name + "-adamw")
+
+
+ADAMW_DRAWS = [[0, 3, 4, 7], [3, 5, 9], [0, 1, 3]]
+"""Global rows updated at each AdamW step: the rows' step counts end up 2, 1, 0, 3, 1, 1, 0, 1, 0, 1."""
+
+
+def adamw_head() -> tuple[ShardedSFaceHead, ShardOptimizer]:
+    """This rank's head shard (all classes in one process) after AdamW steps on the ADAMW_DRAWS rows."""
+    head = ShardedSFaceHead(NUM_CLASSES, DIM, impl="dense", seed=2)
+    optimizer = ShardOptimizer(head, name="adamw", lr=0.01, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for draw in ADAMW_DRAWS:
+        head.weight.grad = torch.randn(NUM_CLASSES, DIM, generator=gen)[head.class_start : head.class_end]
+        local = [row - head.class_start for row in draw if head.class_start <= row < head.class_end]
+        optimizer.step(torch.tensor(local, dtype=torch.long))
+    return head, optimizer
+
+
+def save_step(rank: int, world: int, root: str, step: int, head: ShardedSFaceHead, optimizer: ShardOptimizer) -> None:
     state = TrainerState(step=step, backbone={"w": torch.zeros(2)}, backbone_optimizer={}, rng=rng_state(), progress={})
     save_checkpoint(
         root,
         rank=rank,
         world_size=world,
         trainer_state=state,
-        head_weight=weight,
-        head_optimizer=optimizer,
-        class_range=(start, end),
+        head_state=head.state_dict(),
+        head_optimizer_state=optimizer.state_dict(),
         num_classes=NUM_CLASSES,
         config={"note": "test"},
         keep=2,
@@ -86,9 +108,10 @@ def test_head_reloads_at_any_world_size(saved: Path, world: int) -> None:
     path = latest_checkpoint(saved)
     for rank in range(world):
         start, end = class_range(NUM_CLASSES, rank, world)
-        weight, momentum = load_head_shard(path, (start, end), NUM_CLASSES)
-        torch.testing.assert_close(weight, expected_weight[start:end], rtol=0, atol=0)
-        torch.testing.assert_close(momentum, expected_momentum[start:end], rtol=0, atol=0)
+        head, optimizer = load_head_shard(path, (start, end), NUM_CLASSES)
+        assert (head["class_start"], head["class_end"], optimizer["name"]) == (start, end, "sgd")
+        torch.testing.assert_close(head["rows"]["weight"], expected_weight[start:end], rtol=0, atol=0)
+        torch.testing.assert_close(optimizer["rows"]["momentum_buffer"], expected_momentum[start:end], rtol=0, atol=0)
 
 
 def test_class_count_mismatch_is_an_error(saved: Path) -> None:
@@ -98,3 +121,62 @@ def test_class_count_mismatch_is_an_error(saved: Path) -> None:
 
 def test_no_checkpoint_yet(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path) is None
+
+
+
+def test_adamw_state_repartitions_3_to_1_and_1_to_2_and_3(saved: Path, tmp_path: Path) -> None:
+    """Per-row moments and step counts written by 3 ranks load into one process equal to its own training, and
+    then step as it does; one process's checkpoint splits into 2 or 3 shards."""
+    head, optimizer = adamw_head()
+    assert optimizer.state_dict()["rows"]["step"].tolist() == [2, 1, 0, 3, 1, 1, 0, 1, 0, 1]
+    reloaded_head = ShardedSFaceHead(NUM_CLASSES, DIM, impl="dense")
+    head_state, optimizer_state = load_head_shard(latest_checkpoint(adamw_root(saved)), (0, NUM_CLASSES), NUM_CLASSES)
+    reloaded_head.load_state_dict(head_state)
+    reloaded = ShardOptimizer(reloaded_head, name="adamw", lr=0.01, weight_decay=0.1)
+    reloaded.load_state_dict(optimizer_state)
+    for ours, theirs in ((reloaded_head, head), (reloaded, optimizer)):
+        for key, value in theirs.state_dict()["rows"].items():
+            torch.testing.assert_close(ours.state_dict()["rows"][key], value, rtol=0, atol=0)
+    grad = torch.randn(NUM_CLASSES, DIM)
+    for each_head, each_optimizer in ((head, optimizer), (reloaded_head, reloaded)):
+        each_head.weight.grad = grad.clone()
+        each_optimizer.step(torch.tensor([2, 3]))
+    torch.testing.assert_close(reloaded_head.weight, head.weight, rtol=0, atol=0)
+
+    save_step(0, 1, str(tmp_path / "one"), 3, head, optimizer)
+    full = optimizer.state_dict()["rows"]
+    for world, rank in ((2, 0), (2, 1), (3, 0), (3, 1), (3, 2)):
+        start, end = class_range(NUM_CLASSES, rank, world)
+        shard_head, shard_optimizer = load_head_shard(latest_checkpoint(tmp_path / "one"), (start, end), NUM_CLASSES)
+        assert (shard_optimizer["class_start"], shard_optimizer["class_end"]) == (start, end)
+        torch.testing.assert_close(shard_head["rows"]["weight"], head.weight.detach()[start:end], rtol=0, atol=0)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(shard_optimizer["rows"][key], full[key][start:end], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="head optimizer state is adamw's, the run uses sgd"):
+        ShardOptimizer(head, lr=0.1).load_state_dict(optimizer.state_dict())
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+def test_head_files_of_the_first_layout_still_load(tmp_path: Path, momentum: bool) -> None:
+    """Head files that held ``weight`` and SGD's ``momentum`` (None before any step) load into a head and its SGD."""
+    weight = full_weight()
+    buffer = -full_weight() if momentum else None
+    path = tmp_path / "step-00000007"
+    path.mkdir()
+    for start, end in ((0, 4), (4, 10)):
+        shard = {"class_start": start, "class_end": end, "weight": weight[start:end],
+                 "momentum": None if buffer is None else buffer[start:end]}
+        torch.save(shard, path / f"head-{start:08d}-{end:08d}.pt")
+    manifest = {"step": 7, "world_size": 2, "num_classes": NUM_CLASSES,
+                "head_files": ["head-00000000-00000004.pt", "head-00000004-00000010.pt"], "config": {}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    head = ShardedSFaceHead(NUM_CLASSES, DIM, impl="dense")
+    optimizer = ShardOptimizer(head, lr=0.1)
+    head_state, optimizer_state = load_head_shard(path, (0, NUM_CLASSES), NUM_CLASSES)
+    head.load_state_dict(head_state)
+    optimizer.load_state_dict(optimizer_state)
+    torch.testing.assert_close(head.weight.detach(), weight, rtol=0, atol=0)
+    if momentum:
+        torch.testing.assert_close(optimizer.state[head.weight]["momentum_buffer"], buffer, rtol=0, atol=0)
+    else:
+        assert optimizer.state_dict()["rows"] == {}

@@ -25,6 +25,7 @@ from sface_dist.data.synthetic import SyntheticFaces
 from sface_dist.evaluation.checkpoint_backbone import CheckpointError, load_backbone, resolve_checkpoint
 from sface_dist.evaluation.embedder import OnnxEmbedder
 from sface_dist.export import MIN_COSINE, ExportError, export_checkpoint, export_onnx
+from sface_dist.heads import ShardedSFaceHead, ShardOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDING_SIZE = 32
@@ -47,17 +48,15 @@ def with_batchnorm_statistics(model: nn.Module) -> nn.Module:
 def write_run(run: Path, model: nn.Module, step: int = 12) -> Path:
     """A run directory with one checkpoint in the trainer's layout."""
     config = to_dict(Config(model=ModelConfig(backbone="tiny", embedding_size=EMBEDDING_SIZE)))
-    head = nn.Parameter(torch.randn(4, EMBEDDING_SIZE))
+    head = ShardedSFaceHead(4, EMBEDDING_SIZE, impl="dense")
     state = TrainerState(step=step, backbone=model.state_dict(), backbone_optimizer={}, rng=rng_state(), progress={})
-    optimizer = torch.optim.SGD([head], lr=0.1)
     return save_checkpoint(
         run / "checkpoints",
         rank=0,
         world_size=1,
         trainer_state=state,
-        head_weight=head,
-        head_optimizer=optimizer,
-        class_range=(0, 4),
+        head_state=head.state_dict(),
+        head_optimizer_state=ShardOptimizer(head, lr=0.1).state_dict(),
         num_classes=4,
         config=config,
     )

@@ -32,6 +32,7 @@ from sface_dist.checkpoint import (
     save_checkpoint,
 )
 from sface_dist.config import ConfigError, load_config
+from sface_dist.heads import ShardedSFaceHead, ShardOptimizer
 
 from test_ijb import make_ijb_set
 
@@ -210,11 +211,13 @@ def test_trainer_checkpoint_holds_only_weights(trained_run: Path) -> None:
 
 
 def save_step(root: Path, step: int, keep: int, value: float = 0.0) -> Path:
-    weight = torch.nn.Parameter(torch.full((4, 2), value))
+    head = ShardedSFaceHead(4, 2, impl="dense")
+    with torch.no_grad():
+        head.weight.fill_(value)
     state = TrainerState(step=step, backbone={"w": torch.zeros(1)}, backbone_optimizer={}, rng=rng_state(),
                          progress={})
-    return save_checkpoint(root, rank=0, world_size=1, trainer_state=state, head_weight=weight,
-                           head_optimizer=torch.optim.SGD([weight], lr=0.1), class_range=(0, 4), num_classes=4,
+    return save_checkpoint(root, rank=0, world_size=1, trainer_state=state, head_state=head.state_dict(),
+                           head_optimizer_state=ShardOptimizer(head, lr=0.1).state_dict(), num_classes=4,
                            config={}, keep=keep)
 
 

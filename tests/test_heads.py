@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from sface_dist import train
-from sface_dist.config import HeadConfig, HeadType, MarginHeadType, choices
+from sface_dist.config import HeadConfig, HeadType, MarginHeadType, SampleCorrection, choices
 from sface_dist.distributed import class_range
-from sface_dist.heads import ShardedSFaceHead, ShardSGD, build_head
+from sface_dist.heads import ShardedSFaceHead, ShardOptimizer, build_head
 from sface_dist.heads.margin import MARGIN_TYPES
 from sface_dist.heads.probe import embeddings_at_cosine
-from sface_dist.heads.sampling import sample_classes, step_generator
+from sface_dist.heads.sampling import sample_classes, scored_rows, step_generator
 from sface_dist.heads.sharded import initial_weight_rows
 
 from sface_reference import relative_error, sface_reference
@@ -60,6 +60,157 @@ def test_positives_only() -> None:
     assert sample.rows.tolist() == [1, 4]
 
 
+def previous_sample_classes(
+    local_labels: torch.Tensor, num_local: int, sample_rate: float, generator: torch.Generator, correction: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The draw as it was before the number of scored rows became static: (rows, labels, negative weights)."""
+    owned = local_labels[local_labels >= 0]
+    positive = torch.zeros(num_local, dtype=torch.bool)
+    positive[owned] = True
+    num_positive = int(positive.sum())
+    num_negative = num_local - num_positive
+    keep_negative = min(num_negative, max(0, int(sample_rate * num_local) - num_positive))
+    score = torch.rand(num_local, generator=generator)
+    score[positive] = 2.0
+    rows = torch.topk(score, num_positive + keep_negative, sorted=False).indices.sort().values
+    position = torch.full((num_local,), -1, dtype=torch.long)
+    position[rows] = torch.arange(rows.numel())
+    labels = torch.where(local_labels >= 0, position[local_labels.clamp_min(0)], -1)
+    if correction == "none":
+        return rows, labels, None
+    inverse_rate = num_negative / keep_negative if keep_negative else 1.0
+    return rows, labels, torch.where(positive[rows], 1.0, inverse_rate).to(torch.float32)
+
+
+def random_draw_case(gen: torch.Generator) -> tuple[torch.Tensor, int, float]:
+    num_local = int(torch.randint(1, 60, (1,), generator=gen))
+    batch = int(torch.randint(1, 40, (1,), generator=gen))
+    labels = torch.randint(-1, num_local, (batch,), generator=gen)
+    rate = [0.0, 0.05, 0.1, 0.3, 0.5, 0.99, 1.0][int(torch.randint(0, 7, (1,), generator=gen))]
+    return labels, num_local, rate
+
+
+def test_draw_is_the_previous_one_on_random_cases() -> None:
+    """Rows, mapped labels and weights equal the previous implementation's, bit for bit, whether the
+    budget holds the positives (static count) or not (rate 0, positives beyond the budget)."""
+    gen = torch.Generator().manual_seed(0)
+    static = overflowing = 0
+    for case in range(400):
+        labels, num_local, rate = random_draw_case(gen)
+        correction = choices(SampleCorrection)[case % 4]
+        positives = labels[labels >= 0].unique().numel()
+        static += scored_rows(num_local, rate, labels.numel()) is not None
+        overflowing += positives > int(rate * num_local)
+        got = sample_classes(labels, num_local, rate, step_generator(1, 0, case, torch.device("cpu")), correction)
+        rows, mapped, weight = previous_sample_classes(
+            labels, num_local, rate, step_generator(1, 0, case, torch.device("cpu")), correction
+        )
+        assert torch.equal(got.rows, rows) and torch.equal(got.labels, mapped), case
+        got_weight = got.centre_grad_scale if correction == "inverse_rate_centres" else got.inter_scale
+        assert (got_weight is None) == (weight is None), case
+        if weight is not None:
+            assert got_weight.dtype == weight.dtype and torch.equal(got_weight, weight), case
+    assert static > 100 and overflowing > 50, (static, overflowing)
+
+
+def count_host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    reads: list[str] = []
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *args, _name: str = name, _original=original):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+def test_draw_reads_nothing_back_when_the_budget_holds_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budget of at least the gathered batch: no host read; rate 0 (positives only) reads the count, once."""
+    labels = torch.tensor([3, 3, 7, -1, 12, 40])
+    reads = count_host_reads(monkeypatch)
+    sample = sample_classes(labels, 100, 0.1, step_generator(0, 0, 1, torch.device("cpu")), "inverse_rate")
+    assert reads == [] and sample.rows.numel() == scored_rows(100, 0.1, labels.numel()) == 10
+    sample_classes(labels, 100, 0.0, step_generator(0, 0, 1, torch.device("cpu")), "inverse_rate")
+    assert len(reads) == 1 and scored_rows(100, 0.0, labels.numel()) is None
+    monkeypatch.undo()
+    rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda size, generator, device: rand(size, device="meta"))
+    on_meta = sample_classes(labels.to("meta"), 100, 0.1, None, "inverse_rate_embeddings")
+    assert on_meta.rows.shape == (10,) and on_meta.inter_scale.shape == (10,), "meta tensors hold no data to read"
+
+
+def test_draw_is_a_function_of_the_step_not_of_the_calls() -> None:
+    """An extra forward changes no later draw; micro-step 0 is the step's own draw, other micro-steps differ."""
+    head = ShardedSFaceHead(60, 8, impl="dense", sample_rate=0.2, seed=4, **SOFT)
+    x, labels = torch.randn(4, 8), torch.tensor([0, 5, 5, 9])
+    first = head(x, labels, step=7).sampled_rows
+    head(x, labels, step=3)
+    assert torch.equal(head(x, labels, step=7).sampled_rows, first)
+    assert torch.equal(head(x, labels, step=7, micro_step=0).sampled_rows, first)
+    assert not torch.equal(head(x, labels, step=7, micro_step=1).sampled_rows, first)
+    assert not torch.equal(head(x, labels, step=8).sampled_rows, first)
+    with pytest.raises(ValueError, match="head.sample_rate < 1: the Partial-FC draw needs its step"):
+        head(x, labels)
+    assert ShardedSFaceHead(60, 8, impl="dense")(x, labels).sampled_rows is None
+
+
+def test_margin_heads_report_no_sface_terms() -> None:
+    x, labels = torch.randn(4, 8), torch.tensor([0, 5, 5, 9])
+    assert set(ShardedSFaceHead(10, 8, impl="dense")(x, labels).diagnostics) == {"intra", "inter"}
+    assert build_head(HeadConfig(type="arcface"), 10, 8, None)(x, labels).diagnostics == {}
+
+
+def adamw_twin(weight: torch.Tensor, **hyper) -> tuple[torch.Tensor, torch.optim.AdamW]:
+    twin = weight.detach().clone().requires_grad_(True)
+    return twin, torch.optim.AdamW([twin], foreach=False, **hyper)
+
+
+def test_rows_adamw_is_torch_adamw_on_each_row_with_its_own_state() -> None:
+    """fp64: every row moves as ``torch.optim.AdamW`` over the steps that drew it; unsampled rows and their
+    moments and step counts stay put."""
+    hyper = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    head = ShardedSFaceHead(12, 4, impl="dense", sample_rate=0.5, **SOFT).double()
+    optimizer = ShardOptimizer(head, name="adamw", **hyper)
+    twins = [adamw_twin(row, **hyper) for row in head.weight.detach()]
+    gen = torch.Generator().manual_seed(0)
+    draws = [torch.tensor([0, 3, 4, 7]), torch.tensor([3, 5]), torch.tensor([0, 1, 3, 11]), torch.tensor([3])]
+    for rows in draws:
+        head.weight.grad = torch.randn(12, 4, generator=gen, dtype=torch.float64)
+        for row in rows.tolist():
+            twins[row][0].grad = head.weight.grad[row].clone()
+            twins[row][1].step()
+        optimizer.step(rows)
+    state = optimizer.state_dict()["rows"]
+    assert state["step"].tolist() == [2, 1, 0, 4, 1, 1, 0, 1, 0, 0, 0, 1]
+    for row, (twin, twin_optimizer) in enumerate(twins):
+        torch.testing.assert_close(head.weight[row].detach(), twin.detach(), rtol=1e-13, atol=1e-15)
+        moments = twin_optimizer.state.get(twin, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            expected = moments.get(key, torch.zeros(4, dtype=torch.float64))
+            torch.testing.assert_close(state[key][row], expected, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize(("sample_rate", "sample_update"), [(1.0, "rows"), (0.3, "shard")])
+def test_shard_adamw_is_torch_adamw(sample_rate: float, sample_update: str) -> None:
+    head = ShardedSFaceHead(30, 8, impl="dense", sample_rate=sample_rate, **SOFT).double()
+    hyper = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    ours = ShardOptimizer(head, name="adamw", sample_update=sample_update, **hyper)
+    twin, torchs = adamw_twin(head.weight, **hyper)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, 4):
+        x, y = torch.randn(5, 8, generator=gen, dtype=torch.float64), torch.randint(0, 30, (5,), generator=gen)
+        out = head(x, y, step=step)
+        out.loss.backward()
+        twin.grad = head.weight.grad.clone()
+        ours.step(out.sampled_rows)
+        torchs.step()
+        ours.zero_grad()
+    torch.testing.assert_close(head.weight.detach(), twin.detach(), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(ours.state_dict()["rows"]["exp_avg_sq"], torchs.state[twin]["exp_avg_sq"])
+
+
 def test_sampled_sface_is_unbiased() -> None:
     """Mean over many draws of the sampled loss and embedding gradient equals the full ones."""
     gen = torch.Generator().manual_seed(0)
@@ -75,9 +226,9 @@ def test_sampled_sface_is_unbiased() -> None:
     with torch.no_grad():
         head.weight.copy_(weight)
     losses, grads = [], []
-    for _ in range(2000):
+    for step in range(1, 2001):
         x = embeddings.double().requires_grad_(True)
-        out = head(x, labels)
+        out = head(x, labels, step=step)
         out.loss.backward()
         losses.append(out.loss.detach())
         grads.append(x.grad)
@@ -94,16 +245,16 @@ def test_shard_sgd_touches_only_sampled_rows() -> None:
     """Weight, momentum and weight decay change only on the rows drawn at each step."""
     torch.manual_seed(0)
     head = ShardedSFaceHead(30, 8, sample_rate=0.3, seed=1, **SOFT)
-    optimizer = ShardSGD(head, lr=0.5, momentum=0.9, weight_decay=0.01)
+    optimizer = ShardOptimizer(head, lr=0.5, momentum=0.9, weight_decay=0.01)
     weight = head.weight.detach().clone()
     momentum = torch.zeros_like(weight)
     labels = torch.tensor([0, 5, 5, 9])
-    for step in range(3):
-        out = head(torch.randn(4, 8), labels)
+    for step in range(1, 4):
+        out = head(torch.randn(4, 8), labels, step=step)
         out.loss.backward()
-        rows = head.sample.rows
+        rows = out.sampled_rows
         grad = head.weight.grad.clone()
-        optimizer.step()
+        optimizer.step(rows)
         optimizer.zero_grad()
         untouched = torch.ones(30, dtype=torch.bool)
         untouched[rows] = False
@@ -113,7 +264,6 @@ def test_shard_sgd_touches_only_sampled_rows() -> None:
         weight[rows] -= 0.5 * momentum[rows]
         torch.testing.assert_close(head.weight.detach(), weight, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(optimizer.state[head.weight]["momentum_buffer"], momentum, rtol=1e-6, atol=1e-7)
-        assert head.step == step + 1
 
 
 @pytest.mark.parametrize(("sample_rate", "sample_update"), [(1.0, "rows"), (0.3, "shard")])
@@ -122,20 +272,23 @@ def test_shard_sgd_is_torch_sgd_without_sampling_or_with_shard_update(sample_rat
     torch.manual_seed(0)
     head = ShardedSFaceHead(30, 8, sample_rate=sample_rate, **SOFT)
     twin = head.weight.detach().clone().requires_grad_(True)
-    ours = ShardSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4, sample_update=sample_update)
+    ours = ShardOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4, sample_update=sample_update)
     torchs = torch.optim.SGD([twin], lr=0.1, momentum=0.9, weight_decay=5e-4)
-    for _ in range(3):
+    for step in range(1, 4):
         x, y = torch.randn(5, 8), torch.randint(0, 30, (5,))
-        head(x, y).loss.backward()
+        out = head(x, y, step=step)
+        out.loss.backward()
         twin.grad = head.weight.grad.clone()
-        ours.step()
+        ours.step(out.sampled_rows)
         torchs.step()
         ours.zero_grad()
     torch.testing.assert_close(head.weight.detach(), twin.detach())
     if sample_rate < 1.0:
-        assert head.sample is not None and head.sample.rows.numel() < 30
+        assert out.sampled_rows is not None and out.sampled_rows.numel() < 30
     with pytest.raises(ValueError, match="head.sample_update"):
-        ShardSGD(head, lr=0.1, sample_update="some")
+        ShardOptimizer(head, lr=0.1, sample_update="some")
+    with pytest.raises(ValueError, match="optim.name"):
+        ShardOptimizer(head, lr=0.1, name="adam")
 
 
 @pytest.mark.parametrize(

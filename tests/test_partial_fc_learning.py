@@ -3,7 +3,7 @@
 A small problem that keeps the demo's proportions (800 identities, global batch 128, so about
 120 positives per batch and a rate-0.3 draw keeps q ≈ 0.18 of the negatives): fixed noisy
 samples around one point per class, an MLP with BatchNorm, the trainer's optimizers (SGD on the
-backbone with gradient clipping at 5, ``ShardSGD`` on the head), warmup and the poly schedule.
+backbone with gradient clipping at 5, ``ShardOptimizer`` (SGD) on the head), warmup and the poly schedule.
 The default sampled head's training accuracy must track the full head's while it rises.
 
 The margin: on this problem the full head's training accuracy over the first half of the run
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sface_dist.config import HeadConfig
-from sface_dist.heads import ShardSGD, build_head
+from sface_dist.heads import ShardOptimizer, build_head
 
 NUM_CLASSES, PER_CLASS, BATCH, STEPS = 800, 20, 128, 300
 INPUT, EMBEDDING, NOISE, LR = 64, 128, 1.0, 0.1
@@ -41,20 +41,24 @@ def training_accuracy(sample_rate: float, correction: str, update: str, seed: in
     backbone = nn.Sequential(nn.Linear(INPUT, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, EMBEDDING),
                              nn.BatchNorm1d(EMBEDDING))
     head = build_head(head_config, NUM_CLASSES, EMBEDDING, None, seed)
-    optimizers = [torch.optim.SGD(backbone.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4),
-                  ShardSGD(head, lr=LR, momentum=0.9, weight_decay=5e-4, sample_update=head_config.sample_update)]
+    backbone_optimizer = torch.optim.SGD(backbone.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    head_optimizer = ShardOptimizer(
+        head, lr=LR, momentum=0.9, weight_decay=5e-4, sample_update=head_config.sample_update
+    )
     accuracy = []
     for step in range(STEPS):
         lr = LR * min(1.0, (step + 1) / 20) * (1 - step / STEPS) ** 2
         rows = torch.randint(0, len(labels), (BATCH,), generator=generator)
-        out = head(backbone(inputs[rows]), labels[rows])
+        out = head(backbone(inputs[rows]), labels[rows], step=step + 1)
         out.loss.backward()
         nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
-        for optimizer in optimizers:
+        for optimizer in (backbone_optimizer, head_optimizer):
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad()
+        backbone_optimizer.step()
+        head_optimizer.step(out.sampled_rows)
+        backbone_optimizer.zero_grad()
+        head_optimizer.zero_grad()
         accuracy.append(float(out.accuracy))
     tenth = STEPS // 10
     return tuple(sum(accuracy[i : i + tenth]) / tenth for i in range(0, STEPS, tenth))

@@ -101,15 +101,16 @@ def shard_worker(rank: int, world: int) -> dict[str, dict[str, Any]]:
         head = build_head(cfg, NUM_CLASSES, EMBEDDING, process_group=None, seed=5)
         with torch.no_grad():
             head.weight.copy_(weight[head.class_start : head.class_end])
-        out = head(backbone(inputs[rows]), labels[rows])
+        out = head(backbone(inputs[rows]), labels[rows], step=1)
         out.loss.backward()
-        sample = head.sample
+        sample = out.sampled_rows
+        stats = {**vars(out), **out.diagnostics}
         results[name] = {
             "range": head.class_range,
             "head_grad": head.weight.grad.clone(),
             "backbone_grads": [p.grad.clone() for p in backbone.parameters()],
-            "stats": {stat: getattr(out, stat).detach().clone() for stat in stat_names(cfg)},
-            "sampled_classes": None if sample is None else sample.rows + head.class_start,
+            "stats": {stat: stats[stat].detach().clone() for stat in stat_names(cfg)},
+            "sampled_classes": None if sample is None else sample + head.class_start,
             "correction": head.sample_correction,
         }
     return results

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -80,10 +81,11 @@ def margin_step(embeddings: Tensor, weight: Tensor, labels: Tensor, sample_rate:
     with torch.no_grad():
         head.weight.copy_(weight)
     head.to(embeddings.device)
+    draws = itertools.count(1)
 
     def step() -> None:
         head.weight.grad = None
-        head(embeddings.detach().requires_grad_(True), labels).loss.backward()
+        head(embeddings.detach().requires_grad_(True), labels, step=next(draws)).loss.backward()
 
     return step
 
@@ -291,7 +293,7 @@ def embed_checkpoint(
     torch.manual_seed(seed)
     if path:
         backbone = load_backbone(path).model
-        weight, _ = load_head_shard(path, (0, num_classes), num_classes)
+        weight = load_head_shard(path, (0, num_classes), num_classes)[0]["rows"]["weight"]
     else:
         backbone = build_backbone(model_cfg["backbone"], model_cfg["embedding_size"]).eval()
         head = ShardedSFaceHead(num_classes, model_cfg["embedding_size"], impl="chunked")

@@ -7,7 +7,7 @@ Rows, per backbone, on synthetic device tensors (data loading excluded):
 
 * ``project``: ``Trainer.train_step``, one call a step, of a ``Trainer`` built from a synthetic-backend
   config (the backbone ``build_backbone`` makes, ``data_parallel``, the SFace head ``build_head`` makes
-  with ``head.impl``, ``ShardSGD``, the GradScaler path, gradient clipping, ``train.amp`` autocast);
+  with ``head.impl``, ``ShardOptimizer``, the GradScaler path, gradient clipping, ``train.amp`` autocast);
 * ``peer``: a loop with insightface arcface_torch's structure (``train_v2.py``): DDP (16 MiB buckets,
   static graph) with the fp16-compression communication hook, fp16 autocast, a dense ArcFace head
   over the whole shard (logits [B, C] materialised) with cross-entropy, a GradScaler,

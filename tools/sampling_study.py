@@ -323,7 +323,7 @@ def gradient_statistics(
     """
     loaded = load_backbone(run_dir)
     num_classes = int(read_manifest(loaded.path)["num_classes"])
-    weight, _ = load_head_shard(loaded.path, (0, num_classes), num_classes)
+    weight = load_head_shard(loaded.path, (0, num_classes), num_classes)[0]["rows"]["weight"]
     backbone = loaded.model.train()
     head_config = HeadConfig(**{**loaded.config["head"], "impl": "dense"})
     params = SFaceParams(head_config.s, head_config.k, head_config.a, head_config.b)
@@ -353,8 +353,8 @@ def gradient_statistics(
             head = full if correction == "full" else head_with(rate, correction)
             record = drawn[(rate, correction)]
             per_draw = []
-            for _ in range(1 if correction == "full" else draws):
-                grads = torch.autograd.grad(head(embeddings, labels).loss,
+            for draw in range(1, 2 if correction == "full" else draws + 1):
+                grads = torch.autograd.grad(head(embeddings, labels, step=draw).loss,
                                             [embeddings, head.weight, *backbone.parameters()], retain_graph=True)
                 per_draw.append(grads[:2])
                 record["norms"].append(float(torch.stack([grad.norm() for grad in grads[2:]]).norm()))

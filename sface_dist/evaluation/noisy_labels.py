@@ -159,7 +159,7 @@ def find_noisy_labels(
         raise CheckpointError(
             f"{rec_path}: label {int(labels.max())} is outside the checkpoint's {num_classes} classes"
         )
-    centres, _ = load_head_shard(checkpoint, (0, num_classes), num_classes)
+    centres = load_head_shard(checkpoint, (0, num_classes), num_classes)[0]["rows"]["weight"]
     scores = score_labels(embeddings, labels, centres)
     table, listing, count = write_suspects(out_dir, source.keys, labels.numpy(), scores, threshold)
     return FinderReport(rec_path, len(source), count, table, listing, float(np.median(scores.own)))

@@ -2,14 +2,14 @@
 
 from sface_dist.heads.build import build_head
 from sface_dist.heads.margin import ShardedMarginHead
-from sface_dist.heads.optim import ShardSGD
+from sface_dist.heads.optim import ShardOptimizer
 from sface_dist.heads.sface import SFaceParams
 from sface_dist.heads.sharded import HeadOutput, ShardedHead, ShardedSFaceHead
 
 __all__ = [
     "HeadOutput",
     "SFaceParams",
-    "ShardSGD",
+    "ShardOptimizer",
     "ShardedHead",
     "ShardedMarginHead",
     "ShardedSFaceHead",

@@ -154,8 +154,11 @@ class ShardedMarginHead(ShardedHead):
         self.params = MarginParams(s=s, m1=m1, m2=m2, m3=m3, margin_grad=margin_grad)
         self.precision = precision
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
-        batch = self.gather(embeddings, labels)
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, step: int | None = None, micro_step: int = 0
+    ) -> HeadOutput:
+        """Loss and diagnostics for this rank's rows; ``step`` and ``micro_step`` pick the Partial-FC draw."""
+        batch = self.gather(embeddings, labels, step, micro_step)
         w_hat = torch.nn.functional.normalize(batch.weight.to(batch.x_hat.dtype), dim=1)
         cos = matmul(batch.x_hat, w_hat.t(), self.precision).clamp(-1.0, 1.0)
         target_mask = target_mask_of(batch.local_labels, 0, cos.shape[1])
@@ -170,13 +173,11 @@ class ShardedMarginHead(ShardedHead):
         stats = torch.stack([target_sum, cos.detach().sum() - target_sum, (~target_mask).sum().to(cos.dtype)])
         all_reduce_sum(stats, group)
         num_rows = cos.shape[0]
-        zero = loss.detach().new_zeros(())
         return HeadOutput(
             loss=loss,
-            intra=zero,
-            inter=zero,
+            accuracy=correct.mean(),
             cos_target=stats[0] / num_rows,
             cos_nontarget=stats[1] / stats[2].clamp_min(1),
-            accuracy=correct.mean(),
+            sampled_rows=batch.sampled_rows,
         )
 

@@ -8,13 +8,18 @@ baselines (``sface_dist/heads/margin.py``) add a distributed softmax.
 
 The head is never wrapped by DDP: each shard has its own gradient and optimizer
 state (``sface_dist/heads/optim.py``).
+
+A head holds no state that a forward call advances: the Partial-FC draw is a function of
+(seed, rank, step, micro_step), all passed in or fixed at construction, so an extra forward
+(a debugging probe, an evaluation of the loss) changes no later draw.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +47,7 @@ from sface_dist.distributed import (
 )
 from sface_dist.heads.kernels.fused import sface_block_triton, triton_available
 from sface_dist.heads.precision import check_precision
-from sface_dist.heads.sampling import SampledClasses, sample_classes, step_generator
+from sface_dist.heads.sampling import sample_classes, step_generator
 from sface_dist.heads.sface import (
     NUM_SCALAR_STATS,
     BlockFn,
@@ -55,20 +60,21 @@ from sface_dist.heads.sface import (
 
 @dataclass
 class HeadOutput:
-    """Global loss (differentiable) and diagnostics, identical on every rank.
-
-    For SFace: ``intra``/``inter`` are the means over rows of -s·r_intra·cos θ_y and
-    Σ_j s·r_inter·cos θ_j. Margin heads report their cross-entropy in ``loss`` and
-    leave ``intra``/``inter`` at 0.
-    """
+    """Global loss (differentiable) and diagnostics, identical on every rank (except ``sampled_rows``)."""
 
     loss: Tensor
-    intra: Tensor
-    inter: Tensor
-    cos_target: Tensor
-    cos_nontarget: Tensor
     accuracy: Tensor
     """Top-1 accuracy of the gathered batch over the scored classes of all shards."""
+    cos_target: Tensor
+    """Mean cosine between each row and its class centre."""
+    cos_nontarget: Tensor
+    """Mean cosine between each row and the scored centres of the other classes."""
+    sampled_rows: Tensor | None
+    """This shard's rows scored by the forward (sorted local indices; None: all of them): what the
+    shard optimizer updates under ``sample_update="rows"``."""
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
+    """Terms only this head type has, by name. SFace: ``intra`` and ``inter``, the means over rows of
+    -s·r_intra·cos θ_y and Σ_j s·r_inter·cos θ_j; the margin heads have none."""
 
 
 @dataclass
@@ -85,6 +91,8 @@ class GatheredBatch:
     """The weight rows scored this step (all of the shard, or the Partial-FC sample)."""
     inter_scale: Tensor | None
     """Per scored row, the weight of its negative term (``sface_dist/heads/sampling.py``); None: 1."""
+    sampled_rows: Tensor | None
+    """The shard rows in ``weight`` (sorted local indices); None: every row."""
 
 
 INIT_BLOCK_CLASSES = 4096
@@ -115,7 +123,15 @@ def initial_weight_rows(
 
 
 class ShardedHead(nn.Module):
-    """Class partition, gather, sampling and checks shared by the sharded heads."""
+    """Class partition, gather, sampling and checks shared by the sharded heads.
+
+    Under Partial FC (``sample_rate < 1``) the rows a forward scores are drawn from a generator
+    seeded by (seed, rank, ``step``, ``micro_step``): ``step`` is the optimizer step the forward
+    contributes to, counted from 1 (the trainer passes the number of steps taken + 1), and
+    ``micro_step`` the forward's index within that step, 0 to k-1 for k accumulated micro-batches
+    (0 without accumulation). The same arguments give the same draw, so a resumed run repeats
+    the draws of an uninterrupted one.
+    """
 
     default_sample_correction: SampleCorrection = "none"
     """What ``sample_correction="auto"`` means for this head type: the correction that learns best with it."""
@@ -150,10 +166,6 @@ class ShardedHead(nn.Module):
         self.rank = group_rank(process_group)
         self.class_start, self.class_end = class_range(num_classes, self.rank, world)
         self.weight = nn.Parameter(torch.empty(self.class_end - self.class_start, embedding_size))
-        self.step = 0
-        """Forward calls so far: seeds the sampling, set by the trainer when resuming."""
-        self.sample: SampledClasses | None = None
-        """The Partial-FC draw of the last forward (None: every row); the optimizer updates only its rows."""
         self.reset_parameters(init)
 
     @property
@@ -163,6 +175,32 @@ class ShardedHead(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, init: HeadInit) -> None:
         self.weight.copy_(initial_weight_rows(self.num_classes, self.embedding_size, self.class_range, init, self.seed))
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The weight rows with the class range they hold: ``{"class_start", "class_end", "num_classes",
+        "rows": {"weight": [end - start, D]}}``. Checkpoints re-partition it by slicing ``rows``."""
+        return {
+            "class_start": self.class_start,
+            "class_end": self.class_end,
+            "num_classes": self.num_classes,
+            "rows": {"weight": self.weight.detach()},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a ``state_dict()`` of exactly this shard's class range (re-partitioning is the checkpoint's job)."""
+        saved = (state["class_start"], state["class_end"], state["num_classes"])
+        if saved != (self.class_start, self.class_end, self.num_classes):
+            raise ValueError(
+                f"head state holds classes [{saved[0]}, {saved[1]}) of {saved[2]}, this shard "
+                f"[{self.class_start}, {self.class_end}) of {self.num_classes}"
+            )
+        weight = state["rows"]["weight"]
+        if weight.shape != self.weight.shape:
+            raise ValueError(
+                f"head rows are {weight.shape[1]}-d, the head's embedding size is {self.weight.shape[1]}"
+            )
+        self.weight.copy_(weight)
 
     def _check(self, embeddings: Tensor, labels: Tensor) -> None:
         """Validation that needs a host sync: only with ``check_inputs`` (a debug option)."""
@@ -175,8 +213,8 @@ class ShardedHead(nn.Module):
         if non_finite:
             raise ValueError(f"non-finite embeddings at rows {non_finite[:10]}")
 
-    def gather(self, embeddings: Tensor, labels: Tensor) -> GatheredBatch:
-        """All-gather this step's rows and pick the weight rows to score."""
+    def gather(self, embeddings: Tensor, labels: Tensor, step: int | None, micro_step: int) -> GatheredBatch:
+        """All-gather this step's rows and pick the weight rows to score (the draw of (step, micro_step))."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(
                 f"embeddings of shape {tuple(embeddings.shape)} do not match the head's "
@@ -191,19 +229,18 @@ class ShardedHead(nn.Module):
         x_hat = F.normalize(gathered.to(torch.promote_types(gathered.dtype, torch.float32)), dim=1)
         owned = (all_labels >= self.class_start) & (all_labels < self.class_end)
         local_labels = torch.where(owned, all_labels - self.class_start, -1)
-        self.step += 1
         if self.sample_rate >= 1.0:
-            self.sample = None
-            return GatheredBatch(x_hat, all_labels, local_labels, self.weight, None)
-        generator = step_generator(self.seed, self.rank, self.step, local_labels.device)
+            return GatheredBatch(x_hat, all_labels, local_labels, self.weight, None, None)
+        if step is None:
+            raise ValueError("head.sample_rate < 1: the Partial-FC draw needs its step, as in head(x, y, step=...)")
+        generator = step_generator(self.seed, self.rank, step, local_labels.device, micro_step)
         sample = sample_classes(local_labels, self.weight.shape[0], self.sample_rate, generator, self.sample_correction)
-        self.sample = sample
         weight = self.weight.index_select(0, sample.rows)
         if sample.centre_grad_scale is not None and weight.requires_grad:
             centre_scale = sample.centre_grad_scale.to(weight.dtype).unsqueeze(1)
             weight.register_hook(lambda grad: grad * centre_scale)
         inter_scale = None if sample.inter_scale is None else sample.inter_scale.to(x_hat.dtype)
-        return GatheredBatch(x_hat, all_labels, sample.labels, weight, inter_scale)
+        return GatheredBatch(x_hat, all_labels, sample.labels, weight, inter_scale, sample.rows)
 
 
 def resolve_impl(impl: SFaceImplOrAuto) -> SFaceImpl:
@@ -258,9 +295,14 @@ class ShardedSFaceHead(ShardedHead):
             "triton": functools.partial(sface_block_triton, skip_threshold=skip_threshold),
         }[self.impl]
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
-        """Loss and diagnostics for this rank's rows ``embeddings`` [b, D] with global ``labels`` [b]."""
-        batch = self.gather(embeddings, labels)
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, step: int | None = None, micro_step: int = 0
+    ) -> HeadOutput:
+        """Loss and diagnostics for this rank's rows ``embeddings`` [b, D] with global ``labels`` [b].
+
+        ``step`` and ``micro_step`` pick the Partial-FC draw (required when sampling; see ``ShardedHead``).
+        """
+        batch = self.gather(embeddings, labels, step, micro_step)
         options = BlockOptions(inv_batch=1.0 / batch.x_hat.shape[0], precision=self.precision)
         block = self.block_fn(batch.x_hat, batch.weight, batch.local_labels, batch.inter_scale, self.params, options)
         group = self.process_group
@@ -272,9 +314,9 @@ class ShardedSFaceHead(ShardedHead):
         rows = batch.x_hat.shape[0]
         return HeadOutput(
             loss=loss,
-            intra=intra_sum / rows,
-            inter=inter_sum / rows,
+            accuracy=(cos_target > max_nontarget).to(stats.dtype).mean(),
             cos_target=cos_target_sum / rows,
             cos_nontarget=cos_nontarget_sum / nontarget_count.clamp_min(1),
-            accuracy=(cos_target > max_nontarget).to(stats.dtype).mean(),
+            sampled_rows=batch.sampled_rows,
+            diagnostics={"intra": intra_sum / rows, "inter": inter_sum / rows},
         )
