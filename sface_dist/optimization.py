@@ -11,6 +11,7 @@ run resumed at another world size keeps its schedule.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -168,7 +169,7 @@ class Optimization:
             self.grad_scaler.step(self.head_optimizer, head_rows)
             self.grad_scaler.update()
         with warnings.catch_warnings():  # the schedule follows the data: a step left out still counts
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             for scheduler in self.schedulers:
                 scheduler.step()
 
