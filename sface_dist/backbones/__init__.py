@@ -1,4 +1,4 @@
-"""Face backbones (IResNet, MobileFaceNet, a tiny CPU net) behind one registry."""
+"""Face backbones (IResNet, MobileFaceNet, ViT, a tiny CPU net) behind one registry."""
 
 from sface_dist.backbones.registry import BACKBONES, build_backbone
 
