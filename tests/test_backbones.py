@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sface_dist.backbones import BACKBONES, build_backbone
+from sface_dist.backbones import BACKBONES, build_backbone, compile_backbone
 from sface_dist.backbones.vit import VisionTransformer
 
 # insightface arcface_torch iresnet50 with num_features=512: sum(p.numel() for p in model.parameters()).
@@ -280,3 +280,26 @@ def test_vit_activation_checkpointing_keeps_the_gradients() -> None:
         grads.append([p.grad for p in model.parameters()])
     for plain, recomputed in zip(*grads, strict=True):
         torch.testing.assert_close(recomputed, plain)
+
+
+def test_compile_backbone_compiles_in_place_with_the_same_outputs_and_keys() -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    model = build_backbone("tiny", embedding_size=16, width=4)
+    images = torch.randn(2, 3, 112, 112)
+    reference = model(images)
+    reference.square().sum().backward()
+    reference_grads = [p.grad.clone() for p in model.parameters()]
+    keys = list(model.state_dict())
+    model.zero_grad(set_to_none=True)
+
+    counter = CompileCounter()  # an eager backend that counts the graphs dynamo hands it
+    assert compile_backbone(model, backend=counter) is model
+    out = model(images)
+    out.square().sum().backward()
+    assert counter.frame_count >= 1
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(out, reference)
+    for got, expected in zip((p.grad for p in model.parameters()), reference_grads, strict=True):
+        torch.testing.assert_close(got, expected)

@@ -40,3 +40,10 @@ def build_backbone(name: str, embedding_size: int = 512, **kwargs: object) -> nn
     except TypeError as error:
         raise ValueError(f"backbone {name!r}: {error}") from None
     return constructor(embedding_size=embedding_size, **kwargs)
+
+
+def compile_backbone(module: nn.Module, backend: str | Callable[..., object] = "inductor") -> nn.Module:
+    """``torch.compile`` ``module`` in place (``model.compile``): its parameter names and ``state_dict`` keys stay
+    those of the plain module, so checkpoints do not depend on the option."""
+    module.compile(backend=backend)
+    return module
