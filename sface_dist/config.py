@@ -207,8 +207,7 @@ class TrainConfig:
     needs none)."""
     grad_comm: GradComm = "fp32"
     """Precision of the backbone gradients' all-reduce across ranks: ``fp32``, or ``bf16`` (half the bytes; each
-    rank's bucket is rounded to bf16 before the sum, the sum is cast back to fp32; docs/design.md, Gradient
-    communication)."""
+    rank's bucket is rounded to bf16 before the sum, the sum is cast back to fp32; docs/design.md, Sharding)."""
     log_every: int = 50
     """Console and TensorBoard every N steps."""
     checkpoint_every: int = 2000
