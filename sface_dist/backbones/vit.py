@@ -45,7 +45,7 @@ class ViTVariant:
     """Recompute each block's activations in backward instead of storing them."""
 
 
-# insightface get_model: vit_t, vit_s and vit_b as named there; vit_l is its only large ViT, vit_l_dp005_mask_005.
+# insightface get_model: vit_t, vit_s and vit_b as named there; vit_l is its vit_l_dp005_mask_005 (no plain vit_l).
 VIT_VARIANTS: dict[str, ViTVariant] = {
     "vit_t": ViTVariant(256, 12, 8, drop_path=0.1, mask_ratio=0.1, activation_checkpointing=False),
     "vit_s": ViTVariant(512, 12, 8, drop_path=0.1, mask_ratio=0.1, activation_checkpointing=False),
