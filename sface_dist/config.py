@@ -66,6 +66,7 @@ OptimizerName = Literal["sgd", "adamw"]
 LrSchedule = Literal["poly", "cosine", "step"]
 MilestoneUnit = Literal["steps", "epochs"]
 OnNonFinite = Literal["stop", "skip"]
+GradComm = Literal["fp32", "bf16"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -114,11 +115,15 @@ class ModelConfig:
     """``model``: the backbone that turns an aligned face into an embedding."""
 
     backbone: str = "iresnet50"
-    """``iresnet18``, ``iresnet34``, ``iresnet50``, ``iresnet100``, ``iresnet200``, ``mobilefacenet`` or ``tiny``."""
+    """``iresnet18``, ``iresnet34``, ``iresnet50``, ``iresnet100``, ``iresnet200``, ``mobilefacenet``, ``tiny``, or
+    insightface's Vision Transformers ``vit_t``, ``vit_s``, ``vit_b``, ``vit_l`` (docs/design.md, Backbones)."""
     embedding_size: int = 512
     """Length of the embedding."""
     channels_last: bool = False
     """Channels-last memory format (faster convolutions on GPU)."""
+    compile: bool = False
+    """``torch.compile`` the backbone (inductor) before the DDP wrap: fused kernels, at the price of a compilation of
+    a minute or more at the first step."""
 
 
 @dataclass
@@ -235,6 +240,9 @@ class TrainConfig:
     amp: Amp = "none"
     """``none``, or ``bf16`` / ``fp16`` autocast for the backbone (``fp16`` with dynamic loss scaling; ``bf16``
     needs none)."""
+    grad_comm: GradComm = "fp32"
+    """Precision of the backbone gradients' all-reduce across ranks: ``fp32``, or ``bf16`` (half the bytes; each
+    rank's bucket is rounded to bf16 before the sum, the sum is cast back to fp32; docs/design.md, Sharding)."""
     log_every: int = 50
     """Console and TensorBoard every N steps."""
     checkpoint_every: int = 2000

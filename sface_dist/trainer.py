@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from sface_dist.backbones import build_backbone
+from sface_dist.backbones import build_backbone, compile_backbone
 from sface_dist.checkpoint import (
     CheckpointError,
     Progress,
@@ -167,8 +167,8 @@ class Trainer:
         backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size).to(env.device)
         if cfg.model.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
-        self.backbone = backbone
-        self.model = data_parallel(backbone, env)
+        self.backbone = compile_backbone(backbone) if cfg.model.compile else backbone
+        self.model = data_parallel(backbone, env, grad_comm=cfg.train.grad_comm)
         self.head = build_head(
             cfg.head, self.num_classes, cfg.model.embedding_size, process_group=None, seed=cfg.train.seed
         ).to(env.device)
