@@ -2,7 +2,7 @@
 step of one large batch (their union), against an fp64 SGD step written out here.
 
 A backbone without batch norm (whose statistics would see micro-batches, not the union), the SFace head and
-ArcFace; 1 and 2 ranks, 1 and 2 micro-steps. Then Partial FC with accumulation in one process: a run repeated, or
+ArcFace; 1 and 2 ranks, 2 micro-steps. Then Partial FC with accumulation in one process: a run repeated, or
 resumed, is the same run bit for bit.
 """
 
