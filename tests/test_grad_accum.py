@@ -117,10 +117,10 @@ def test_accumulated_micro_batches_step_like_their_union(tmp_path: Path, world: 
 
 
 def partial_fc_weights(output: Path, steps: int) -> dict[str, torch.Tensor]:
-    """Run the tiny backbone with an SFace head at sample rate 0.5 of 8 classes, 2 micro-batches of 4 a step, to
+    """Run the tiny backbone with an SFace head at sample rate 0.5 of 8 classes, 2 micro-batches of 2 a step, to
     ``steps`` (resuming from ``output`` if it holds a checkpoint); the backbone, head and head optimizer state."""
     cfg = Config(
-        data=DataConfig(backend="synthetic", num_classes=8, synthetic_images_per_class=4, batch_size=4, num_workers=0),
+        data=DataConfig(backend="synthetic", num_classes=8, synthetic_images_per_class=2, batch_size=2, num_workers=0),
         model=ModelConfig(backbone="tiny", embedding_size=EMBEDDING),
         head=HeadConfig(sample_rate=0.5),
         optim=OptimConfig(lr=LR, schedule="step", milestones=[1000.0]),
