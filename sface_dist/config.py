@@ -177,8 +177,8 @@ class OptimConfig:
     """``optim``: the backbone and head optimizers and the learning-rate schedule (docs/training.md, The loop)."""
 
     name: OptimizerName = "sgd"
-    """Backbone optimizer: ``sgd`` (with ``momentum``) or ``adamw`` (with ``betas`` and ``eps``; decoupled weight
-    decay). The head shards use SGD."""
+    """Optimizer of the backbone and of the head shards: ``sgd`` (with ``momentum``) or ``adamw`` (with ``betas``
+    and ``eps``; decoupled weight decay)."""
     lr: float = 0.1
     """Peak learning rate (reached at the end of warmup)."""
     momentum: float = 0.9
@@ -406,6 +406,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     milestones = cfg.optim.milestones
     if any(not (math.isfinite(m) and m > 0) for m in milestones) or milestones != sorted(set(milestones)):
         raise ConfigError(f"{source}: optim.milestones: must be increasing and > 0, got {milestones}")
+    if cfg.optim.schedule == "step" and not milestones:
+        raise ConfigError(f"{source}: optim.milestones: required by optim.schedule=step (where to decay), got []")
     for dotted, value in (("head.a", cfg.head.a), ("head.b", cfg.head.b)):
         if not math.isfinite(value):
             raise ConfigError(f"{source}: {dotted}: must be finite, got {value}")

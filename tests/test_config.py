@@ -61,6 +61,31 @@ def test_invalid_choice_and_range(tmp_path: Path) -> None:
         load_config(write(tmp_path, "data: {root: d, batch_size: 0}\n"))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.schedule=step", r"optim.milestones: required by optim.schedule=step"),
+        ("optim.milestones=[0, 10]", r"optim.milestones: must be increasing and > 0, got \[0.0, 10.0\]"),
+        ("optim.milestones=[10, 5]", r"optim.milestones: must be increasing and > 0, got \[10.0, 5.0\]"),
+        ("optim.milestones=[5, 5]", r"optim.milestones: must be increasing and > 0"),
+        ("train.grad_accum=0", r"train.grad_accum: must be > 0, got 0"),
+        ("train.max_nonfinite=0", r"train.max_nonfinite: must be > 0, got 0"),
+        ("optim.decay_factor=0", r"optim.decay_factor: must be in \(0, 1\], got 0.0"),
+        ("optim.decay_factor=1.5", r"optim.decay_factor: must be in \(0, 1\], got 1.5"),
+        ("optim.head_lr_scale=0", r"optim.head_lr_scale: must be > 0, got 0.0"),
+    ],
+)
+def test_loop_settings_out_of_range_name_their_key(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path / 'run.yaml'))}: {message}"):
+        load_config(write(tmp_path, "data: {root: d}\n"), [override])
+
+
+def test_step_schedule_with_increasing_milestones_and_full_decay_range_loads(tmp_path: Path) -> None:
+    overrides = ["optim.schedule=step", "optim.milestones=[2.5, 10]", "optim.decay_factor=1", "train.grad_accum=1"]
+    cfg = load_config(write(tmp_path, "data: {root: d}\n"), overrides)
+    assert cfg.optim.milestones == [2.5, 10.0] and cfg.optim.decay_factor == 1.0
+
+
 def test_overrides_are_typed_and_ints_widen_to_float(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, "data: {root: d}\n"), ["train.steps=7", "head.s=30", "eval.bins=[a.bin, b.bin]"])
     assert cfg.train.steps == 7
@@ -97,11 +122,12 @@ def literal_fields() -> list[tuple[str, Any]]:
 @pytest.mark.parametrize("key, literal", literal_fields(), ids=[key for key, _ in literal_fields()])
 def test_choice_fields_accept_their_choices_only(key: str, literal: Any) -> None:
     section, name = key.split(".")
+    base = ["data.root=d", "optim.milestones=[1]"]  # what optim.schedule=step needs besides itself
     for value in typing.get_args(literal):
-        assert getattr(getattr(load_config(None, ["data.root=d", f"{key}={value}"]), section), name) == value
+        assert getattr(getattr(load_config(None, [*base, f"{key}={value}"]), section), name) == value
     listed = ", ".join(typing.get_args(literal))
     with pytest.raises(ConfigError, match=rf"^defaults: {key}: expected one of {listed}, got 'bogus'$"):
-        load_config(None, ["data.root=d", f"{key}=bogus"])
+        load_config(None, [*base, f"{key}=bogus"])
 
 
 def test_sample_correction_setting_is_the_heads_choices_plus_auto() -> None:

@@ -1,4 +1,5 @@
-"""The learning-rate schedules against formulas written out here, and what a resumed run keeps of them."""
+"""The learning-rate schedules against formulas written out here, and what a resumed run keeps of them; the
+optimizers' steps against torch optimizers built here by hand."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from test_trainer import ENV, make_config, record_steps
+from torch import nn
 
-from sface_dist.config import OptimConfig
-from sface_dist.optimization import Schedule
+from sface_dist.config import HeadConfig, OptimConfig
+from sface_dist.heads import build_head
+from sface_dist.optimization import Optimization, Schedule
 from sface_dist.trainer import Trainer
+
+CONSTANT = {"schedule": "step", "milestones": [1000.0]}
+"""A schedule that keeps the peak learning rate over these tests' few steps."""
 
 
 def test_cosine_decays_to_zero_after_warmup() -> None:
@@ -57,3 +63,86 @@ def test_a_resumed_run_continues_the_schedule_with_or_without_saved_scheduler_st
     state = torch.load(trainer_file, weights_only=True)
     torch.save({key: value for key, value in state.items() if key not in ("schedulers", "grad_scaler")}, trainer_file)
     assert lrs(tmp_path / "old", 8) == pytest.approx(expected[3:], rel=1e-12)
+
+
+def small_backbone() -> nn.Module:
+    """A convolution without bias, batch norm, a linear layer with bias, layer norm."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 2 * 2, 8), nn.LayerNorm(8)
+    )
+
+
+def build_optimization(cfg: OptimConfig, peak_lr: float = 0.1, total_steps: float = 100) -> Optimization:
+    head = build_head(HeadConfig(), num_classes=6, embedding_size=8, process_group=None)
+    schedule = Schedule(cfg, total_steps=total_steps, steps_per_epoch=10)
+    return Optimization(small_backbone(), head, cfg, peak_lr, "rows", "none", torch.device("cpu"), schedule)
+
+
+def trained_pairs(optimization: Optimization) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Every parameter the optimizers step (the backbone's in order, then the head shard) with a detached copy
+    for a reference optimizer."""
+    params = [*optimization.backbone.parameters(), optimization.head.weight]
+    return [(p, p.detach().clone().requires_grad_(True)) for p in params]
+
+
+def step_both(optimization: Optimization, reference: list[torch.optim.Optimizer], pairs: list, seed: int) -> None:
+    """One step of ``optimization`` and of the ``reference`` optimizers on the same random gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    for param, copy in pairs:
+        param.grad = torch.randn(param.shape, generator=gen)
+        copy.grad = param.grad.clone()
+    optimization.unscale_and_clip()
+    optimization.step(head_rows=None)
+    optimization.zero_grad()
+    for optimizer in reference:
+        optimizer.step()
+
+
+def test_adamw_steps_the_backbone_and_the_full_head_like_torch_adamw() -> None:
+    """``optim.name: adamw`` with its betas, eps and weight decay, three steps; the head shard at sample rate 1
+    (every row updated) is torch's AdamW on the shard."""
+    cfg = OptimConfig(name="adamw", betas=[0.8, 0.95], eps=1e-3, weight_decay=0.05, grad_clip=0.0, **CONSTANT)
+    optimization = build_optimization(cfg, peak_lr=0.01)
+    pairs = trained_pairs(optimization)
+    hyper = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.05)
+    backbone = torch.optim.AdamW([copy for _, copy in pairs[:-1]], **hyper)
+    reference = [backbone, torch.optim.AdamW([pairs[-1][1]], **hyper)]
+    for seed in range(3):
+        step_both(optimization, reference, pairs, seed)
+    for param, copy in pairs:
+        torch.testing.assert_close(param.detach(), copy.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_no_decay_bn_bias_leaves_norm_layers_and_biases_undecayed() -> None:
+    """One SGD step against a two-group torch SGD whose groups are listed here by hand."""
+    cfg = OptimConfig(weight_decay=0.1, momentum=0.9, no_decay_bn_bias=True, grad_clip=0.0, **CONSTANT)
+    optimization = build_optimization(cfg)
+    pairs = trained_pairs(optimization)
+    conv, batch_norm, linear, layer_norm = (optimization.backbone[i] for i in (0, 1, 3, 4))
+    copies = {id(param): copy for param, copy in pairs}
+    decayed = [copies[id(conv.weight)], copies[id(linear.weight)]]
+    exempt = [copies[id(p)] for p in (batch_norm.weight, batch_norm.bias, linear.bias, layer_norm.weight,
+                                      layer_norm.bias)]
+    backbone = torch.optim.SGD(
+        [{"params": decayed, "weight_decay": 0.1}, {"params": exempt, "weight_decay": 0.0}], lr=0.1, momentum=0.9
+    )
+    head = torch.optim.SGD([pairs[-1][1]], lr=0.1, momentum=0.9, weight_decay=0.1)
+    step_both(optimization, [backbone, head], pairs, seed=0)
+    for param, copy in pairs:
+        torch.testing.assert_close(param.detach(), copy.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_head_lr_scale_scales_the_head_learning_rate_through_the_schedule() -> None:
+    """Warmup over 2 steps, then poly decay to step 6: the head's learning rate is the backbone's times 0.5."""
+    cfg = OptimConfig(warmup_steps=2, poly_power=2.0, head_lr_scale=0.5)
+    optimization = build_optimization(cfg, peak_lr=0.2, total_steps=6)
+    backbone, head = [], []
+    for _ in range(6):
+        (backbone_group,), (head_group,) = (opt.param_groups for opt in optimization.optimizers)
+        backbone.append(backbone_group["lr"])
+        head.append(head_group["lr"])
+        optimization.step()
+    expected = [0.1, 0.2, 0.2, 0.2 * (3 / 4) ** 2, 0.2 * (2 / 4) ** 2, 0.2 * (1 / 4) ** 2]
+    assert backbone == pytest.approx(expected, rel=1e-12)
+    assert head == pytest.approx([0.5 * lr for lr in expected], rel=1e-12)
