@@ -13,7 +13,7 @@
 #      against the CPU decode (where DALI is installed);
 #   6. 200 demo steps on one GPU with head.impl=auto (Triton) and head.impl=chunked, head in
 #      bf16 as the GPU configs run it: the loss curves side by side and the step time each takes.
-#   5. model.compile: vit_t and iresnet50 compiled by inductor against eager (same embeddings),
+#   7. model.compile: vit_t and iresnet50 compiled by inductor against eager (same embeddings),
 #      the compilation time and the training step time of each.
 # Usage: tools/check_gpu.sh [RESULTS_DIR]   (default: runs/check_gpu; uses $PYTHON or python3)
 # Each part writes its log under RESULTS_DIR and a failing part does not stop the next.
