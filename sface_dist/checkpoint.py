@@ -8,11 +8,20 @@ Layout of ``OUTPUT/checkpoints``::
         head-00000000-00042871.pt    one file per rank: class range [start, end), the head's and its optimizer's state
     latest                           name of the newest complete checkpoint
 
+and of a best-backbone folder (``OUTPUT/best/<pack>/``, written by the verification monitor)::
+
+    manifest.json                    step, pack, scores, the resolved config
+    backbone.pt                      the backbone's state dict
+
 A checkpoint is written into ``step-N.tmp`` and renamed once every rank has
 finished, so a crash never leaves a half-written ``step-N``. The head is stored by
 class range: a head file holds the ``state_dict()`` of the head shard and of its optimizer
 (``sface_dist/heads``), every tensor in their ``rows`` one entry per class, so a run with
 another number of ranks loads the rows it owns from whichever files overlap them.
+
+This module is the only one that knows the layout: ``checkpoint_manager.CheckpointManager`` drives it
+for the trainer, and every other reader goes through ``resolve_checkpoint``, ``read_model_config``,
+``read_backbone``, ``read_head_rows`` and the best-backbone functions below.
 """
 
 from __future__ import annotations
@@ -26,12 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from sface_dist.distributed import PeerError, raise_on_any_rank
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
 TRAINER_FILE = "trainer.pt"
+STEP_PREFIX = "step-"
+BACKBONE_FILE = "backbone.pt"
+"""Weights-only backbone state dict of a best-backbone folder."""
+RUN_CHECKPOINTS = "checkpoints"
+"""A run folder's checkpoints folder."""
 
 
 class CheckpointError(ValueError):
@@ -103,7 +118,12 @@ def state_dict_mismatch(error: RuntimeError) -> str:
 
 
 def _step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:08d}"
+    return root / f"{STEP_PREFIX}{step:08d}"
+
+
+def holds_checkpoints(root: Path) -> bool:
+    """Whether the checkpoints folder ``root`` holds any step directory, complete or not."""
+    return root.is_dir() and any(path.name.startswith(STEP_PREFIX) for path in root.iterdir())
 
 
 def _head_file(start: int, end: int) -> str:
@@ -262,7 +282,7 @@ def _prune(root: Path, keep: int, written: Path) -> None:
     pointer = root / LATEST
     if pointer.is_file():
         protected.add(pointer.read_text().strip())
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and p.suffix not in (".tmp", ".old"))
+    steps = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and p.suffix not in (".tmp", ".old"))
     others = [p for p in steps if p.name not in protected]
     for old in others[: max(0, len(steps) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
@@ -358,3 +378,120 @@ def load_head_shard(
     if covered != end - start:
         raise ValueError(f"{path}: head files cover {covered} of the {end - start} classes [{start}, {end})")
     return _assemble_rows(heads, class_range, path), _assemble_rows(optimizers, class_range, path)
+
+
+def read_head_rows(path: str | Path, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """The head's weight rows (class centres) ``[start, end)`` of checkpoint ``path`` (``end`` None: to the last)."""
+    num_classes = head_classes(path)
+    rows = (start, num_classes if end is None else end)
+    return load_head_shard(path, rows, num_classes)[0]["rows"]["weight"]
+
+
+def head_classes(path: str | Path) -> int:
+    """The class count of checkpoint ``path``'s head; one line when it holds none (a best-backbone folder)."""
+    manifest = read_manifest(path)
+    if "head_files" not in manifest:
+        raise CheckpointError(f"{path}: holds no head (a best-backbone folder?): name a training checkpoint")
+    return int(manifest["num_classes"])
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint directory that ``path`` designates: a step directory or a best-backbone folder (each with
+    ``manifest.json``), a run's ``checkpoints`` directory or its ``latest`` file, or a run directory."""
+    path = Path(path)
+    if path.is_file() and path.name == LATEST:
+        return _follow_latest(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / MANIFEST).is_file():
+        return path
+    for pointer in (path / LATEST, path / RUN_CHECKPOINTS / LATEST):
+        if pointer.is_file():
+            return _follow_latest(pointer)
+    raise CheckpointError(
+        f"{path}: not a checkpoint: expected a step directory with {MANIFEST}, a run's checkpoints "
+        f"directory or its '{LATEST}' file, or a run directory"
+    )
+
+
+def _follow_latest(pointer: Path) -> Path:
+    try:
+        return follow_latest(pointer)
+    except FileNotFoundError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def read_model_config(checkpoint: Path) -> tuple[dict[str, Any], int]:
+    """The resolved config stored in ``checkpoint``'s manifest (checked to name the model), and its step."""
+    manifest_path = checkpoint / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({error})") from None
+    config = manifest.get("config") if isinstance(manifest, dict) else None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{manifest_path}: the manifest holds no 'config', so the backbone architecture is unknown "
+            "(checkpoints written by this project's trainer embed their resolved config)"
+        )
+    model = config.get("model")
+    if not isinstance(model, dict) or "backbone" not in model or "embedding_size" not in model:
+        raise CheckpointError(f"{manifest_path}: config has no model.backbone / model.embedding_size")
+    return config, int(manifest.get("step", 0))
+
+
+def read_backbone(checkpoint: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The backbone weights of a step directory or a best-backbone folder, and the file they come from."""
+    if (checkpoint / BACKBONE_FILE).is_file():
+        state = load_weights(checkpoint / BACKBONE_FILE)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{checkpoint / BACKBONE_FILE}: holds no backbone state dict")
+        return checkpoint / BACKBONE_FILE, state
+    trainer_file = checkpoint / TRAINER_FILE
+    if not trainer_file.is_file():
+        raise CheckpointError(f"{checkpoint}: has neither {TRAINER_FILE} nor {BACKBONE_FILE}")
+    state = load_weights(trainer_file)
+    if not isinstance(state, dict) or not isinstance(state.get("backbone"), dict):
+        raise CheckpointError(f"{trainer_file}: holds no 'backbone' state dict")
+    return trainer_file, state["backbone"]
+
+
+def save_backbone(directory: str | os.PathLike[str], model: nn.Module, manifest: dict[str, Any]) -> Path:
+    """Write a best-backbone folder: ``backbone.pt`` and ``manifest.json`` (which must hold the run's ``config``),
+    atomically."""
+    directory = Path(directory)
+    if not isinstance(manifest.get("config"), dict):
+        raise ValueError("a backbone manifest needs the run's config to be loadable")
+    temporary = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    temporary.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    torch.save(state, temporary / BACKBONE_FILE)
+    (temporary / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if directory.exists():
+        retired = directory.with_name(f".{directory.name}.old{os.getpid()}")
+        os.replace(directory, retired)
+        os.replace(temporary, directory)
+        shutil.rmtree(retired)
+    else:
+        os.replace(temporary, directory)
+    return directory
+
+
+def save_best_backbone(
+    directory: str | os.PathLike[str], model: nn.Module, *, step: int, pack: str, result: dict[str, Any],
+    config: dict[str, Any],
+) -> Path:
+    """Write the best backbone on verification pack ``pack`` (``result``: its scores) to ``directory``."""
+    return save_backbone(directory, model, {"step": step, "pack": pack, "result": result, "config": config})
+
+
+def read_best_score(directory: str | os.PathLike[str]) -> tuple[float, int] | None:
+    """(accuracy, step) that ``save_best_backbone`` recorded in ``directory``; None when it holds none."""
+    manifest = Path(directory) / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        recorded = json.loads(manifest.read_text())
+        return float(recorded["result"]["accuracy"]), int(recorded["step"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{manifest}: not a best-backbone manifest ({error!r}); move it away") from None

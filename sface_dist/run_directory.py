@@ -16,10 +16,10 @@ import socket
 import time
 from pathlib import Path
 
+from sface_dist.checkpoint import RUN_CHECKPOINTS, holds_checkpoints
 from sface_dist.distributed import PeerError, broadcast_message
 
 LOCK_FILE = ".lock"
-CHECKPOINTS = "checkpoints"
 BEST = "best"
 
 
@@ -65,8 +65,7 @@ def _lock(output: Path) -> RunLock:
 
 
 def has_checkpoints(output: Path) -> bool:
-    checkpoints = output / CHECKPOINTS
-    return checkpoints.is_dir() and any(path.name.startswith("step-") for path in checkpoints.iterdir())
+    return holds_checkpoints(output / RUN_CHECKPOINTS)
 
 
 def _move_aside(output: Path) -> Path:
@@ -77,7 +76,7 @@ def _move_aside(output: Path) -> Path:
         suffix += 1
         aside = aside.with_name(f"{aside.name.split('.')[0]}.{suffix}")
     aside.mkdir()
-    for name in (CHECKPOINTS, BEST):
+    for name in (RUN_CHECKPOINTS, BEST):
         if (output / name).exists():
             os.replace(output / name, aside / name)
     return aside

@@ -31,15 +31,11 @@ from sface_dist.checkpoint import (
     CheckpointError,
     Progress,
     TrainerState,
-    latest_checkpoint,
-    load_head_shard,
-    load_trainer_state,
-    read_manifest,
     restore_rng_state,
     rng_state,
-    save_checkpoint,
     state_dict_mismatch,
 )
+from sface_dist.checkpoint_manager import CheckpointManager
 from sface_dist.config import Config, OnNonFinite, save_config, to_dict
 from sface_dist.data.errors import DataError
 from sface_dist.data.loader import build_loader
@@ -149,10 +145,18 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
         self.output = Path(cfg.train.output)
-        self.checkpoints = self.output / "checkpoints"
         torch.manual_seed(cfg.train.seed)
         self.loader = build_loader(cfg.data, env.rank, env.world_size, cfg.train.seed, env.device)
         self.num_classes = self.loader.num_classes
+        self.checkpoints = CheckpointManager(
+            self.output,
+            rank=env.rank,
+            world_size=env.world_size,
+            every=cfg.train.checkpoint_every,
+            keep=cfg.train.keep_checkpoints,
+            num_classes=self.num_classes,
+            config=to_dict(cfg),
+        )
         self.micro_batch = cfg.data.batch_size * env.world_size
         """Images in one micro-step, over all ranks."""
         self.global_batch = self.micro_batch * cfg.train.grad_accum
@@ -264,11 +268,10 @@ class Trainer:
         return torch.autocast(device_type=self.env.device.type, dtype=dtype)
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.checkpoints)
-        if path is None:
+        resumed = self.checkpoints.resume(self.head.class_range)
+        if resumed is None:
             return
-        self._check_architecture(path)
-        state = load_trainer_state(path)
+        path, state = resumed.path, resumed.trainer
         try:
             self.backbone.load_state_dict(state.backbone)
         except RuntimeError as error:
@@ -285,10 +288,9 @@ class Trainer:
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"{path}: the backbone optimizer state does not fit: {error}") from None
         restore_rng_state(state.rng)
-        head_state, head_optimizer_state = load_head_shard(path, self.head.class_range, self.num_classes)
         try:
-            self.head.load_state_dict(head_state)
-            self.optimization.head_optimizer.load_state_dict(head_optimizer_state)
+            self.head.load_state_dict(resumed.head)
+            self.optimization.head_optimizer.load_state_dict(resumed.head_optimizer)
         except ValueError as error:
             raise CheckpointError(f"{path}: {error}") from None
         self.step = state.step
@@ -297,16 +299,6 @@ class Trainer:
         self.optimization.restart(self._schedule(), self.progress.samples / batch, self.global_batch / batch)
         done = f"{self.progress.samples} samples, epoch {self.progress.epoch}"
         self.log(f"resumed from {path} at step {self.step} ({done})")
-
-    def _check_architecture(self, path: Path) -> None:
-        """One line naming the key when the checkpoint's model differs from the config's."""
-        saved = read_manifest(path).get("config", {}).get("model", {})
-        for key in ("backbone", "embedding_size"):
-            if key in saved and saved[key] != getattr(self.cfg.model, key):
-                raise CheckpointError(
-                    f"{path}: model.{key} is {saved[key]!r} in the checkpoint and {getattr(self.cfg.model, key)!r} "
-                    f"in the config: restore it, or start a new run (another train.output, or train.overwrite=true)"
-                )
 
     def _non_finite(self) -> str | None:
         """The first backbone tensor or head shard holding NaN or inf, if any (one host sync when all are finite)."""
@@ -318,7 +310,7 @@ class Trainer:
         return next(name for name, ok in zip(tensors, finite.tolist(), strict=True) if not ok)
 
     def _kept(self) -> str:
-        latest = latest_checkpoint(self.checkpoints)
+        latest = self.checkpoints.latest()
         return f"{latest.name} stays the latest checkpoint" if latest else "no checkpoint was written yet"
 
     def check_finite(self) -> None:
@@ -343,17 +335,7 @@ class Trainer:
             progress=dataclasses.asdict(self.progress),
             **self.optimization.state_dict(),
         )
-        return save_checkpoint(
-            self.checkpoints,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            trainer_state=state,
-            head_state=self.head.state_dict(),
-            head_optimizer_state=self.optimization.head_optimizer.state_dict(),
-            num_classes=self.num_classes,
-            config=to_dict(self.cfg),
-            keep=self.cfg.train.keep_checkpoints,
-        )
+        return self.checkpoints.save(state, self.head.state_dict(), self.optimization.head_optimizer.state_dict())
 
     def evaluate(self) -> dict[str, VerificationResult]:
         """Collective: score every verification pack (logged and kept-best by the monitor)."""
@@ -468,7 +450,7 @@ class Trainer:
                         return {}
                     if self._finished():
                         break
-                    if self.step % cfg.checkpoint_every == 0:
+                    if self.checkpoints.due(self.step):
                         self.log(f"checkpoint {self.save()}")
                     if self.step % self.cfg.eval.every == 0:
                         self.check_finite()

@@ -14,10 +14,10 @@ from PIL import Image
 from torch import nn
 
 from sface_dist.backbones import build_backbone
+from sface_dist.checkpoint import save_backbone
 from sface_dist.data.bin_pack import read_bin, write_bin
 from sface_dist.data.convert import encode_jpeg, folder_to_rec
 from sface_dist.data.synthetic import SyntheticFaces, write_identity_folders
-from sface_dist.evaluation.checkpoint_backbone import save_backbone
 from sface_dist.evaluation.embedder import TorchEmbedder, embed_views
 from sface_dist.evaluation.verification import verification_accuracy
 from sface_dist.export import export_onnx

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from sface_dist.backbones import build_backbone
+from sface_dist.checkpoint import save_backbone
 from sface_dist.data.synthetic import SyntheticFaces
 from sface_dist.evaluation.alignment import ARCFACE_TEMPLATE, align_face, similarity_transform
-from sface_dist.evaluation.checkpoint_backbone import load_backbone, save_backbone
+from sface_dist.evaluation.checkpoint_backbone import load_backbone
 from sface_dist.evaluation.embedder import TorchEmbedder, embed_views
 from sface_dist.evaluation.extraction import extract_views
 from sface_dist.evaluation.ijb import IjbError, detect_target, read_ijb, score_ijb, template_features

@@ -281,19 +281,19 @@ def embed_checkpoint(
     ``path`` None: the untrained model of ``reference``'s run (its architecture, data and head).
     """
     from sface_dist.backbones import build_backbone
-    from sface_dist.checkpoint import load_head_shard, read_manifest
+    from sface_dist.checkpoint import read_head_rows, read_model_config
     from sface_dist.data.datasets import RecordFaceDataset
     from sface_dist.data.pixels import normalize_pixels
     from sface_dist.evaluation.checkpoint_backbone import load_backbone
 
-    config = read_manifest(path or reference)["config"]
+    config = read_model_config(path or reference)[0]
     model_cfg, data_cfg = config["model"], config["data"]
     dataset = RecordFaceDataset(data_cfg["root"], data_cfg["num_classes"], data_cfg["image_size"])
     num_classes = dataset.num_classes
     torch.manual_seed(seed)
     if path:
         backbone = load_backbone(path).model
-        weight = load_head_shard(path, (0, num_classes), num_classes)[0]["rows"]["weight"]
+        weight = read_head_rows(path)
     else:
         backbone = build_backbone(model_cfg["backbone"], model_cfg["embedding_size"]).eval()
         head = ShardedSFaceHead(num_classes, model_cfg["embedding_size"], impl="chunked")
@@ -312,18 +312,18 @@ def embed_checkpoint(
     return name, F.normalize(embeddings, dim=1), weight, torch.tensor(labels)
 
 
-DEFAULT_RUN = Path("runs/demo/checkpoints/step-00000372")
-"""The checkpoint whose run ``--random-init`` alone (no checkpoints named) takes its architecture from."""
+DEFAULT_RUN = Path("runs/demo")
+"""The run whose latest checkpoint ``--random-init`` alone (no checkpoints named) takes its architecture from."""
 
 
 def measure_live_pairs(args: argparse.Namespace) -> None:
-    from sface_dist.checkpoint import MANIFEST
+    from sface_dist.checkpoint import CheckpointError, resolve_checkpoint
 
-    checkpoints = [Path(p) for p in args.live_pairs]
-    for path in checkpoints or [DEFAULT_RUN]:
-        if not (path / MANIFEST).is_file():
-            raise SystemExit(f"error: {path} is not a checkpoint of this project (no {MANIFEST})")
-    reference = (checkpoints or [DEFAULT_RUN])[0]
+    try:
+        checkpoints = [resolve_checkpoint(p) for p in args.live_pairs]
+        reference = checkpoints[0] if checkpoints else resolve_checkpoint(DEFAULT_RUN)
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
     paths: list[Path | None] = ([None] if args.random_init else []) + list(checkpoints)
     print(f"# live non-target pairs (r_inter > threshold) and live {args.tile} tiles; official SFace k=80 b=1.23")
     print(f"{'embeddings':>28} {'threshold':>9} {'live pairs':>10} {'live tiles':>10} "

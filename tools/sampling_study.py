@@ -35,7 +35,7 @@ import torch
 import yaml
 from study_runs import launch_training, mean_std, render_synthetic, run_each, write_json
 
-from sface_dist.checkpoint import load_head_shard, read_manifest
+from sface_dist.checkpoint import read_head_rows
 from sface_dist.config import HeadConfig, HeadType, SampleCorrection, SampleUpdate, choices
 from sface_dist.data.bin_pack import read_bin
 from sface_dist.data.datasets import RecordFaceDataset
@@ -322,8 +322,8 @@ def gradient_statistics(
     Each batch is embedded, and its full-head gradients computed, once for every (rate, correction).
     """
     loaded = load_backbone(run_dir)
-    num_classes = int(read_manifest(loaded.path)["num_classes"])
-    weight = load_head_shard(loaded.path, (0, num_classes), num_classes)[0]["rows"]["weight"]
+    weight = read_head_rows(loaded.path)
+    num_classes = weight.shape[0]
     backbone = loaded.model.train()
     head_config = HeadConfig(**{**loaded.config["head"], "impl": "dense"})
     params = SFaceParams(head_config.s, head_config.k, head_config.a, head_config.b)

@@ -10,14 +10,13 @@ the metrics and broadcasts them, so every rank returns the same report, includin
 which packs improved on their best accuracy.
 
 The best backbone per pack is written (rank 0) to ``best_dir/<pack>/`` as
-``backbone.pt`` + ``manifest.json`` (step, scores, the run's config): loadable by
+``checkpoint.save_best_backbone`` (weights, step, scores, the run's config): loadable by
 ``load_backbone``, ``tools/export_onnx.py`` and ``tools/eval_verification.py``.
 A restarted run reads the previous bests from there, so resuming never forgets them.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,10 +28,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from sface_dist.checkpoint import MANIFEST
+from sface_dist.checkpoint import read_best_score, save_best_backbone
 from sface_dist.data.bin_pack import VerificationPack, read_bin
 from sface_dist.distributed import DistEnv, even_split_sizes, gather_rows
-from sface_dist.evaluation.checkpoint_backbone import save_backbone
 from sface_dist.evaluation.embedder import TorchEmbedder, embed_views
 from sface_dist.evaluation.verification import N_FOLDS, VerificationResult, verification_accuracy
 
@@ -157,14 +155,9 @@ class VerificationMonitor:
         if self.best_dir is None:
             return bests
         for name in self.names:
-            manifest = self.best_dir / name / MANIFEST
-            if not manifest.is_file():
-                continue
-            try:
-                recorded = json.loads(manifest.read_text())
-                bests[name] = BestScore(float(recorded["result"]["accuracy"]), int(recorded["step"]))
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{manifest}: not a best-backbone manifest ({error!r}); move it away") from None
+            recorded = read_best_score(self.best_dir / name)
+            if recorded is not None:
+                bests[name] = BestScore(*recorded)
         return bests
 
     def _publish(self, report: EvalReport, backbone: nn.Module) -> None:
@@ -189,7 +182,6 @@ class VerificationMonitor:
             self.writer.add_scalar("eval/seconds", report.seconds, report.step)
         if self.best_dir is not None:
             for name in report.improved:
-                scores = report.results[name].to_dict()
-                manifest = {"step": report.step, "pack": name, "result": scores, "config": self.run_config}
-                save_backbone(self.best_dir / name, backbone, manifest)
+                save_best_backbone(self.best_dir / name, backbone, step=report.step, pack=name,
+                                   result=report.results[name].to_dict(), config=self.run_config)
 

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from sface_dist.checkpoint import CheckpointError, load_head_shard, read_manifest
+from sface_dist.checkpoint import CheckpointError, head_classes, read_head_rows, read_model_config, resolve_checkpoint
 from sface_dist.data.records import known_num_classes
 from sface_dist.distributed import DistEnv, even_split, even_split_sizes, gather_rows
-from sface_dist.evaluation.checkpoint_backbone import resolve_checkpoint
 from sface_dist.evaluation.embedder import open_model
 from sface_dist.evaluation.extraction import extract_views
 from sface_dist.evaluation.image_sources import RecordImages
@@ -135,11 +134,8 @@ def find_noisy_labels(
     labels are all-gathered and rank 0 scores and writes. ``rec`` defaults to the run's ``data.root``.
     """
     checkpoint = resolve_checkpoint(checkpoint)
-    manifest = read_manifest(checkpoint)
-    if "head_files" not in manifest:
-        raise CheckpointError(f"{checkpoint}: holds no head (a best-backbone folder?): name a training checkpoint")
-    num_classes = int(manifest["num_classes"])
-    source = RecordImages(rec if rec is not None else manifest["config"]["data"]["root"])
+    num_classes = head_classes(checkpoint)
+    source = RecordImages(rec if rec is not None else read_model_config(checkpoint)[0]["data"]["root"])
     rec_path = source.reader.rec_path
     dataset_classes = known_num_classes(source.index)
     if dataset_classes is not None and dataset_classes != num_classes:
@@ -159,7 +155,7 @@ def find_noisy_labels(
         raise CheckpointError(
             f"{rec_path}: label {int(labels.max())} is outside the checkpoint's {num_classes} classes"
         )
-    centres = load_head_shard(checkpoint, (0, num_classes), num_classes)[0]["rows"]["weight"]
+    centres = read_head_rows(checkpoint)
     scores = score_labels(embeddings, labels, centres)
     table, listing, count = write_suspects(out_dir, source.keys, labels.numpy(), scores, threshold)
     return FinderReport(rec_path, len(source), count, table, listing, float(np.median(scores.own)))
