@@ -11,7 +11,7 @@ import torch
 from sface_dist import train
 from sface_dist.config import HeadConfig, HeadType, MarginHeadType, SampleCorrection, choices
 from sface_dist.distributed import class_range
-from sface_dist.heads import ShardedSFaceHead, ShardOptimizer, build_head
+from sface_dist.heads import HeadOutput, ShardedSFaceHead, ShardOptimizer, build_head
 from sface_dist.heads.margin import MARGIN_TYPES
 from sface_dist.heads.probe import embeddings_at_cosine
 from sface_dist.heads.sampling import sample_classes, scored_rows, step_generator
@@ -167,6 +167,25 @@ def adamw_twin(weight: torch.Tensor, **hyper) -> tuple[torch.Tensor, torch.optim
     return twin, torch.optim.AdamW([twin], foreach=False, **hyper)
 
 
+def step_beside_torch(
+    head: ShardedSFaceHead,
+    ours: ShardOptimizer,
+    twin: torch.Tensor,
+    torchs: torch.optim.Optimizer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> HeadOutput:
+    """One step per batch of ``ours`` on the head and of the torch optimizer ``torchs`` on ``twin``, same gradient;
+    the last step's head output."""
+    for step, (x, y) in enumerate(batches, start=1):
+        out = head(x, y, step=step)
+        out.loss.backward()
+        twin.grad = head.weight.grad.clone()
+        ours.step(out.sampled_rows)
+        torchs.step()
+        ours.zero_grad()
+    return out
+
+
 def test_rows_adamw_is_torch_adamw_on_each_row_with_its_own_state() -> None:
     """fp64: every row moves as ``torch.optim.AdamW`` over the steps that drew it; unsampled rows and their
     moments and step counts stay put."""
@@ -199,14 +218,11 @@ def test_shard_adamw_is_torch_adamw(sample_rate: float, sample_update: str) -> N
     ours = ShardOptimizer(head, name="adamw", sample_update=sample_update, **hyper)
     twin, torchs = adamw_twin(head.weight, **hyper)
     gen = torch.Generator().manual_seed(0)
-    for step in range(1, 4):
-        x, y = torch.randn(5, 8, generator=gen, dtype=torch.float64), torch.randint(0, 30, (5,), generator=gen)
-        out = head(x, y, step=step)
-        out.loss.backward()
-        twin.grad = head.weight.grad.clone()
-        ours.step(out.sampled_rows)
-        torchs.step()
-        ours.zero_grad()
+    batches = [
+        (torch.randn(5, 8, generator=gen, dtype=torch.float64), torch.randint(0, 30, (5,), generator=gen))
+        for _ in range(3)
+    ]
+    step_beside_torch(head, ours, twin, torchs, batches)
     torch.testing.assert_close(head.weight.detach(), twin.detach(), rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(ours.state_dict()["rows"]["exp_avg_sq"], torchs.state[twin]["exp_avg_sq"])
 
@@ -274,14 +290,8 @@ def test_shard_sgd_is_torch_sgd_without_sampling_or_with_shard_update(sample_rat
     twin = head.weight.detach().clone().requires_grad_(True)
     ours = ShardOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4, sample_update=sample_update)
     torchs = torch.optim.SGD([twin], lr=0.1, momentum=0.9, weight_decay=5e-4)
-    for step in range(1, 4):
-        x, y = torch.randn(5, 8), torch.randint(0, 30, (5,))
-        out = head(x, y, step=step)
-        out.loss.backward()
-        twin.grad = head.weight.grad.clone()
-        ours.step(out.sampled_rows)
-        torchs.step()
-        ours.zero_grad()
+    batches = [(torch.randn(5, 8), torch.randint(0, 30, (5,))) for _ in range(3)]
+    out = step_beside_torch(head, ours, twin, torchs, batches)
     torch.testing.assert_close(head.weight.detach(), twin.detach())
     if sample_rate < 1.0:
         assert out.sampled_rows is not None and out.sampled_rows.numel() < 30
