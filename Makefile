@@ -1,5 +1,7 @@
 # make demo : build the environment, make a synthetic face dataset, train on 2 CPU ranks, report accuracy
-# make test : build the environment, lint, and run the test suite
+# make test : build the environment, lint, and run the test suite (all but the long fault tests)
+# make test-faults : the long launch and fault tests (signals, restarts, several nodes, DeepSpeed)
+# make check : both, as CI runs them
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +16,7 @@ TORCH_FALLBACK_INDEX :=
 endif
 STAMP := $(VENV)/.installed
 
-.PHONY: env lint test demo clean
+.PHONY: env lint test test-faults check demo clean
 
 env: $(STAMP)
 
@@ -29,7 +31,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check sface_dist tools tests
 
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not faults" tests
+
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m faults tests
+
+check: test test-faults
 
 demo: $(STAMP)
 	$(BIN)/python tools/make_demo_data.py --out data/demo
