@@ -255,6 +255,10 @@ class TrainConfig:
     overwrite: bool = False
     """Start over, whatever ``resume`` says: an earlier run's ``checkpoints/`` and ``best/`` move into
     ``OUTPUT/replaced-<time>/``."""
+    collective_timeout_minutes: float = 10.0
+    """How long a rank waits in a collective for a peer before the run stops with one line naming the
+    collective (a peer that hung or died). Longer than any pause that keeps ranks apart: an evaluation with
+    ``eval.shared: false``, a checkpoint write (docs/reliability.md, Hung peers). Fractions are allowed."""
 
 
 @dataclass
@@ -371,6 +375,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "train.grad_accum": cfg.train.grad_accum,
         "train.max_nonfinite": cfg.train.max_nonfinite,
+        "train.collective_timeout_minutes": cfg.train.collective_timeout_minutes,
         "optim.head_lr_scale": cfg.optim.head_lr_scale,
         "optim.eps": cfg.optim.eps,
         "eval.every": cfg.eval.every,

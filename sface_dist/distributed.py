@@ -14,7 +14,10 @@ The head's data flow is two collectives with autograd rules:
 """
 
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -52,6 +55,10 @@ class PeerError(RuntimeError):
     """Another rank stopped with an error and reported it; this rank stops too, silently."""
 
 
+class CollectiveError(RuntimeError):
+    """A collective that never completed on this rank: a peer hung past the timeout, or died."""
+
+
 def _env_int(*names: str, default: int) -> int:
     for name in names:
         if name in os.environ:
@@ -59,8 +66,11 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def init_distributed(timeout_minutes: int = 30) -> DistEnv:
+def init_distributed(timeout_minutes: float = 30) -> DistEnv:
     """Initialise the default process group from torchrun or SLURM variables.
+
+    A collective that waits longer than ``timeout_minutes`` for a peer fails (gloo raises on the waiting rank,
+    NCCL's watchdog aborts the process).
 
     torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; under
     ``srun`` the SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID variables are used and
@@ -240,14 +250,16 @@ def barrier(group: ProcessGroup | None = None) -> None:
         dist.barrier(group=group)
 
 
-def control_group() -> ProcessGroup | None:
+def control_group(timeout_minutes: float | None = None) -> ProcessGroup | None:
     """Collective: a gloo group for small host-side decisions, so that they never wait on a GPU stream.
 
-    None (the default group) when the default group is gloo already or there is none.
+    None (the default group) when the default group is gloo already or there is none. ``timeout_minutes``: how
+    long a decision waits for a peer (None: gloo's default).
     """
     if not dist.is_initialized() or dist.get_backend() == "gloo":
         return None
-    return dist.new_group(backend="gloo")
+    timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def _control_device(group: ProcessGroup | None) -> torch.device:
@@ -257,25 +269,65 @@ def _control_device(group: ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
+def _max_over_ranks(values: list[int], group: ProcessGroup | None) -> list[int]:
+    """Collective: the element-wise maximum of small integers over the ranks (one all-reduce)."""
+    if group_size(group) == 1:
+        return values
+    flags = torch.tensor(values, dtype=torch.int32, device=_control_device(group))
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return flags.tolist()
+
+
 def all_ranks_ok(ok: bool, group: ProcessGroup | None = None) -> bool:
     """Collective: whether ``ok`` holds on every rank, so that all ranks take the same branch after a local failure."""
-    if group_size(group) == 1:
-        return ok
-    failed = torch.tensor([0 if ok else 1], dtype=torch.int32, device=_control_device(group))
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
-    return int(failed.item()) == 0
+    return _max_over_ranks([0 if ok else 1], group)[0] == 0
 
 
-def raise_on_any_rank(error: BaseException | None, group: ProcessGroup | None = None) -> None:
+def raise_on_any_rank(error: BaseException | None, group: ProcessGroup | None = None, stop: int = 0) -> int:
     """Collective: re-raise ``error`` on the rank that hit it, and ``PeerError`` on the others.
 
-    The rank that failed prints its one line; the others stop without adding their own.
+    The rank that failed prints its one line; the others stop without adding their own. ``stop`` (a signal
+    number, 0 for none) rides on the same all-reduce: returns its maximum over the ranks, so that every rank
+    learns that some rank was asked to stop.
     """
-    if all_ranks_ok(error is None, group):
-        return
+    failed, stop = _max_over_ranks([0 if error is None else 1, stop], group)
+    if not failed:
+        return stop
     if error is not None:
         raise error
     raise PeerError("another rank stopped with an error")
+
+
+_TIMED_OUT = re.compile(r"Timed out waiting (\d+)ms")
+_PEER_CLOSED = re.compile(r"Connection (?:closed|reset) by peer(?: \[([^\]]+)\])?")
+
+
+@contextlib.contextmanager
+def naming_collective_failures(what: str, rank: int, world_size: int, hint: str = "") -> Iterator[None]:
+    """Turn gloo's error for a collective that never completed into a ``CollectiveError`` of one line naming
+    ``what`` was waiting, this rank, and the peer when there is only one: a peer that hung past the timeout
+    ("Timed out waiting Nms") or died ("Connection closed by peer [host]"). Other errors pass through, and so
+    does a ``CollectiveError`` named by an inner block. ``hint`` ends the line (the setting to change, say)."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as error:
+        peer = f"rank {1 - rank}" if world_size == 2 else f"one of the other {world_size - 1} ranks"
+        hint = f"; {hint}" if hint else ""
+        if timed_out := _TIMED_OUT.search(str(error)):
+            minutes = int(timed_out[1]) / 60000
+            raise CollectiveError(
+                f"rank {rank}: {what} timed out after {minutes:.3g} min waiting for {peer} "
+                f"(a peer hung or died{hint})"
+            ) from error
+        if closed := _PEER_CLOSED.search(str(error)):
+            host = f" on {closed[1]}" if closed[1] else ""
+            raise CollectiveError(
+                f"rank {rank}: {what} failed: {peer}{host} closed its connection (it stopped or died: "
+                f"see its log{hint})"
+            ) from error
+        raise
 
 
 def broadcast_message(message: str | None, group: ProcessGroup | None = None) -> str | None:

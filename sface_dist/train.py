@@ -3,8 +3,10 @@
 Run under torchrun (or srun) for several ranks; without a launcher it trains as
 one process. Errors in the user's input (config, data, packs, checkpoints, the
 output folder, a full disk) end with one line naming the file or key and the
-problem; ``SFACE_DEBUG=1`` shows the full traceback. Ctrl-C in a single process
-stops at the next step boundary with a checkpoint (exit status 130).
+problem; ``SFACE_DEBUG=1`` shows the full traceback. Ctrl-C, SIGTERM or SIGUSR1 stop
+every rank at the next step boundary with a checkpoint (exit status 128 + the signal's
+number: 130, 143, 138); a second one stops at once. A peer that hangs past
+``train.collective_timeout_minutes`` or dies is one line naming the collective.
 """
 
 from __future__ import annotations
@@ -14,11 +16,19 @@ import os
 import sys
 
 from sface_dist.config import load_config
-from sface_dist.distributed import LaunchError, PeerError, barrier, destroy_distributed, init_distributed
+from sface_dist.distributed import (
+    CollectiveError,
+    LaunchError,
+    PeerError,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+    naming_collective_failures,
+)
 from sface_dist.trainer import Trainer
 
 INTERRUPTED = 130
-"""Exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it."""
+"""Exit status of a run stopped at once by a second Ctrl-C (128 + SIGINT), as shells report it."""
 
 
 def describe(error: BaseException) -> str:
@@ -46,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        env = init_distributed()
+        env = init_distributed(cfg.train.collective_timeout_minutes)
         try:
-            trainer = Trainer(cfg, env)
+            hint = f"train.collective_timeout_minutes={cfg.train.collective_timeout_minutes:g}"
+            with naming_collective_failures("a collective of the run's setup", env.rank, env.world_size, hint):
+                trainer = Trainer(cfg, env)
             try:
                 results = trainer.fit()
             finally:
@@ -61,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return INTERRUPTED
-    except (ValueError, OSError, FloatingPointError, LaunchError) as err:
+    except (ValueError, OSError, FloatingPointError, LaunchError, CollectiveError) as err:
         if os.environ.get("SFACE_DEBUG"):
             raise
         print(f"error: {describe(err)}", file=sys.stderr, flush=True)
         return 1
-    if trainer.interrupted:
-        print("run the same command again to resume", flush=True)
-        return INTERRUPTED
+    if trainer.stop_signal:
+        trainer.log("run the same command again to resume")
+        return 128 + trainer.stop_signal
     if env.is_main:
         for name, result in results.items():
             print(f"final verification {name}: accuracy {result.accuracy:.4f} ± {result.std:.4f}", flush=True)

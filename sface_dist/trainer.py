@@ -14,13 +14,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import signal
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 import torch
 from torch import Tensor, nn
@@ -39,12 +36,20 @@ from sface_dist.checkpoint_manager import CheckpointManager
 from sface_dist.config import Config, OnNonFinite, save_config, to_dict
 from sface_dist.data.errors import DataError
 from sface_dist.data.loader import build_loader
-from sface_dist.distributed import DistEnv, all_reduce_max, control_group, data_parallel, raise_on_any_rank
+from sface_dist.distributed import (
+    DistEnv,
+    all_reduce_max,
+    control_group,
+    data_parallel,
+    naming_collective_failures,
+    raise_on_any_rank,
+)
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import VerificationResult
 from sface_dist.heads import HeadOutput, ShardedSFaceHead, build_head
 from sface_dist.optimization import Optimization, Schedule
 from sface_dist.run_directory import claim_run_directory
+from sface_dist.stop_signals import StopRequest, signal_name, stop_at_step_boundary
 
 
 @dataclass
@@ -163,9 +168,11 @@ class Trainer:
         """Images in one optimizer step, over all ranks."""
         self.base_lr = cfg.optim.lr * (self.global_batch / 512 if cfg.optim.scale_lr_with_batch else 1.0)
         self.progress = Progress(samples=0, epoch=0, epoch_samples=0, schedule_batch=self.global_batch)
-        self.interrupted = False
-        """Set when Ctrl-C stopped the run at a step boundary (a checkpoint was written)."""
-        self.control = control_group()
+        self.stop_signal = 0
+        """The signal that stopped the run at a step boundary, a checkpoint written (0: it was not stopped)."""
+        self.stop_request = StopRequest()
+        """This process's stop signal, agreed on at the next step boundary (``fit`` installs the handlers)."""
+        self.control = control_group(cfg.train.collective_timeout_minutes)
         """Where ranks agree on host-side outcomes (a bad batch on one rank stops all of them)."""
 
         backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size).to(env.device)
@@ -315,11 +322,22 @@ class Trainer:
 
     def check_finite(self) -> None:
         """Collective: stop every rank when ``train.on_nonfinite`` says so (the one host read of ``stop``)."""
-        raise_on_any_rank(self.watch.error(self._kept()), self.control)
+        with self.collective("all_reduce over the control group"):
+            raise_on_any_rank(self.watch.error(self._kept()), self.control)
+
+    def collective(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """A peer that hangs past ``train.collective_timeout_minutes`` or dies while ``what`` waits for it: one
+        line naming ``what`` and this rank (``distributed.CollectiveError``)."""
+        hint = f"train.collective_timeout_minutes={self.cfg.train.collective_timeout_minutes:g}"
+        return naming_collective_failures(what, self.env.rank, self.env.world_size, hint)
 
     def save(self) -> Path:
         """Collective: write a checkpoint, unless a loss, gradient or weight is not finite on some rank (then
         every rank stops)."""
+        with self.collective(f"a collective of the checkpoint of step {self.step}"):
+            return self._save()
+
+    def _save(self) -> Path:
         self.check_finite()
         bad = self._non_finite()
         error = None
@@ -339,7 +357,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, VerificationResult]:
         """Collective: score every verification pack (logged and kept-best by the monitor)."""
-        return self.monitor.run(self.backbone, self.step).results
+        with self.collective(f"a collective of the evaluation at step {self.step}"):
+            return self.monitor.run(self.backbone, self.step).results
 
     def _no_sync(self, last: bool) -> contextlib.AbstractContextManager[None]:
         """DDP's gradient sum on the last micro-step only; the others accumulate locally."""
@@ -416,8 +435,8 @@ class Trainer:
     def fit(self) -> dict[str, VerificationResult]:
         """Train to the end of the schedule, checkpointing and evaluating on schedule; returns the final evaluation.
 
-        A single-process run stops at the next step boundary on Ctrl-C, writes a checkpoint and
-        returns an empty result with ``interrupted`` set (a second Ctrl-C stops at once).
+        On Ctrl-C, SIGTERM or SIGUSR1 (``stop_signals``) received by any rank, every rank stops at the next step
+        boundary, writes a checkpoint and returns an empty result with ``stop_signal`` set.
         """
         cfg = self.cfg.train
         self.log(
@@ -428,12 +447,13 @@ class Trainer:
         start_step, started = self.step, time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
         self.model.train()
-        with _interrupt_at_step_boundary(self.env.world_size == 1) as interrupt:
+        with stop_at_step_boundary(self.log) as self.stop_request:
             while not self._finished():
                 self._start_epoch()
                 for batches in self._optimizer_batches():
                     lr = self.optimization.lr
-                    metrics = self.train_step(batches)
+                    with self.collective(f"a collective of step {self.step + 1}"):
+                        metrics = self.train_step(batches)
                     self.step += 1
                     self._advance()
                     window_steps += 1
@@ -444,10 +464,6 @@ class Trainer:
                         step_metrics = StepMetrics.from_tensor(metrics, self.diagnostic_names)
                         self._log_step(step_metrics, lr, samples_per_s, started, start_step)
                         window_start, window_steps = time.perf_counter(), 0
-                    if interrupt.is_set():
-                        self.interrupted = True
-                        self.log(f"interrupted at step {self.step}: checkpoint {self.save()}")
-                        return {}
                     if self._finished():
                         break
                     if self.checkpoints.due(self.step):
@@ -456,6 +472,10 @@ class Trainer:
                         self.check_finite()
                         self.evaluate()
                         self.model.train()
+                if self.stop_signal:
+                    name = signal_name(self.stop_signal)
+                    self.log(f"interrupted at step {self.step} by {name}: checkpoint {self.save()}")
+                    return {}
         self.log(f"checkpoint {self.save()}")
         return self.evaluate()
 
@@ -469,10 +489,12 @@ class Trainer:
             self.progress.epoch_samples = 0
 
     def _agreed_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The loader's batches, agreed on by every rank (one CPU all-reduce a step).
+        """The loader's batches, agreed on by every rank (one CPU all-reduce a micro-batch).
 
         A rank that meets a bad record stops with its one line; the others stop with it instead
-        of failing later inside a collective the failed rank never joins.
+        of failing later inside a collective the failed rank never joins. The same all-reduce carries
+        this rank's stop signal: once any rank has one, every rank ends the batches here and sets
+        ``stop_signal`` (the highest signal number asked for), so that all of them stop after the same step.
         """
         batches = iter(self.loader)
         while True:
@@ -481,8 +503,9 @@ class Trainer:
                 batch = next(batches, None)
             except DataError as failure:
                 batch, error = None, failure
-            raise_on_any_rank(error, self.control)
-            if batch is None:
+            with self.collective("all_reduce over the control group"):
+                self.stop_signal = raise_on_any_rank(error, self.control, stop=self.stop_request.signum)
+            if batch is None or self.stop_signal:
                 return
             yield batch
 
@@ -516,26 +539,3 @@ class Trainer:
             self.lock.release()
             self.lock = None
 
-
-@contextlib.contextmanager
-def _interrupt_at_step_boundary(enabled: bool) -> Iterator[threading.Event]:
-    """The first SIGINT asks the loop to stop at the next step boundary; the second interrupts at once.
-
-    Only in a single process on the main thread: ranks of a distributed run would have to agree
-    on the step, and a launcher forwards signals on its own terms.
-    """
-    interrupt = threading.Event()
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield interrupt
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        interrupt.set()
-        print("\nCtrl-C: stopping after this step to write a checkpoint (press again to stop at once)", flush=True)
-        signal.signal(signal.SIGINT, previous)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield interrupt
-    finally:
-        signal.signal(signal.SIGINT, previous)

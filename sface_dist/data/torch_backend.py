@@ -26,6 +26,7 @@ from sface_dist.data.datasets import (
 from sface_dist.data.errors import BadRecordError
 from sface_dist.data.pixels import PIXEL_MEAN, PIXEL_STD
 from sface_dist.data.sampler import EpochShardSampler, Sample
+from sface_dist.stop_signals import leave_stop_signals_to_the_main_process
 
 
 class _Loaded(NamedTuple):
@@ -117,6 +118,7 @@ class TorchFaceLoader:
             collate_fn=collate_pixels,
             pin_memory=cuda,
             persistent_workers=num_workers > 0,
+            worker_init_fn=leave_stop_signals_to_the_main_process,
         )
 
     def __len__(self) -> int:
