@@ -440,7 +440,7 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(demo_data: Path, tmp_
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "error" not in err, err
-    stopped = re.search(r"^interrupted at step (\d+): checkpoint (\S+)$", out, re.MULTILINE)
+    stopped = re.search(r"^interrupted at step (\d+) by SIGINT: checkpoint (\S+)$", out, re.MULTILINE)
     assert stopped is not None, out
     step = int(stopped.group(1))
     assert (run / "checkpoints" / "latest").read_text() == f"step-{step:08d}"

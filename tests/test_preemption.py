@@ -1,0 +1,273 @@
+"""Pre-emption and hung peers (docs/multinode.md, Pre-emption; docs/reliability.md).
+
+A stop signal (Ctrl-C, SIGTERM, SIGUSR1) stops every rank at the next step boundary with a checkpoint and exit
+status 128 + the signal; a second one stops at once; DataLoader workers outlive the signals meant for their main
+process. A peer that hangs past ``train.collective_timeout_minutes`` or dies ends each rank with one line naming
+the collective, and no checkpoint is published half-written. The launches are real: two ``python -m
+sface_dist.train`` processes with SLURM's variables (as ``srun`` starts them), or torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_faults import ROOT, demo_data, logged, one_error_line, train_in_process, write_config
+
+from sface_dist.config import ConfigError, load_config
+from sface_dist.distributed import CollectiveError, naming_collective_failures
+from sface_dist.stop_signals import (
+    COPIES_WITHIN_S,
+    StopRequest,
+    stop_at_step_boundary,
+)
+
+__all__ = ["demo_data"]  # the fixture, shared with tests/test_faults.py
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+SLURM_SIGNALS = "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""torchrun's default signals plus SLURM's warning signal: torchrun forwards them to its workers."""
+RUN_KEYS = "steps: 100000, log_every: 1, checkpoint_every: 2, keep_checkpoints: 100"
+
+
+def test_first_signal_asks_and_a_copy_of_it_is_ignored() -> None:
+    """In this process: the first SIGUSR1 sets the request and is announced once, a copy arriving with it changes
+    nothing, and the previous handlers are back afterwards."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    said: list[str] = []
+    with stop_at_step_boundary(said.append) as request:
+        assert request == StopRequest()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert request.signum == signal.SIGUSR1
+    assert said == ["SIGUSR1: stopping after this step to write a checkpoint (again to stop at once)"]
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+SECOND_SIGNAL = """
+import os, signal, sys, time
+from sface_dist.stop_signals import COPIES_WITHIN_S, stop_at_step_boundary
+first, second = int(sys.argv[1]), int(sys.argv[2])
+with stop_at_step_boundary(print):
+    os.kill(os.getpid(), first)
+    time.sleep(COPIES_WITHIN_S + 0.2 if first == second else 0)
+    os.kill(os.getpid(), second)
+    time.sleep(5)
+print("still running")
+"""
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(signal.SIGTERM, signal.SIGTERM), (signal.SIGUSR1, signal.SIGUSR1), (signal.SIGINT, signal.SIGINT),
+     (signal.SIGUSR1, signal.SIGTERM)],
+    ids=["SIGTERM-twice", "SIGUSR1-twice", "Ctrl-C-twice", "SIGUSR1-then-SIGTERM"],
+)
+def test_a_second_signal_stops_at_once(first: signal.Signals, second: signal.Signals) -> None:
+    """The same signal after the copies' window, or another one, does what it did before: SIGTERM and SIGUSR1
+    end the process, Ctrl-C raises ``KeyboardInterrupt``."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", SECOND_SIGNAL, str(int(first)), str(int(second))], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert "still running" not in result.stdout
+    assert result.returncode == -second, result.stderr
+    if second == signal.SIGINT:
+        assert "KeyboardInterrupt" in result.stderr
+    assert time.monotonic() - started < COPIES_WITHIN_S + 4.5
+
+
+WORKER = """
+import os, sys
+from torch.utils.data import DataLoader
+from sface_dist.stop_signals import leave_stop_signals_to_the_main_process
+class Pids:
+    def __len__(self): return 1000
+    def __getitem__(self, index): return os.getpid()
+loader = DataLoader(Pids(), batch_size=2, num_workers=1, persistent_workers=True,
+                    worker_init_fn=leave_stop_signals_to_the_main_process)
+batches = iter(loader)
+print(int(next(batches)[0]), flush=True)
+sys.stdin.readline()
+print(sorted({int(next(batches)[0]) for _ in range(100)}), flush=True)
+"""
+
+
+def test_dataloader_workers_outlive_the_signals_and_end_with_their_process() -> None:
+    """Signals from another process (torchrun's ``killpg``, SLURM) leave a worker running; the main process still
+    ends it when it exits (multiprocessing's SIGTERM from the parent), rather than waiting for it forever."""
+    process = subprocess.Popen([sys.executable, "-c", WORKER], cwd=ROOT, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdin is not None
+    worker = int(process.stdout.readline())
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        subprocess.run(["kill", f"-{signum.name[3:]}", str(worker)], check=True)
+    time.sleep(0.5)
+    out, err = process.communicate("go\n", timeout=30)
+    assert process.returncode == 0 and out == f"[{worker}]\n", err
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def srun_ranks(world_size: int, command: list[str]) -> list[subprocess.Popen[str]]:
+    """``command`` on ``world_size`` ranks as ``srun`` starts them: SLURM's variables, one process group each."""
+    env = os.environ | {"SLURM_NTASKS": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                        "OMP_NUM_THREADS": "1"}
+    return [
+        subprocess.Popen(command, cwd=ROOT, env=env | {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for rank in range(world_size)
+    ]
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants: every process of a SLURM job step, which SLURM signals one by one."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def wait_for_step(process: subprocess.Popen[str], step: int) -> str:
+    """Rank 0's output up to and including the log line of ``step``."""
+    assert process.stdout is not None
+    seen = ""
+    for line in process.stdout:
+        seen += line
+        if line.startswith(f"step {step}/"):
+            return seen
+    raise AssertionError(f"the run ended before step {step}: {seen}")
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("launch", ["srun, SIGUSR1 to each task", "torchrun, SIGTERM to its process group",
+                                    "torchrun, SIGUSR1 to every process"])
+def test_a_signal_stops_every_rank_at_a_step_boundary_and_the_run_resumes(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], launch: str
+) -> None:
+    """The checkpoint is the step the signal arrived in: the last step logged; the resumed run continues after it.
+
+    ``srun``: SLURM's ``--signal=USR1@120`` reaches each task (and its DataLoader worker), which exits with 138.
+    torchrun's process group (a terminal, ``kill`` on the launcher, SLURM's ``proctrack/pgid``) holds only the
+    launcher, which forwards the signal to its workers. Every process (SLURM's ``proctrack/cgroup``): each worker
+    gets its own copy and torchrun's, which count once. torchrun exits 1 after its workers stopped by themselves.
+    """
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", demo_data, run, RUN_KEYS)
+    train = ["-m", "sface_dist.train", str(config), "--set", "data.num_workers=1", "--set", "eval.bins=[]"]
+    signum = signal.SIGTERM if "SIGTERM" in launch else signal.SIGUSR1
+    if launch.startswith("srun"):
+        ranks = srun_ranks(2, [sys.executable, *train])
+        rank0 = ranks[0]
+    else:
+        rank0 = subprocess.Popen([*TORCHRUN, *([SLURM_SIGNALS] if signum == signal.SIGUSR1 else []), *train],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+        ranks = [rank0]
+    out = wait_for_step(rank0, 3)
+    signalled = time.monotonic()
+    if launch == "torchrun, SIGUSR1 to every process":
+        for pid in process_tree(rank0.pid):
+            os.kill(pid, signum)
+    else:
+        for rank in ranks:
+            os.killpg(rank.pid, signum)
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    stopped_in = time.monotonic() - signalled
+    out += outputs[0][0]
+
+    if launch.startswith("srun"):
+        assert [rank.returncode for rank in ranks] == [128 + signum] * 2, outputs
+        for _, err in outputs:
+            assert err == "", err
+    else:
+        err = outputs[0][1]
+        assert rank0.returncode == 1 and f"got signal: {int(signum)}" in err, err
+        assert "forcefully" not in err and "[rank" not in err and "error:" not in err, err
+        assert stopped_in < 30, "torchrun's grace period ran out"
+    stopped = re.search(rf"^interrupted at step (\d+) by {signum.name}: checkpoint (\S+)$", out, re.MULTILINE)
+    assert stopped is not None, out
+    step = int(stopped[1])
+    assert step >= 3 and max(logged(out)) == step, out
+    assert (run / "checkpoints" / "latest").read_text() == f"step-{step:08d}"
+
+    capsys.readouterr()
+    assert train_in_process(config, f"train.steps={step + 2}", "eval.bins=[]") == 0
+    resumed = capsys.readouterr().out
+    assert f"at step {step} (" in resumed and min(logged(resumed)) == step + 1, resumed
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    ("where", "waiting", "published"),
+    [("after-step-3", "all_reduce over the control group", "step-00000002"),
+     ("checkpoint-4", "a collective of the checkpoint of step 4", "step-00000002")],
+)
+def test_a_hung_peer_is_one_line_on_every_rank(
+    demo_data: Path, tmp_path: Path, where: str, waiting: str, published: str
+) -> None:
+    """Rank 0 sleeps past rank 1's timeout (3 s): rank 1 names the collective it waited in and the rank it waited
+    for; rank 0, when it wakes, finds rank 1 gone and says so. Both exit 1; ``latest`` names the last complete
+    checkpoint and step 4's is not published."""
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", demo_data, run, RUN_KEYS)
+    ranks = srun_ranks(2, [sys.executable, "tests/hang_rank.py", "0", "10", where, str(config),
+                           "--set", "train.collective_timeout_minutes=0.05", "--set", "train.steps=6",
+                           "--set", "eval.bins=[]"])
+    outputs = [rank.communicate(timeout=180) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [1, 1], outputs
+    hint = "train.collective_timeout_minutes=0.05"
+    assert one_error_line(outputs[1][1]) == (
+        f"error: rank 1: {waiting} timed out after 0.05 min waiting for rank 0 (a peer hung or died; {hint})"
+    )
+    line = one_error_line(outputs[0][1])
+    assert re.fullmatch(rf"error: rank 0: .* failed: rank 1 on 127\.0\.0\.1 closed its connection "
+                        rf"\(it stopped or died: see its log; {re.escape(hint)}\)", line), line
+    assert (run / "checkpoints" / "latest").read_text() == published
+    assert not (run / "checkpoints" / "step-00000004").exists()
+    assert torch.load(run / "checkpoints" / published / "trainer.pt", weights_only=True)["step"] == 2
+
+
+def test_collective_timeout_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match=r"train.collective_timeout_minutes: must be > 0, got 0"):
+        load_config(None, ["data.backend=synthetic", "train.collective_timeout_minutes=0"])
+
+
+def test_a_collective_error_names_the_collective_rank_and_peer() -> None:
+    """gloo's two messages for a collective that never completes, turned into one line each."""
+    timed_out = "[gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 6000ms for send operation to complete"
+    closed = textwrap.dedent("""\
+        [gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.7]:28552. This is typically caused by
+        a remote worker crashing.""")
+    with pytest.raises(CollectiveError) as error, naming_collective_failures("all_reduce X", 3, 8, "key=0.1"):
+        raise RuntimeError(timed_out)
+    assert str(error.value) == ("rank 3: all_reduce X timed out after 0.1 min waiting for one of the other 7 ranks "
+                                "(a peer hung or died; key=0.1)")
+    with pytest.raises(CollectiveError) as error, naming_collective_failures("all_reduce X", 1, 2):
+        raise RuntimeError(closed)
+    assert str(error.value) == ("rank 1: all_reduce X failed: rank 0 on 10.0.0.7 closed its connection "
+                                "(it stopped or died: see its log)")
+    with pytest.raises(RuntimeError, match="^something else$"), naming_collective_failures("all_reduce X", 1, 2):
+        raise RuntimeError("something else")
