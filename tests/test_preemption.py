@@ -162,16 +162,17 @@ def wait_for_step(process: subprocess.Popen[str], step: int) -> str:
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("launch", ["srun, SIGUSR1 to each task", "torchrun, SIGTERM to its process group",
+@pytest.mark.parametrize("launch", ["srun, SIGUSR1 to rank 1 only", "torchrun, SIGTERM to its process group",
                                     "torchrun, SIGUSR1 to every process"])
 def test_a_signal_stops_every_rank_at_a_step_boundary_and_the_run_resumes(
     demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], launch: str
 ) -> None:
     """The checkpoint is the step the signal arrived in: the last step logged; the resumed run continues after it.
 
-    ``srun``: SLURM's ``--signal=USR1@120`` reaches each task (and its DataLoader worker), which exits with 138.
-    torchrun's process group (a terminal, ``kill`` on the launcher, SLURM's ``proctrack/pgid``) holds only the
-    launcher, which forwards the signal to its workers. Every process (SLURM's ``proctrack/cgroup``): each worker
+    ``srun``: two tasks as SLURM starts them; only rank 1 (and its DataLoader worker) gets SIGUSR1, and both
+    ranks stop and exit with 138: rank 0 learns it in the step's agreement. torchrun's process group (a
+    terminal, ``kill`` on the launcher, SLURM's ``proctrack/pgid``) holds only the launcher, which forwards the
+    signal to its workers. Every process (SLURM's ``proctrack/cgroup``): each worker
     gets its own copy and torchrun's, which count once. torchrun exits 1 after its workers stopped by themselves.
     """
     run = tmp_path / "run"
@@ -191,9 +192,10 @@ def test_a_signal_stops_every_rank_at_a_step_boundary_and_the_run_resumes(
     if launch == "torchrun, SIGUSR1 to every process":
         for pid in process_tree(rank0.pid):
             os.kill(pid, signum)
+    elif launch.startswith("srun"):
+        os.killpg(ranks[1].pid, signum)
     else:
-        for rank in ranks:
-            os.killpg(rank.pid, signum)
+        os.killpg(rank0.pid, signum)
     outputs = [rank.communicate(timeout=120) for rank in ranks]
     stopped_in = time.monotonic() - signalled
     out += outputs[0][0]
