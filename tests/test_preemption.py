@@ -1,4 +1,4 @@
-"""Pre-emption and hung peers (docs/multinode.md, Pre-emption; docs/reliability.md).
+"""Pre-emption and hung peers: docs/multinode.md (Pre-emption) and docs/reliability.md.
 
 A stop signal (Ctrl-C, SIGTERM, SIGUSR1) stops every rank at the next step boundary with a checkpoint and exit
 status 128 + the signal; a second one stops at once; DataLoader workers outlive the signals meant for their main
