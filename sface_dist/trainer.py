@@ -538,4 +538,3 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-
