@@ -17,19 +17,24 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from test_faults import ROOT, demo_data, logged, one_error_line, train_in_process, write_config
+from test_trainer import ENV, make_config
 
-from sface_dist.config import ConfigError, load_config
+from sface_dist.checkpoint import load_trainer_state
+from sface_dist.config import Config, ConfigError, load_config
 from sface_dist.distributed import CollectiveError, naming_collective_failures
 from sface_dist.stop_signals import (
     COPIES_WITHIN_S,
     StopRequest,
     stop_at_step_boundary,
 )
+from sface_dist.trainer import Trainer
 
 __all__ = ["demo_data"]  # the fixture, shared with tests/test_faults.py
 
@@ -273,3 +278,48 @@ def test_a_collective_error_names_the_collective_rank_and_peer() -> None:
                                 "(it stopped or died: see its log)")
     with pytest.raises(RuntimeError, match="^something else$"), naming_collective_failures("all_reduce X", 1, 2):
         raise RuntimeError("something else")
+
+
+class SignallingLoader:
+    """A loader that sends this process SIGUSR1 as it hands out its ``at``-th batch (counted from 0 over epochs)."""
+
+    def __init__(self, loader: Any, at: int) -> None:
+        self.loader, self.at, self.handed_out = loader, at, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            if self.handed_out == self.at:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            self.handed_out += 1
+            yield batch
+
+
+def fit_and_close(trainer: Trainer) -> None:
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("at", [6, 7], ids=["first-micro-batch", "second-micro-batch"])
+def test_a_stop_inside_an_accumulated_step_loses_nothing(tmp_path: Path, at: int) -> None:
+    """``train.grad_accum: 2``: SIGUSR1 while either micro-batch of step 4 is fetched stops after step 3 (a
+    fetched half-step is dropped, not counted); resuming ends with the weights of a run never stopped."""
+    def config(name: str) -> Config:
+        return make_config(tmp_path / name, batch_size=4, steps=6, grad_accum=2, checkpoint_every=100)
+
+    fit_and_close(Trainer(config("straight"), ENV))
+    stopped = Trainer(config("stopped"), ENV)
+    stopped.loader = SignallingLoader(stopped.loader, at)  # type: ignore[assignment]
+    fit_and_close(stopped)
+    assert (stopped.stop_signal, stopped.step) == (signal.SIGUSR1, 3)
+    assert (tmp_path / "stopped" / "checkpoints" / "latest").read_text() == "step-00000003"
+    fit_and_close(Trainer(config("stopped"), ENV))
+    straight, resumed = (load_trainer_state(tmp_path / name / "checkpoints" / "step-00000006")
+                         for name in ("straight", "stopped"))
+    assert resumed.progress == straight.progress
+    for key, tensor in straight.backbone.items():
+        torch.testing.assert_close(resumed.backbone[key], tensor, rtol=0, atol=1e-6, msg=key)
