@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import signal
 import threading
@@ -23,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from sface_dist.backbones import build_backbone, compile_backbone
@@ -39,7 +40,8 @@ from sface_dist.checkpoint_manager import CheckpointManager
 from sface_dist.config import Config, OnNonFinite, save_config, to_dict
 from sface_dist.data.errors import DataError
 from sface_dist.data.loader import build_loader
-from sface_dist.distributed import DistEnv, all_reduce_max, control_group, data_parallel, raise_on_any_rank
+from sface_dist.distributed import DistEnv, all_reduce_max, control_group, raise_on_any_rank
+from sface_dist.engine import build_engine
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import VerificationResult
 from sface_dist.heads import HeadOutput, ShardedSFaceHead, build_head
@@ -172,7 +174,6 @@ class Trainer:
         if cfg.model.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
         self.backbone = compile_backbone(backbone) if cfg.model.compile else backbone
-        self.model = data_parallel(backbone, env, grad_comm=cfg.train.grad_comm)
         self.head = build_head(
             cfg.head, self.num_classes, cfg.model.embedding_size, process_group=None, seed=cfg.train.seed
         ).to(env.device)
@@ -185,7 +186,10 @@ class Trainer:
             cfg.train.amp,
             env.device,
             self._schedule(),
+            functools.partial(build_engine, cfg, backbone, env),
         )
+        self.engine = self.optimization.engine
+        self.model = self.engine.model
         self.watch = NonFiniteWatch(cfg.train.on_nonfinite, cfg.train.max_nonfinite, env.rank, env.device)
         self.step = 0
         self.diagnostic_names: tuple[str, ...] = ()
@@ -273,18 +277,14 @@ class Trainer:
             return
         path, state = resumed.path, resumed.trainer
         try:
-            self.backbone.load_state_dict(state.backbone)
+            self.engine.load(state.backbone, state.backbone_optimizer)
         except RuntimeError as error:
             mismatch = state_dict_mismatch(error)
             raise CheckpointError(f"{path}: the backbone does not fit the config: {mismatch}") from None
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{path}: the backbone optimizer state does not fit: {error}") from None
         try:
-            self.optimization.load_state_dict(
-                {
-                    "backbone_optimizer": state.backbone_optimizer,
-                    "schedulers": state.schedulers,
-                    "grad_scaler": state.grad_scaler,
-                }
-            )
+            self.optimization.load_state_dict({"schedulers": state.schedulers, "grad_scaler": state.grad_scaler})
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"{path}: the backbone optimizer state does not fit: {error}") from None
         restore_rng_state(state.rng)
@@ -330,7 +330,7 @@ class Trainer:
         raise_on_any_rank(error)
         state = TrainerState(
             step=self.step,
-            backbone=self.backbone.state_dict(),
+            backbone=self.engine.weights(),
             rng=rng_state(),
             progress=dataclasses.asdict(self.progress),
             **self.optimization.state_dict(),
@@ -340,12 +340,6 @@ class Trainer:
     def evaluate(self) -> dict[str, VerificationResult]:
         """Collective: score every verification pack (logged and kept-best by the monitor)."""
         return self.monitor.run(self.backbone, self.step).results
-
-    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager[None]:
-        """DDP's gradient sum on the last micro-step only; the others accumulate locally."""
-        if last or not isinstance(self.model, nn.parallel.DistributedDataParallel):
-            return contextlib.nullcontext()
-        return self.model.no_sync()
 
     def train_step(self, batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
         """One optimizer step over ``train.grad_accum`` micro-batches (this rank's share of each): the gradient
@@ -360,11 +354,11 @@ class Trainer:
         for i, (images, labels) in enumerate(batches):
             if self.cfg.model.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with self._no_sync(last=i == len(batches) - 1):
+            with self.engine.accumulate(last=i == len(batches) - 1):
                 with self._autocast():
                     embeddings = self.model(images)
                 out = self.head(embeddings.float(), labels, step=self.step + 1, micro_step=i)
-                self.optimization.grad_scaler.scale(out.loss / len(batches)).backward()
+                self.engine.backward(out.loss / len(batches))
             metrics.append(metric_tensor(out))
             if out.sampled_rows is not None:
                 sampled_rows.append(out.sampled_rows)
