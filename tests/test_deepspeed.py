@@ -107,6 +107,33 @@ def test_zero_steps_like_ddp_with_summed_gradients(tmp_path: Path) -> None:
         assert _relative(result["zero2 accum averaged"], result["ddp accum"]) > 1000 * max(accumulated, 1e-9)
 
 
+def skip_worker(rank: int, world: int, output: str) -> dict[str, Any]:
+    """Three steps under ``on_nonfinite: skip`` with a NaN planted in the head's gradient at step 2 only."""
+    from sface_dist.trainer import Trainer
+
+    results = {}
+    for engine in ("ddp", "zero2"):
+        cfg = make_config(Path(output) / engine, engine, steps=3)
+        cfg.train.on_nonfinite = "skip"
+        trainer = Trainer(cfg, _env(rank, world))
+        try:
+            trainer.head.weight.register_hook(lambda grad: grad * float("nan") if trainer.step == 1 else grad)
+            trainer.fit()
+            results[engine] = ([p.detach().clone() for p in trainer.backbone.parameters()], trainer.watch.skipped)
+        finally:
+            trainer.close()
+    return results
+
+
+@pytest.mark.faults
+def test_a_skipped_step_leaves_no_gradient_behind(tmp_path: Path) -> None:
+    """ZeRO-2 drops the skipped step's reduced gradient partitions: the step after it matches DDP's."""
+    for result in run_ranks(skip_worker, 2, str(tmp_path)):
+        (ddp, ddp_skipped), (zero, zero_skipped) = result["ddp"], result["zero2"]
+        assert ddp_skipped == zero_skipped == 1
+        assert _relative(zero, ddp) < 1e-5
+
+
 def fit_worker(rank: int, world: int, runs: list[tuple[str, str, int]]) -> None:
     """Train each (output, engine, steps) in turn, resuming from the output's latest checkpoint."""
     from sface_dist.trainer import Trainer
