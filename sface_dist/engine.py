@@ -176,6 +176,8 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.backbone, self.optimizer, self.world_size = backbone, optimizer, dist.get_world_size()
+        self.group_params = [list(group["params"]) for group in optimizer.param_groups]
+        """The torch optimizer's groups as built (DeepSpeed replaces their parameters by its flat partitions)."""
         config = deepspeed_json(cfg, micro_batch, grad_accum, self.world_size, grad_clip)
         self.engine, self.zero, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer, config=config)
         self.model = _SummedForward(self.engine, self.world_size)
@@ -202,32 +204,38 @@ class DeepSpeedEngine:
     def weights(self) -> dict[str, Tensor]:
         return self.backbone.state_dict()
 
-    def _groups(self) -> list[tuple[Tensor, list[nn.Parameter], list[int]]]:
-        """Per parameter group: this rank's flat fp32 partition, the group's parameters and their offsets in the
-        flattened group."""
+    def _groups(self) -> list[tuple[Tensor, list[tuple[int, nn.Parameter, int]]]]:
+        """Per parameter group: this rank's flat fp32 partition, and for each parameter DeepSpeed holds in it (the
+        trainable ones), its place in the torch optimizer's group, the parameter and its offset in the flat
+        group."""
         zero = self.zero
-        return list(zip(zero.single_partition_of_fp32_groups, zero.round_robin_bit16_groups,
-                        zero.round_robin_bit16_offsets, strict=True))
+        groups = []
+        for partition, params, offsets, original in zip(zero.single_partition_of_fp32_groups,
+                                                        zero.round_robin_bit16_groups, zero.round_robin_bit16_offsets,
+                                                        self.group_params, strict=True):
+            place = {id(param): i for i, param in enumerate(original)}
+            groups.append((partition, [(place[id(p)], p, offset) for p, offset in zip(params, offsets, strict=True)]))
+        return groups
 
     def optimizer_state_dict(self) -> dict[str, Any]:
         """Collective: every rank's partition of the optimizer state gathered and cut back into per-parameter
-        tensors, indexed like ``torch.optim.Optimizer.state_dict``."""
+        tensors, indexed like ``torch.optim.Optimizer.state_dict`` (frozen parameters hold no state there either)."""
         state: dict[int, dict[str, Any]] = {}
         param_groups = []
         index = 0
-        for (partition, params, offsets), group in zip(self._groups(), self.optimizer.param_groups, strict=True):
+        for (partition, members), group, original in zip(self._groups(), self.optimizer.param_groups,
+                                                         self.group_params, strict=True):
             saved = self.optimizer.state.get(partition, {})
             flat = {key: self._gather(value) for key, value in saved.items() if _is_flat(value, partition)}
             scalars = {key: value.clone() for key, value in saved.items() if not _is_flat(value, partition)}
-            for i, (param, offset) in enumerate(zip(params, offsets, strict=True)):
-                if saved:
-                    tensors = {key: value[offset : offset + param.numel()].view_as(param).clone()
-                               for key, value in flat.items()}
-                    state[index + i] = {**tensors, **scalars}
-            ids = list(range(index, index + len(params)))
+            for place, param, offset in members if saved else []:
+                tensors = {key: value[offset : offset + param.numel()].view_as(param).clone()
+                           for key, value in flat.items()}
+                state[index + place] = {**tensors, **scalars}
+            ids = list(range(index, index + len(original)))
             param_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
-            index += len(params)
-        return {"state": state, "param_groups": param_groups}
+            index += len(original)
+        return {"state": dict(sorted(state.items())), "param_groups": param_groups}
 
     def _gather(self, partition: Tensor) -> Tensor:
         parts = [torch.empty_like(partition) for _ in range(self.world_size)]
@@ -240,23 +248,24 @@ class DeepSpeedEngine:
         self.backbone.load_state_dict(weights)
         self.zero.refresh_fp32_params()
         groups = optimizer_state["param_groups"]
-        if len(groups) != len(self.optimizer.param_groups):
-            raise ValueError(f"{len(groups)} parameter groups saved, {len(self.optimizer.param_groups)} configured")
+        if len(groups) != len(self.group_params):
+            raise ValueError(f"{len(groups)} parameter groups saved, {len(self.group_params)} configured")
         saved_state = optimizer_state["state"]
         rank = dist.get_rank()
-        for (partition, params, offsets), group in zip(self._groups(), groups, strict=True):
-            if len(group["params"]) != len(params):
-                raise ValueError(f"a group of {len(group['params'])} parameters saved, {len(params)} configured")
-            entries = [saved_state.get(i, saved_state.get(str(i))) for i in group["params"]]
+        for (partition, members), group, original in zip(self._groups(), groups, self.group_params, strict=True):
+            if len(group["params"]) != len(original):
+                raise ValueError(f"a group of {len(group['params'])} parameters saved, {len(original)} configured")
+            entries = [saved_state.get(group["params"][place]) for place, _, _ in members]
             if not all(entries):
                 continue
-            restored: dict[str, Tensor] = {}
+            restored: dict[str, Any] = {}
+            first_param = members[0][1]
             for key, value in entries[0].items():
-                if not (torch.is_tensor(value) and value.shape == params[0].shape):
+                if not (torch.is_tensor(value) and value.shape == first_param.shape):
                     restored[key] = value.clone() if torch.is_tensor(value) else value
                     continue
                 flat = partition.new_zeros(partition.numel() * self.world_size)
-                for entry, param, offset in zip(entries, params, offsets, strict=True):
+                for entry, (_, param, offset) in zip(entries, members, strict=True):
                     flat[offset : offset + param.numel()] = entry[key].reshape(-1).to(flat)
                 restored[key] = flat.narrow(0, rank * partition.numel(), partition.numel()).clone()
             self.optimizer.state[partition] = restored

@@ -75,7 +75,7 @@ def _measure_rank(rank: int, world: int, backbone_name: str, tmp: str, results: 
             loss = sum((p * 0).sum() for p in backbone.parameters())
             if engine == "DDP":
                 loss.backward()  # DDP's reduction keeps the full gradient: it needs no process group here
-                gradients = sum(p.grad.nbytes for p in backbone.parameters())
+                gradients = sum(p.grad.nbytes for p in backbone.parameters() if p.grad is not None)
                 optimizer.step()
                 master = 0
             else:
