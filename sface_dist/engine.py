@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -173,6 +174,8 @@ class DeepSpeedEngine:
             raise ValueError("train.engine=deepspeed: needs a process group: launch with torchrun, even for one rank")
         _skip_shm_op()
         os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # DeepSpeed asks for it; srun does not set it
+        # DeepSpeed's ZeRO all-gathers through a torch function that warns of its deprecation on every step.
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
         import deepspeed
 
         self.backbone, self.optimizer, self.world_size = backbone, optimizer, dist.get_world_size()

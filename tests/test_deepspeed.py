@@ -212,3 +212,11 @@ def test_deepspeed_missing_names_the_key() -> None:
 def test_zero_stage_is_one_or_two() -> None:
     with pytest.raises(ConfigError, match=r"^defaults: deepspeed\.stage: expected 1 or 2, got 3$"):
         load_config(None, ["data.backend=synthetic", "deepspeed.stage=3"])
+
+
+def test_deepspeed_without_a_process_group_names_the_launch(tmp_path: Path) -> None:
+    """``python -m sface_dist.train`` without torchrun has no process group for DeepSpeed to join."""
+    from sface_dist.trainer import Trainer
+
+    with pytest.raises(ValueError, match=r"^train\.engine=deepspeed: needs a process group: launch with torchrun"):
+        Trainer(make_config(tmp_path, "zero1"), _env(0, 1))
