@@ -200,9 +200,9 @@ class DeepSpeedEngine:
         self.engine.step()
 
     def discard_gradients(self) -> None:
+        """Without ``step``: the reduced partitions are replaced at the next accumulation boundary, and the ZeRO
+        optimizer drops the gradients it still holds on the parameters."""
         self.zero.zero_grad(set_to_none=True)
-        for group in self.zero.averaged_gradients:
-            self.zero.averaged_gradients[group] = None
 
     def weights(self) -> dict[str, Tensor]:
         return self.backbone.state_dict()

@@ -112,7 +112,7 @@ def skip_worker(rank: int, world: int, output: str) -> dict[str, Any]:
     from sface_dist.trainer import Trainer
 
     results = {}
-    for engine in ("ddp", "zero2"):
+    for engine in ("ddp", "zero1", "zero2"):
         cfg = make_config(Path(output) / engine, engine, steps=3)
         cfg.train.on_nonfinite = "skip"
         trainer = Trainer(cfg, _env(rank, world))
@@ -127,11 +127,14 @@ def skip_worker(rank: int, world: int, output: str) -> dict[str, Any]:
 
 @pytest.mark.faults
 def test_a_skipped_step_leaves_no_gradient_behind(tmp_path: Path) -> None:
-    """ZeRO-2 drops the skipped step's reduced gradient partitions: the step after it matches DDP's."""
+    """A skipped step leaves no gradient behind under ZeRO-1 and ZeRO-2: the step after it matches DDP's."""
     for result in run_ranks(skip_worker, 2, str(tmp_path)):
-        (ddp, ddp_skipped), (zero, zero_skipped) = result["ddp"], result["zero2"]
-        assert ddp_skipped == zero_skipped == 1
-        assert _relative(zero, ddp) < 1e-5
+        ddp, skipped = result["ddp"]
+        assert skipped == 1
+        for engine in ("zero1", "zero2"):
+            zero, zero_skipped = result[engine]
+            assert zero_skipped == 1
+            assert _relative(zero, ddp) < 1e-5, engine
 
 
 def tiny_with_a_frozen_parameter(name: str, embedding_size: int) -> torch.nn.Module:
