@@ -40,15 +40,18 @@ ENGINES = {
 }
 
 
-def make_config(output: Path, engine: str, steps: int = 1, grad_accum: int = 1, grad_clip: float = 1.0) -> Config:
-    """The tiny backbone and an SFace head on synthetic faces; SGD with momentum and weight decay, and by default
-    a clip that binds (the untrained net's gradient norm is far above 1)."""
+def make_config(output: Path, engine: str, steps: int = 1, grad_accum: int = 1, grad_clip: float = 1.0,
+                optimizer: str = "sgd") -> Config:
+    """The tiny backbone and an SFace head on synthetic faces; SGD with momentum (or AdamW) and weight decay, and
+    by default a clip that binds (the untrained net's gradient norm is far above 1). AdamW's eps is 1e-4: the
+    tiny net's last bias feeds a batch norm, so its gradient is rounding noise, which a small eps turns into
+    steps of ±lr that differ between any two summation orders."""
     kind, stage = ENGINES[engine]
     return Config(
         data=DataConfig(backend="synthetic", num_classes=CLASSES, synthetic_images_per_class=8, batch_size=PER_RANK,
                         num_workers=0),
         model=ModelConfig(backbone="tiny", embedding_size=16),
-        optim=OptimConfig(lr=0.05, grad_clip=grad_clip, schedule="cosine", warmup_steps=1),
+        optim=OptimConfig(name=optimizer, lr=0.05, eps=1e-4, grad_clip=grad_clip, schedule="cosine", warmup_steps=1),
         train=TrainConfig(output=str(output), steps=steps, grad_accum=grad_accum, engine=kind, log_every=100,
                           checkpoint_every=100),
         deepspeed=DeepSpeedConfig(stage=stage),
@@ -147,13 +150,14 @@ def tiny_with_a_frozen_parameter(name: str, embedding_size: int) -> torch.nn.Mod
     return model
 
 
-def fit_worker(rank: int, world: int, runs: list[tuple[str, str, int]]) -> None:
-    """Train each (output, engine, steps) in turn, resuming from the output's latest checkpoint."""
+def fit_worker(rank: int, world: int, runs: list[tuple[str, str, int, str]]) -> None:
+    """Train each (output, engine, steps, optimizer) in turn, resuming from the output's latest checkpoint."""
     import sface_dist.trainer as trainer_module
 
-    for output, engine, steps in runs:
+    for output, engine, steps, optimizer in runs:
+        cfg = make_config(Path(output), engine, steps=steps, optimizer=optimizer)
         with mock.patch.object(trainer_module, "build_backbone", tiny_with_a_frozen_parameter):
-            trainer = trainer_module.Trainer(make_config(Path(output), engine, steps=steps), _env(rank, world))
+            trainer = trainer_module.Trainer(cfg, _env(rank, world))
         try:
             trainer.fit()
         finally:
@@ -173,28 +177,35 @@ def _assert_same_state(got: Path, expected: Path, tolerance: float) -> None:
     assert optimizer["state"].keys() == ref_optimizer["state"].keys()
     assert 0 not in optimizer["state"] and len(optimizer["state"]) > 1  # the frozen parameter has no state
     for index, entry in ref_optimizer["state"].items():
-        buffer = entry["momentum_buffer"]
-        assert torch.allclose(optimizer["state"][index]["momentum_buffer"], buffer, rtol=tolerance, atol=tolerance)
+        assert optimizer["state"][index].keys() == entry.keys()
+        for key, value in entry.items():
+            assert torch.allclose(optimizer["state"][index][key], value, rtol=tolerance, atol=tolerance), key
     assert [g["params"] for g in optimizer["param_groups"]] == [g["params"] for g in ref_optimizer["param_groups"]]
 
 
 @pytest.mark.faults
 def test_checkpoints_resume_across_engines_and_world_sizes(tmp_path: Path) -> None:
-    """Two steps under DDP and under ZeRO-2 write the same checkpoint; DDP resumed under ZeRO-1 and ZeRO-2
-    resumed under DDP reach the straight DDP run's step 4; on one rank, both resume alike."""
+    """Two steps under DDP and under ZeRO-2 write the same checkpoint (SGD's momentum; AdamW's moments and step
+    under ZeRO-1); DDP resumed under ZeRO-1 (SGD and AdamW) and ZeRO-2 resumed under DDP reach
+    the DDP run's step 4; on one rank, both resume alike."""
     ddp, zero = tmp_path / "ddp", tmp_path / "zero2"
-    run_ranks(fit_worker, 2, [(str(ddp), "ddp", 2), (str(zero), "zero2", 2)])
+    adamw = [(str(tmp_path / f"{engine}-adamw"), engine, 2, "adamw") for engine in ("ddp", "zero1")]
+    run_ranks(fit_worker, 2, [(str(ddp), "ddp", 2, "sgd"), (str(zero), "zero2", 2, "sgd"), *adamw])
     _assert_same_state(zero, ddp, 1e-5)
+    _assert_same_state(tmp_path / "zero1-adamw", tmp_path / "ddp-adamw", 1e-5)
     for source, target in ((ddp, "ddp-then-zero1"), (zero, "zero2-then-ddp"), (zero, "one-rank-zero1"),
-                           (zero, "one-rank-ddp")):
+                           (zero, "one-rank-ddp"), (tmp_path / "ddp-adamw", "ddp-adamw-then-zero1")):
         shutil.copytree(source, tmp_path / target)
     straight = tmp_path / "straight"
-    run_ranks(fit_worker, 2, [(str(straight), "ddp", 4), (str(tmp_path / "ddp-then-zero1"), "zero1", 4),
-                              (str(tmp_path / "zero2-then-ddp"), "ddp", 4)])
+    run_ranks(fit_worker, 2, [(str(straight), "ddp", 4, "sgd"), (str(tmp_path / "ddp-then-zero1"), "zero1", 4, "sgd"),
+                              (str(tmp_path / "zero2-then-ddp"), "ddp", 4, "sgd"),
+                              (str(tmp_path / "ddp-adamw"), "ddp", 4, "adamw"),
+                              (str(tmp_path / "ddp-adamw-then-zero1"), "zero1", 4, "adamw")])
     _assert_same_state(tmp_path / "ddp-then-zero1", straight, 1e-5)
     _assert_same_state(tmp_path / "zero2-then-ddp", straight, 1e-5)
-    run_ranks(fit_worker, 1, [(str(tmp_path / "one-rank-zero1"), "zero1", 4),
-                              (str(tmp_path / "one-rank-ddp"), "ddp", 4)])
+    _assert_same_state(tmp_path / "ddp-adamw-then-zero1", tmp_path / "ddp-adamw", 1e-5)
+    run_ranks(fit_worker, 1, [(str(tmp_path / "one-rank-zero1"), "zero1", 4, "sgd"),
+                              (str(tmp_path / "one-rank-ddp"), "ddp", 4, "sgd")])
     _assert_same_state(tmp_path / "one-rank-zero1", tmp_path / "one-rank-ddp", 1e-5)
 
 
