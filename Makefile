@@ -20,10 +20,11 @@ STAMP := $(VENV)/.installed
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/pinned.txt Makefile
+$(STAMP): pyproject.toml requirements/pinned.txt requirements/deepspeed.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q "$(TORCH_SPEC)" $(TORCH_FALLBACK_INDEX)
 	$(BIN)/pip install -q -r requirements/pinned.txt
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -r requirements/deepspeed.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -12,6 +12,7 @@ Every field's docstring is its entry in docs/configuration.md
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import types
@@ -67,6 +68,7 @@ LrSchedule = Literal["poly", "cosine", "step"]
 MilestoneUnit = Literal["steps", "epochs"]
 OnNonFinite = Literal["stop", "skip"]
 GradComm = Literal["fp32", "bf16"]
+Engine = Literal["ddp", "deepspeed"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -243,6 +245,9 @@ class TrainConfig:
     grad_comm: GradComm = "fp32"
     """Precision of the backbone gradients' all-reduce across ranks: ``fp32``, or ``bf16`` (half the bytes; each
     rank's bucket is rounded to bf16 before the sum, the sum is cast back to fp32; docs/design.md, Sharding)."""
+    engine: Engine = "ddp"
+    """What runs the backbone data-parallel: ``ddp`` (PyTorch DDP), or ``deepspeed`` (ZeRO, the ``deepspeed``
+    section; docs/multinode.md, DeepSpeed ZeRO). Gradients are summed across ranks with either."""
     log_every: int = 50
     """Console and TensorBoard every N steps."""
     checkpoint_every: int = 2000
@@ -259,6 +264,19 @@ class TrainConfig:
     """How long a rank waits in a collective for a peer before the run stops with one line naming the
     collective (a peer that hung or died). Longer than any pause that keeps ranks apart: an evaluation with
     ``eval.shared: false``, a checkpoint write (docs/reliability.md, Hung peers). Fractions are allowed."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """``deepspeed``: the backbone's ZeRO settings under ``train.engine: deepspeed`` (docs/multinode.md, DeepSpeed
+    ZeRO). The head stays outside DeepSpeed, sharded by class with its own optimizer."""
+
+    stage: int = 1
+    """ZeRO stage: ``1`` partitions the backbone optimizer's state across ranks, ``2`` its gradients too."""
+    bucket_size: int = 50_000_000
+    """Elements per reduce and all-gather bucket."""
+    overlap_comm: bool = False
+    """Overlap the gradient reduction with the backward pass (more memory for the buckets)."""
 
 
 @dataclass
@@ -290,6 +308,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -426,6 +445,26 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: train.steps and train.epochs are both 0: nothing to train")
     if cfg.data.backend != "synthetic" and not cfg.data.root:
         raise ConfigError(f"{source}: data.root: required for data.backend={cfg.data.backend}")
+    if cfg.deepspeed.stage not in (1, 2):
+        raise ConfigError(f"{source}: deepspeed.stage: expected 1 or 2, got {cfg.deepspeed.stage}")
+    if cfg.deepspeed.bucket_size <= 0:
+        raise ConfigError(f"{source}: deepspeed.bucket_size: must be > 0, got {cfg.deepspeed.bucket_size}")
+    if cfg.train.engine == "deepspeed":
+        _validate_deepspeed(cfg, source)
+
+
+def _validate_deepspeed(cfg: Config, source: str) -> None:
+    """``train.engine: deepspeed`` runs fp32 weights (``train.amp: bf16`` autocasts the forward) and reduces in
+    fp32: fp16 needs the loss scaler, which stays with DDP, and ``train.grad_comm: bf16`` is DDP's hook."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            f"{source}: train.engine: deepspeed is not installed (pip install -r requirements/deepspeed.txt)"
+        )
+    if cfg.train.amp == "fp16":
+        raise ConfigError(f"{source}: train.amp: fp16 is not supported with train.engine=deepspeed (use bf16)")
+    if cfg.train.grad_comm != "fp32":
+        raise ConfigError(f"{source}: train.grad_comm: {cfg.train.grad_comm} is DDP's; train.engine=deepspeed "
+                          "reduces in fp32")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

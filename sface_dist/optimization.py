@@ -14,14 +14,18 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from sface_dist.config import Amp, OptimConfig, OptimizerName, SampleUpdate, check_choice
+from sface_dist.engine import BackboneEngine, DDPEngine
 from sface_dist.heads import ShardedHead, ShardOptimizer
+
+EngineFactory = Callable[[torch.optim.Optimizer, torch.amp.GradScaler], BackboneEngine]
+"""Builds the backbone's engine around its torch optimizer and the loss scaler (``engine.build_engine``)."""
 
 NORMALISATION = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -105,7 +109,9 @@ def build_head_optimizer(
 class Optimization:
     """Both optimizers, their ``LambdaLR`` schedules and the fp16 loss scaler, for the loop to step as one.
 
-    ``peak_lr`` is the backbone's peak; the head's is ``peak_lr · optim.head_lr_scale``.
+    ``peak_lr`` is the backbone's peak; the head's is ``peak_lr · optim.head_lr_scale``. The backbone is stepped
+    through its engine (``make_engine``; default: the bare backbone in this process), which owns its gradient sum,
+    clipping and the layout of its optimizer state.
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class Optimization:
         amp: Amp,
         device: torch.device,
         schedule: Schedule,
+        make_engine: EngineFactory | None = None,
     ) -> None:
         self.cfg, self.backbone, self.head = cfg, backbone, head
         self.backbone_optimizer = build_backbone_optimizer(backbone, cfg, peak_lr)
@@ -126,6 +133,10 @@ class Optimization:
         self.peak_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.optimizers]
         self.grad_scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         """Loss scaling for fp16 autocast (a pass-through otherwise)."""
+        if make_engine is None:
+            self.engine: BackboneEngine = DDPEngine(backbone, self.backbone_optimizer, self.grad_scaler, backbone)
+        else:
+            self.engine = make_engine(self.backbone_optimizer, self.grad_scaler)
         self.schedule, self.clock = schedule, ScheduleClock()
         self.schedulers = self._schedulers(0)
 
@@ -154,20 +165,18 @@ class Optimization:
     def unscale_and_clip(self) -> Tensor:
         """Unscale the backbone gradient, clip it to ``optim.grad_clip`` (0: no clipping) and return its norm
         before clipping, on the device."""
-        self.grad_scaler.unscale_(self.backbone_optimizer)
-        grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
-        if self.cfg.grad_clip > 0:
-            return nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.grad_clip)
-        return nn.utils.get_total_norm(grads)
+        return self.engine.clip_grad_norm(self.cfg.grad_clip)
 
     def step(self, apply: bool = True, head_rows: Tensor | None = None) -> None:
         """Step both optimizers (unless ``apply`` is false: the weights stay as they are), the head's on
         ``head_rows`` (the Partial-FC rows scored this step; None: every row), update the loss scaler and
         advance the schedule. Call ``unscale_and_clip`` first."""
         if apply:
-            self.grad_scaler.step(self.backbone_optimizer)
+            self.engine.step()
             self.grad_scaler.step(self.head_optimizer, head_rows)
             self.grad_scaler.update()
+        else:
+            self.engine.discard_gradients()
         with warnings.catch_warnings():  # the schedule follows the data: a step left out still counts
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             for scheduler in self.schedulers:
@@ -178,20 +187,21 @@ class Optimization:
             optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
-        """The backbone optimizer, the schedulers and the loss scaler (the head optimizer's state is checkpointed
-        with the head shard, by class rows)."""
+        """Collective under DeepSpeed: the backbone optimizer (in the torch optimizer's layout, whatever the engine),
+        the schedulers and the loss scaler (the head optimizer's state is checkpointed with the head shard, by class
+        rows)."""
         return {
-            "backbone_optimizer": self.backbone_optimizer.state_dict(),
+            "backbone_optimizer": self.engine.optimizer_state_dict(),
             "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
             "grad_scaler": self.grad_scaler.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``; checkpoints older than the schedulers and the scaler hold the optimizer only.
+        """Restore ``state_dict()`` but the backbone optimizer (the engine loads it with the weights,
+        ``BackboneEngine.load``); checkpoints older than the schedulers and the scaler hold the optimizer only.
 
         Learning rates come from the config and the schedule (``restart``), not from the checkpoint.
         """
-        self.backbone_optimizer.load_state_dict(state["backbone_optimizer"])
         for scheduler, saved in zip(self.schedulers, state.get("schedulers") or [], strict=False):
             scheduler.load_state_dict(saved)
         if state.get("grad_scaler"):

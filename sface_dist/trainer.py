@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from sface_dist.backbones import build_backbone, compile_backbone
@@ -40,10 +41,10 @@ from sface_dist.distributed import (
     DistEnv,
     all_reduce_max,
     control_group,
-    data_parallel,
     naming_collective_failures,
     raise_on_any_rank,
 )
+from sface_dist.engine import build_engine
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import VerificationResult
 from sface_dist.heads import HeadOutput, ShardedSFaceHead, build_head
@@ -179,7 +180,6 @@ class Trainer:
         if cfg.model.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
         self.backbone = compile_backbone(backbone) if cfg.model.compile else backbone
-        self.model = data_parallel(backbone, env, grad_comm=cfg.train.grad_comm)
         self.head = build_head(
             cfg.head, self.num_classes, cfg.model.embedding_size, process_group=None, seed=cfg.train.seed
         ).to(env.device)
@@ -192,7 +192,10 @@ class Trainer:
             cfg.train.amp,
             env.device,
             self._schedule(),
+            functools.partial(build_engine, cfg, backbone, env),
         )
+        self.engine = self.optimization.engine
+        self.model = self.engine.model
         self.watch = NonFiniteWatch(cfg.train.on_nonfinite, cfg.train.max_nonfinite, env.rank, env.device)
         self.step = 0
         self.diagnostic_names: tuple[str, ...] = ()
@@ -280,18 +283,14 @@ class Trainer:
             return
         path, state = resumed.path, resumed.trainer
         try:
-            self.backbone.load_state_dict(state.backbone)
+            self.engine.load(state.backbone, state.backbone_optimizer)
         except RuntimeError as error:
             mismatch = state_dict_mismatch(error)
             raise CheckpointError(f"{path}: the backbone does not fit the config: {mismatch}") from None
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{path}: the backbone optimizer state does not fit: {error}") from None
         try:
-            self.optimization.load_state_dict(
-                {
-                    "backbone_optimizer": state.backbone_optimizer,
-                    "schedulers": state.schedulers,
-                    "grad_scaler": state.grad_scaler,
-                }
-            )
+            self.optimization.load_state_dict({"schedulers": state.schedulers, "grad_scaler": state.grad_scaler})
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"{path}: the backbone optimizer state does not fit: {error}") from None
         restore_rng_state(state.rng)
@@ -348,7 +347,7 @@ class Trainer:
         raise_on_any_rank(error)
         state = TrainerState(
             step=self.step,
-            backbone=self.backbone.state_dict(),
+            backbone=self.engine.weights(),
             rng=rng_state(),
             progress=dataclasses.asdict(self.progress),
             **self.optimization.state_dict(),
@@ -359,12 +358,6 @@ class Trainer:
         """Collective: score every verification pack (logged and kept-best by the monitor)."""
         with self.collective(f"a collective of the evaluation at step {self.step}"):
             return self.monitor.run(self.backbone, self.step).results
-
-    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager[None]:
-        """DDP's gradient sum on the last micro-step only; the others accumulate locally."""
-        if last or not isinstance(self.model, nn.parallel.DistributedDataParallel):
-            return contextlib.nullcontext()
-        return self.model.no_sync()
 
     def train_step(self, batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
         """One optimizer step over ``train.grad_accum`` micro-batches (this rank's share of each): the gradient
@@ -379,11 +372,11 @@ class Trainer:
         for i, (images, labels) in enumerate(batches):
             if self.cfg.model.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with self._no_sync(last=i == len(batches) - 1):
+            with self.engine.accumulate(last=i == len(batches) - 1):
                 with self._autocast():
                     embeddings = self.model(images)
                 out = self.head(embeddings.float(), labels, step=self.step + 1, micro_step=i)
-                self.optimization.grad_scaler.scale(out.loss / len(batches)).backward()
+                self.engine.backward(out.loss / len(batches))
             metrics.append(metric_tensor(out))
             if out.sampled_rows is not None:
                 sampled_rows.append(out.sampled_rows)

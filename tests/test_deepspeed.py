@@ -1,0 +1,236 @@
+"""``train.engine: deepspeed`` on 2 real gloo ranks, against the DDP path as the reference.
+
+One optimizer step of ZeRO-1 and ZeRO-2 lands on DDP's weights (summed gradients, clipping, momentum), also with
+``train.grad_accum`` 2; the same step with DeepSpeed's averaging left in lands far from them. Checkpoints written
+by either engine hold the same backbone and torch-layout optimizer state, and resume under the other engine and
+on one rank as the straight run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+
+from sface_dist.checkpoint import load_trainer_state, resolve_checkpoint
+from sface_dist.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    DeepSpeedConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    load_config,
+)
+from sface_dist.distributed import DistEnv
+
+from rank_launcher import run_ranks
+
+PER_RANK, CLASSES = 4, 8
+ENGINES = {
+    "ddp": ("ddp", 1),
+    "zero1": ("deepspeed", 1),
+    "zero2": ("deepspeed", 2),
+}
+
+
+def make_config(output: Path, engine: str, steps: int = 1, grad_accum: int = 1, grad_clip: float = 1.0,
+                optimizer: str = "sgd") -> Config:
+    """The tiny backbone and an SFace head on synthetic faces; SGD with momentum (or AdamW) and weight decay, and
+    by default a clip that binds (the untrained net's gradient norm is far above 1). AdamW's eps is 1e-4: the
+    tiny net's last bias feeds a batch norm, so its gradient is rounding noise, which a small eps turns into
+    steps of ±lr that differ between any two summation orders."""
+    kind, stage = ENGINES[engine]
+    return Config(
+        data=DataConfig(backend="synthetic", num_classes=CLASSES, synthetic_images_per_class=8, batch_size=PER_RANK,
+                        num_workers=0),
+        model=ModelConfig(backbone="tiny", embedding_size=16),
+        optim=OptimConfig(name=optimizer, lr=0.05, eps=1e-4, grad_clip=grad_clip, schedule="cosine", warmup_steps=1),
+        train=TrainConfig(output=str(output), steps=steps, grad_accum=grad_accum, engine=kind, log_every=100,
+                          checkpoint_every=100),
+        deepspeed=DeepSpeedConfig(stage=stage),
+    )
+
+
+def _env(rank: int, world: int) -> DistEnv:
+    return DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+
+
+def _batches(rank: int, world: int, grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(grad_accum * world * PER_RANK, 3, 112, 112, generator=gen)
+    labels = torch.randint(0, CLASSES, (len(images),), generator=gen)
+    starts = [(micro * world + rank) * PER_RANK for micro in range(grad_accum)]
+    return [(images[s : s + PER_RANK], labels[s : s + PER_RANK]) for s in starts]
+
+
+def step_worker(rank: int, world: int, output: str) -> dict[str, list[torch.Tensor]]:
+    """One optimizer step per case from the same initial weights: each engine with the clip binding, and 2
+    micro-steps without clipping (where a gradient off by a factor shows in the step), with DeepSpeed's
+    averaging left in too."""
+    from sface_dist import engine as engine_module
+    from sface_dist.trainer import Trainer
+
+    cases = {name: (name, 1, 1.0) for name in ENGINES}
+    cases |= {"ddp accum": ("ddp", 2, 0.0), "zero2 accum": ("zero2", 2, 0.0), "zero2 accum averaged": ("zero2", 2, 0.0)}
+    results = {}
+    for case, (engine, grad_accum, clip) in cases.items():
+        averaged = mock.patch.object(engine_module._SumAcrossRanks, "apply", lambda x, _: x)
+        with averaged if case.endswith("averaged") else contextlib.nullcontext():
+            trainer = Trainer(
+                make_config(Path(output) / case.replace(" ", "-"), engine, grad_accum=grad_accum, grad_clip=clip),
+                _env(rank, world),
+            )
+            try:
+                trainer.train_step(_batches(rank, world, grad_accum))
+                results[case] = [p.detach().clone() for p in trainer.backbone.parameters()]
+            finally:
+                trainer.close()
+    return results
+
+
+def _relative(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    diff = torch.cat([(g - e).flatten() for g, e in zip(got, expected, strict=True)]).norm()
+    return float(diff / torch.cat([e.flatten() for e in expected]).norm())
+
+
+@pytest.mark.faults
+def test_zero_steps_like_ddp_with_summed_gradients(tmp_path: Path) -> None:
+    for result in run_ranks(step_worker, 2, str(tmp_path)):
+        assert _relative(result["zero1"], result["ddp"]) < 1e-5
+        assert _relative(result["zero2"], result["ddp"]) < 1e-5
+        accumulated = _relative(result["zero2 accum"], result["ddp accum"])
+        assert accumulated < 1e-5
+        assert _relative(result["zero2 accum averaged"], result["ddp accum"]) > 1000 * max(accumulated, 1e-9)
+
+
+def skip_worker(rank: int, world: int, output: str) -> dict[str, Any]:
+    """Three steps under ``on_nonfinite: skip`` with a NaN planted in the head's gradient at step 2 only."""
+    from sface_dist.trainer import Trainer
+
+    results = {}
+    for engine in ("ddp", "zero1", "zero2"):
+        cfg = make_config(Path(output) / engine, engine, steps=3)
+        cfg.train.on_nonfinite = "skip"
+        trainer = Trainer(cfg, _env(rank, world))
+        try:
+            trainer.head.weight.register_hook(lambda grad: grad * float("nan") if trainer.step == 1 else grad)
+            trainer.fit()
+            results[engine] = ([p.detach().clone() for p in trainer.backbone.parameters()], trainer.watch.skipped)
+        finally:
+            trainer.close()
+    return results
+
+
+@pytest.mark.faults
+def test_a_skipped_step_leaves_no_gradient_behind(tmp_path: Path) -> None:
+    """A skipped step leaves no gradient behind under ZeRO-1 and ZeRO-2: the step after it matches DDP's."""
+    for result in run_ranks(skip_worker, 2, str(tmp_path)):
+        ddp, skipped = result["ddp"]
+        assert skipped == 1
+        for engine in ("zero1", "zero2"):
+            zero, zero_skipped = result[engine]
+            assert zero_skipped == 1
+            assert _relative(zero, ddp) < 1e-5, engine
+
+
+def tiny_with_a_frozen_parameter(name: str, embedding_size: int) -> torch.nn.Module:
+    """The tiny backbone with its first parameter frozen, as IResNet freezes its last batch norm's scale: the
+    torch optimizer lists it, DeepSpeed's partitions leave it out."""
+    from sface_dist.backbones import build_backbone
+
+    model = build_backbone(name, embedding_size)
+    next(model.parameters()).requires_grad = False
+    return model
+
+
+def fit_worker(rank: int, world: int, runs: list[tuple[str, str, int, str]]) -> None:
+    """Train each (output, engine, steps, optimizer) in turn, resuming from the output's latest checkpoint."""
+    import sface_dist.trainer as trainer_module
+
+    for output, engine, steps, optimizer in runs:
+        cfg = make_config(Path(output), engine, steps=steps, optimizer=optimizer)
+        with mock.patch.object(trainer_module, "build_backbone", tiny_with_a_frozen_parameter):
+            trainer = trainer_module.Trainer(cfg, _env(rank, world))
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+
+
+def _state(output: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = load_trainer_state(resolve_checkpoint(output / "checkpoints" / "latest"))
+    return state.backbone, state.backbone_optimizer
+
+
+def _assert_same_state(got: Path, expected: Path, tolerance: float) -> None:
+    (weights, optimizer), (ref_weights, ref_optimizer) = _state(got), _state(expected)
+    assert list(weights) == list(ref_weights)
+    for name, tensor in ref_weights.items():
+        assert torch.allclose(weights[name].double(), tensor.double(), rtol=tolerance, atol=tolerance), name
+    assert optimizer["state"].keys() == ref_optimizer["state"].keys()
+    assert 0 not in optimizer["state"] and len(optimizer["state"]) > 1  # the frozen parameter has no state
+    for index, entry in ref_optimizer["state"].items():
+        assert optimizer["state"][index].keys() == entry.keys()
+        for key, value in entry.items():
+            assert torch.allclose(optimizer["state"][index][key], value, rtol=tolerance, atol=tolerance), key
+    assert [g["params"] for g in optimizer["param_groups"]] == [g["params"] for g in ref_optimizer["param_groups"]]
+
+
+@pytest.mark.faults
+def test_checkpoints_resume_across_engines_and_world_sizes(tmp_path: Path) -> None:
+    """Two steps under DDP and under ZeRO-2 write the same checkpoint (SGD's momentum; AdamW's moments and step
+    under ZeRO-1); DDP resumed under ZeRO-1 (SGD and AdamW) and ZeRO-2 resumed under DDP reach
+    the DDP run's step 4; on one rank, both resume alike."""
+    ddp, zero = tmp_path / "ddp", tmp_path / "zero2"
+    adamw = [(str(tmp_path / f"{engine}-adamw"), engine, 2, "adamw") for engine in ("ddp", "zero1")]
+    run_ranks(fit_worker, 2, [(str(ddp), "ddp", 2, "sgd"), (str(zero), "zero2", 2, "sgd"), *adamw])
+    _assert_same_state(zero, ddp, 1e-5)
+    _assert_same_state(tmp_path / "zero1-adamw", tmp_path / "ddp-adamw", 1e-5)
+    for source, target in ((ddp, "ddp-then-zero1"), (zero, "zero2-then-ddp"), (zero, "one-rank-zero1"),
+                           (zero, "one-rank-ddp"), (tmp_path / "ddp-adamw", "ddp-adamw-then-zero1")):
+        shutil.copytree(source, tmp_path / target)
+    straight = tmp_path / "straight"
+    run_ranks(fit_worker, 2, [(str(straight), "ddp", 4, "sgd"), (str(tmp_path / "ddp-then-zero1"), "zero1", 4, "sgd"),
+                              (str(tmp_path / "zero2-then-ddp"), "ddp", 4, "sgd"),
+                              (str(tmp_path / "ddp-adamw"), "ddp", 4, "adamw"),
+                              (str(tmp_path / "ddp-adamw-then-zero1"), "zero1", 4, "adamw")])
+    _assert_same_state(tmp_path / "ddp-then-zero1", straight, 1e-5)
+    _assert_same_state(tmp_path / "zero2-then-ddp", straight, 1e-5)
+    _assert_same_state(tmp_path / "ddp-adamw-then-zero1", tmp_path / "ddp-adamw", 1e-5)
+    run_ranks(fit_worker, 1, [(str(tmp_path / "one-rank-zero1"), "zero1", 4, "sgd"),
+                              (str(tmp_path / "one-rank-ddp"), "ddp", 4, "sgd")])
+    _assert_same_state(tmp_path / "one-rank-zero1", tmp_path / "one-rank-ddp", 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"), [("train.amp=fp16", "train.amp"), ("train.grad_comm=bf16", "train.grad_comm")]
+)
+def test_deepspeed_refuses_what_it_does_not_run(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^defaults: {key}: .*train\.engine=deepspeed"):
+        load_config(None, ["data.backend=synthetic", "train.engine=deepspeed", "train.steps=1", override])
+
+
+def test_deepspeed_missing_names_the_key() -> None:
+    with mock.patch("importlib.util.find_spec", return_value=None):
+        with pytest.raises(ConfigError, match=r"^defaults: train\.engine: deepspeed is not installed"):
+            load_config(None, ["data.backend=synthetic", "train.engine=deepspeed", "train.steps=1"])
+
+
+def test_zero_stage_is_one_or_two() -> None:
+    with pytest.raises(ConfigError, match=r"^defaults: deepspeed\.stage: expected 1 or 2, got 3$"):
+        load_config(None, ["data.backend=synthetic", "deepspeed.stage=3"])
+
+
+def test_deepspeed_without_a_process_group_names_the_launch(tmp_path: Path) -> None:
+    """``python -m sface_dist.train`` without torchrun has no process group for DeepSpeed to join."""
+    from sface_dist.trainer import Trainer
+
+    with pytest.raises(ValueError, match=r"^train\.engine=deepspeed: needs a process group: launch with torchrun"):
+        Trainer(make_config(tmp_path, "zero1"), _env(0, 1))
