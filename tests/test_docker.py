@@ -68,7 +68,7 @@ def test_base_is_a_build_argument_with_a_public_default() -> None:
     keywords = [keyword for keyword, _ in instructions()]
     assert keywords[:2] == ["ARG", "FROM"] and keywords.count("FROM") == 1
     assert instructions()[1][1] == "${BASE}"
-    assert re.fullmatch(r"python:3\.11-slim-\w+", build_args()["BASE"])
+    assert re.fullmatch(r"docker\.io/library/python:3\.11-slim-\w+", build_args()["BASE"])
 
 
 def test_torch_pin_is_the_makefiles() -> None:
