@@ -2,8 +2,8 @@
 
 The build itself (tools/build_image.sh, buildah) needs root and minutes; its record is in
 docs/benchmarks.md. Here: the torch pin agrees with the Makefile's, the rest comes from
-requirements/pinned.txt, the project's GPU extras are all pinned there (so a dependency that does
-not fit fails here and in the build, not in a cluster job), the image runs as a non-root user
+requirements/pinned.txt and requirements/deepspeed.txt, the project's GPU extras are all pinned there
+(so a dependency that does not fit fails here and in the build, not in a cluster job), the image runs as a non-root user
 behind docker/entrypoint.sh, and the build context leaves the environment, data, runs and
 history out.
 """
@@ -21,8 +21,10 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-GPU_EXTRAS = ("dali", "triton", "export")
-"""The optional dependencies the image carries; ``deepspeed`` is left out (not pinned, not used by the configs)."""
+GPU_EXTRAS = ("dali", "triton", "export", "deepspeed")
+"""The optional dependencies the image carries."""
+REQUIREMENTS = ("pinned.txt", "deepspeed.txt")
+"""The pinned files ``make`` installs (requirements/), DeepSpeed's apart because it installs after torch."""
 KEPT_OUT = (".git", ".venv", "data", "runs")
 
 
@@ -53,14 +55,15 @@ def runs() -> str:
 
 
 def pinned() -> dict[str, str]:
-    """requirements/pinned.txt as {canonical name: version}; every line must be an exact pin."""
+    """The ``REQUIREMENTS`` files as {canonical name: version}; every line must be an exact pin."""
     pins = {}
-    for line in (ROOT / "requirements" / "pinned.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            requirement = Requirement(line)
-            (spec,) = requirement.specifier
-            assert spec.operator == "==", f"requirements/pinned.txt: {line!r} is not an exact pin"
-            pins[canonicalize_name(requirement.name)] = spec.version
+    for name in REQUIREMENTS:
+        for line in (ROOT / "requirements" / name).read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                requirement = Requirement(line)
+                (spec,) = requirement.specifier
+                assert spec.operator == "==", f"requirements/{name}: {line!r} is not an exact pin"
+                pins[canonicalize_name(requirement.name)] = spec.version
     return pins
 
 
@@ -79,9 +82,11 @@ def test_torch_pin_is_the_makefiles() -> None:
 
 
 def test_the_rest_comes_from_the_pinned_requirements() -> None:
-    assert ("COPY", "requirements/pinned.txt requirements/pinned.txt") in instructions()
+    assert ("COPY", "requirements/ requirements/") in instructions()
     assert "pip install -r requirements/pinned.txt" in runs()
-    assert "pip install -c requirements/pinned.txt -e \".[" + ",".join(GPU_EXTRAS) + "]\"" in runs()
+    assert "DS_BUILD_OPS=0 pip install --no-build-isolation -r requirements/deepspeed.txt" in runs()
+    constraints = " ".join(f"-c requirements/{name}" for name in REQUIREMENTS)
+    assert f"pip install {constraints} -e \".[" + ",".join(GPU_EXTRAS) + "]\"" in runs()
     assert "pip check" in runs()
     assert "torch" not in pinned(), "torch is pinned once, by the Makefile"
 
@@ -94,8 +99,8 @@ def test_every_gpu_extra_is_pinned_to_a_version_it_accepts() -> None:
     assert "nvidia-dali-cuda130" in {canonicalize_name(r.name) for r in requirements}
     for requirement in requirements:
         name = canonicalize_name(requirement.name)
-        assert name in pins, f"{requirement} is not pinned in requirements/pinned.txt"
-        assert requirement.specifier.contains(pins[name]), f"requirements/pinned.txt pins {name}=={pins[name]}"
+        assert name in pins, f"{requirement} is not pinned in requirements/"
+        assert requirement.specifier.contains(pins[name]), f"requirements/ pins {name}=={pins[name]}"
 
 
 def test_runs_as_a_non_root_user_behind_the_entrypoint() -> None:
