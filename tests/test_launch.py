@@ -14,13 +14,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from test_faults import ROOT, demo_data, logged, train_in_process, write_config  # noqa: F401  (demo_data: fixture)
+from test_faults import ROOT, demo_data, logged, write_config  # noqa: F401  (demo_data: a fixture)
 
 from sface_dist.checkpoint import latest_checkpoint, load_trainer_state, load_weights
 
@@ -117,10 +117,12 @@ def agents(*commands: list[str], logs: Path) -> Iterator[list[subprocess.Popen[s
             kill_groups(agent)
 
 
-def wait_for(condition: str, check: object, agent: subprocess.Popen[str], timeout: float = TIMEOUT) -> None:
+def wait_for(
+    condition: str, check: Callable[[], bool], agent: subprocess.Popen[str], timeout: float = TIMEOUT
+) -> None:
     """Poll ``check()`` until true; fail naming ``condition`` if the agent ends or time runs out."""
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         assert agent.poll() is None, f"the agent ended (status {agent.returncode}) before {condition}"
         assert time.monotonic() < deadline, f"timed out waiting for {condition}"
         time.sleep(0.05)
