@@ -7,6 +7,7 @@
 # * `torchrun ...` (one task per node): torchrun gets --nnodes, --node-rank, --nproc-per-node
 #   and a c10d rendezvous on the first node of the job, with the job id as rendezvous id.
 #   Options the command gives itself come after these and win (argparse keeps the last).
+#   TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (unless set) makes restarts reliable.
 # * any other command (one task per GPU, e.g. `python -m sface_dist.train`): MASTER_ADDR,
 #   MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK are exported from SLURM_PROCID,
 #   SLURM_NTASKS and SLURM_LOCALID, and the command runs as it is.
@@ -64,6 +65,9 @@ if [[ $(basename "$1") == torchrun ]]; then
   ((SLURM_NTASKS == SLURM_NNODES)) ||
     die "torchrun needs one task per node, got SLURM_NTASKS=$SLURM_NTASKS on SLURM_NNODES=$SLURM_NNODES" \
       "(srun --ntasks-per-node=1, or run python directly with one task per GPU)"
+  # A restarted attempt (--max-restarts, elastic membership) meets in a fresh store instead of the one the failed
+  # attempt's ranks published their addresses in (docs/multinode.md, Restarts after a failure).
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
   launcher=$1
   shift
   set -- "$launcher" \

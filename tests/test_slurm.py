@@ -98,6 +98,15 @@ def test_torchrun_per_node_uses_scontrol_for_the_first_host(tmp_path: Path, bin_
     assert (tmp_path / "scontrol.calls").read_text() == "show hostnames node[03-05]\n"
 
 
+def test_torchrun_restarts_meet_in_a_fresh_store(tmp_path: Path, bin_dir: Path) -> None:
+    """Restarted attempts need their own rendezvous store (tests/test_launch.py); a value the user set is kept."""
+    write_tool(bin_dir, "torchrun", "#!/bin/bash\necho \"${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-unset}\"\n")
+    result = run_entrypoint(slurm_env(tmp_path, **NODE_JOB), "torchrun", "-m", "sface_dist.train", "c.yaml")
+    assert (result.returncode, result.stdout) == (0, "1\n"), result.stderr
+    kept = run_entrypoint(slurm_env(tmp_path, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0", **NODE_JOB), "torchrun", "c.yaml")
+    assert kept.stdout == "0\n"
+
+
 def test_torchrun_options_of_the_command_come_last_and_master_settings_are_kept(tmp_path: Path, bin_dir: Path) -> None:
     env = slurm_env(tmp_path, MASTER_ADDR="10.0.0.7", MASTER_PORT="29600", **NODE_JOB)
     result = run_entrypoint(env, "torchrun", "--nproc-per-node=2", "-m", "sface_dist.train", "c.yaml")
