@@ -280,6 +280,7 @@ def assert_one_error_line(stderr: str, rec: Path, key: int) -> None:
     assert re.fullmatch(rf"error: {re.escape(location(rec, key))}: cannot decode image \(.+\)", errors[0]), stderr
 
 
+@pytest.mark.faults
 def test_training_stops_at_a_bad_record_with_one_line_for_any_worker_count(
     training_runs: dict[str, TrainingRun],
 ) -> None:

@@ -115,6 +115,7 @@ def assert_one_error_line(command: list[str], message: str, env: dict[str, str] 
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr
 
 
+@pytest.mark.faults
 def test_resume_continues_exactly(demo_data: Path, tmp_path: Path) -> None:
     """8 steps + resume to 12 equals 12 straight steps: data position, momentum, Partial-FC draws, RNG."""
     def config(name: str) -> Path:

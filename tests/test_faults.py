@@ -285,6 +285,7 @@ def test_resume_false_refuses_a_folder_with_checkpoints(
     assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
 
 
+@pytest.mark.faults
 def test_second_run_on_the_same_folder_refuses(demo_data: Path, tmp_path: Path) -> None:
     """A run holding the folder is named by host and pid; the second run writes nothing."""
     run = tmp_path / "run"
@@ -422,6 +423,7 @@ def test_debug_shows_the_traceback(trained_run: Path, demo_data: Path, tmp_path:
     assert result.returncode == 1 and "Traceback" in result.stderr and "RunDirectoryError" in result.stderr
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("workers", [0, 2])
 def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(demo_data: Path, tmp_path: Path, workers: int) -> None:
     """SIGINT to the whole process group, as a terminal sends it: checkpoint, exit 130, resumable."""
@@ -464,6 +466,7 @@ def logged(log: str) -> dict[int, tuple[int, float, float]]:
     return {int(m[1]): (int(m[2]), float(m[3]), float(m[4])) for m in STEP_LINE.finditer(log)}
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 3)])
 def test_resume_at_another_world_size_keeps_the_schedule(
     demo_data: Path, tmp_path: Path, before: int, after: int
@@ -510,6 +513,7 @@ def test_resume_at_another_world_size_keeps_the_schedule(
     assert min(resumed) == stop_step + 1 and first_steps_of_next_epoch > 0
 
 
+@pytest.mark.faults
 def test_refusal_on_two_ranks_is_one_line(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
     """Rank 0 decides about the folder and says why; rank 1 learns the decision and stops without a line."""
     run = copy_run(trained_run, tmp_path / "run")
