@@ -62,6 +62,7 @@ SECOND_SIGNAL = """
 import os, signal, sys, time
 from sface_dist.stop_signals import COPIES_WITHIN_S, stop_at_step_boundary
 first, second = int(sys.argv[1]), int(sys.argv[2])
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as interactively: a background job starts with it ignored
 with stop_at_step_boundary(print):
     os.kill(os.getpid(), first)
     time.sleep(COPIES_WITHIN_S + 0.2 if first == second else 0)
