@@ -1,9 +1,9 @@
 """``train.engine: deepspeed`` on 2 real gloo ranks, against the DDP path as the reference.
 
-One optimizer step of ZeRO-1 and ZeRO-2 lands on DDP's weights (summed gradients, clipping, momentum), also with
-``train.grad_accum`` 2; the same step with DeepSpeed's averaging left in lands far from them. Checkpoints written
-by either engine hold the same backbone and torch-layout optimizer state, and resume under the other engine and
-on one rank as the straight run goes on.
+One optimizer step of ZeRO-1 and ZeRO-2 lands on DDP's weights (summed gradients, clipping, momentum), also under
+bf16 autocast and with ``train.grad_accum`` 2; the same step with DeepSpeed's averaging left in lands far from
+them. Checkpoints written by either engine hold the same backbone and torch-layout optimizer state, and resume
+under the other engine and on one rank as the straight run goes on.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ ENGINES = {
 
 
 def make_config(output: Path, engine: str, steps: int = 1, grad_accum: int = 1, grad_clip: float = 1.0,
-                optimizer: str = "sgd") -> Config:
+                optimizer: str = "sgd", amp: str = "none") -> Config:
     """The tiny backbone and an SFace head on synthetic faces; SGD with momentum (or AdamW) and weight decay, and
     by default a clip that binds (the untrained net's gradient norm is far above 1). AdamW's eps is 1e-4: the
     tiny net's last bias feeds a batch norm, so its gradient is rounding noise, which a small eps turns into
@@ -52,7 +52,7 @@ def make_config(output: Path, engine: str, steps: int = 1, grad_accum: int = 1, 
                         num_workers=0),
         model=ModelConfig(backbone="tiny", embedding_size=16),
         optim=OptimConfig(name=optimizer, lr=0.05, eps=1e-4, grad_clip=grad_clip, schedule="cosine", warmup_steps=1),
-        train=TrainConfig(output=str(output), steps=steps, grad_accum=grad_accum, engine=kind, log_every=100,
+        train=TrainConfig(output=str(output), steps=steps, grad_accum=grad_accum, engine=kind, amp=amp, log_every=100,
                           checkpoint_every=100),
         deepspeed=DeepSpeedConfig(stage=stage),
     )
@@ -71,23 +71,26 @@ def _batches(rank: int, world: int, grad_accum: int) -> list[tuple[torch.Tensor,
 
 
 def step_worker(rank: int, world: int, output: str) -> dict[str, list[torch.Tensor]]:
-    """One optimizer step per case from the same initial weights: each engine with the clip binding, and 2
-    micro-steps without clipping (where a gradient off by a factor shows in the step), with DeepSpeed's
-    averaging left in too."""
+    """One optimizer step per case from the same initial weights: each engine with the clip binding, the same under
+    bf16 autocast, and 2 micro-steps without clipping (where a gradient off by a factor shows in the step), with
+    DeepSpeed's averaging left in too."""
     from sface_dist import engine as engine_module
     from sface_dist.trainer import Trainer
 
-    cases = {name: (name, 1, 1.0) for name in ENGINES}
-    cases |= {"ddp accum": ("ddp", 2, 0.0), "zero2 accum": ("zero2", 2, 0.0), "zero2 accum averaged": ("zero2", 2, 0.0)}
+    cases = {name: (name, 1, 1.0, "none") for name in ENGINES}
+    cases |= {"ddp bf16": ("ddp", 1, 1.0, "bf16"), "zero2 bf16": ("zero2", 1, 1.0, "bf16")}
+    cases |= {name: (engine, 2, 0.0, "none") for name, engine in
+              [("ddp accum", "ddp"), ("zero2 accum", "zero2"), ("zero2 accum averaged", "zero2")]}
     results = {}
-    for case, (engine, grad_accum, clip) in cases.items():
+    for case, (engine, grad_accum, clip, amp) in cases.items():
         averaged = mock.patch.object(engine_module._SumAcrossRanks, "apply", lambda x, _: x)
         with averaged if case.endswith("averaged") else contextlib.nullcontext():
             trainer = Trainer(
-                make_config(Path(output) / case.replace(" ", "-"), engine, grad_accum=grad_accum, grad_clip=clip),
+                make_config(Path(output) / case.replace(" ", "-"), engine, grad_accum, grad_clip=clip, amp=amp),
                 _env(rank, world),
             )
             try:
+                results.setdefault("initial", [p.detach().clone() for p in trainer.backbone.parameters()])
                 trainer.train_step(_batches(rank, world, grad_accum))
                 results[case] = [p.detach().clone() for p in trainer.backbone.parameters()]
             finally:
@@ -100,11 +103,19 @@ def _relative(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
     return float(diff / torch.cat([e.flatten() for e in expected]).norm())
 
 
+def _update(result: dict[str, list[torch.Tensor]], case: str) -> list[torch.Tensor]:
+    """The step a case took from the common initial weights."""
+    return [after - before for after, before in zip(result[case], result["initial"], strict=True)]
+
+
 @pytest.mark.faults
 def test_zero_steps_like_ddp_with_summed_gradients(tmp_path: Path) -> None:
     for result in run_ranks(step_worker, 2, str(tmp_path)):
         assert _relative(result["zero1"], result["ddp"]) < 1e-5
         assert _relative(result["zero2"], result["ddp"]) < 1e-5
+        bf16_update = _update(result, "zero2 bf16")
+        assert _relative(bf16_update, _update(result, "ddp bf16")) < 1e-5
+        assert _relative(bf16_update, _update(result, "ddp")) > 1e-3, "bf16 autocast changed nothing"
         accumulated = _relative(result["zero2 accum"], result["ddp accum"])
         assert accumulated < 1e-5
         assert _relative(result["zero2 accum averaged"], result["ddp accum"]) > 1000 * max(accumulated, 1e-9)
