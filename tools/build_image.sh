@@ -4,8 +4,8 @@
 # 1. a Debian bookworm base (Python 3.11) made by debootstrap and imported into buildah's storage;
 # 2. `buildah build` of docker/Dockerfile on it, with the CPU build of torch instead of the CUDA one
 #    (TORCH_WHEELS: a folder holding the CPU wheel, else download.pytorch.org's CPU index);
-# 3. in the image: the demo data, `python -m sface_dist.train configs/demo.yaml --set train.steps=20`,
-#    and the entrypoint's SLURM mapping for both launch styles.
+# 3. in the image: the demo data, `python -m sface_dist.train configs/demo.yaml --set train.steps=20`, the same
+#    under torchrun and under DeepSpeed ZeRO-2, and the entrypoint's SLURM mapping for both launch styles.
 #
 # Needs root, debootstrap and buildah (apt-get install debootstrap buildah), storage driver vfs.
 # REBUILD_BASE=1 makes the base again.
@@ -72,6 +72,10 @@ time in_image python -m sface_dist.train configs/demo.yaml --set train.steps=20 
 stage "20 training steps through the entrypoint's SLURM mapping: one task per node, 2 CPU ranks"
 time in_image "${slurm_node[@]}" torchrun --nproc-per-node=2 -m sface_dist.train configs/demo.yaml \
   --set train.steps=20 --set train.output=runs/image-torchrun --set train.log_every=5
+stage "20 training steps with the backbone under DeepSpeed ZeRO-2, through the entrypoint, 2 CPU ranks"
+time in_image "${slurm_node[@]}" torchrun --nproc-per-node=2 -m sface_dist.train configs/demo.yaml \
+  --set train.steps=20 --set train.output=runs/image-zero2 --set train.log_every=5 \
+  --set train.engine=deepspeed --set deepspeed.stage=2
 stage "the entrypoint's mapping for 3 nodes (without scontrol; a stand-in torchrun prints its arguments)"
 in_image bash -c 'mkdir -p runs/bin && printf "#!/bin/sh\necho torchrun \"\$@\"\n" > runs/bin/torchrun
                   chmod +x runs/bin/torchrun'
@@ -83,8 +87,8 @@ in_image -e SLURM_JOB_ID=4242 -e 'SLURM_JOB_NODELIST=node[03-04]' -e SLURM_PROCI
   -e SLURM_LOCALID=1 python -c \
   'import os; print(*(f"{k}={os.environ[k]}" for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")))'
 stage "user and versions in the image"
-in_image python -c 'import os, torch, nvidia.dali, triton, cv2, onnxruntime, sface_dist
+in_image python -c 'import os, torch, nvidia.dali, triton, cv2, onnxruntime, deepspeed, sface_dist
 print("uid", os.getuid(), "torch", torch.__version__, "dali", nvidia.dali.__version__, "triton", triton.__version__,
-      "cv2", cv2.__version__, "onnxruntime", onnxruntime.__version__)'
+      "cv2", cv2.__version__, "onnxruntime", onnxruntime.__version__, "deepspeed", deepspeed.__version__)'
 stage "the largest installed packages"
 in_image bash -c 'du -sm /opt/venv/lib/python3.11/site-packages/* | sort -n | tail -n 8'
