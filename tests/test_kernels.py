@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from sface_dist.heads.self_check import TOLERANCES  # noqa: E402
 from sface_dist.heads.sface import BlockOptions, SFaceParams, sface_block_chunked, sface_block_dense  # noqa: E402
 
 from sface_reference import relative_error, sface_reference  # noqa: E402
+from triton_interpreter import interpreted_results  # noqa: E402
 
 OFFICIAL = SFaceParams(s=64.0, k=80.0, a=0.80, b=1.23)
 SOFT = SFaceParams(s=64.0, k=8.0, a=0.8, b=1.23)
@@ -233,14 +233,7 @@ def label(case: str) -> str:
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, Errors]:
     """Every case under the Triton interpreter, in one child process."""
-    if not triton_available():
-        pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return interpreted_results(__file__, timeout_s=600)
 
 
 @pytest.mark.parametrize("case", ["ragged-outside-soft", "ragged-outside-official", "inter-scale", "all-hard"])

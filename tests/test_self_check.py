@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,12 +29,13 @@ from sface_dist.data.errors import DataError
 from sface_dist.data.torch_backend import TorchFaceLoader
 from sface_dist.distributed import PeerError
 from sface_dist.heads import build_head, self_check
-from sface_dist.heads.kernels.fused import triton_available
 from sface_dist.heads.self_check import TOLERANCES, SelfCheckError, check_triton_block
 from sface_dist.heads.sface import BlockOptions, BlockResult, SFaceParams, sface_block_chunked
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loader import config, epoch, make_rec  # noqa: E402
+
+from triton_interpreter import interpreted_results  # noqa: E402
 
 DIM = 16
 FAILED_FP32 = "the Triton SFace block failed its fp32 self-check: "
@@ -55,14 +55,7 @@ def run_interpreted() -> dict[str, dict[str, object]]:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, dict[str, object]]:
-    if not triton_available():
-        pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return interpreted_results(__file__, timeout_s=300)
 
 
 @pytest.mark.parametrize("precision", INTERPRETED_PRECISIONS)
