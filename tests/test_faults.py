@@ -40,6 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss (-?[0-9.]+).* lr ([0-9.e+-]+) ", re.MULTILINE)
 
 
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now (for a rendezvous)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def tool(name: str) -> ModuleType:
     """A script of ``tools/`` imported as a module, so its ``main`` runs in this process."""
     spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")

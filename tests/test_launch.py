@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_faults import ROOT, demo_data, logged, write_config  # noqa: F401  (demo_data: a fixture)
+from test_faults import ROOT, demo_data, free_port, logged, write_config  # noqa: F401  (demo_data: a fixture)
 
 from sface_dist.checkpoint import latest_checkpoint, load_trainer_state, load_weights
 
@@ -32,12 +31,6 @@ one thread per rank, which torchrun sets only for several processes per agent: t
 TRAIN_KEYS = "steps: 8, log_every: 1, checkpoint_every: 2, keep_checkpoints: 10"
 OVERRIDES = ("eval.bins=[]",)
 TIMEOUT = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun_command(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_faults import ROOT, demo_data, logged, one_error_line, train_in_process, write_config
+from test_faults import ROOT, demo_data, free_port, logged, one_error_line, train_in_process, write_config
 from test_trainer import ENV, make_config
 
 from sface_dist.checkpoint import load_trainer_state
@@ -119,12 +118,6 @@ def test_dataloader_workers_outlive_the_signals_and_end_with_their_process() -> 
     time.sleep(0.5)
     out, err = process.communicate("go\n", timeout=30)
     assert process.returncode == 0 and out == f"[{worker}]\n", err
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def srun_ranks(world_size: int, command: list[str]) -> list[subprocess.Popen[str]]:

@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_faults import demo_data, write_config  # noqa: F401  (demo_data: a fixture)
-from test_launch import free_port
+from test_faults import demo_data, free_port, write_config  # noqa: F401  (demo_data: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
