@@ -23,9 +23,8 @@ from sface_dist.distributed import (
     barrier,
     destroy_distributed,
     init_distributed,
-    naming_collective_failures,
 )
-from sface_dist.trainer import Trainer
+from sface_dist.trainer import Trainer, naming_run_collective_failures
 
 INTERRUPTED = 130
 """Exit status of a run stopped at once by a second Ctrl-C (128 + SIGINT), as shells report it."""
@@ -58,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         env = init_distributed(cfg.train.collective_timeout_minutes)
         try:
-            hint = f"train.collective_timeout_minutes={cfg.train.collective_timeout_minutes:g}"
-            with naming_collective_failures("a collective of the run's setup", env.rank, env.world_size, hint):
+            with naming_run_collective_failures("a collective of the run's setup", cfg, env):
                 trainer = Trainer(cfg, env)
             try:
                 results = trainer.fit()

@@ -145,6 +145,12 @@ class NonFiniteWatch:
         return FloatingPointError(f"{self.describe(step, quantity, rank)} (the first such step); {kept}; {hint}")
 
 
+def naming_run_collective_failures(what: str, cfg: Config, env: DistEnv) -> contextlib.AbstractContextManager[None]:
+    """``distributed.naming_collective_failures`` for this rank of the run, its line ending with the timeout's key."""
+    hint = f"train.collective_timeout_minutes={cfg.train.collective_timeout_minutes:g}"
+    return naming_collective_failures(what, env.rank, env.world_size, hint)
+
+
 class Trainer:
     """Builds every component from the config and runs the loop on this rank."""
 
@@ -327,8 +333,7 @@ class Trainer:
     def collective(self, what: str) -> contextlib.AbstractContextManager[None]:
         """A peer that hangs past ``train.collective_timeout_minutes`` or dies while ``what`` waits for it: one
         line naming ``what`` and this rank (``distributed.CollectiveError``)."""
-        hint = f"train.collective_timeout_minutes={self.cfg.train.collective_timeout_minutes:g}"
-        return naming_collective_failures(what, self.env.rank, self.env.world_size, hint)
+        return naming_run_collective_failures(what, self.cfg, self.env)
 
     def save(self) -> Path:
         """Collective: write a checkpoint, unless a loss, gradient or weight is not finite on some rank (then
