@@ -3,14 +3,15 @@
 Layout of ``OUTPUT/checkpoints``::
 
     step-00001200/
-        manifest.json                step, world size, class count, head file names, the resolved config
+        manifest.json                step, world size, class count, head file names, the resolved config, and the
+                                     size and SHA-256 of every other file (``files``)
         trainer.pt                   backbone, backbone optimizer, RNG state, data position (rank 0)
         head-00000000-00042871.pt    one file per rank: class range [start, end), the head's and its optimizer's state
     latest                           name of the newest complete checkpoint
 
 and of a best-backbone folder (``OUTPUT/best/<pack>/``, written by the verification monitor)::
 
-    manifest.json                    step, pack, scores, the resolved config
+    manifest.json                    step, pack, scores, the resolved config, the size and SHA-256 of backbone.pt
     backbone.pt                      the backbone's state dict
 
 A checkpoint is written into ``step-N.tmp`` and renamed once every rank has
@@ -18,6 +19,10 @@ finished, so a crash never leaves a half-written ``step-N``. The head is stored 
 class range: a head file holds the ``state_dict()`` of the head shard and of its optimizer
 (``sface_dist/heads``), every tensor in their ``rows`` one entry per class, so a run with
 another number of ranks loads the rows it owns from whichever files overlap them.
+
+Every reader checks a file against the size and SHA-256 its manifest records before loading it
+(``sface_dist.file_digest``), and refuses a damaged one in one line naming it; checkpoints written
+before digests were recorded load with one line saying they are unverified.
 
 This module is the only one that knows the layout: ``checkpoint_manager.CheckpointManager`` drives it
 for the trainer, and every other reader goes through ``resolve_checkpoint``, ``read_model_config``,
@@ -37,7 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sface_dist.distributed import PeerError, raise_on_any_rank
+from sface_dist.distributed import PeerError, all_gather_objects, group_rank, raise_on_any_rank
+from sface_dist.file_digest import DigestMismatch, DigestWriter, is_record, verify_file
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -172,17 +178,20 @@ def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "rows": {key: value.detach().cpu() for key, value in state["rows"].items()}}
 
 
-def _save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a file this process opens and syncs, so a full disk surfaces as ``ENOSPC``."""
+def _save(obj: Any, path: Path) -> dict[str, Any]:
+    """``torch.save`` through a file this process opens and syncs, so a full disk surfaces as ``ENOSPC``; returns
+    the file's digest record, computed on the bytes as they are written."""
     with open(path, "wb") as f:
+        writer = DigestWriter(f)
         try:
-            torch.save(obj, f)
+            torch.save(obj, writer)
         except RuntimeError as error:  # torch's zip writer reports a failed write as its own error
             if isinstance(error.__context__, OSError):
                 raise error.__context__ from None
             raise
         f.flush()
         os.fsync(f.fileno())
+    return writer.record()
 
 
 def _write_error(path: Path, error: OSError) -> CheckpointWriteError:
@@ -216,6 +225,8 @@ def save_checkpoint(
     final = _step_dir(root, trainer_state.step)
     tmp = final.with_name(final.name + ".tmp")
     start, end = head_state["class_start"], head_state["class_end"]
+    head_name = _head_file(start, end)
+    head_record: dict[str, Any] = {}
     error: CheckpointWriteError | None = None
     try:
         if rank == 0:
@@ -225,31 +236,33 @@ def save_checkpoint(
         error = _write_error(tmp, failure)
     raise_on_any_rank(error)
     try:
-        _save(
+        head_record = _save(
             {
                 "class_start": start,
                 "class_end": end,
                 "head": _to_cpu(head_state),
                 "optimizer": _to_cpu(head_optimizer_state),
             },
-            tmp / _head_file(start, end),
+            tmp / head_name,
         )
     except OSError as failure:
-        error = _write_error(tmp / _head_file(start, end), failure)
+        error = _write_error(tmp / head_name, failure)
     try:
         raise_on_any_rank(error)
     except (CheckpointWriteError, PeerError):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    files = dict(all_gather_objects((head_name, head_record)))
     if rank == 0:
         try:
-            _save(trainer_state.__dict__, tmp / TRAINER_FILE)
+            files[TRAINER_FILE] = _save(trainer_state.__dict__, tmp / TRAINER_FILE)
             manifest = {
                 "step": trainer_state.step,
                 "world_size": world_size,
                 "num_classes": num_classes,
-                "head_files": sorted(p.name for p in tmp.glob("head-*.pt")),
+                "head_files": sorted(name for name in files if name.startswith("head-")),
+                "files": dict(sorted(files.items())),
                 "config": config,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -304,11 +317,60 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / MANIFEST).read_text())
+    """The manifest of checkpoint (or best-backbone folder) ``path``; one line when it is unreadable."""
+    manifest_path = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{manifest_path}: no such file: not a checkpoint") from None
+    except (OSError, ValueError, RecursionError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({reason})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{manifest_path}: unreadable manifest (expected a JSON object)")
+    return manifest
+
+
+_unverified_reported: set[Path] = set()
+"""Checkpoints whose lack of digests this process has reported (once each)."""
+
+
+def _recorded_files(checkpoint: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest's digest records by file name; None for a checkpoint written before they were recorded (said
+    once, by the first rank)."""
+    files = manifest.get("files")
+    if files is None:
+        if checkpoint not in _unverified_reported and group_rank(None) == 0:
+            _unverified_reported.add(checkpoint)
+            print(f"warning: {checkpoint}: written before checkpoints recorded checksums: its files are read "
+                  "unverified", flush=True)
+        return None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{checkpoint / MANIFEST}: 'files' is not a mapping of file names to digests")
+    return files
+
+
+def verified_file(checkpoint: Path, name: str, manifest: dict[str, Any] | None = None) -> Path:
+    """``checkpoint / name`` once its size and SHA-256 match the manifest's record (``manifest``: the checkpoint's,
+    when the caller has read it); one line naming the file when they do not, or when no record names it."""
+    manifest = read_manifest(checkpoint) if manifest is None else manifest
+    files = _recorded_files(checkpoint, manifest)
+    path = checkpoint / name
+    if files is None:
+        return path
+    if not is_record(files.get(name)):
+        raise CheckpointError(f"{path}: its manifest records no checksum for it: refused")
+    try:
+        verify_file(path, files[name])
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except DigestMismatch as error:
+        raise CheckpointError(f"{error}: refused") from None
+    return path
 
 
 def load_trainer_state(path: str | Path) -> TrainerState:
-    trainer_file = Path(path) / TRAINER_FILE
+    trainer_file = verified_file(Path(path), TRAINER_FILE)
     state = load_weights(trainer_file)
     required = {f.name for f in fields(TrainerState) if f.default is MISSING and f.default_factory is MISSING}
     if not isinstance(state, dict) or not required <= set(state):
@@ -317,7 +379,7 @@ def load_trainer_state(path: str | Path) -> TrainerState:
 
 
 def _read_head_file(path: Path, num_classes: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The head and optimizer state a head file holds; files of the first layout (``weight`` and SGD's
+    """The head and optimizer state a (verified) head file holds; files of the first layout (``weight`` and SGD's
     ``momentum`` beside the class range) read as the state of a head and its SGD."""
     shard = load_weights(path)
     if isinstance(shard, dict) and isinstance(shard.get("head"), dict) and isinstance(shard.get("optimizer"), dict):
@@ -371,7 +433,7 @@ def load_head_shard(
         file_start, file_end = _head_file_range(name)
         if max(start, file_start) >= min(end, file_end):
             continue
-        head, optimizer = _read_head_file(path / name, num_classes)
+        head, optimizer = _read_head_file(verified_file(path, name, manifest), num_classes)
         heads.append(head)
         optimizers.append(optimizer)
         covered += min(end, file_end) - max(start, file_start)
@@ -424,11 +486,8 @@ def _follow_latest(pointer: Path) -> Path:
 def read_model_config(checkpoint: Path) -> tuple[dict[str, Any], int]:
     """The resolved config stored in ``checkpoint``'s manifest (checked to name the model), and its step."""
     manifest_path = checkpoint / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({error})") from None
-    config = manifest.get("config") if isinstance(manifest, dict) else None
+    manifest = read_manifest(checkpoint)
+    config = manifest.get("config")
     if not isinstance(config, dict):
         raise CheckpointError(
             f"{manifest_path}: the manifest holds no 'config', so the backbone architecture is unknown "
@@ -443,14 +502,14 @@ def read_model_config(checkpoint: Path) -> tuple[dict[str, Any], int]:
 def read_backbone(checkpoint: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """The backbone weights of a step directory or a best-backbone folder, and the file they come from."""
     if (checkpoint / BACKBONE_FILE).is_file():
-        state = load_weights(checkpoint / BACKBONE_FILE)
+        state = load_weights(verified_file(checkpoint, BACKBONE_FILE))
         if not isinstance(state, dict):
             raise CheckpointError(f"{checkpoint / BACKBONE_FILE}: holds no backbone state dict")
         return checkpoint / BACKBONE_FILE, state
     trainer_file = checkpoint / TRAINER_FILE
     if not trainer_file.is_file():
         raise CheckpointError(f"{checkpoint}: has neither {TRAINER_FILE} nor {BACKBONE_FILE}")
-    state = load_weights(trainer_file)
+    state = load_weights(verified_file(checkpoint, TRAINER_FILE))
     if not isinstance(state, dict) or not isinstance(state.get("backbone"), dict):
         raise CheckpointError(f"{trainer_file}: holds no 'backbone' state dict")
     return trainer_file, state["backbone"]
@@ -465,8 +524,9 @@ def save_backbone(directory: str | os.PathLike[str], model: nn.Module, manifest:
     temporary = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     temporary.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    torch.save(state, temporary / BACKBONE_FILE)
+    manifest = {**manifest, "files": {BACKBONE_FILE: _save(state, temporary / BACKBONE_FILE)}}
     (temporary / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _fsync_dir(temporary)
     if directory.exists():
         retired = directory.with_name(f".{directory.name}.old{os.getpid()}")
         os.replace(directory, retired)

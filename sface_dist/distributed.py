@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -339,15 +340,21 @@ def broadcast_message(message: str | None, group: ProcessGroup | None = None) ->
     return box[0]
 
 
+def all_gather_objects(value: Any, group: ProcessGroup | None = None) -> list[Any]:
+    """Collective: every rank's picklable ``value``, in rank order (small host-side records)."""
+    if group_size(group) == 1:
+        return [value]
+    values: list[Any] = [None] * group_size(group)
+    dist.all_gather_object(values, value, group=group)
+    return values
+
+
 def first_message(message: str | None, group: ProcessGroup | None = None) -> tuple[int, str] | None:
     """Collective: the lowest rank that has a ``message``, and that message (None: no rank has one).
 
     A local check that failed on some ranks: every rank takes the same branch, and one of them can say why.
     """
-    if group_size(group) == 1:
-        return None if message is None else (0, message)
-    messages: list[str | None] = [None] * group_size(group)
-    dist.all_gather_object(messages, message, group=group)
+    messages = all_gather_objects(message, group)
     return next(((rank, text) for rank, text in enumerate(messages) if text is not None), None)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -94,6 +95,18 @@ def test_latest_and_pruning(saved: Path) -> None:
     assert manifest["world_size"] == 3 and manifest["step"] == 15
     assert len(manifest["head_files"]) == 3
     assert load_trainer_state(latest).step == 15
+
+
+def test_the_manifest_records_every_ranks_file_digest(saved: Path) -> None:
+    """Each rank's head file, hashed where it was written, and rank 0's trainer state: size and SHA-256."""
+    latest = latest_checkpoint(saved)
+    assert latest is not None
+    files = read_manifest(latest)["files"]
+    assert sorted(files) == sorted(p.name for p in latest.iterdir() if p.name != "manifest.json")
+    assert len(files) == 4
+    for name, record in files.items():
+        data = (latest / name).read_bytes()
+        assert record == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -204,9 +204,16 @@ def test_crafted_checkpoint_runs_no_code(
 
 
 def test_truncated_checkpoint_file_is_one_line(trained_run: Path, tmp_path: Path) -> None:
+    """Refused by its recorded size; in a checkpoint without digests, by the unpickler."""
     run = copy_run(trained_run, tmp_path / "run")
     trainer_file = step_dir(run) / "trainer.pt"
+    size = trainer_file.stat().st_size
     trainer_file.write_bytes(trainer_file.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(trainer_file))}: damaged or changed since it was "
+                                              rf"written: 1000 bytes, {size} recorded: refused$"):
+        load_trainer_state(step_dir(run))
+    manifest = step_dir(run) / "manifest.json"
+    manifest.write_text(re.sub(r'"files": \{.*?\n  \},\n', "", manifest.read_text(), flags=re.DOTALL))
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(trainer_file))}: unreadable checkpoint file"):
         load_trainer_state(step_dir(run))
 

@@ -35,7 +35,7 @@ def evaluate(args: argparse.Namespace) -> int:
         f"model {source.description}",
         flush=True,
     )
-    cache_dir = args.out / "cache" / f"{protocol.target.lower()}-{source.cache_key}"
+    cache_dir = args.out / "cache" / f"{protocol.target.lower()}-{source.cache_key}-{protocol.faces_key}"
     views = extract_views(
         source.embed,
         protocol.load_aligned,

@@ -20,6 +20,7 @@ from torch import nn
 
 from sface_dist.data.pixels import normalize_pixels
 from sface_dist.evaluation.checkpoint_backbone import load_backbone
+from sface_dist.file_digest import DigestMismatch, file_record, sidecar, verify_against_sidecar
 from sface_dist.progress import ProgressBar
 
 
@@ -47,9 +48,13 @@ class TorchEmbedder:
 
 
 class OnnxEmbedder:
-    """An exported model (raw 0-255 RGB input) run by onnxruntime, on CUDA when available."""
+    """An exported model (raw 0-255 RGB input) run by onnxruntime, on CUDA when available.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    ``verify``: check the file against the ``NAME.sha256`` its export wrote beside it (refused when it differs;
+    one line saying it is unverified when there is none).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], verify: bool = True) -> None:
         try:
             import onnxruntime
         except ImportError:
@@ -57,6 +62,13 @@ class OnnxEmbedder:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: ONNX model not found")
+        if verify:
+            try:
+                verified = verify_against_sidecar(self.path)
+            except DigestMismatch as error:
+                raise ValueError(f"{error}: refused") from None
+            if not verified:
+                print(f"warning: {self.path}: no {sidecar(self.path).name} beside it: read unverified", flush=True)
         preferred = ("CUDAExecutionProvider", "CPUExecutionProvider")
         providers = [name for name in preferred if name in onnxruntime.get_available_providers()]
         try:
@@ -128,6 +140,6 @@ def open_model(
 
 
 def _file_identity(path: Path) -> dict[str, Any]:
-    """Path, size and modification time: changes whenever the weights file is rewritten."""
-    status = path.stat()
-    return {"file": str(path), "size": status.st_size, "mtime_ns": status.st_mtime_ns}
+    """The weights file's size and SHA-256: the same weights have the same identity wherever they lie, and any
+    change to them changes it."""
+    return file_record(path)

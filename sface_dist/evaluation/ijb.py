@@ -19,6 +19,7 @@ TAR@FAR is read two ways (``evaluation.roc``): the primary "FAR <= target", and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -74,6 +75,15 @@ class IjbProtocol:
 
     def image_path(self, index: int) -> Path:
         return self.root / "loose_crop" / self.image_names[index]
+
+    @property
+    def faces_key(self) -> str:
+        """A short hash of what decides the aligned faces (the folder, the image names and their landmarks): an
+        embedding cache built for other faces has another key."""
+        digest = hashlib.sha1(str(self.root.resolve()).encode())
+        digest.update("\n".join(self.image_names).encode())
+        digest.update(np.ascontiguousarray(self.landmarks, dtype=np.float32).tobytes())
+        return digest.hexdigest()[:12]
 
     def load_aligned(self, index: int) -> np.ndarray:
         """Face ``index`` aligned to 112x112, as uint8 RGB ``[3, 112, 112]``."""
