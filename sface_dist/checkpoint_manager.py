@@ -2,7 +2,8 @@
 
 The trainer's one door to ``checkpoint`` (the on-disk format): it says which steps are due
 (``train.checkpoint_every``), writes collectively keeping the last ``train.keep_checkpoints``, and
-reads back the newest checkpoint, refusing one whose model differs from the run's config.
+reads back the newest checkpoint, refusing one of another run: a checkpoint whose config differs from the
+run's in a key that defines the run (``config.RUN_DEFINING_KEYS``) unless ``train.accept_changes`` names it.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from sface_dist.checkpoint import (
     read_manifest,
     save_checkpoint,
 )
-
-CHECKED_MODEL_KEYS = ("backbone", "embedding_size")
-"""``model`` keys a resumed checkpoint must share with the config: they decide the backbone's tensors."""
+from sface_dist.config import ConfigChange, config_changes
 
 
 @dataclass(frozen=True)
@@ -36,12 +35,17 @@ class Resumed:
     """The head shard's ``state_dict()`` for this rank's class range."""
     head_optimizer: dict[str, Any]
     """The head optimizer's ``state_dict()`` for the same range."""
+    world_size: int
+    """The number of ranks that wrote the checkpoint."""
+    changes: list[ConfigChange]
+    """The keys whose values differ from the checkpoint's config (run-defining ones only if accepted)."""
 
 
 class CheckpointManager:
     """The checkpoints of the run in ``output`` on this rank (built on every rank with the same arguments).
 
-    ``config`` is the run's resolved config: stored in every manifest, and its ``model`` checked on resume.
+    ``config`` is the run's resolved config: stored in every manifest, and compared with the checkpoint's on
+    resume.
     """
 
     def __init__(
@@ -92,18 +96,29 @@ class CheckpointManager:
         path = self.latest()
         if path is None:
             return None
-        self._check_model(path)
+        manifest = read_manifest(path)
+        changes = self._changes(path, manifest)
         trainer = load_trainer_state(path)
         head, head_optimizer = load_head_shard(path, class_range, self.num_classes)
-        return Resumed(path, trainer, head, head_optimizer)
+        return Resumed(path, trainer, head, head_optimizer, int(manifest.get("world_size", 0)), changes)
 
-    def _check_model(self, path: Path) -> None:
-        """One line naming the key when the checkpoint's model differs from the config's."""
-        saved = read_manifest(path).get("config", {}).get("model", {})
-        wanted = self.config.get("model", {})
-        for key in CHECKED_MODEL_KEYS:
-            if key in saved and saved[key] != wanted.get(key):
-                raise CheckpointError(
-                    f"{path}: model.{key} is {saved[key]!r} in the checkpoint and {wanted.get(key)!r} "
-                    f"in the config: restore it, or start a new run (another train.output, or train.overwrite=true)"
-                )
+    def _changes(self, path: Path, manifest: dict[str, Any]) -> list[ConfigChange]:
+        """The config's changes since the checkpoint; one line naming them when one makes it another run."""
+        saved = manifest.get("config")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path}: its manifest holds no config to compare this run's with")
+        changes = config_changes(saved, self.config)
+        accepted = set(self.config.get("train", {}).get("accept_changes", []))
+        refused = [change for change in changes if change.defines_the_run and change.key not in accepted]
+        if not refused:
+            return changes
+        new_run = "start a new run (another train.output, or train.overwrite=true)"
+        unfit = [change for change in refused if not change.acceptable]
+        if unfit:
+            raise CheckpointError(f"{path}: {unfit[0].describe()}: restore it, or {new_run}")
+        keys = ",".join(change.key for change in refused)
+        raise CheckpointError(
+            f"{path}: {'; '.join(change.describe() for change in refused)}: another run: restore "
+            f"{'it' if len(refused) == 1 else 'them'}, {new_run}, or accept the change with "
+            f"--set 'train.accept_changes=[{keys}]'"
+        )

@@ -258,8 +258,12 @@ class TrainConfig:
     """Continue from ``OUTPUT/checkpoints/latest`` when it exists; false refuses a folder that already holds
     checkpoints."""
     overwrite: bool = False
-    """Start over, whatever ``resume`` says: an earlier run's ``checkpoints/`` and ``best/`` move into
-    ``OUTPUT/replaced-<time>/``."""
+    """Start over, whatever ``resume`` says: an earlier run's ``checkpoints/``, ``best/``, ``tensorboard/``,
+    ``config.yaml`` and ``history.jsonl`` move into ``OUTPUT/replaced-<time>/``."""
+    accept_changes: list[str] = field(default_factory=list)
+    """Keys that define the run (data, model, loss, seed: docs/checkpoints.md, One run per folder) allowed to
+    differ from the checkpoint's config on this resume, e.g. ``[data.root]`` after moving the dataset. Without
+    it such a change is refused; every change is printed and recorded in ``OUTPUT/history.jsonl``."""
     collective_timeout_minutes: float = 10.0
     """How long a rank waits in a collective for a peer before the run stops with one line naming the
     collective (a peer that hung or died). Longer than any pause that keeps ranks apart: an evaluation with
@@ -309,6 +313,77 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+RUN_DEFINING_KEYS = (
+    "data.root", "data.image_size", "data.flip", "data.augment", "data.synthetic_images_per_class",
+    "model.backbone", "model.embedding_size",
+    "head.type", "head.s", "head.k", "head.a", "head.b", "head.margin", "head.margin_grad", "head.sample_rate",
+    "head.sample_correction", "head.sample_update", "head.init",
+    "optim.name",
+    "train.seed",
+)
+"""The keys that make a run what it is: its data, model, loss and seed (and the optimizer whose state the
+checkpoint holds). A resume that changes one would be another run; it is refused unless ``train.accept_changes``
+names the key. So is a change of ``data.backend`` to or from ``synthetic`` (other data)."""
+
+STATE_SHAPING_KEYS = ("model.backbone", "model.embedding_size", "optim.name")
+"""Run-defining keys whose change no resume can accept: the checkpoint's tensors would not fit."""
+
+NOT_COMPARED_ON_RESUME = ("data.num_classes", "train.output", "train.resume", "train.overwrite",
+                          "train.accept_changes")
+"""Keys a resume does not compare: the class count is checked resolved (the head's), the rest say where and how
+to start, not what the run is."""
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"section.key": value}`` of a config mapping (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """A key whose value differs between a checkpoint's config and this run's."""
+
+    key: str
+    saved: Any
+    current: Any
+
+    @property
+    def defines_the_run(self) -> bool:
+        if self.key == "data.backend":
+            return "synthetic" in (self.saved, self.current)
+        return self.key in RUN_DEFINING_KEYS
+
+    @property
+    def acceptable(self) -> bool:
+        """Whether ``train.accept_changes`` may accept it (a run-defining key whose state still fits)."""
+        return self.key not in STATE_SHAPING_KEYS
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.saved!r} -> {self.current!r}"
+
+    def describe(self) -> str:
+        return f"{self.key} is {self.saved!r} in the checkpoint and {self.current!r} in the config"
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[ConfigChange]:
+    """The keys whose values differ between a checkpoint's resolved config and this run's, in config order.
+
+    A key the checkpoint's config does not hold (written before the key existed) is not compared.
+    """
+    before, after = flatten(saved), flatten(current)
+    return [
+        ConfigChange(key, before[key], value)
+        for key, value in after.items()
+        if key in before and key not in NOT_COMPARED_ON_RESUME and before[key] != value
+    ]
 
 
 def _type_name(tp: Any) -> str:
@@ -445,6 +520,13 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: train.steps and train.epochs are both 0: nothing to train")
     if cfg.data.backend != "synthetic" and not cfg.data.root:
         raise ConfigError(f"{source}: data.root: required for data.backend={cfg.data.backend}")
+    known = set(flatten(to_dict(cfg)))
+    for key in cfg.train.accept_changes:
+        if key not in known:
+            raise ConfigError(f"{source}: train.accept_changes: unknown key {key!r} (expected section.key)")
+        if key in STATE_SHAPING_KEYS:
+            raise ConfigError(f"{source}: train.accept_changes: {key} cannot change on resume (the checkpoint's "
+                              "tensors would not fit): start a new run")
     if cfg.deepspeed.stage not in (1, 2):
         raise ConfigError(f"{source}: deepspeed.stage: expected 1 or 2, got {cfg.deepspeed.stage}")
     if cfg.deepspeed.bucket_size <= 0:

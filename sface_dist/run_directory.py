@@ -6,21 +6,31 @@ dies, so a killed run never leaves a stale lock) and writes its host and pid the
 next run to name. A run that does not resume refuses a folder that already holds
 checkpoints unless ``train.overwrite`` moves them aside. Every rank learns rank 0's
 decision, so a refusal stops all ranks with one line.
+
+The folder keeps the run's own record: ``config.yaml``, the config it started with, and
+``history.jsonl``, one line per start or resume (time, step, world size, and the config keys
+changed since the checkpoint it resumed from).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
 import time
 from pathlib import Path
 
 from sface_dist.checkpoint import RUN_CHECKPOINTS, holds_checkpoints
+from sface_dist.checkpoint_manager import Resumed
+from sface_dist.config import Config, save_config
 from sface_dist.distributed import PeerError, broadcast_message
 
 LOCK_FILE = ".lock"
 BEST = "best"
+CONFIG_FILE = "config.yaml"
+HISTORY_FILE = "history.jsonl"
+TENSORBOARD = "tensorboard"
 
 
 class RunDirectoryError(ValueError):
@@ -69,14 +79,15 @@ def has_checkpoints(output: Path) -> bool:
 
 
 def _move_aside(output: Path) -> Path:
-    """Move the earlier run's checkpoints and best backbones into ``OUTPUT/replaced-<time>/``."""
+    """Move the earlier run (checkpoints, best backbones, TensorBoard events, config and history) into
+    ``OUTPUT/replaced-<time>/``."""
     aside = output / time.strftime("replaced-%Y%m%d-%H%M%S")
     suffix = 0
     while aside.exists():
         suffix += 1
         aside = aside.with_name(f"{aside.name.split('.')[0]}.{suffix}")
     aside.mkdir()
-    for name in (RUN_CHECKPOINTS, BEST):
+    for name in (RUN_CHECKPOINTS, BEST, TENSORBOARD, CONFIG_FILE, HISTORY_FILE):
         if (output / name).exists():
             os.replace(output / name, aside / name)
     return aside
@@ -130,3 +141,26 @@ def claim_run_directory(output: Path, *, resume: bool, overwrite: bool, is_main:
             raise RunDirectoryError(refusal)
         raise PeerError(refusal)
     return lock, note
+
+
+def record_start(output: Path, cfg: Config, step: int, world_size: int, resumed: Resumed | None) -> None:
+    """Rank 0: note this start in ``OUTPUT/history.jsonl``; a run that starts from scratch also writes the config
+    it starts with to ``OUTPUT/config.yaml`` (a resume leaves it as it was: its changes are in the history)."""
+    if resumed is None:
+        save_config(cfg, output / CONFIG_FILE)
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "event": "start" if resumed is None else "resume",
+        "step": step,
+        "world_size": world_size,
+    }
+    if resumed is not None:
+        entry |= {
+            "from": resumed.path.name,
+            "from_world_size": resumed.world_size,
+            "changes": {change.key: [change.saved, change.current] for change in resumed.changes},
+        }
+    with open(output / HISTORY_FILE, "a") as history:
+        history.write(json.dumps(entry) + "\n")
+        history.flush()
+        os.fsync(history.fileno())

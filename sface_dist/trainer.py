@@ -33,8 +33,8 @@ from sface_dist.checkpoint import (
     rng_state,
     state_dict_mismatch,
 )
-from sface_dist.checkpoint_manager import CheckpointManager
-from sface_dist.config import Config, OnNonFinite, save_config, to_dict
+from sface_dist.checkpoint_manager import CheckpointManager, Resumed
+from sface_dist.config import Config, OnNonFinite, to_dict
 from sface_dist.data.errors import DataError
 from sface_dist.data.loader import build_loader
 from sface_dist.distributed import (
@@ -49,7 +49,7 @@ from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import VerificationResult
 from sface_dist.heads import HeadOutput, ShardedSFaceHead, build_head
 from sface_dist.optimization import Optimization, Schedule
-from sface_dist.run_directory import claim_run_directory
+from sface_dist.run_directory import claim_run_directory, record_start
 from sface_dist.stop_signals import StopRequest, signal_name, stop_at_step_boundary
 
 
@@ -204,6 +204,8 @@ class Trainer:
         self.model = self.engine.model
         self.watch = NonFiniteWatch(cfg.train.on_nonfinite, cfg.train.max_nonfinite, env.rank, env.device)
         self.step = 0
+        self.finished_before: Path | None = None
+        """The checkpoint of a run that had already finished when this one resumed it (nothing to train)."""
         self.diagnostic_names: tuple[str, ...] = ()
         """The names of the head's own terms in ``train_step``'s metric tensor (``HeadOutput.diagnostics``)."""
         self.writer: SummaryWriter | None = None
@@ -225,10 +227,16 @@ class Trainer:
         return Schedule(self.cfg.optim, self._schedule_samples() / batch, self.loader.num_images // batch)
 
     def _open_run(self, cfg: Config) -> None:
-        """Write the resolved config, open TensorBoard and the verification monitor, and resume if asked."""
+        """Resume if asked; unless the run had already finished, record this start in the run's history and open
+        TensorBoard and the verification monitor. A finished run writes nothing."""
+        resumed = self._resume() if cfg.train.resume and not cfg.train.overwrite else None
+        if resumed is not None and self._finished():
+            self.finished_before = resumed.path
+            return
         if self.env.is_main:
-            save_config(cfg, self.output / "config.yaml")
-            self.writer = SummaryWriter(str(self.output / "tensorboard"))
+            record_start(self.output, cfg, self.step, self.env.world_size, resumed)
+            # Events a killed session logged after the checkpoint it resumes from are hidden, not repeated.
+            self.writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=self.step + 1)
         self.monitor = VerificationMonitor(
             cfg.eval.bins,
             self.env,
@@ -241,8 +249,6 @@ class Trainer:
             run_config=to_dict(cfg),
             log=self.log,
         )
-        if cfg.train.resume and not cfg.train.overwrite:
-            self._resume()
 
     def _schedule_samples(self) -> int:
         """Samples the whole run trains on: ``train.steps`` or ``train.epochs`` in the schedule batch."""
@@ -283,10 +289,11 @@ class Trainer:
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
         return torch.autocast(device_type=self.env.device.type, dtype=dtype)
 
-    def _resume(self) -> None:
+    def _resume(self) -> Resumed | None:
+        """Restore the newest checkpoint, if any, and say what changed since it (one line per key)."""
         resumed = self.checkpoints.resume(self.head.class_range)
         if resumed is None:
-            return
+            return None
         path, state = resumed.path, resumed.trainer
         try:
             self.engine.load(state.backbone, state.backbone_optimizer)
@@ -311,6 +318,12 @@ class Trainer:
         self.optimization.restart(self._schedule(), self.progress.samples / batch, self.global_batch / batch)
         done = f"{self.progress.samples} samples, epoch {self.progress.epoch}"
         self.log(f"resumed from {path} at step {self.step} ({done})")
+        for change in resumed.changes:
+            accepted = " (accepted: train.accept_changes)" if change.defines_the_run else ""
+            self.log(f"changed since {path.name}: {change}{accepted}")
+        if resumed.world_size not in (0, self.env.world_size):
+            self.log(f"changed since {path.name}: world size: {resumed.world_size} -> {self.env.world_size} ranks")
+        return resumed
 
     def _non_finite(self) -> str | None:
         """The first backbone tensor or head shard holding NaN or inf, if any (one host sync when all are finite)."""
@@ -320,6 +333,14 @@ class Trainer:
         if bool(finite.all()):
             return None
         return next(name for name, ok in zip(tensors, finite.tolist(), strict=True) if not ok)
+
+    def _last_checkpoint(self) -> str:
+        """The newest checkpoint, said in a signal handler (so never raising)."""
+        try:
+            latest = self.checkpoints.latest()
+        except (OSError, ValueError) as error:
+            return f"the last checkpoint cannot be read ({error})"
+        return f"the last checkpoint is {latest}" if latest else "no checkpoint was written yet"
 
     def _kept(self) -> str:
         latest = self.checkpoints.latest()
@@ -437,6 +458,12 @@ class Trainer:
         boundary, writes a checkpoint and returns an empty result with ``stop_signal`` set.
         """
         cfg = self.cfg.train
+        if self.finished_before is not None:
+            length = f"train.steps={cfg.steps}" if cfg.steps else f"train.epochs={cfg.epochs}"
+            self.log(f"{self.output}: the run finished at step {self.step} ({self.finished_before.name}, "
+                     f"{length}): nothing to do; raise {length.split('=')[0]} to train on, or start a new run "
+                     "(another train.output, or train.overwrite=true)")
+            return {}
         self.log(
             f"training {self.cfg.model.backbone} on {self.loader.num_images} images of {self.num_classes} "
             f"identities: {self.env.world_size} rank(s) x {self.cfg.data.batch_size}, {self.total_steps} steps, "
@@ -445,7 +472,7 @@ class Trainer:
         start_step, started = self.step, time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
         self.model.train()
-        with stop_at_step_boundary(self.log) as self.stop_request:
+        with stop_at_step_boundary(self.log, self._last_checkpoint) as self.stop_request:
             while not self._finished():
                 self._start_epoch()
                 for batches in self._optimizer_batches():

@@ -7,6 +7,7 @@ a fraction of a second; launches with several ranks and signals run real subproc
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -296,6 +297,9 @@ def test_resume_false_refuses_a_folder_with_checkpoints(
     (aside,) = run.glob("replaced-*")
     assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == before
     assert (aside / "best" / "heldout" / "backbone.pt").is_file()
+    assert sorted(p.name for p in aside.iterdir()) == ["best", "checkpoints", "config.yaml", "history.jsonl",
+                                                        "tensorboard"]
+    assert len(list((run / "tensorboard").iterdir())) == 1, "the new run's events only"
     assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
 
 
@@ -544,13 +548,81 @@ def test_refusal_on_two_ranks_is_one_line(trained_run: Path, demo_data: Path, tm
     assert "Traceback" not in rank1.read_text() and "error" not in rank1.read_text(), rank1.read_text()
 
 
-def test_rerunning_a_finished_run_rewrites_its_last_checkpoint_in_place(trained_run: Path, demo_data: Path,
-                                                                       tmp_path: Path) -> None:
-    """The same step written again replaces the folder by renames: ``latest`` names a complete checkpoint."""
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` but the lock (which names whoever holds it), by relative path."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != ".lock"}
+
+
+def test_rerunning_a_finished_run_says_so_and_writes_nothing(
+    trained_run: Path, demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No checkpoint rewritten, no TensorBoard event, no evaluation: every file stays as it was, byte for byte."""
     run = copy_run(trained_run, tmp_path / "run")
-    before = load_trainer_state(step_dir(run)).backbone
-    assert train_in_process(write_config(tmp_path / "c.yaml", demo_data, run), "eval.bins=[]") == 0
-    assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000002", "step-00000004"]
-    after = load_trainer_state(step_dir(run)).backbone
-    assert all(torch.equal(before[name], after[name]) for name in before)
+    before = snapshot(run)
+    capsys.readouterr()
+    assert train_in_process(write_config(tmp_path / "c.yaml", demo_data, run)) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == (
+        f"{run}: the run finished at step 4 (step-00000004, train.steps=4): nothing to do; raise train.steps to "
+        "train on, or start a new run (another train.output, or train.overwrite=true)")
+    assert "final verification" not in out
+    assert snapshot(run) == before
+
+
+def test_a_resume_with_another_seed_is_refused_and_writes_nothing(
+    trained_run: Path, demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(trained_run, tmp_path / "run")
+    before = snapshot(run)
+    config = write_config(tmp_path / "c.yaml", demo_data, run)
+    capsys.readouterr()
+    assert train_in_process(config, "train.seed=1", "data.flip=false", "train.steps=6") == 1
+    assert one_error_line(capsys.readouterr().err) == (
+        f"error: {step_dir(run)}: data.flip is True in the checkpoint and False in the config; train.seed is 0 in "
+        "the checkpoint and 1 in the config: another run: restore them, start a new run (another train.output, or "
+        "train.overwrite=true), or accept the change with --set 'train.accept_changes=[data.flip,train.seed]'")
+    assert snapshot(run) == before
+
+
+def test_changes_on_resume_are_printed_and_recorded(
+    trained_run: Path, demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A longer run with other logging: one line per key, a history entry, the starting config untouched. A moved
+    dataset is refused until accepted, then recorded like any change."""
+    run = copy_run(trained_run, tmp_path / "run")
+    config_before = (run / "config.yaml").read_bytes()
+    config = write_config(tmp_path / "c.yaml", demo_data, run)
+    capsys.readouterr()
+    assert train_in_process(config, "train.steps=6", "train.log_every=3", "eval.bins=[]") == 0
+    out = capsys.readouterr().out.splitlines()
+    changed = [line for line in out if line.startswith("changed since")]
+    assert changed == ["changed since step-00000004: train.steps: 4 -> 6",
+                       "changed since step-00000004: train.log_every: 2 -> 3",
+                       f"changed since step-00000004: eval.bins: ['{demo_data / 'heldout.bin'}'] -> []"]
+    assert (run / "config.yaml").read_bytes() == config_before
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [entry["event"] for entry in history] == ["start", "resume"]
+    assert history[1]["step"] == 4 and history[1]["from"] == "step-00000004" and history[1]["world_size"] == 1
+    assert history[1]["changes"] == {"train.steps": [4, 6], "train.log_every": [2, 3],
+                                     "eval.bins": [[str(demo_data / "heldout.bin")], []]}
+
+    moved = shutil.copytree(demo_data, tmp_path / "moved")
+    moved_config = write_config(tmp_path / "moved.yaml", moved, run)
+    assert train_in_process(moved_config, "train.steps=8", "eval.bins=[]") == 1
+    assert "accept the change with --set 'train.accept_changes=[data.root]'" in one_error_line(
+        capsys.readouterr().err)
+    assert train_in_process(moved_config, "train.steps=8", "eval.bins=[]", "train.accept_changes=[data.root]") == 0
+    assert (f"changed since step-00000006: data.root: '{demo_data}' -> '{moved}' (accepted: "
+            "train.accept_changes)") in capsys.readouterr().out
+    last = json.loads((run / "history.jsonl").read_text().splitlines()[-1])
+    assert last["changes"]["data.root"] == [str(demo_data), str(moved)] and last["step"] == 6
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    ("x.y", "unknown key 'x.y' (expected section.key)"),
+    ("model.backbone", "model.backbone cannot change on resume (the checkpoint's tensors would not fit)"),
+])
+def test_accept_changes_names_keys_whose_state_fits(key: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^defaults: train\.accept_changes: {re.escape(message)}"):
+        load_config(None, ["data.backend=synthetic", f"train.accept_changes=[{key}]"])
