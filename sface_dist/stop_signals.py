@@ -2,11 +2,13 @@
 
 SIGINT is Ctrl-C; SIGTERM is how schedulers and torchrun end a process; SIGUSR1 is the warning SLURM sends
 ahead of the time limit with ``--signal=USR1@120`` (docs/multinode.md, Pre-emption). The first of them asks the
-training loop to stop at the next step boundary, where every rank agrees on it (``Trainer``); a later one stops
-at once, as the signal would have without these handlers.
+training loop to stop at the next step boundary, where every rank agrees on it (``Trainer``).
 
-Copies of one signal arriving together count once: under ``srun torchrun`` SLURM signals every process of the
-step and torchrun forwards its own copy to its workers.
+While that stop is pending, every other stop signal joins it, whatever its kind and source: a terminal's Ctrl-C
+reaches the workers directly and again through ``timeout`` and torchrun, and torchrun follows with SIGTERM as it
+shuts down; SLURM signals every process of a step. Only the same signal again after ``GRACE_S`` (the user
+repeating it) stops at once, as the signal would have without these handlers, with one line naming the last
+checkpoint written.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from dataclasses import dataclass
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-COPIES_WITHIN_S = 2.0
-"""The same signal again within this many seconds of the first is a copy of it, not a second request."""
+GRACE_S = 2.0
+"""The same signal again within this many seconds of the first is a copy of it; later, the user repeating it."""
 
 
 @dataclass
@@ -38,13 +40,14 @@ def signal_name(signum: int) -> str:
 
 
 @contextlib.contextmanager
-def stop_at_step_boundary(announce: Callable[[str], None]) -> Iterator[StopRequest]:
+def stop_at_step_boundary(announce: Callable[[str], None], last_checkpoint: Callable[[], str]) -> Iterator[StopRequest]:
     """Handle ``STOP_SIGNALS`` on the main thread for the duration, restoring the previous handlers after.
 
-    The first signal sets the yielded ``StopRequest`` and is announced with ``announce``; a different signal,
-    or the same one ``COPIES_WITHIN_S`` later, restores the previous handlers and delivers itself again
-    (Ctrl-C raises ``KeyboardInterrupt``, SIGTERM and SIGUSR1 end the process). Off the main thread nothing
-    is installed and the request stays empty.
+    The first signal sets the yielded ``StopRequest`` and is announced with ``announce``; any other signal joins
+    it. The same signal ``GRACE_S`` or more after the first announces that the run stops at once, naming
+    ``last_checkpoint()``, restores the previous handlers and delivers itself again (Ctrl-C raises
+    ``KeyboardInterrupt``, SIGTERM and SIGUSR1 end the process). Off the main thread nothing is installed and the
+    request stays empty.
     """
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
@@ -65,8 +68,10 @@ def stop_at_step_boundary(announce: Callable[[str], None]) -> Iterator[StopReque
                 said = f"{signal_name(signum)}: stopping after this step to write a checkpoint (again to stop at once)"
             announce(said)
             return
-        if signum == request.signum and now - request.received_at < COPIES_WITHIN_S:
+        if signum != request.signum or now - request.received_at < GRACE_S:
             return
+        name = "Ctrl-C" if signum == signal.SIGINT else signal_name(signum)
+        announce(f"\n{name} again: stopping at once, without a checkpoint of this step; {last_checkpoint()}")
         restore()
         os.kill(os.getpid(), signum)
 

@@ -5,7 +5,8 @@ one process. Errors in the user's input (config, data, packs, checkpoints, the
 output folder, a full disk) end with one line naming the file or key and the
 problem; ``SFACE_DEBUG=1`` shows the full traceback. Ctrl-C, SIGTERM or SIGUSR1 stop
 every rank at the next step boundary with a checkpoint (exit status 128 + the signal's
-number: 130, 143, 138); a second one stops at once. A peer that hangs past
+number: 130, 143, 138); other signals meanwhile join that stop, the same one repeated after 2 s stops at once
+(``stop_signals``). A peer that hangs past
 ``train.collective_timeout_minutes`` or dies is one line naming the collective.
 """
 

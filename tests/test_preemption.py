@@ -1,7 +1,8 @@
 """Pre-emption and hung peers: docs/multinode.md (Pre-emption) and docs/reliability.md.
 
 A stop signal (Ctrl-C, SIGTERM, SIGUSR1) stops every rank at the next step boundary with a checkpoint and exit
-status 128 + the signal; a second one stops at once; DataLoader workers outlive the signals meant for their main
+status 128 + the signal; signals of another kind join it (a terminal's Ctrl-C, then torchrun's SIGTERM); the same
+one repeated after the grace period stops at once; DataLoader workers outlive the signals meant for their main
 process. A peer that hangs past ``train.collective_timeout_minutes`` or dies ends each rank with one line naming
 the collective, and no checkpoint is published half-written. The launches are real: two ``python -m
 sface_dist.train`` processes with SLURM's variables (as ``srun`` starts them), or torchrun.
@@ -28,11 +29,7 @@ from test_trainer import ENV, make_config
 from sface_dist.checkpoint import load_trainer_state
 from sface_dist.config import Config, ConfigError, load_config
 from sface_dist.distributed import CollectiveError, naming_collective_failures
-from sface_dist.stop_signals import (
-    COPIES_WITHIN_S,
-    StopRequest,
-    stop_at_step_boundary,
-)
+from sface_dist.stop_signals import GRACE_S, StopRequest, stop_at_step_boundary
 from sface_dist.trainer import Trainer
 
 __all__ = ["demo_data"]  # the fixture, shared with tests/test_faults.py
@@ -48,7 +45,7 @@ def test_first_signal_asks_and_a_copy_of_it_is_ignored() -> None:
     nothing, and the previous handlers are back afterwards."""
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     said: list[str] = []
-    with stop_at_step_boundary(said.append) as request:
+    with stop_at_step_boundary(said.append, lambda: "no checkpoint was written yet") as request:
         assert request == StopRequest()
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -59,35 +56,53 @@ def test_first_signal_asks_and_a_copy_of_it_is_ignored() -> None:
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-from sface_dist.stop_signals import COPIES_WITHIN_S, stop_at_step_boundary
-first, second = int(sys.argv[1]), int(sys.argv[2])
+from sface_dist.stop_signals import GRACE_S, stop_at_step_boundary
+first, second, after = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as interactively: a background job starts with it ignored
-with stop_at_step_boundary(print):
+with stop_at_step_boundary(print, lambda: "the last checkpoint is runs/x/checkpoints/step-00000100") as request:
     os.kill(os.getpid(), first)
-    time.sleep(COPIES_WITHIN_S + 0.2 if first == second else 0)
+    time.sleep(after)
     os.kill(os.getpid(), second)
-    time.sleep(5)
-print("still running")
+    time.sleep(3)
+print(f"still running, stop requested by {request.signum}")
 """
 
 
-@pytest.mark.parametrize(
-    ("first", "second"),
-    [(signal.SIGTERM, signal.SIGTERM), (signal.SIGUSR1, signal.SIGUSR1), (signal.SIGINT, signal.SIGINT),
-     (signal.SIGUSR1, signal.SIGTERM)],
-    ids=["SIGTERM-twice", "SIGUSR1-twice", "Ctrl-C-twice", "SIGUSR1-then-SIGTERM"],
-)
-def test_a_second_signal_stops_at_once(first: signal.Signals, second: signal.Signals) -> None:
-    """The same signal after the copies' window, or another one, does what it did before: SIGTERM and SIGUSR1
-    end the process, Ctrl-C raises ``KeyboardInterrupt``."""
+def second_signal(first: signal.Signals, second: signal.Signals, after: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", SECOND_SIGNAL, str(int(first)), str(int(second)), str(after)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("repeated", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_the_same_signal_after_the_grace_period_stops_at_once(repeated: signal.Signals) -> None:
+    """The user repeating the signal: one line naming the last checkpoint, then what the signal did before (SIGTERM
+    and SIGUSR1 end the process, Ctrl-C raises ``KeyboardInterrupt``)."""
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", SECOND_SIGNAL, str(int(first)), str(int(second))], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = second_signal(repeated, repeated, GRACE_S + 0.2)
     assert "still running" not in result.stdout
-    assert result.returncode == -second, result.stderr
-    if second == signal.SIGINT:
+    assert result.returncode == -repeated, result.stderr
+    name = "Ctrl-C" if repeated == signal.SIGINT else repeated.name
+    assert result.stdout.splitlines()[-1] == (
+        f"{name} again: stopping at once, without a checkpoint of this step; the last checkpoint is "
+        "runs/x/checkpoints/step-00000100")
+    if repeated == signal.SIGINT:
         assert "KeyboardInterrupt" in result.stderr
-    assert time.monotonic() - started < COPIES_WITHIN_S + 4.5
+    assert time.monotonic() - started < GRACE_S + 4.5
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "after"),
+    [(signal.SIGINT, signal.SIGTERM, 0.0), (signal.SIGINT, signal.SIGTERM, GRACE_S + 0.2),
+     (signal.SIGUSR1, signal.SIGTERM, GRACE_S + 0.2), (signal.SIGTERM, signal.SIGINT, 0.0)],
+    ids=["Ctrl-C-then-torchrun's-SIGTERM", "Ctrl-C-then-SIGTERM-later", "SLURM's-SIGUSR1-then-SIGTERM",
+         "SIGTERM-then-Ctrl-C"],
+)
+def test_another_signal_joins_the_pending_stop(first: signal.Signals, second: signal.Signals, after: float) -> None:
+    """Whatever its kind and however late, another stop signal changes nothing: the first one's stop stands."""
+    result = second_signal(first, second, after)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == f"still running, stop requested by {int(first)}"
+    assert "stopping at once" not in result.stdout
 
 
 WORKER = """
@@ -214,6 +229,38 @@ def test_a_signal_stops_every_rank_at_a_step_boundary_and_the_run_resumes(
     assert step >= 3 and max(logged(out)) == step, out
     assert (run / "checkpoints" / "latest").read_text() == f"step-{step:08d}"
 
+    capsys.readouterr()
+    assert train_in_process(config, f"train.steps={step + 2}", "eval.bins=[]") == 0
+    resumed = capsys.readouterr().out
+    assert f"at step {step} (" in resumed and min(logged(resumed)) == step + 1, resumed
+
+
+@pytest.mark.faults
+def test_ctrl_c_under_timeout_and_torchrun_writes_the_checkpoint(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``timeout 600 torchrun ...`` and Ctrl-C: the terminal signals the whole job (timeout, torchrun, the
+    workers); timeout forwards the signal to the job again and torchrun to its workers, and a second copy (a key
+    held a moment) reaches torchrun while it waits for them, so it also sends them SIGTERM. Every copy and the
+    SIGTERM join the first request: the step in flight ends, its checkpoint is written, and the run resumes
+    after it."""
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", demo_data, run, RUN_KEYS)
+    job = subprocess.Popen(["timeout", "600", *TORCHRUN, "-m", "sface_dist.train", str(config), "--set",
+                            "data.num_workers=1", "--set", "eval.bins=[]"], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out = wait_for_step(job, 3)
+    os.killpg(job.pid, signal.SIGINT)
+    time.sleep(0.5)
+    os.killpg(job.pid, signal.SIGINT)
+    rest, err = job.communicate(timeout=120)
+    out += rest
+    assert "closing signal SIGTERM" in err, err
+    stopped = re.search(r"^interrupted at step (\d+) by SIGINT: checkpoint (\S+)$", out, re.MULTILINE)
+    assert stopped is not None, out + err
+    step = int(stopped[1])
+    assert step >= 3 and max(logged(out)) == step, out
+    assert (run / "checkpoints" / "latest").read_text() == f"step-{step:08d}"
     capsys.readouterr()
     assert train_in_process(config, f"train.steps={step + 2}", "eval.bins=[]") == 0
     resumed = capsys.readouterr().out
