@@ -68,6 +68,35 @@ def test_a_rerun_trains_only_the_cells_without_a_result(study: tuple[Path, str])
     assert len(read_results(out)) == 2
 
 
+@pytest.mark.parametrize(("other", "differs"), [
+    ([], "made with other settings (data.synthetic_identities: 24 -> 200; data.synthetic_images: 10 -> 20; "
+         "hold_out: 12 -> 100)"),
+    (["--quick", "--steps", "30"], "made with other settings (steps: 20 -> 30)"),
+])
+def test_a_study_with_other_settings_is_refused_in_the_same_folder(
+    study: tuple[Path, str], other: list[str], differs: str
+) -> None:
+    """The full grid, or other steps, into a quick study's folder: refused before anything is trained or written,
+    naming what differs; the report stays the quick study's."""
+    out, _ = study
+    files = {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file()}
+    command = [sys.executable, "tools/noise_study.py", *other, "--heads", "sface", "--noise", "closed",
+               "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "[1/" not in result.stdout
+    folder = out if not other else out / "cells" / "sface-clean-seed0"
+    assert result.stderr == (f"error: {folder}: {differs}: choose another --out for these settings, or delete "
+                             f"{folder} to make it again\n")
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file()} == files
+
+
+def test_the_report_header_comes_from_the_cells(study: tuple[Path, str]) -> None:
+    out, _ = study
+    settings = json.loads((out / "cells" / "sface-clean-seed0" / "settings.json").read_text())
+    assert settings["settings"]["steps"] == 20 and settings["settings"]["config"]["path"].endswith("demo.yaml")
+    assert (out / "report.md").read_text().startswith(f"2 runs: 20 steps each, seeds 0, code {settings['code']};")
+
+
 def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
     result = subprocess.run([*STUDY, "--out", str(tmp_path), "--ratios", "1.5"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)

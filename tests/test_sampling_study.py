@@ -85,6 +85,16 @@ def test_rerun_trains_only_what_is_missing(study: tuple[Path, str]) -> None:
     assert "[1/2] sface-full-seed0" in once_more.stdout and "[2/2]" not in once_more.stdout
 
 
+def test_other_settings_in_the_same_folder_are_refused(study: tuple[Path, str]) -> None:
+    """Another budget into the same --out: one line naming what differs, nothing trained."""
+    out, _ = study
+    again = run_study(out, "--steps", "25")
+    folder = out / "runs" / "sface-full-seed0"
+    assert again.returncode == 2 and "[1/2]" not in again.stdout
+    assert again.stderr == (f"error: {folder}: made with other settings (steps: 20 -> 25): choose another --out for "
+                            f"these settings, or delete {folder} to make it again\n")
+
+
 @pytest.mark.parametrize(
     ("variant", "message"),
     [("sface:1.5", "rate 1.5 is not in [0, 1]"), ("sface:0.3:half", "correction 'half'")],

@@ -17,8 +17,12 @@ final checkpoint and scored against the manifest.
 ``OUT/accuracy.png`` accuracy against the noise ratio per loss and ``OUT/target_cosine.png``
 the training images' cosine to the centre of the label they were given, clean against
 corrupted. A cell with ``OUT/cells/<cell>/result.json`` is not trained again: rerun the
-same command to continue an interrupted study.
+same command to continue an interrupted study, or with more heads, seeds or ratios to
+extend it. ``OUT/study.json`` records what the data are made from and each cell's
+``settings.json`` what trained it (config file and digest, overrides, steps, ranks, code
+version): a folder made with other settings is refused, so one ``--out`` holds one study.
 """
+
 
 from __future__ import annotations
 
@@ -34,7 +38,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from study_runs import launch_training, mean_std, render_synthetic, run_each, write_json
+from study_runs import (
+    claim_study,
+    dataset_identity,
+    file_identity,
+    launch_training,
+    mean_std,
+    render_synthetic,
+    run_each,
+    write_json,
+)
 
 from sface_dist.config import HeadType, choices
 from sface_dist.data.bin_pack import read_bin
@@ -164,9 +177,24 @@ def finder_counts(out: Path, cell: Cell) -> dict[str, int]:
             "found": int((found & planted).sum())}
 
 
+def study_settings(args: argparse.Namespace, grid: Grid) -> dict[str, object]:
+    """What the study's data are made from: the user's dataset and pack, or the synthetic grid; the hold-out."""
+    if args.rec is not None:
+        data: dict[str, object] = {**dataset_identity(dataset_rec_path(args.rec)), "bin": file_identity(args.bin)}
+    else:
+        data = {"synthetic_identities": grid.identities, "synthetic_images": grid.images}
+    return {"tool": "noise_study", "data": data, "hold_out": grid.hold_out}
+
+
+def cell_settings(cell: Cell, args: argparse.Namespace, grid: Grid) -> dict[str, object]:
+    """Everything that determines a cell's result besides the study's data."""
+    return {**asdict(cell), "steps": grid.steps, "nproc": args.nproc, "config": file_identity(args.config),
+            "overrides": args.overrides}
+
+
 def run_study(args: argparse.Namespace, grid: Grid) -> list[dict[str, object]]:
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    claim_study(out, study_settings(args, grid))
     rec, heldout = prepare_source(args, grid, out)
     kept_rec, outside_rec = out / "data" / "kept" / "train.rec", out / "data" / "outside" / "train.rec"
     if not (outside_rec.with_name("property").is_file() and kept_rec.with_name("property").is_file()):
@@ -182,8 +210,8 @@ def run_study(args: argparse.Namespace, grid: Grid) -> list[dict[str, object]]:
         return (f"accuracy {result['accuracy']:.4f}, TAR@FAR={REPORT_FAR} {result['tar']:.4f}, {result['suspects']} "
                 f"suspects ({result['found']} of {result['corrupted']} corrupted) in {result['seconds']:.0f} s")
 
-    results = run_each([(cell.name, out / "cells" / cell.name) for cell in cells], run, summary,
-                       lambda index, result: {**result, **finder_counts(out, cells[index])})
+    results = run_each([(cell.name, out / "cells" / cell.name, cell_settings(cell, args, grid)) for cell in cells],
+                       run, summary, lambda index, result: {**result, **finder_counts(out, cells[index])})
     write_report(out, results, grid, describe_setup(args, out, cells))
     return results
 
@@ -204,16 +232,19 @@ def describe_setup(args: argparse.Namespace, out: Path, cells: list[Cell]) -> st
 
 
 def write_report(out: Path, results: list[dict[str, object]], grid: Grid, setup: str) -> None:
-    """``results.csv``, ``report.md`` and the two figures."""
+    """``results.csv``, ``report.md`` and the two figures; the header says what the reported cells were made with."""
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results[0]))
+        writer = csv.DictWriter(f, fieldnames=[key for key in results[0] if key != "settings"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results)
     groups: dict[tuple[str, float, str], list[dict[str, object]]] = {}
     for result in results:
         groups.setdefault((str(result["noise"]), float(result["ratio"]), str(result["head"])), []).append(result)
+    steps = " or ".join(str(value) for value in sorted({int(result["settings"]["steps"]) for result in results}))
+    seeds = ", ".join(str(value) for value in sorted({int(result["seed"]) for result in results}))
+    code = ", ".join(sorted({str(result["code"]) for result in results}))
     lines = [
-        f"{len(results)} runs: {grid.steps} steps each, seeds {', '.join(map(str, grid.seeds))}; mean ± std over "
+        f"{len(results)} runs: {steps} steps each, seeds {seeds}, code {code}; mean ± std over "
         f"seeds. Finder: its default suspects (another centre nearer, or identity cosine < {DEFAULT_THRESHOLD}) "
         "against the manifest.",
         "",

@@ -17,7 +17,9 @@ the embedding and centre gradients of each correction over many draws, against t
 (bias, noise), the backbone gradient norm against ``optim.grad_clip`` and the inter/intra balance
 (delete it to measure again).
 A run with ``OUT/runs/<variant>-seed<seed>/result.json`` is not trained again: rerun the same command
-to continue an interrupted study.
+to continue an interrupted study. ``OUT/study.json`` records the data and each run's ``settings.json``
+what trained it (config file and digest, overrides, steps, ranks, code version): a folder made with other
+settings is refused, so one ``--out`` holds one study.
 """
 
 from __future__ import annotations
@@ -29,11 +31,21 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from study_runs import launch_training, mean_std, render_synthetic, run_each, write_json
+from study_runs import (
+    claim_study,
+    dataset_identity,
+    file_identity,
+    launch_training,
+    mean_std,
+    render_synthetic,
+    run_each,
+    write_json,
+)
 
 from sface_dist.checkpoint import read_head_rows
 from sface_dist.config import HeadConfig, HeadType, SampleCorrection, SampleUpdate, choices
@@ -176,19 +188,26 @@ def curve_value(curve: list[tuple[int, float]], step: int) -> float:
     return before[-1] if before else float("nan")
 
 
+def run_settings(run: Run, args: argparse.Namespace) -> dict[str, object]:
+    """Everything that determines a run's result besides the study's data."""
+    return {**asdict(run.variant), "seed": run.seed, "steps": args.steps, "checkpoint_every": args.checkpoint_every,
+            "nproc": args.nproc, "config": file_identity(args.config), "overrides": args.overrides}
+
+
 def run_study(args: argparse.Namespace, variants: list[Variant]) -> list[dict[str, object]]:
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     root = prepare_data(args)
+    claim_study(out, {"tool": "sampling_study", "data": {**dataset_identity(root / "train.rec"),
+                                                         "heldout": file_identity(root / "heldout.bin")}})
     runs = [Run(variant, seed) for seed in args.seeds for variant in variants]
 
     def summary(result: dict[str, object]) -> str:
         return (f"accuracy {result['accuracy']:.4f}, TAR@FAR={REPORT_FAR} {result['tar']:.4f}, training accuracy "
                 f"{result['train_accuracy_mid']:.3f} at step {args.steps // 2} in {result['seconds']:.0f} s")
 
-    results = run_each([(run.name, out / "runs" / run.name) for run in runs],
+    results = run_each([(run.name, out / "runs" / run.name, run_settings(run, args)) for run in runs],
                        lambda index: run_one(runs[index], root, out / "runs" / runs[index].name, args), summary)
-    write_report(out, results, describe_setup(args, out, runs))
+    write_report(out, results, describe_setup(args, out, runs, results))
     if args.diagnose and not (out / "diagnostics.md").is_file():
         full = next((run for run in runs if run.variant.rate >= 1.0 and run.variant.head == "sface"), None)
         if full is None:
@@ -197,21 +216,23 @@ def run_study(args: argparse.Namespace, variants: list[Variant]) -> list[dict[st
     return results
 
 
-def describe_setup(args: argparse.Namespace, out: Path, runs: list[Run]) -> str:
-    """The base config, the overrides of every run and the heads' resolved settings, for the report."""
-    overrides = ", ".join(f"`{item}`" for item in args.overrides) or "none"
+def describe_setup(args: argparse.Namespace, out: Path, runs: list[Run], results: list[dict[str, Any]]) -> str:
+    """The base config, the overrides of every run and the heads' resolved settings, for the report: read from the
+    runs reported (their settings and their run's config)."""
+    settings = results[0]["settings"]
+    overrides = ", ".join(f"`{item}`" for item in settings["overrides"]) or "none"
     first = yaml.safe_load((out / "runs" / runs[0].name / "run" / "config.yaml").read_text())
-    batch = first["data"]["batch_size"] * args.nproc
+    batch = first["data"]["batch_size"] * settings["nproc"]
     data = args.data.resolve()
     shown = data.relative_to(ROOT) if data.is_relative_to(ROOT) else data
-    return (f"Config `{args.config.name}` on `{shown}`, {args.nproc} rank(s), global batch {batch}, "
-            f"{args.steps} steps, optim.grad_clip {first['optim']['grad_clip']} unless the variant says; "
-            f"overrides for every run: {overrides}.")
+    return (f"Config `{Path(settings['config']['path']).name}` on `{shown}`, {settings['nproc']} rank(s), global "
+            f"batch {batch}, {settings['steps']} steps, optim.grad_clip {first['optim']['grad_clip']} unless the "
+            f"variant says; overrides for every run: {overrides}.")
 
 
 def write_report(out: Path, results: list[dict[str, object]], setup: str) -> None:
     """``results.csv``, ``report.md`` and ``curves.png``."""
-    columns = [key for key in results[0] if key != "curves"]
+    columns = [key for key in results[0] if key not in ("curves", "settings")]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -221,8 +242,10 @@ def write_report(out: Path, results: list[dict[str, object]], setup: str) -> Non
         groups.setdefault(str(result["variant"]), []).append(result)
     full = {str(rows[0]["head"]): rows for rows in groups.values() if float(rows[0]["rate"]) >= 1.0}
     seeds = sorted({int(result["seed"]) for result in results})
+    code = ", ".join(sorted({str(result["code"]) for result in results}))
     lines = [
-        f"{len(results)} runs, seeds {', '.join(map(str, seeds))}: mean ± std over seeds (%). Gap: the variant's mean "
+        f"{len(results)} runs, seeds {', '.join(map(str, seeds))}, code {code}: mean ± std over seeds (%). Gap: the "
+        "variant's mean "
         "minus the full head's of the same type, in points. Training accuracy is the batch's top-1 over the scored "
         "classes, at half and at the end of the run.",
         "",

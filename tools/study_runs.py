@@ -1,5 +1,11 @@
-"""What the study tools share: the resumable loop over runs, launching one training run, writing a result
-atomically, mean ± std."""
+"""What the study tools share: the resumable loop over runs, each keyed by the settings that determine it,
+launching one training run, writing a result atomically, mean ± std.
+
+A study folder holds one study: ``OUT/study.json`` records what its data are made from, and each run's folder
+its ``settings.json`` (config file and its digest, overrides, budget, ranks, the run's own parameters, and the
+code version). A later invocation reuses a run only when its settings are the same; other settings are refused
+in one line naming what differs, before anything is trained or overwritten.
+"""
 
 from __future__ import annotations
 
@@ -8,38 +14,125 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from sface_dist.checkpoint import atomic_write_text
+from sface_dist.config import flatten
+from sface_dist.file_digest import file_record
 
 ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = "settings.json"
+STUDY = "study.json"
 
 
-Result = dict[str, object]
+Result = dict[str, Any]
+
+
+def code_version() -> str:
+    """The commit the tools run from, with ``+changes`` when tracked files differ from it (``unknown`` outside git)."""
+    def git(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True)
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    changed = git("diff", "--quiet", "HEAD").returncode != 0
+    return head.stdout.strip() + ("+changes" if changed else "")
+
+
+def file_identity(path: str | Path) -> dict[str, Any]:
+    """What a file contributes to a result: where it is and what it holds (size and SHA-256)."""
+    return {"path": str(Path(path).resolve()), **file_record(path)}
+
+
+def dataset_identity(rec: Path) -> dict[str, Any]:
+    """What a RecordIO dataset contributes to a result, cheaply: the ``.rec``'s path and size, and the digest of its
+    ``.idx`` (every record's key and offset)."""
+    return {"rec": str(rec.resolve()), "rec_bytes": rec.stat().st_size, "idx": file_record(rec.with_suffix(".idx"))}
+
+
+def plain(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as they read back from JSON (tuples become lists), so that a recorded copy compares equal."""
+    return json.loads(json.dumps(settings))
+
+
+def differences(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """The first keys whose values differ, as ``key: saved -> wanted``."""
+    before, after = flatten(saved), flatten(wanted)
+    keys = [key for key in {**before, **after} if before.get(key) != after.get(key)]
+    shown = [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in keys[:3]]
+    return "; ".join(shown) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def _refuse(folder: Path, why: str) -> ValueError:
+    return ValueError(f"{folder}: {why}: choose another --out for these settings, or delete {folder} to make it again")
+
+
+def _recorded(folder: Path, name: str) -> dict[str, Any] | None:
+    path = folder / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def claim_study(out: Path, settings: dict[str, Any]) -> None:
+    """``OUT/study.json``: what the study's data are made from; a folder made for other data is refused."""
+    saved, settings = _recorded(out, STUDY), plain(settings)
+    if saved is None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / STUDY, settings)
+    elif saved != settings:
+        raise _refuse(out, f"made with other settings ({differences(saved, settings)})")
 
 
 def run_each(
-    jobs: Sequence[tuple[str, Path]],
+    jobs: Sequence[tuple[str, Path, dict[str, Any]]],
     run: Callable[[int], Result],
     summary: Callable[[Result], str],
     complete: Callable[[int, Result], Result] = lambda _, result: result,
 ) -> list[Result]:
-    """The result of every (name, folder) job: ``complete(i, FOLDER/result.json)`` where that file exists (the
-    job ran in an earlier invocation), else ``run(i)``, which writes it, announced with the time left and
-    followed by its ``summary``. ``run``'s result carries its ``seconds``."""
+    """The result of every (name, folder, settings) job: ``complete(i, FOLDER/result.json)`` where that file exists
+    (the job ran in an earlier invocation with the same settings), else ``run(i)``, which writes it, announced with
+    the time left and followed by its ``summary``. ``run``'s result carries its ``seconds``; every result carries
+    its ``settings`` and the ``code`` version that produced it.
+
+    Before any job runs, one whose folder records other settings (or holds a result without them) is refused
+    (``ValueError``, one line).
+    """
+    code = code_version()
+    jobs = [(name, folder, plain(settings)) for name, folder, settings in jobs]
+    recorded = {folder: _recorded(folder, SETTINGS) for _, folder, _ in jobs}
+    for _, folder, settings in jobs:
+        saved = recorded[folder]
+        if saved is None and (folder / "result.json").is_file():
+            raise _refuse(folder, f"holds a result but no {SETTINGS} saying what made it")
+        if saved is not None and saved["settings"] != settings:
+            raise _refuse(folder, f"made with other settings ({differences(saved['settings'], settings)})")
+    reused: dict[str, int] = {}
     results, trained, spent = [], 0, 0.0
-    for number, (name, folder) in enumerate(jobs, 1):
-        if (folder / "result.json").is_file():
-            results.append(complete(number - 1, json.loads((folder / "result.json").read_text())))
+    for number, (name, folder, settings) in enumerate(jobs, 1):
+        saved = recorded[folder]
+        if saved is not None and (folder / "result.json").is_file():
+            if saved["code"] != code:
+                reused[saved["code"]] = reused.get(saved["code"], 0) + 1
+            result = complete(number - 1, json.loads((folder / "result.json").read_text()))
+            results.append({**result, "settings": settings, "code": saved["code"]})
             continue
+        if saved is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / SETTINGS, {"settings": settings, "code": code})
         left = len(jobs) - number + 1
         eta = f", ~{spent / trained * left / 60:.0f} min left" if trained else ""
         print(f"[{number}/{len(jobs)}] {name}{eta}", flush=True)
         result = run(number - 1)
-        trained, spent = trained + 1, spent + float(result["seconds"])  # type: ignore[arg-type]
+        trained, spent = trained + 1, spent + float(result["seconds"])
         print(f"    {summary(result)}", flush=True)
-        results.append(result)
+        results.append({**result, "settings": settings, "code": code})
+    for made_by, count in reused.items():
+        print(f"reused {count} result(s) made by code {made_by} (this is {code})", flush=True)
     return results
 
 
