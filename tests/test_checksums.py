@@ -1,5 +1,5 @@
 """Checksums: every file a checkpoint, a best backbone or an ONNX export writes has its SHA-256 recorded, and
-every reader refuses a damaged file in one line naming it (docs/reliability.md, Damaged files).
+every reader refuses a damaged file in one line naming it (docs/reliability.md, What cannot be used damaged).
 
 The digests are checked against ``hashlib`` and ``sha256sum`` (independent of the project's writer); the
 damage is 64 flipped bytes in the middle of the file, the bit rot or bad copy that still unpickles.
