@@ -17,6 +17,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -91,7 +92,8 @@ class DataConfig:
     """``dali`` (DALI decode, on the GPU when training runs on one), ``torch`` (decode in DataLoader workers),
     ``synthetic`` (rendered identities) or ``auto`` (``dali`` with DALI on a GPU, else ``torch``); docs/data.md."""
     root: str = ""
-    """Folder holding ``train.rec``, ``train.idx`` and ``property``; required except for ``synthetic``."""
+    """Folder holding ``train.rec``, ``train.idx`` and ``property`` (or the ``.rec`` itself); required except for
+    ``synthetic``."""
     num_classes: int = 0
     """0: read from the ``property`` file (or the synthetic identity count); a value that disagrees with the data
     is an error."""
@@ -425,22 +427,48 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, values: Any, source: str, prefix: str) -> Any:
+class Origins:
+    """Where each key's value came from, for messages: an override on the command line (named as written), or the
+    config file (``source``: its path, or ``defaults``)."""
+
+    def __init__(self, source: str, overrides: Sequence[str] = ()) -> None:
+        self.source = source
+        self.overrides = {override.split("=", 1)[0].strip(): override for override in overrides}
+
+    def _override(self, dotted: str) -> str | None:
+        """The last override that sets ``dotted`` or a key inside it."""
+        found = [text for key, text in self.overrides.items() if key == dotted or key.startswith(f"{dotted}.")]
+        return found[-1] if found else None
+
+    def place(self, dotted: str) -> str:
+        """Where ``dotted`` was written: ``--set KEY=VALUE`` or the file."""
+        override = self._override(dotted)
+        return self.source if override is None else f"--set {override}"
+
+    def key(self, dotted: str) -> str:
+        """The prefix of a message about ``dotted``'s value: ``--set KEY=VALUE`` or ``FILE: KEY``."""
+        override = self._override(dotted)
+        return f"{self.source}: {dotted}" if override is None else f"--set {override}"
+
+
+def _build(cls: type, values: Any, origins: Origins, prefix: str) -> Any:
     """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{source}: '{prefix or 'top level'}' must be a mapping, got {type(values).__name__}")
+        where = origins.place(prefix.rstrip(".")) if prefix else origins.source
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got "
+                          f"{type(values).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in known:
-            raise ConfigError(f"{source}: unknown key '{dotted}' (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{origins.place(dotted)}: unknown key '{dotted}' (known: {', '.join(sorted(known))})")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, source, f"{dotted}.")
+            kwargs[key] = _build(tp, value, origins, f"{dotted}.")
         else:
-            kwargs[key] = _coerce(value, tp, f"{source}: {dotted}")
+            kwargs[key] = _coerce(value, tp, origins.key(dotted))
     return cls(**kwargs)
 
 
@@ -458,8 +486,9 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     node[parts[-1]] = _parse_yaml(raw) if raw.strip() else ""
 
 
-def validate(cfg: Config, source: str = "config") -> None:
-    """Value checks beyond types and choices: ranges and combinations."""
+def validate(cfg: Config, origins: Origins | None = None) -> None:
+    """Value checks beyond types and choices: ranges and combinations, each error naming where the key was set."""
+    at = (origins or Origins("config")).key
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.image_size": cfg.data.image_size,
@@ -480,7 +509,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     }
     for dotted, value in positive.items():
         if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"{source}: {dotted}: must be > 0, got {value}")
+            raise ConfigError(f"{at(dotted)}: must be > 0, got {value}")
     non_negative = {
         "data.num_classes": cfg.data.num_classes,
         "data.num_workers": cfg.data.num_workers,
@@ -495,57 +524,57 @@ def validate(cfg: Config, source: str = "config") -> None:
     }
     for dotted, value in non_negative.items():
         if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{source}: {dotted}: must be >= 0, got {value}")
+            raise ConfigError(f"{at(dotted)}: must be >= 0, got {value}")
     if not 0.0 <= cfg.optim.momentum < 1.0:
-        raise ConfigError(f"{source}: optim.momentum: must be in [0, 1), got {cfg.optim.momentum}")
+        raise ConfigError(f"{at('optim.momentum')}: must be in [0, 1), got {cfg.optim.momentum}")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in cfg.optim.betas):
-        raise ConfigError(f"{source}: optim.betas: expected [beta1, beta2] in [0, 1), got {cfg.optim.betas}")
+        raise ConfigError(f"{at('optim.betas')}: expected [beta1, beta2] in [0, 1), got {cfg.optim.betas}")
     if not 0.0 < cfg.optim.decay_factor <= 1.0:
-        raise ConfigError(f"{source}: optim.decay_factor: must be in (0, 1], got {cfg.optim.decay_factor}")
+        raise ConfigError(f"{at('optim.decay_factor')}: must be in (0, 1], got {cfg.optim.decay_factor}")
     milestones = cfg.optim.milestones
     if any(not (math.isfinite(m) and m > 0) for m in milestones) or milestones != sorted(set(milestones)):
-        raise ConfigError(f"{source}: optim.milestones: must be increasing and > 0, got {milestones}")
+        raise ConfigError(f"{at('optim.milestones')}: must be increasing and > 0, got {milestones}")
     if cfg.optim.schedule == "step" and not milestones:
-        raise ConfigError(f"{source}: optim.milestones: required by optim.schedule=step (where to decay), got []")
+        raise ConfigError(f"{at('optim.milestones')}: required by optim.schedule=step (where to decay), got []")
     for dotted, value in (("head.a", cfg.head.a), ("head.b", cfg.head.b)):
         if not math.isfinite(value):
-            raise ConfigError(f"{source}: {dotted}: must be finite, got {value}")
+            raise ConfigError(f"{at(dotted)}: must be finite, got {value}")
     if any(not math.isfinite(m) for m in cfg.head.margin):
-        raise ConfigError(f"{source}: head.margin: must be finite, got {cfg.head.margin}")
+        raise ConfigError(f"{at('head.margin')}: must be finite, got {cfg.head.margin}")
     if not 0.0 <= cfg.head.sample_rate <= 1.0:
-        raise ConfigError(f"{source}: head.sample_rate: must be in [0, 1], got {cfg.head.sample_rate}")
+        raise ConfigError(f"{at('head.sample_rate')}: must be in [0, 1], got {cfg.head.sample_rate}")
     if cfg.head.margin and len(cfg.head.margin) != 3:
-        raise ConfigError(f"{source}: head.margin: expected [m1, m2, m3], got {cfg.head.margin}")
+        raise ConfigError(f"{at('head.margin')}: expected [m1, m2, m3], got {cfg.head.margin}")
     if cfg.train.steps == 0 and cfg.train.epochs == 0:
-        raise ConfigError(f"{source}: train.steps and train.epochs are both 0: nothing to train")
+        raise ConfigError(f"{at('train.steps')}: 0, and train.epochs is 0 too: nothing to train")
     if cfg.data.backend != "synthetic" and not cfg.data.root:
-        raise ConfigError(f"{source}: data.root: required for data.backend={cfg.data.backend}")
+        raise ConfigError(f"{at('data.root')}: required for data.backend={cfg.data.backend}")
     known = set(flatten(to_dict(cfg)))
     for key in cfg.train.accept_changes:
         if key not in known:
-            raise ConfigError(f"{source}: train.accept_changes: unknown key {key!r} (expected section.key)")
+            raise ConfigError(f"{at('train.accept_changes')}: unknown key {key!r} (expected section.key)")
         if key in STATE_SHAPING_KEYS:
-            raise ConfigError(f"{source}: train.accept_changes: {key} cannot change on resume (the checkpoint's "
+            raise ConfigError(f"{at('train.accept_changes')}: {key} cannot change on resume (the checkpoint's "
                               "tensors would not fit): start a new run")
     if cfg.deepspeed.stage not in (1, 2):
-        raise ConfigError(f"{source}: deepspeed.stage: expected 1 or 2, got {cfg.deepspeed.stage}")
+        raise ConfigError(f"{at('deepspeed.stage')}: expected 1 or 2, got {cfg.deepspeed.stage}")
     if cfg.deepspeed.bucket_size <= 0:
-        raise ConfigError(f"{source}: deepspeed.bucket_size: must be > 0, got {cfg.deepspeed.bucket_size}")
+        raise ConfigError(f"{at('deepspeed.bucket_size')}: must be > 0, got {cfg.deepspeed.bucket_size}")
     if cfg.train.engine == "deepspeed":
-        _validate_deepspeed(cfg, source)
+        _validate_deepspeed(cfg, at)
 
 
-def _validate_deepspeed(cfg: Config, source: str) -> None:
+def _validate_deepspeed(cfg: Config, at: Callable[[str], str]) -> None:
     """``train.engine: deepspeed`` runs fp32 weights (``train.amp: bf16`` autocasts the forward) and reduces in
     fp32: fp16 needs the loss scaler, which stays with DDP, and ``train.grad_comm: bf16`` is DDP's hook."""
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(
-            f"{source}: train.engine: deepspeed is not installed (pip install -r requirements/deepspeed.txt)"
+            f"{at('train.engine')}: deepspeed is not installed (pip install -r requirements/deepspeed.txt)"
         )
     if cfg.train.amp == "fp16":
-        raise ConfigError(f"{source}: train.amp: fp16 is not supported with train.engine=deepspeed (use bf16)")
+        raise ConfigError(f"{at('train.amp')}: fp16 is not supported with train.engine=deepspeed (use bf16)")
     if cfg.train.grad_comm != "fp32":
-        raise ConfigError(f"{source}: train.grad_comm: {cfg.train.grad_comm} is DDP's; train.engine=deepspeed "
+        raise ConfigError(f"{at('train.grad_comm')}: {cfg.train.grad_comm} is DDP's; train.engine=deepspeed "
                           "reduces in fp32")
 
 
@@ -563,8 +592,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
     for override in overrides:
         _apply_override(tree, override)
-    cfg = _build(Config, tree, source, "")
-    validate(cfg, source)
+    origins = Origins(source, overrides)
+    cfg = _build(Config, tree, origins, "")
+    validate(cfg, origins)
     return cfg
 
 

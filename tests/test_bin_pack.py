@@ -155,6 +155,14 @@ def test_truncated_file_is_a_clear_error(tmp_path: Path) -> None:
         read_bin(path)
 
 
+def test_a_pack_gets_the_permissions_of_every_other_output(tmp_path: Path) -> None:
+    """``open`` under the process's umask is the reference (the temporary file behind the rename is 0600)."""
+    write_bin(tmp_path / "pack.bin", [encode_image(0)] * 2, [True])
+    (tmp_path / "other").write_bytes(b"")
+    mode = (tmp_path / "other").stat().st_mode & 0o777
+    assert mode != 0o600 and (tmp_path / "pack.bin").stat().st_mode & 0o777 == mode
+
+
 def test_write_bin_checks_pair_count(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="2 pairs need 4 images, got 3"):
         write_bin(tmp_path / "x.bin", [b"a", b"b", b"c"], [True, False])

@@ -44,6 +44,16 @@ def test_unknown_key_is_an_error(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.parametrize(("override", "unknown"), [("trian.steps=2", "trian"), ("train.stpes=2", "train.stpes")])
+def test_a_typo_in_an_override_is_named_as_the_command_lines(tmp_path: Path, override: str, unknown: str) -> None:
+    """The file is innocent: the line names the ``--set`` as written."""
+    path = write(tmp_path, "data:\n  root: d\n")
+    with pytest.raises(ConfigError, match=rf"^--set {re.escape(override)}: unknown key '{unknown}' \(known: "):
+        load_config(path, [override])
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: unknown key 'trian' \(known: "):
+        load_config(write(tmp_path, "data:\n  root: d\ntrian: {}\n"), ["train.steps=2"])
+
+
 def test_unknown_section_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown key 'trian'"):
         load_config(write(tmp_path, "trian: {}\n"))
@@ -76,7 +86,11 @@ def test_invalid_choice_and_range(tmp_path: Path) -> None:
     ],
 )
 def test_loop_settings_out_of_range_name_their_key(tmp_path: Path, override: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path / 'run.yaml'))}: {message}"):
+    """Named by the override that set the key, or by the file and the key when the file (or its default) set it."""
+    key, problem = message.split(": ", 1)
+    where = f"--set {re.escape(override)}" if override.startswith(f"{key}=") else (
+        f"{re.escape(str(tmp_path / 'run.yaml'))}: {key}")
+    with pytest.raises(ConfigError, match=f"^{where}: {problem}"):
         load_config(write(tmp_path, "data: {root: d}\n"), [override])
 
 
@@ -91,7 +105,7 @@ def test_overrides_are_typed_and_ints_widen_to_float(tmp_path: Path) -> None:
     assert cfg.train.steps == 7
     assert cfg.head.s == 30.0 and isinstance(cfg.head.s, float)
     assert cfg.eval.bins == ["a.bin", "b.bin"]
-    with pytest.raises(ConfigError, match="train.amp: expected str, got int"):
+    with pytest.raises(ConfigError, match=r"^--set train\.amp=3: expected str, got int"):
         load_config(write(tmp_path, "data: {root: d}\n"), ["train.amp=3"])
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(write(tmp_path, "data: {root: d}\n"), ["train.steps"])
@@ -126,7 +140,7 @@ def test_choice_fields_accept_their_choices_only(key: str, literal: Any) -> None
     for value in typing.get_args(literal):
         assert getattr(getattr(load_config(None, [*base, f"{key}={value}"]), section), name) == value
     listed = ", ".join(typing.get_args(literal))
-    with pytest.raises(ConfigError, match=rf"^defaults: {key}: expected one of {listed}, got 'bogus'$"):
+    with pytest.raises(ConfigError, match=rf"^--set {key}=bogus: expected one of {listed}, got 'bogus'$"):
         load_config(None, [*base, f"{key}=bogus"])
 
 

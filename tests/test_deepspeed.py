@@ -9,6 +9,7 @@ under the other engine and on one rank as the straight run goes on.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -227,18 +228,18 @@ def test_checkpoints_resume_across_engines_and_world_sizes(tmp_path: Path) -> No
     ("override", "key"), [("train.amp=fp16", "train.amp"), ("train.grad_comm=bf16", "train.grad_comm")]
 )
 def test_deepspeed_refuses_what_it_does_not_run(override: str, key: str) -> None:
-    with pytest.raises(ConfigError, match=rf"^defaults: {key}: .*train\.engine=deepspeed"):
+    with pytest.raises(ConfigError, match=rf"^--set {re.escape(override)}: .*train\.engine=deepspeed"):
         load_config(None, ["data.backend=synthetic", "train.engine=deepspeed", "train.steps=1", override])
 
 
 def test_deepspeed_missing_names_the_key() -> None:
     with mock.patch("importlib.util.find_spec", return_value=None):
-        with pytest.raises(ConfigError, match=r"^defaults: train\.engine: deepspeed is not installed"):
+        with pytest.raises(ConfigError, match=r"^--set train\.engine=deepspeed: deepspeed is not installed"):
             load_config(None, ["data.backend=synthetic", "train.engine=deepspeed", "train.steps=1"])
 
 
 def test_zero_stage_is_one_or_two() -> None:
-    with pytest.raises(ConfigError, match=r"^defaults: deepspeed\.stage: expected 1 or 2, got 3$"):
+    with pytest.raises(ConfigError, match=r"^--set deepspeed\.stage=3: expected 1 or 2, got 3$"):
         load_config(None, ["data.backend=synthetic", "deepspeed.stage=3"])
 
 

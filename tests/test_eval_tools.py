@@ -70,6 +70,15 @@ def test_eval_verification_on_checkpoint_and_onnx_agree(
         assert report["xnorm"] == pytest.approx(expected.xnorm, rel=1e-5)
 
 
+def test_eval_verification_given_a_folder_for_a_pack_names_the_packs_inside(
+    model_files: tuple[nn.Module, Path, Path], pack_path: Path
+) -> None:
+    result = run_tool("tools/eval_verification.py", "--onnx", str(model_files[2]), "--bin", str(pack_path.parent))
+    assert result.returncode == 2
+    assert result.stderr == (f"error: {pack_path.parent}: a folder, not a verification pack: name the .bin file (it "
+                             "holds heldout.bin)\n")
+
+
 def test_eval_verification_reports_a_bad_pack_in_one_line(
     model_files: tuple[nn.Module, Path, Path], tmp_path: Path
 ) -> None:

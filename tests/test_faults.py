@@ -250,7 +250,7 @@ def test_pruning_keeps_the_checkpoint_just_written(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("keep", [0, -1])
 def test_keep_checkpoints_below_one_is_a_config_error(keep: int) -> None:
-    with pytest.raises(ConfigError, match=rf"train.keep_checkpoints: must be > 0, got {keep}"):
+    with pytest.raises(ConfigError, match=rf"^--set train\.keep_checkpoints={keep}: must be > 0, got {keep}$"):
         load_config(None, ["data.backend=synthetic", f"train.keep_checkpoints={keep}"])
 
 
@@ -268,7 +268,14 @@ def test_keep_checkpoints_below_one_is_a_config_error(keep: int) -> None:
 def test_out_of_range_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(None, ["data.backend=synthetic", override])
-    assert message in str(error.value)
+    assert str(error.value).startswith(f"--set {override}: {message.split(': ', 1)[1]}")
+
+
+def test_data_root_may_name_the_rec_itself(demo_data: Path, tmp_path: Path) -> None:
+    """As the tools accept a dataset folder or its ``.rec``, so does ``data.root``."""
+    config = write_config(tmp_path / "c.yaml", demo_data, tmp_path / "run")
+    assert train_in_process(config, f"data.root={demo_data / 'train.rec'}", "train.steps=2", "eval.bins=[]") == 0
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000002"
 
 
 def test_exponent_floats_are_numbers(tmp_path: Path) -> None:
@@ -624,5 +631,5 @@ def test_changes_on_resume_are_printed_and_recorded(
     ("model.backbone", "model.backbone cannot change on resume (the checkpoint's tensors would not fit)"),
 ])
 def test_accept_changes_names_keys_whose_state_fits(key: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=rf"^defaults: train\.accept_changes: {re.escape(message)}"):
+    with pytest.raises(ConfigError, match=rf"^--set train\.accept_changes=\[{key}\]: {re.escape(message)}"):
         load_config(None, ["data.backend=synthetic", f"train.accept_changes=[{key}]"])

@@ -233,6 +233,12 @@ class _PackUnpickler(pickle._Unpickler):
 
 
 def _unpickle(path: Path) -> object:
+    if path.is_dir():
+        packs = sorted(child.name for child in path.glob("*.bin"))[:3]
+        inside = f" (it holds {', '.join(packs)})" if packs else ""
+        raise VerificationPackError(f"{path}: a folder, not a verification pack: name the .bin file{inside}")
+    if not path.is_file():
+        raise VerificationPackError(f"{path}: no such verification pack")
     data = path.read_bytes()
     try:
         return _PackUnpickler(data).load()
@@ -346,6 +352,16 @@ def read_bin(
     return VerificationPack(images=images, issame=issame, name=path.stem, first_image=start)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_CREATED_FILE_MODE = 0o666 & ~_umask()
+"""The mode ``open(path, "w")`` gives a new file under this process's umask, as for every other output."""
+
+
 def write_bin(path: str | os.PathLike[str], jpeg_bytes: list[bytes], issame: list[bool]) -> None:
     """Write a pack in insightface's format, atomically (a temp file in the same folder, then rename).
 
@@ -358,6 +374,7 @@ def write_bin(path: str | os.PathLike[str], jpeg_bytes: list[bytes], issame: lis
     payload = (_separately_stored(jpeg_bytes), [bool(value) for value in issame])
     descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(descriptor, _CREATED_FILE_MODE)  # mkstemp's 0600, made what ``open`` would have given
         with os.fdopen(descriptor, "wb") as f:
             pickle.dump(payload, f, protocol=4)
             f.flush()

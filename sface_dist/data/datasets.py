@@ -19,7 +19,7 @@ from sface_dist.data.augment import augment
 from sface_dist.data.errors import BadRecordError, DataError
 from sface_dist.data.images import decode_rgb
 from sface_dist.data.recordio import FaceRecordIndex, RecordIOError, RecordIOReader
-from sface_dist.data.records import REC_NAME, read_checked, record_location, resolve_num_classes
+from sface_dist.data.records import dataset_rec_path, read_checked, record_location, resolve_num_classes
 from sface_dist.data.sampler import Sample
 from sface_dist.data.synthetic import SyntheticFaces
 
@@ -34,10 +34,11 @@ class BadRecord(NamedTuple):
 
 
 class RecordFaceDataset(Dataset[tuple[np.ndarray, int]]):
-    """Images and labels of ``root/train.rec`` (any layout), decoded as ``uint8 [H, W, 3]`` RGB."""
+    """Images and labels of ``root/train.rec`` (any layout; ``root`` may also name the ``.rec`` itself), decoded as
+    ``uint8 [H, W, 3]`` RGB."""
 
     def __init__(self, root: str | Path, num_classes: int, image_size: int) -> None:
-        rec_path = Path(root) / REC_NAME
+        rec_path = dataset_rec_path(root)
         self.reader = RecordIOReader(rec_path, rec_path.with_suffix(".idx"))
         self.index = FaceRecordIndex(self.reader)
         try:
