@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
+from typing import NoReturn
 
 from sface_dist.config import load_config
 from sface_dist.distributed import (
@@ -36,6 +38,17 @@ def describe(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         return f"{error.filename}: {error.strerror.lower()}"
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def leave_the_broken_group(error: CollectiveError) -> NoReturn:
+    """A peer hung or died inside a collective: say so in one line (the traceback with ``SFACE_DEBUG``) and end the
+    process at once, without tearing the process group down: its threads may still wait on the lost peer, and
+    their teardown can hang or abort the process (``terminate called without an active exception``)."""
+    if os.environ.get("SFACE_DEBUG"):
+        traceback.print_exception(error)
+    print(f"error: {describe(error)}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 trainer.close()
             barrier()  # no rank tears its process group down while a peer still talks to it
+        except CollectiveError as error:
+            leave_the_broken_group(error)
         finally:
             destroy_distributed()
     except PeerError:
@@ -72,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return INTERRUPTED
-    except (ValueError, OSError, FloatingPointError, LaunchError, CollectiveError) as err:
+    except (ValueError, OSError, FloatingPointError, LaunchError) as err:
         if os.environ.get("SFACE_DEBUG"):
             raise
         print(f"error: {describe(err)}", file=sys.stderr, flush=True)
