@@ -78,7 +78,7 @@ eval: {{bins: [{demo_data / 'heldout.bin'}], every: 1000, batch_size: 32}}
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("data.root={missing}", "nowhere/train.rec: RecordIO file not found"),
+        ("data.root={missing}", "nowhere: no such dataset folder or .rec file"),
         ("data.num_classes=999", "999"),
         ("eval.bins=[{config}]", "e2e.yaml"),
         ("train.stesp=3", "unknown key 'train.stesp'"),

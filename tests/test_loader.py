@@ -286,8 +286,10 @@ def test_configuration_errors(dataset_root: Path, tmp_path: Path) -> None:
         build_loader(config(dataset_root, batch_size=16), 0, 4, seed=0)
     with pytest.raises(DataError, match=r"rank 2 is not in \[0, world_size=2\)"):
         build_loader(config(dataset_root), 2, 2, seed=0)
-    with pytest.raises(ValueError, match=rf"{tmp_path / 'train.rec'}: RecordIO file not found"):
+    with pytest.raises(DataError, match=rf"^{tmp_path}: the dataset folder holds no train\.rec$"):
         build_loader(config(tmp_path), 0, 1, seed=0)
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'nowhere'}: no such dataset folder or \.rec file$"):
+        build_loader(config(tmp_path / "nowhere"), 0, 1, seed=0)
 
 
 def test_auto_backend_picks_dali_for_a_cuda_device_only() -> None:

@@ -299,7 +299,7 @@ def test_a_hung_peer_is_one_line_on_every_rank(
 
 
 def test_collective_timeout_must_be_positive() -> None:
-    with pytest.raises(ConfigError, match=r"train.collective_timeout_minutes: must be > 0, got 0"):
+    with pytest.raises(ConfigError, match=r"^--set train\.collective_timeout_minutes=0: must be > 0, got 0\.0$"):
         load_config(None, ["data.backend=synthetic", "train.collective_timeout_minutes=0"])
 
 

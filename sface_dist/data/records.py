@@ -21,6 +21,8 @@ REC_NAME = "train.rec"
 def dataset_rec_path(dataset: str | os.PathLike[str]) -> Path:
     """The ``.rec`` of a dataset named by its folder (holding ``train.rec``, ``train.idx``) or by the ``.rec``."""
     path = Path(dataset)
+    if not path.exists():
+        raise DataError(f"{path}: no such dataset folder or .rec file")
     if path.is_dir():
         if not (path / REC_NAME).is_file():
             raise DataError(f"{path}: the dataset folder holds no {REC_NAME}")
