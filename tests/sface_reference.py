@@ -58,7 +58,8 @@ def margin_reference(
     """Cross-entropy with target logit s·(cos(m1·θ + m2) - m3) (ArcFace / CosFace / combined), fp64.
 
     ``margin_grad="cos"``: the target logit's gradient is that of s·cos θ (insightface); ``"exact"``: its own.
-    ``class_weight`` [C] multiplies each class's exponential in the softmax (Partial-FC correction).
+    ``class_weight`` [C] multiplies each class's exponential in the softmax (Partial-FC correction). ``accuracy``
+    is the plain top-1 of the cosines, as for SFace: the margin is the loss's, not the prediction's.
     """
     cos = _cosines(embeddings, weight).clamp(-1.0, 1.0)
     rows = torch.arange(cos.shape[0])
@@ -79,9 +80,7 @@ def margin_reference(
         "loss": F.cross_entropy(logits, labels),
         "cos_target": target_cos.detach().mean(),
         "cos_nontarget": cos.detach()[~target].mean(),
-        "accuracy": (logits.detach()[rows, labels] > logits.detach().masked_fill(target, -math.inf).amax(1))
-        .double()
-        .mean(),
+        "accuracy": (target_cos > cos.masked_fill(target, -math.inf).amax(1)).double().mean(),
     }
 
 

@@ -162,6 +162,22 @@ def test_margin_heads_report_no_sface_terms() -> None:
     assert build_head(HeadConfig(type="arcface"), 10, 8, None)(x, labels).diagnostics == {}
 
 
+@pytest.mark.parametrize("head_type", ["arcface", "cosface", "combined"])
+def test_margin_heads_count_the_plain_top1_as_accuracy(head_type: str) -> None:
+    """Each embedding at cosine 0.6 from its own centre and 0.5 from another: every prediction is right, while the
+    margined target logit (ArcFace: cos(θ + 0.5) = 0.17) is below the other class's, which a margined count
+    would report as 0 correct."""
+    centres = torch.eye(4, 8, dtype=torch.float64)
+    x = 0.6 * centres + 0.5 * centres.roll(1, dims=0) + (1 - 0.36 - 0.25) ** 0.5 * torch.eye(8, dtype=torch.float64)[4:]
+    labels = torch.arange(4)
+    head = build_head(HeadConfig(type=head_type), 4, 8, None).double()
+    with torch.no_grad():
+        head.weight.copy_(centres)
+    out = head(x, labels)
+    assert out.accuracy.item() == 1.0
+    assert torch.allclose(out.cos_target, torch.tensor(0.6, dtype=torch.float64))
+
+
 def adamw_twin(weight: torch.Tensor, **hyper) -> tuple[torch.Tensor, torch.optim.AdamW]:
     twin = weight.detach().clone().requires_grad_(True)
     return twin, torch.optim.AdamW([twin], foreach=False, **hyper)

@@ -92,7 +92,7 @@ class _DistributedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, target_mask: Tensor, group: ProcessGroup | None) -> tuple[Tensor, Tensor]:
+    def forward(ctx, logits: Tensor, target_mask: Tensor, group: ProcessGroup | None) -> Tensor:
         batch, width = logits.shape
         target_logit = all_reduce_sum(torch.where(target_mask, logits, 0.0).sum(dim=1), group)
         nontarget_max = (
@@ -104,22 +104,18 @@ class _DistributedCrossEntropy(torch.autograd.Function):
         sum_exp = all_reduce_sum(exp.sum(dim=1), group)
         loss = (torch.log(sum_exp) + row_max - target_logit).mean()
         ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(1)), target_mask)
-        correct = (target_logit > nontarget_max).to(logits.dtype)
-        ctx.mark_non_differentiable(correct)
-        return loss, correct
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_correct: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, None, None]:
         softmax, target_mask = ctx.saved_tensors
         grad = softmax - target_mask.to(softmax.dtype)
         return grad * (grad_loss / softmax.shape[0]), None, None
 
 
-def distributed_cross_entropy(
-    logits: Tensor, target_mask: Tensor, group: ProcessGroup | None
-) -> tuple[Tensor, Tensor]:
+def distributed_cross_entropy(logits: Tensor, target_mask: Tensor, group: ProcessGroup | None) -> Tensor:
     """Mean cross-entropy over rows of class-sharded ``logits`` [B, C_local] whose targets are marked in
-    ``target_mask`` (a row's target lies in exactly one shard); returns (loss, correct [B])."""
+    ``target_mask`` (a row's target lies in exactly one shard)."""
     return _DistributedCrossEntropy.apply(logits, target_mask, group)
 
 
@@ -168,14 +164,19 @@ class ShardedMarginHead(ShardedHead):
         if batch.inter_scale is not None:
             logits = logits + batch.inter_scale.log()
         group = self.process_group
-        loss, correct = distributed_cross_entropy(logits, target_mask, group)
-        target_sum = target_cos.detach().sum()
-        stats = torch.stack([target_sum, cos.detach().sum() - target_sum, (~target_mask).sum().to(cos.dtype)])
-        all_reduce_sum(stats, group)
+        loss = distributed_cross_entropy(logits, target_mask, group)
+        cos, target_cos = cos.detach(), target_cos.detach()
+        target_sum = target_cos.sum()
+        counts = torch.stack([target_sum, cos.sum() - target_sum, (~target_mask).sum().to(cos.dtype)])
+        stats = all_reduce_sum(torch.cat([counts, target_cos]), group)
         num_rows = cos.shape[0]
+        nontarget = cos.masked_fill(target_mask, -math.inf)
+        max_nontarget = all_reduce_max(
+            nontarget.amax(dim=1) if cos.shape[1] else cos.new_full((num_rows,), -math.inf), group
+        )
         return HeadOutput(
             loss=loss,
-            accuracy=correct.mean(),
+            accuracy=(stats[3:] > max_nontarget).to(stats.dtype).mean(),
             cos_target=stats[0] / num_rows,
             cos_nontarget=stats[1] / stats[2].clamp_min(1),
             sampled_rows=batch.sampled_rows,

@@ -64,7 +64,8 @@ class HeadOutput:
 
     loss: Tensor
     accuracy: Tensor
-    """Top-1 accuracy of the gathered batch over the scored classes of all shards."""
+    """Top-1 accuracy of the gathered batch by cosine (nearest centre) over the scored classes of all shards, for
+    every head type (a margin shapes the loss, not the prediction)."""
     cos_target: Tensor
     """Mean cosine between each row and its class centre."""
     cos_nontarget: Tensor
