@@ -1,7 +1,7 @@
 """Does the loss resist label noise? Train each head type on noisy copies of a dataset and compare.
 
     python tools/noise_study.py --out study/demo                        # synthetic demo data, ~70 min on 2 cores
-    python tools/noise_study.py --out study/quick --quick               # a smoke test, ~2 min
+    python tools/noise_study.py --out study/quick --quick               # a smoke test, under a minute
     python tools/noise_study.py --out study/mine --rec data/mine/train.rec --bin data/mine/lfw.bin \\
         --hold-out 500 --nproc 8 --set model.backbone=iresnet50 --steps 20000
 

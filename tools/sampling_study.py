@@ -1,7 +1,7 @@
 """Does Partial FC learn as well as the full head? Train each sampling variant and compare.
 
     python tools/sampling_study.py --out study/sampling       # every variant, 3 seeds, the demo (~4.5 h on 2 cores)
-    python tools/sampling_study.py --out study/quick --quick  # a smoke test, ~1 min
+    python tools/sampling_study.py --out study/sampling-quick --quick  # a smoke test, under a minute
     python tools/sampling_study.py --out study/s --variants sface:1 sface:0.3:none sface:0.3:inverse_rate \\
         --seeds 0 1 2 --diagnose
 
