@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import re
 import types
 import typing
@@ -603,5 +604,9 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (it loads back to an equal ``Config``)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (it loads back to an equal ``Config``): to a file beside ``path``, renamed
+    over it, so that a symbolic link at ``path`` is replaced rather than written through."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(temporary, path)

@@ -1,9 +1,11 @@
 """One run per output folder: a lock that names its holder, and no mixing with another run's checkpoints.
 
 Rank 0 claims ``train.output`` before anything is written to it: it creates the folder,
-takes an exclusive ``flock`` on ``OUTPUT/.lock`` (released by the kernel when the process
-dies, so a killed run never leaves a stale lock) and writes its host and pid there for the
-next run to name. A run that does not resume refuses a folder that already holds
+takes an exclusive POSIX record lock on ``OUTPUT/.lock`` and writes its host and pid there for
+the next run to name. The lock belongs to the process: the kernel releases it when the run's
+process dies, even while DataLoader workers it forked live on, so a killed run never leaves a
+stale lock. ``.lock`` must be a regular file: a symbolic link or a FIFO there is refused, never
+followed. A run that does not resume refuses a folder that already holds
 checkpoints unless ``train.overwrite`` moves them aside. Every rank learns rank 0's
 decision, so a refusal stops all ranks with one line.
 
@@ -14,10 +16,12 @@ changed since the checkpoint it resumed from).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -37,6 +41,10 @@ class RunDirectoryError(ValueError):
     """``train.output`` cannot be used by this run, named with the reason."""
 
 
+_held_by_this_process: set[Path] = set()
+"""Run folders this process holds: a POSIX lock does not exclude a second claim from its own process."""
+
+
 class RunLock:
     """An exclusive lock on a run folder, held for the life of the run."""
 
@@ -45,6 +53,7 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd >= 0:
+            _held_by_this_process.discard(self.path.resolve())
             os.close(self._fd)
             self._fd = -1
 
@@ -53,24 +62,47 @@ def _reason(error: OSError) -> str:
     return os.strerror(error.errno).lower() if error.errno else str(error)
 
 
+def _in_use(output: Path, path: Path, holder: str) -> RunDirectoryError:
+    return RunDirectoryError(
+        f"train.output {output} is in use by another run ({holder}, lock {path}): "
+        "wait for it to end or choose another train.output"
+    )
+
+
+def _open_lock_file(output: Path, path: Path) -> int:
+    """``path`` opened for the lock: created if missing, never through a link, never blocking on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise RunDirectoryError(f"train.output {output}: {path} is a symbolic link: refused (the lock is "
+                                    "written to; remove the link)") from None
+        raise RunDirectoryError(f"train.output {output}: cannot write the run folder: {path}: "
+                                f"{_reason(error)}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirectoryError(f"train.output {output}: {path} is not a regular file: refused (remove it)")
+    return fd
+
+
 def _lock(output: Path) -> RunLock:
     path = output / LOCK_FILE
+    if path.resolve() in _held_by_this_process:
+        raise _in_use(output, path, f"this process, pid {os.getpid()}")
+    fd = _open_lock_file(output, path)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
-        raise RunDirectoryError(f"train.output {output}: cannot write the run folder: {_reason(error)}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if error.errno not in (errno.EACCES, errno.EAGAIN):
+            os.close(fd)
+            raise RunDirectoryError(f"train.output {output}: cannot lock {path}: {_reason(error)}") from None
         holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise RunDirectoryError(
-            f"train.output {output} is in use by another run ({holder}, lock {path}): "
-            "wait for it to end or choose another train.output"
-        ) from None
+        raise _in_use(output, path, holder) from None
     holder = f"host {socket.gethostname()} pid {os.getpid()}".encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder, 0)
+    _held_by_this_process.add(path.resolve())
     return RunLock(path, fd)
 
 
@@ -147,7 +179,7 @@ def record_start(output: Path, cfg: Config, step: int, world_size: int, resumed:
     """Rank 0: note this start in ``OUTPUT/history.jsonl``; a run that starts from scratch also writes the config
     it starts with to ``OUTPUT/config.yaml`` (a resume leaves it as it was: its changes are in the history)."""
     if resumed is None:
-        save_config(cfg, output / CONFIG_FILE)
+        save_config(cfg, output / CONFIG_FILE)  # written beside and renamed: a link there is replaced, not followed
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "event": "start" if resumed is None else "resume",
@@ -160,7 +192,15 @@ def record_start(output: Path, cfg: Config, step: int, world_size: int, resumed:
             "from_world_size": resumed.world_size,
             "changes": {change.key: [change.saved, change.current] for change in resumed.changes},
         }
-    with open(output / HISTORY_FILE, "a") as history:
+    path = output / HISTORY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise RunDirectoryError(f"train.output {output}: {path} is a symbolic link: refused (the run's history "
+                                    "is appended to; remove the link)") from None
+        raise
+    with open(fd, "a") as history:
         history.write(json.dumps(entry) + "\n")
         history.flush()
         os.fsync(history.fileno())
