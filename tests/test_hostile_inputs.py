@@ -8,15 +8,18 @@ asserts the exact line, the exit status, and that nothing outside the target cha
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_faults import ROOT, demo_data, one_error_line, train_in_process, write_config
+from PIL import Image
+from test_faults import ROOT, demo_data, one_error_line, tmpfs, tool, train_in_process, write_config
 
-__all__ = ["demo_data"]  # the fixture, shared with tests/test_faults.py
+__all__ = ["demo_data", "tmpfs"]  # the fixtures, shared with tests/test_faults.py
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -98,3 +101,90 @@ def test_the_lock_dies_with_the_run_not_with_its_dataloader_workers(demo_data: P
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# The data tools
+
+
+def convert(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """``tools/convert_rec.py`` in this process: its exit status and its stderr."""
+    capsys.readouterr()
+    status = tool("convert_rec").main([*argv, "--quiet"] if argv[0] != "to-folder" else list(argv))
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/absolute", "..", "", "a/b"])
+def test_to_folder_names_from_classes_txt_stay_inside_the_output(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    data = shutil.copytree(demo_data, tmp_path / "data")
+    lines = (data / "classes.txt").read_text().splitlines()
+    lines[3] = name
+    (data / "classes.txt").write_text("\n".join(lines) + "\n")
+    before = tree(tmp_path)
+    status, err = convert(capsys, "to-folder", str(data), str(tmp_path / "out" / "faces"))
+    problem = "not a folder name" if name in ("", "..") else "holds a path separator"
+    assert (status, err) == (2, f"error: {data / 'classes.txt'}: line 4: identity {name!r} is {problem}: refused\n")
+    assert tree(tmp_path) == before and not Path("/tmp/absolute").exists()
+
+
+def test_to_folder_never_replaces_a_folder_that_holds_something(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = shutil.copytree(demo_data, tmp_path / "data")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me\n")
+    before = tree(tmp_path)
+    for out in (mine, data):
+        status, err = convert(capsys, "to-folder", str(data), str(out))
+        assert (status, err) == (2, f"error: {out}: exists and is not an empty folder: to-folder writes a new folder "
+                                    "(choose another, or remove this one yourself)\n")
+    os.chdir(data)
+    try:
+        assert convert(capsys, "to-folder", str(data), ".")[0] == 2
+    finally:
+        os.chdir(ROOT)
+    assert tree(tmp_path) == before
+    (tmp_path / "empty").mkdir()
+    status, _ = convert(capsys, "to-folder", str(data), str(tmp_path / "empty"))
+    assert status == 0 and len(list((tmp_path / "empty").iterdir())) == 24
+
+
+def test_from_folder_refuses_an_identity_whose_name_holds_a_line_break(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``eve\\nmallory`` would take two lines of classes.txt and shift every later name."""
+    for name in ("alice", "eve\nmallory", "zed"):
+        (tmp_path / "faces" / name).mkdir(parents=True)
+        Image.new("RGB", (112, 112), (40, 80, 120)).save(tmp_path / "faces" / name / "0.jpg")
+    status, err = convert(capsys, "from-folder", str(tmp_path / "faces"), str(tmp_path / "out"))
+    folder = tmp_path / "faces" / "eve\nmallory"
+    assert (status, err) == (2, f"error: {folder}: identity folder name 'eve\\nmallory' holds a line break: "
+                                "classes.txt holds one name per line (rename the folder)\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["from-folder", "repack", "to-folder"])
+def test_writing_onto_a_read_only_mount_is_one_line(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], tmpfs: Callable[..., Path], command: str
+) -> None:
+    read_only = tmpfs("1m", "ro")
+    source = str(demo_data)
+    if command == "from-folder":
+        assert convert(capsys, "to-folder", str(demo_data), str(tmp_path / "faces"))[0] == 0
+        source = str(tmp_path / "faces")
+    status, err = convert(capsys, command, source, str(read_only / "out"))
+    assert status == 2 and err.count("\n") == 1 and err.startswith("error: ") and "read-only file system" in err, err
+
+
+def test_the_sampling_study_never_renders_over_a_users_dataset(demo_data: Path, tmp_path: Path) -> None:
+    data = shutil.copytree(demo_data, tmp_path / "data")
+    (data / "heldout.bin").unlink()
+    before = tree(data)
+    result = subprocess.run([sys.executable, "tools/sampling_study.py", "--quick", "--data", str(data), "--out",
+                             str(tmp_path / "study")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == (
+        f"error: {data}: holds train.rec but no heldout.bin to evaluate on: add your pack as {data / 'heldout.bin'}, "
+        "or name an empty --data for synthetic identities\n")
+    assert tree(data) == before

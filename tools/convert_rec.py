@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = add("to-folder", "extract images into OUT/<identity>/<key>.<ext>")
     command.add_argument("dataset", help="dataset folder or its train.rec (train.idx, optional classes.txt alongside)")
-    command.add_argument("out", help="output folder (replaced as a whole at the end)")
+    command.add_argument("out", help="output folder: new, or empty")
     command.set_defaults(run=_to_folder)
 
     command = add("inspect", "counts, layout, labels, sizes; --verify checks every record")
@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (DataError, RecordIOError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{(error.strerror or str(error)).lower()}", file=sys.stderr)
         return 2
 
 

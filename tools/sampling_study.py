@@ -138,10 +138,14 @@ class Run:
 
 
 def prepare_data(args: argparse.Namespace) -> Path:
-    """The dataset folder: ``--data`` as given, or synthetic identities rendered there when it is missing."""
+    """The dataset folder: ``--data`` as given, or synthetic identities rendered there when it holds no dataset.
+    A folder with a dataset but no held-out pack is refused: rendering there would overwrite the user's data."""
     root: Path = args.data
     if (root / "train.rec").is_file() and (root / "heldout.bin").is_file():
         return root
+    if (root / "train.rec").is_file():
+        raise ValueError(f"{root}: holds train.rec but no heldout.bin to evaluate on: add your pack as "
+                         f"{root / 'heldout.bin'}, or name an empty --data for synthetic identities")
     identities, images, heldout = (200, 4, 100) if args.quick else (800, 20, 100)
     render_synthetic(root, identities, images, heldout, pairs=600)
     return root

@@ -368,14 +368,18 @@ def rec_to_folder(
     """Extract every image of ``dataset`` (its folder or ``.rec``) as ``out_dir/<identity>/<key>.<ext>`` (bytes
     unchanged).
 
-    Identity folders are named from ``classes.txt`` next to the ``.rec`` when there is one,
-    else by zero-padded label. The folder is built under a temporary name and swapped in.
+    Identity folders are named from ``classes.txt`` next to the ``.rec`` when there is one (each line one folder
+    name: no separator, no ``.`` or ``..``, no repeat), else by zero-padded label. ``out_dir`` must not exist or be
+    empty: it is built under a temporary name and renamed into place, and nothing of the user's is replaced.
     """
     start_time = time.perf_counter()
-    rec_path, out_dir = dataset_rec_path(dataset), Path(out_dir)
+    rec_path, out_dir = dataset_rec_path(dataset), Path(out_dir).resolve()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConvertError(f"{out_dir}: exists and is not an empty folder: to-folder writes a new folder "
+                           "(choose another, or remove this one yourself)")
     with _open_dataset(rec_path) as index:
         classes_path = rec_path.with_name("classes.txt")
-        names = classes_path.read_text(encoding="utf-8").splitlines() if classes_path.is_file() else None
+        names = _identity_names(classes_path) if classes_path.is_file() else None
         labels: set[int] = set()
         written = 0
         with _AtomicFolder(out_dir) as staging:
@@ -534,6 +538,31 @@ class _AtomicFolder:
         shutil.rmtree(retired, ignore_errors=True)
 
 
+def _folder_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one folder inside the output (None when it can)."""
+    if name in ("", ".", ".."):
+        return "not a folder name"
+    if "/" in name or "\0" in name:
+        return "holds a path separator"
+    if "\n" in name or "\r" in name:
+        return "holds a line break"
+    return None
+
+
+def _identity_names(classes_path: Path) -> list[str]:
+    """The identity names of ``classes.txt``, one per line, each checked to be one folder name, none repeated."""
+    names = classes_path.read_text(encoding="utf-8").splitlines()
+    seen: dict[str, int] = {}
+    for number, name in enumerate(names, start=1):
+        problem = _folder_name_problem(name)
+        if problem is not None:
+            raise ConvertError(f"{classes_path}: line {number}: identity {name!r} is {problem}: refused")
+        if name in seen:
+            raise ConvertError(f"{classes_path}: line {number}: identity {name!r} repeats line {seen[name]}")
+        seen[name] = number
+    return names
+
+
 def _list_identities(root: Path) -> list[tuple[str, list[Path]]]:
     """Sorted identity folders of ``root`` with their sorted image files."""
     if not root.is_dir():
@@ -548,6 +577,9 @@ def _list_identities(root: Path) -> list[tuple[str, list[Path]]]:
         )
         if not images:
             raise ConvertError(f"{folder}: identity folder holds no images")
+        if (problem := _folder_name_problem(folder.name)) is not None:
+            raise ConvertError(f"{folder}: identity folder name {folder.name!r} {problem}: classes.txt holds one "
+                               "name per line (rename the folder)")
         identities.append((folder.name, images))
     if not identities:
         raise ConvertError(f"{root}: no identity sub-folders")
