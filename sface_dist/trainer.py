@@ -222,9 +222,16 @@ class Trainer:
         self.total_steps = self.step + self._steps_left()
 
     def _schedule(self) -> Schedule:
-        """The learning-rate schedule in steps of the run's first global batch."""
+        """The learning-rate schedule in steps of the run's first global batch, ending at the run's last step at
+        this world size (``_planned_samples``)."""
         batch = self.progress.schedule_batch
-        return Schedule(self.cfg.optim, self._schedule_samples() / batch, self.loader.num_images // batch)
+        return Schedule(self.cfg.optim, self._planned_samples() / batch, self.loader.num_images // batch)
+
+    def _planned_samples(self) -> int:
+        """Samples trained on when the run ends at this world size: those done, and the steps left at this global
+        batch. The run's first world size plans ``_schedule_samples``; another can train a few more (a step of
+        another size, or an epoch that fits another number of steps)."""
+        return self.progress.samples + self._steps_left() * self.global_batch
 
     def _open_run(self, cfg: Config) -> None:
         """Resume if asked; unless the run had already finished, record this start in the run's history and open
@@ -266,6 +273,15 @@ class Trainer:
             return 0
         this_epoch = (self.loader.num_images - self.progress.epoch_samples) // self.global_batch
         return this_epoch + (epochs_left - 1) * (self.loader.num_images // self.global_batch)
+
+    def _end_epoch_if_no_step_fits(self) -> bool:
+        """End the epoch where the next global batch no longer fits in it (the loader's end too); at a resume on
+        more ranks that can be before the first step. Whether it ended."""
+        if self.loader.num_images - self.progress.epoch_samples >= self.global_batch:
+            return False
+        self.progress.epoch += 1
+        self.progress.epoch_samples = 0
+        return True
 
     def _finished(self) -> bool:
         if self.cfg.train.steps:
@@ -323,7 +339,21 @@ class Trainer:
             self.log(f"changed since {path.name}: {change}{accepted}")
         if resumed.world_size not in (0, self.env.world_size):
             self.log(f"changed since {path.name}: world size: {resumed.world_size} -> {self.env.world_size} ranks")
+        if self.global_batch != batch:
+            self.log(self._plan_at_this_batch())
         return resumed
+
+    def _plan_at_this_batch(self) -> str:
+        """What a run resumed with another global batch than it started with will train, and where its schedule
+        ends."""
+        steps, planned, first = self._steps_left(), self._planned_samples(), self._schedule_samples()
+        more = planned - first
+        against = (f"{more} more than" if more > 0 else f"{-more} fewer than" if more < 0 else "as") + (
+            f" at the {self.progress.schedule_batch} per step it started with")
+        return (f"at {self.env.world_size} rank(s) x {self.cfg.data.batch_size}"
+                f"{f' x {self.cfg.train.grad_accum}' if self.cfg.train.grad_accum > 1 else ''}: {steps} steps of "
+                f"{self.global_batch} samples left; the run ends after {planned} samples ({against}), and so "
+                "does its learning-rate schedule")
 
     def _non_finite(self) -> str | None:
         """The first backbone tensor or head shard holding NaN or inf, if any (one host sync when all are finite)."""
@@ -474,6 +504,8 @@ class Trainer:
         self.model.train()
         with stop_at_step_boundary(self.log, self._last_checkpoint) as self.stop_request:
             while not self._finished():
+                if self._end_epoch_if_no_step_fits():
+                    continue
                 self._start_epoch()
                 for batches in self._optimizer_batches():
                     lr = self.optimization.lr
@@ -505,13 +537,10 @@ class Trainer:
         return self.evaluate()
 
     def _advance(self) -> None:
-        """Count one optimizer step's global batch; an epoch ends where the next one no longer fits (the loader's
-        end too)."""
+        """Count one optimizer step's global batch."""
         self.progress.samples += self.global_batch
         self.progress.epoch_samples += self.global_batch
-        if self.loader.num_images - self.progress.epoch_samples < self.global_batch:
-            self.progress.epoch += 1
-            self.progress.epoch_samples = 0
+        self._end_epoch_if_no_step_fits()
 
     def _agreed_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The loader's batches, agreed on by every rank (one CPU all-reduce a micro-batch).

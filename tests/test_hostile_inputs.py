@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_faults import ROOT, demo_data, one_error_line, tmpfs, tool, train_in_process, write_config
+from test_faults import ROOT, demo_data, logged, one_error_line, tmpfs, tool, train_in_process, write_config
 
 __all__ = ["demo_data", "tmpfs"]  # the fixtures, shared with tests/test_faults.py
 
@@ -188,3 +188,64 @@ def test_the_sampling_study_never_renders_over_a_users_dataset(demo_data: Path, 
         f"error: {data}: holds train.rec but no heldout.bin to evaluate on: add your pack as {data / 'heldout.bin'}, "
         "or name an empty --data for synthetic identities\n")
     assert tree(data) == before
+
+
+# Resuming at another world size
+
+
+def torchrun_with_timeout(nproc: int, config: Path, *overrides: str, timeout: float = 180) -> str:
+    """``sface_dist.train`` on ``nproc`` ranks; a run that does not end within ``timeout`` fails the test."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "sface_dist.train", str(config), *(item for value in overrides for item in ("--set", value))]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def resume_copy(run: Path, step: int, into: Path) -> Path:
+    """A run folder holding only ``run``'s checkpoint of ``step``: a run stopped there."""
+    name = f"step-{step:08d}"
+    shutil.copytree(run / "checkpoints" / name, into / "checkpoints" / name)
+    (into / "checkpoints" / "latest").write_text(name)
+    return into
+
+
+@pytest.mark.faults
+def test_a_resume_on_more_ranks_with_less_than_a_step_left_in_the_epoch_goes_on(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1 rank x 8 stopped at step 23 of a 192-image epoch: 8 images are left, less than the 16 of a step on 2 ranks.
+    The resumed run starts the next epoch (it hung here, ranks busy) and ends after the second one."""
+    keys = "epochs: 2, steps: 0, log_every: 1, checkpoint_every: 23, keep_checkpoints: 50"
+    config = write_config(tmp_path / "c.yaml", demo_data, tmp_path / "straight", keys)
+    assert train_in_process(config, "eval.bins=[]", "train.epochs=1") == 0
+    resumed = resume_copy(tmp_path / "straight", 23, tmp_path / "resumed")
+    log = torchrun_with_timeout(2, config, "eval.bins=[]", f"train.output={resumed}")
+    assert "at step 23 (184 samples, epoch 0)" in log
+    assert ("at 2 rank(s) x 8: 12 steps of 16 samples left; the run ends after 376 samples (8 fewer than at the 8 "
+            "per step it started with), and so does its learning-rate schedule") in log
+    steps = logged(log)
+    assert min(steps) == 24 and max(steps) == 35 and {total for total, _, _ in steps.values()} == {35}
+
+
+@pytest.mark.faults
+def test_a_resume_on_fewer_ranks_ends_its_schedule_at_its_last_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """200 images: 2 ranks x 8 fit 12 steps an epoch (192 images), 1 rank x 8 fits 25 (200). Resumed on one rank
+    at step 5, the run trains 16 more samples than planned, and its learning rate reaches 0 only after its last
+    step (the last steps ran at 0 when the schedule kept the first world size's length)."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "tools/make_demo_data.py", "--out", str(data), "--identities", "25",
+                    "--images", "8", "--heldout", "4", "--pairs", "10"], cwd=ROOT, check=True, capture_output=True)
+    keys = "epochs: 2, steps: 0, log_every: 1, checkpoint_every: 5, keep_checkpoints: 50"
+    config = write_config(tmp_path / "c.yaml", data, tmp_path / "straight", keys)
+    torchrun_with_timeout(2, config, "eval.bins=[]", "train.epochs=1")
+    resumed = resume_copy(tmp_path / "straight", 5, tmp_path / "resumed")
+    capsys.readouterr()
+    assert train_in_process(config, "eval.bins=[]", f"train.output={resumed}") == 0
+    log = capsys.readouterr().out
+    assert ("at 1 rank(s) x 8: 40 steps of 8 samples left; the run ends after 400 samples (16 more than at the 16 "
+            "per step it started with), and so does its learning-rate schedule") in log
+    steps = logged(log)
+    assert max(steps) == 45 and all(lr > 0 for _, _, lr in steps.values()), steps
