@@ -30,8 +30,31 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used as written."""
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file larger than this is refused unread (the shipped configs are under 2 KB)."""
+MAX_CONFIG_VALUES = 100_000
+"""Values a config may hold with its aliases expanded: a few hundred bytes of aliases nested in aliases ("billion
+laughs") would otherwise ask for gigabytes."""
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 floats: ``5e-4`` is a number (PyYAML's YAML 1.1 rules read it as a string)."""
+    """YAML 1.2 floats: ``5e-4`` is a number (PyYAML's YAML 1.1 rules read it as a string); a key repeated in a
+    mapping is an error (PyYAML keeps the last value silently)."""
+
+    where = "config"
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(f"{self.where}: line {key_node.start_mark.line + 1}: duplicate key {key!r} (the "
+                                  "later value would silently replace the earlier)")
+            if isinstance(key, typing.Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -48,8 +71,46 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A PyYAML error on one line: where, and what."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _check_size(root: yaml.Node, where: str) -> None:
+    """Refuse a document of more than ``MAX_CONFIG_VALUES`` values with its aliases expanded (cycles included),
+    counted on the parsed nodes before any value is built."""
+    count, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{where}: more than {MAX_CONFIG_VALUES} values once its aliases are expanded: refused")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(item for pair in node.value for item in pair)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``text`` (from ``where``: a file, or ``--set KEY=VALUE``) as safe YAML with the rules of ``_Loader``, bounded
+    by ``MAX_CONFIG_VALUES``; every problem is one ``ConfigError`` line naming ``where``."""
+    loader = _Loader(text)
+    loader.where = where
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node, where)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(error)}") from None
+    finally:
+        loader.dispose()
 
 
 Backend = Literal["auto", "dali", "torch", "synthetic"]
@@ -484,7 +545,7 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {override!r}: '{part}' is not a section")
-    node[parts[-1]] = _parse_yaml(raw) if raw.strip() else ""
+    node[parts[-1]] = _parse_yaml(raw, f"--set {override}") if raw.strip() else ""
 
 
 def validate(cfg: Config, origins: Origins | None = None) -> None:
@@ -587,10 +648,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        try:
-            tree = _parse_yaml(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes: larger than any config "
+                              f"({MAX_CONFIG_BYTES} bytes at most): refused")
+        tree = _parse_yaml(path.read_text(errors="replace"), str(path)) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...), got "
+                              f"{type(tree).__name__}")
     for override in overrides:
         _apply_override(tree, override)
     origins = Origins(source, overrides)

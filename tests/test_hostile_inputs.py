@@ -8,16 +8,23 @@ asserts the exact line, the exit status, and that nothing outside the target cha
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from test_faults import ROOT, demo_data, logged, one_error_line, tmpfs, tool, train_in_process, write_config
+from test_trainer import ENV
+
+from sface_dist.config import ConfigError, load_config
+from sface_dist.evaluation.monitor import VerificationMonitor
 
 __all__ = ["demo_data", "tmpfs"]  # the fixtures, shared with tests/test_faults.py
 
@@ -249,3 +256,73 @@ def test_a_resume_on_fewer_ranks_ends_its_schedule_at_its_last_step(
             "per step it started with), and so does its learning-rate schedule") in log
     steps = logged(log)
     assert max(steps) == 45 and all(lr > 0 for _, _, lr in steps.values()), steps
+
+
+# The config
+
+
+MiB = 1 << 20
+BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]\n" for previous, name in zip("abcdefgh", "bcdefghi"))
+
+
+def refusal_and_peak(call: Callable[[], object]) -> tuple[str, int]:
+    """The ``ConfigError`` line ``call`` ends with, and the peak of the memory Python allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError) as refused:
+            call()
+        return str(refused.value), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    (BILLION_LAUGHS, "more than 100000 values once its aliases are expanded: refused"),
+    ("data: " + "[" * 5_000 + "]" * 5_000 + "\n", "nested too deeply to be a config"),
+    ("data: {root: d}\ntrain: {steps: 1}\ntrain: {steps: 2}\n",
+     "line 3: duplicate key 'train' (the later value would silently replace the earlier)"),
+    ("- data\n- train\n", "the top level must be a mapping of sections (data, model, ...), got list"),
+])
+def test_a_hostile_config_is_one_line_within_bounded_memory(tmp_path: Path, text: str, problem: str) -> None:
+    """Refused before anything is built from it: the 500-byte "billion laughs" asked for 2.4 GB and 40 s."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'{path}: {problem}')}$"):
+        load_config(path, ["train.steps=2"])
+    assert time.monotonic() - started < 10
+    if "nested" not in problem:  # the nesting stops at the interpreter's recursion limit, which tracing slows 40x
+        message, peak = refusal_and_peak(lambda: load_config(path, ["train.steps=2"]))
+        assert message == f"{path}: {problem}" and peak < 64 * MiB
+
+
+def test_a_config_file_larger_than_any_config_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("eval:\n  bins:\n" + "".join(f"  - pack{i}.bin\n" for i in range(100_000)))
+    size = path.stat().st_size
+    message, peak = refusal_and_peak(lambda: load_config(path))
+    assert message == f"{path}: {size} bytes: larger than any config (1048576 bytes at most): refused"
+    assert peak < MiB
+
+
+def test_many_packs_are_checked_for_repeated_names_in_linear_time() -> None:
+    """500,000 names took over 400 s with a count per name; a counter takes a fraction of a second."""
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"^eval\.bins: packs share the name\(s\) pack0; rename one of the files$"):
+        VerificationMonitor([f"a/pack{i}.bin" for i in range(500_000)] + ["b/pack0.bin"], ENV)
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(("override", "problem"), [
+    ("train.steps=[1", "not valid YAML: line 1, column 3: expected ',' or ']', but got '<stream end>'"),
+    ("train.steps=!!python/object/apply:os.system [touch MARKER]",
+     "not valid YAML: line 1, column 1: could not determine a constructor for the tag "
+     "'tag:yaml.org,2002:python/object/apply:os.system'"),
+])
+def test_a_bad_override_is_one_line_and_runs_nothing(tmp_path: Path, override: str, problem: str) -> None:
+    override = override.replace("MARKER", str(tmp_path / "ran"))
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, ["data.backend=synthetic", override])
+    assert str(refused.value) == f"--set {override}: {problem}"
+    assert not (tmp_path / "ran").exists()

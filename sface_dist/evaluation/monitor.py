@@ -17,6 +17,7 @@ A restarted run reads the previous bests from there, so resuming never forgets t
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ class VerificationMonitor:
         if best_dir is not None and run_config is None:
             raise ValueError("keeping the best backbones needs the run's config (run_config)")
         names = [Path(path).stem for path in bins]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
+        duplicates = sorted(name for name, count in collections.Counter(names).items() if count > 1)
         if duplicates:
             raise ValueError(f"eval.bins: packs share the name(s) {', '.join(duplicates)}; rename one of the files")
         self.env = env
