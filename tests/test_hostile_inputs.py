@@ -11,19 +11,24 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
 import tracemalloc
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from test_faults import ROOT, demo_data, logged, one_error_line, tmpfs, tool, train_in_process, write_config
 from test_trainer import ENV
 
 from sface_dist.config import ConfigError, load_config
+from sface_dist.data.bin_pack import VerificationPackError, read_bin, write_bin
+from sface_dist.data.convert import encode_jpeg
 from sface_dist.evaluation.monitor import VerificationMonitor
 
 __all__ = ["demo_data", "tmpfs"]  # the fixtures, shared with tests/test_faults.py
@@ -326,3 +331,73 @@ def test_a_bad_override_is_one_line_and_runs_nothing(tmp_path: Path, override: s
         load_config(None, ["data.backend=synthetic", override])
     assert str(refused.value) == f"--set {override}: {problem}"
     assert not (tmp_path / "ran").exists()
+
+
+# Verification packs
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` RGB pixels: what a header promises costs nothing to write."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(
+        b"IEND", b"")
+
+
+def pack_refusal_and_peak(path: Path) -> tuple[str, int]:
+    tracemalloc.start()
+    try:
+        with pytest.raises(VerificationPackError) as refused:
+            read_bin(path)
+        return str(refused.value), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_pack_of_empty_lists_is_refused_within_bounded_memory(tmp_path: Path) -> None:
+    """A 20 MB file of empty lists took 1.67 GB before it was refused; now the 1001st list stops it."""
+    path = tmp_path / "lists.bin"
+    path.write_bytes(b"\x80\x02(" + b"]" * 20_000_000 + b"t.")
+    message, peak = pack_refusal_and_peak(path)
+    assert message == (f"{path}: not a readable verification pack: more than 1000 lists, tuples or dicts: a pack "
+                       "holds two lists (the images and issame)")
+    assert peak < 3 * path.stat().st_size
+
+
+def test_an_image_larger_than_a_face_crop_is_refused_from_its_header(tmp_path: Path) -> None:
+    """Two 8000 x 8000 PNGs (64 M pixels each, under PIL's own bomb limit): 1.07 GB to decode, refused unread."""
+    path = tmp_path / "huge.bin"
+    write_bin(path, [png_header_only(8000, 8000)] * 2 + [encode_jpeg(np.zeros((112, 112, 3), np.uint8))] * 18,
+              [True] * 10)
+    message, peak = pack_refusal_and_peak(path)
+    assert message == f"{path}: image 0 is 8000x8000: more than the 16777216 pixels a face crop of a pack may have"
+    assert peak < 16 * MiB
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"", "not a readable verification pack: the file ends before its pickle does"),
+    (None, "6 pairs; the 10-fold protocol needs at least 10"),
+])
+def test_eval_verification_names_the_pack_of_each_problem(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes | None, problem: str
+) -> None:
+    path = tmp_path / "pack.bin"
+    if content is None:
+        write_bin(path, [encode_jpeg(np.zeros((112, 112, 3), np.uint8))] * 12, [True] * 6)
+    else:
+        path.write_bytes(content)
+    capsys.readouterr()
+    model = tmp_path / "model.onnx"
+    assert tool("export_onnx").main(["--checkpoint", str(trained_checkpoint(demo_data, tmp_path)), "--out",
+                                     str(model)]) == 0
+    assert tool("eval_verification").main(["--onnx", str(model), "--bin", str(path), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"error: {path}: {problem}\n"
+
+
+def trained_checkpoint(demo_data: Path, tmp_path: Path) -> Path:
+    """A 2-step run's folder (any trained backbone will do)."""
+    run = tmp_path / "run"
+    assert train_in_process(write_config(tmp_path / "c.yaml", demo_data, run), "train.steps=2", "eval.bins=[]") == 0
+    return run

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sface_dist.data.bin_pack import read_bin
 from sface_dist.evaluation.cli import add_model_arguments, open_model_from_args, run_tool
-from sface_dist.evaluation.verification import VERIFICATION_FARS, VerificationResult, evaluate_embedder
+from sface_dist.evaluation.verification import VERIFICATION_FARS, VerificationResult, evaluate_embedder, require_folds
 from sface_dist.progress import ProgressBar
 
 
@@ -35,6 +35,7 @@ def evaluate(args: argparse.Namespace) -> int:
     rows, report = [], {}
     for path in args.bin:
         pack = read_bin(path)
+        require_folds(path, len(pack.issame))
         stream = None if args.quiet else sys.stderr
         with ProgressBar(len(pack.images), unit="images", stream=stream) as bar:
             result = evaluate_embedder(source.embed, pack, args.batch_size, args.flip, progress=bar)

@@ -168,6 +168,31 @@ def _no_second_reference_to_bytes(load: _Load) -> _Load:
     return load_reference
 
 
+MAX_PACK_CONTAINERS = 1000
+"""Lists, tuples and dicts a pack may build: a real one builds a handful (the pair, the images, issame, numpy's
+arguments), while a file of empty lists builds one per 2 bytes at ~80 times their size."""
+MAX_PACK_IMAGE_PIXELS = 4096 * 4096
+"""Pixels of one image of a pack (a face crop is 112 x 112): a larger one is refused from its header, before its
+decoding asks for hundreds of megabytes."""
+_CONTAINER_OPCODES = (pickle.EMPTY_LIST, pickle.EMPTY_DICT, pickle.EMPTY_TUPLE, pickle.LIST, pickle.DICT,
+                      pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3)
+
+
+def _counted_container(load: _Load) -> _Load:
+    """An opcode that builds a list, tuple or dict, counted against ``MAX_PACK_CONTAINERS``."""
+
+    def load_container(unpickler: _PackUnpickler) -> None:
+        unpickler.containers += 1
+        if unpickler.containers > MAX_PACK_CONTAINERS:
+            raise pickle.UnpicklingError(
+                f"more than {MAX_PACK_CONTAINERS} lists, tuples or dicts: a pack holds two lists (the images and "
+                "issame)"
+            )
+        load(unpickler)
+
+    return load_container
+
+
 class _PackUnpickler(pickle._Unpickler):
     """Resolves only ``_SAFE_GLOBALS`` and builds nothing that the file does not pay for.
 
@@ -175,8 +200,8 @@ class _PackUnpickler(pickle._Unpickler):
     twice any index a PUT names, so a 9-byte pickle makes it zero 32 GB. On top of that,
     stored bytes may not be referenced twice, ``_codecs.encode`` may not return more bytes
     than the file holds nor a BYTEARRAY8 declare more, BUILD runs only on the numpy
-    stand-ins, and sets are refused. What remains is pickle's linear cost: at worst ~80x
-    the file (a file of empty lists), ~2x for a real pack. Real packs are a few opcodes
+    stand-ins, sets are refused and at most ``MAX_PACK_CONTAINERS`` lists, tuples and dicts are
+    built. What remains is pickle's linear cost, ~2x the file for a real pack. Real packs are a few opcodes
     per image, so the Python loop costs little: 0.1-0.6 s for a 60 MB pack of 12,000
     images, which takes ~6 s to decode.
     """
@@ -187,12 +212,14 @@ class _PackUnpickler(pickle._Unpickler):
             opcode[0]: _no_second_reference_to_bytes(pickle._Unpickler.dispatch[opcode[0]])
             for opcode in (pickle.GET, pickle.BINGET, pickle.LONG_BINGET, pickle.DUP)
         },
+        **{opcode[0]: _counted_container(pickle._Unpickler.dispatch[opcode[0]]) for opcode in _CONTAINER_OPCODES},
     }
 
     def __init__(self, data: bytes) -> None:
         super().__init__(io.BytesIO(data), encoding="bytes")  # "bytes": py2 packs' images are py2 ``str``
         self._file_size = len(data)
         self._encoded_bytes = 0
+        self.containers = 0
         self._globals = {**_SAFE_GLOBALS, ("_codecs", "encode"): self._encode}
 
     def find_class(self, module: str, name: str) -> object:
@@ -243,7 +270,9 @@ def _unpickle(path: Path) -> object:
     try:
         return _PackUnpickler(data).load()
     except Exception as error:  # any failure of the sandboxed load means an unreadable pack
-        raise VerificationPackError(f"{path}: not a readable verification pack: {error}") from None
+        reason = str(error) or ("the file ends before its pickle does" if isinstance(error, EOFError)
+                                else type(error).__name__)
+        raise VerificationPackError(f"{path}: not a readable verification pack: {reason}") from None
 
 
 def _issame_array(path: Path, issame: object) -> np.ndarray:
@@ -300,14 +329,25 @@ def _check_memory(path: Path, count: int, image_size: int) -> None:
 
 
 def _decode(path: Path, index: int, data: object, image_size: int) -> tuple[np.ndarray, bool]:
-    """Decode image ``index`` to uint8 ``[3, S, S]`` RGB; the flag says whether it had to be resized."""
+    """Decode image ``index`` to uint8 ``[3, S, S]`` RGB; the flag says whether it had to be resized. An image
+    larger than ``MAX_PACK_IMAGE_PIXELS`` is refused from its header, before it is decoded."""
     if not isinstance(data, (bytes, bytearray)):
         raise VerificationPackError(f"{path}: image {index} is {type(data).__name__}, expected encoded bytes")
+    too_large = None
     try:
         with Image.open(io.BytesIO(data)) as opened:
-            image = opened.convert("RGB")
+            width, height = opened.size
+            if width * height > MAX_PACK_IMAGE_PIXELS:
+                too_large = f"{width}x{height}"
+            else:
+                image = opened.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise VerificationPackError(f"{path}: image {index} cannot be decoded: {error}") from None
+    if too_large is not None:
+        raise VerificationPackError(
+            f"{path}: image {index} is {too_large}: more than the {MAX_PACK_IMAGE_PIXELS} pixels a face crop of a "
+            "pack may have"
+        )
     resized = image.size != (image_size, image_size)
     if resized:
         image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)

@@ -33,7 +33,7 @@ from sface_dist.checkpoint import read_best_score, save_best_backbone
 from sface_dist.data.bin_pack import VerificationPack, read_bin
 from sface_dist.distributed import DistEnv, even_split_sizes, gather_rows
 from sface_dist.evaluation.embedder import TorchEmbedder, embed_views
-from sface_dist.evaluation.verification import N_FOLDS, VerificationResult, verification_accuracy
+from sface_dist.evaluation.verification import VerificationResult, require_folds, verification_accuracy
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,7 @@ class VerificationMonitor:
         elif env.is_main:
             self.packs = [read_bin(path, image_size) for path in bins]
         for path, pack in zip(bins, self.packs):
-            if len(pack.issame) < N_FOLDS:
-                raise ValueError(f"{path}: {len(pack.issame)} pairs; the {N_FOLDS}-fold protocol needs more")
+            require_folds(path, len(pack.issame))
             if self.shared and 2 * len(pack.issame) < env.world_size:
                 raise ValueError(f"{path}: {2 * len(pack.issame)} images cannot be shared by {env.world_size} ranks")
         self.best: dict[str, BestScore] = self._broadcast(self._read_bests() if env.is_main else None)

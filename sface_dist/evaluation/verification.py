@@ -12,6 +12,7 @@ script logs accuracy and XNorm only, so there is no published reading to match.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,6 +58,12 @@ class VerificationResult:
         values["tar_at_far"] = {f"{far:.0e}": tar for far, tar in self.tar_at_far.items()}
         values["cosine_threshold"] = self.cosine_threshold
         return values
+
+
+def require_folds(path: str | os.PathLike[str], pairs: int) -> None:
+    """One line naming the pack at ``path`` when its ``pairs`` cannot fill the ``N_FOLDS``-fold protocol."""
+    if pairs < N_FOLDS:
+        raise ValueError(f"{path}: {pairs} pairs; the {N_FOLDS}-fold protocol needs at least {N_FOLDS}")
 
 
 def kfold_splits(n_samples: int, n_folds: int) -> list[tuple[np.ndarray, np.ndarray]]:
