@@ -120,6 +120,8 @@ def plant(path: Path, marker: Path) -> None:
     digest in the manifest beside it, as whoever crafts a file can: the checksum alone does not stop it."""
     torch.save({"backbone": RunsCode(marker), "weight": torch.zeros(1)}, path)
     manifest = path.parent / "manifest.json"
+    if not manifest.is_file():
+        return
     content = json.loads(manifest.read_text())
     data = path.read_bytes()
     content["files"][path.name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}

@@ -7,6 +7,7 @@ asserts the exact line, the exit status, and that nothing outside the target cha
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,20 +17,24 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_faults import ROOT, demo_data, logged, one_error_line, tmpfs, tool, train_in_process, write_config
 from test_trainer import ENV
 
+from sface_dist.checkpoint import CheckpointError, load_trainer_state
 from sface_dist.config import ConfigError, load_config
 from sface_dist.data.bin_pack import VerificationPackError, read_bin, write_bin
 from sface_dist.data.convert import encode_jpeg
 from sface_dist.evaluation.monitor import VerificationMonitor
+from sface_dist.file_digest import file_record
 
 __all__ = ["demo_data", "tmpfs"]  # the fixtures, shared with tests/test_faults.py
 
@@ -401,3 +406,45 @@ def trained_checkpoint(demo_data: Path, tmp_path: Path) -> Path:
     run = tmp_path / "run"
     assert train_in_process(write_config(tmp_path / "c.yaml", demo_data, run), "train.steps=2", "eval.bins=[]") == 0
     return run
+
+
+# Checkpoints
+
+
+def deflated(path: Path) -> None:
+    """Rewrite the zip archive ``path`` with its records over 1 MiB deflate-compressed (torch.save stores every
+    record as it is)."""
+    with zipfile.ZipFile(path) as archive:
+        records = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in records:
+            kind = zipfile.ZIP_DEFLATED if len(data) > MiB else zipfile.ZIP_STORED
+            archive.writestr(info.filename, data, compress_type=kind)
+
+
+def test_a_compressed_checkpoint_record_is_refused_before_it_inflates(
+    demo_data: Path, tmp_path: Path
+) -> None:
+    """40 MB of zeros deflated into a trainer.pt of 2 MB (its digest updated, as whoever crafts it can): refused
+    from the archive's directory, without inflating a byte."""
+    run = trained_checkpoint(demo_data, tmp_path)
+    checkpoint = run / "checkpoints" / "step-00000002"
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    state["backbone"]["padding"] = torch.zeros(10_000_000)
+    torch.save(state, checkpoint / "trainer.pt")
+    deflated(checkpoint / "trainer.pt")
+    assert (checkpoint / "trainer.pt").stat().st_size < 4 * MiB
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"]["trainer.pt"] = file_record(checkpoint / "trainer.pt")
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError) as refused:
+            load_trainer_state(checkpoint)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert re.fullmatch(rf"{re.escape(str(checkpoint / 'trainer.pt'))}: refused: its record \S+/data/\d+ is "
+                        r"compressed, which torch\.save never writes \(it would inflate to 40000000 bytes\)",
+                        str(refused.value)), refused.value
+    assert peak < 16 * MiB  # the digest check reads in 8 MiB chunks; inflating would take 40 MB
