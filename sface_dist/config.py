@@ -379,6 +379,10 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
+MAX_EMBEDDING_SIZE = 65536
+"""The largest ``model.embedding_size`` accepted (face models use 128-512): a larger one is a typo whose backbone
+would ask for terabytes."""
+
 RUN_DEFINING_KEYS = (
     "data.root", "data.image_size", "data.flip", "data.augment", "data.synthetic_images_per_class",
     "model.backbone", "model.embedding_size",
@@ -572,6 +576,9 @@ def validate(cfg: Config, origins: Origins | None = None) -> None:
     for dotted, value in positive.items():
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{at(dotted)}: must be > 0, got {value}")
+    if cfg.model.embedding_size > MAX_EMBEDDING_SIZE:
+        raise ConfigError(f"{at('model.embedding_size')}: {cfg.model.embedding_size} is beyond any face embedding "
+                          f"(at most {MAX_EMBEDDING_SIZE})")
     non_negative = {
         "data.num_classes": cfg.data.num_classes,
         "data.num_workers": cfg.data.num_workers,

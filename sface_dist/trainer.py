@@ -47,7 +47,7 @@ from sface_dist.distributed import (
 from sface_dist.engine import build_engine
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import VerificationResult
-from sface_dist.heads import HeadOutput, ShardedSFaceHead, build_head
+from sface_dist.heads import HeadOutput, ShardedSFaceHead, build_head, check_shard_fits
 from sface_dist.optimization import Optimization, Schedule
 from sface_dist.run_directory import claim_run_directory, record_start
 from sface_dist.stop_signals import StopRequest, signal_name, stop_at_step_boundary
@@ -182,6 +182,8 @@ class Trainer:
         self.control = control_group(cfg.train.collective_timeout_minutes)
         """Where ranks agree on host-side outcomes (a bad batch on one rank stops all of them)."""
 
+        check_shard_fits(self.num_classes, cfg.model.embedding_size, env.rank, env.world_size, cfg.optim.name,
+                         env.device)
         backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size).to(env.device)
         if cfg.model.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sface_dist import memory
 from sface_dist.data import bin_pack
 from sface_dist.data.bin_pack import VerificationPackError, read_bin, write_bin
 
@@ -176,7 +177,7 @@ def test_build_only_reaches_numpy_stand_ins(tmp_path: Path) -> None:
 def test_share_larger_than_available_memory_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "lfw.bin"
     write_bin(path, [jpeg(seed) for seed in range(6)], [True, False, True])
-    monkeypatch.setattr(bin_pack, "_available_memory", lambda: 8 * MiB)
+    monkeypatch.setattr(bin_pack, "available_host_memory", lambda: 8 * MiB)
     with pytest.raises(VerificationPackError) as refused:
         read_bin(path, image_size=1024)  # 6 x 3 MiB
     assert str(refused.value) == (
@@ -184,12 +185,12 @@ def test_share_larger_than_available_memory_is_refused(tmp_path: Path, monkeypat
     )
     with pytest.warns(UserWarning, match="resized 2 of 2"):
         assert read_bin(path, image_size=1024, shard=(0, 3)).images.shape == (2, 3, 1024, 1024)  # 6 MiB fits
-    monkeypatch.setattr(bin_pack, "_available_memory", lambda: None)  # unknown: not checked
+    monkeypatch.setattr(bin_pack, "available_host_memory", lambda: None)  # unknown: not checked
     assert read_bin(path).images.shape == (6, 3, 112, 112)
 
 
 def test_available_memory_falls_back_to_sysconf_then_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert bin_pack._available_memory() > 0  # Linux: MemAvailable
+    assert memory.available_host_memory() > 0  # Linux: MemAvailable
 
     def no_proc_meminfo(*args: object, **kwargs: object) -> None:
         raise FileNotFoundError("/proc/meminfo")
@@ -197,11 +198,11 @@ def test_available_memory_falls_back_to_sysconf_then_unknown(monkeypatch: pytest
     def unknown_name(name: str) -> int:  # as macOS answers SC_AVPHYS_PAGES
         raise ValueError(f"unrecognized configuration name {name}")
 
-    monkeypatch.setattr(bin_pack, "open", no_proc_meminfo, raising=False)
-    monkeypatch.setattr(bin_pack.os, "sysconf", {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}.__getitem__)
-    assert bin_pack._available_memory() == 4_096_000
-    monkeypatch.setattr(bin_pack.os, "sysconf", unknown_name)
-    assert bin_pack._available_memory() is None
+    monkeypatch.setattr(memory, "open", no_proc_meminfo, raising=False)
+    monkeypatch.setattr(memory.os, "sysconf", {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}.__getitem__)
+    assert memory.available_host_memory() == 4_096_000
+    monkeypatch.setattr(memory.os, "sysconf", unknown_name)
+    assert memory.available_host_memory() is None
 
 
 def test_write_bin_stores_a_repeated_image_object_separately(tmp_path: Path) -> None:

@@ -448,3 +448,56 @@ def test_a_compressed_checkpoint_record_is_refused_before_it_inflates(
                         r"compressed, which torch\.save never writes \(it would inflate to 40000000 bytes\)",
                         str(refused.value)), refused.value
     assert peak < 16 * MiB  # the digest check reads in 8 MiB chunks; inflating would take 40 MB
+
+
+# Sizes that would be allocated
+
+
+def test_an_embedding_size_beyond_any_face_model_is_refused_in_the_config() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, ["data.backend=synthetic", "model.embedding_size=1000000000"])
+    assert str(refused.value) == ("--set model.embedding_size=1000000000: 1000000000 is beyond any face embedding "
+                                  "(at most 65536)")
+
+
+def test_a_class_count_out_of_proportion_is_refused_before_the_head_is_allocated(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A flat dataset (no identity records to check it against) whose property says 10^9 classes: the head shard
+    would ask for 238 GiB."""
+    flat = tmp_path / "flat"
+    assert convert(capsys, "repack", str(demo_data), str(flat))[0] == 0
+    (flat / "property").write_text("1000000000,112,112\n")
+    capsys.readouterr()
+    status = train_in_process(write_config(tmp_path / "c.yaml", flat, tmp_path / "run"), "eval.bins=[]")
+    line = one_error_line(capsys.readouterr().err)
+    assert status == 1 and re.fullmatch(
+        r"error: the head shard of rank 0 \(1000000000 of 1000000000 classes x 32, with sgd's state\) needs 238\.4 "
+        r"GiB, more than the [0-9.]+ GiB free on cpu: check data\.num_classes \(or the dataset's property\) and "
+        r"model\.embedding_size, or add ranks", line), line
+
+
+def test_an_onnx_model_that_asks_for_petabytes_is_one_line(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """213 bytes of graph whose first batch asks onnxruntime for 40 TB: one line naming the file."""
+    from onnx import TensorProto, helper, save
+
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [100_000, 100_000_000])
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                         value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
+        helper.make_node("ReduceSum", ["input"], ["total"], keepdims=0),
+        helper.make_node("Add", ["big", "total"], ["embedding"]),
+    ]
+    graph = helper.make_graph(nodes, "bomb", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                            ["B", 3, 112, 112])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, None)], [shape])
+    model = tmp_path / "bomb.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), model)
+    capsys.readouterr()
+    assert tool("embed").main(["--onnx", str(model), "--rec", str(demo_data), "--out", str(tmp_path / "e.npy"),
+                               "--quiet"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {model}: the model failed on a batch of 128 images: "), line
+    assert "Failed to allocate memory" in line and not (tmp_path / "e.npy").exists()

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from sface_dist.distributed import even_split
+from sface_dist.memory import available_host_memory
 
 try:
     from numpy._core import multiarray as _multiarray
@@ -302,25 +303,10 @@ def _check_separate_storage(path: Path, encoded: Sequence[object]) -> None:
         )
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available now: Linux's MemAvailable, else free pages; None where neither is known."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name (macOS)
-        return None
-
-
 def _check_memory(path: Path, count: int, image_size: int) -> None:
     """Refuse a share whose decoded images (``count x 3 x S x S`` bytes) exceed the memory available."""
     needed = count * 3 * image_size * image_size
-    available = _available_memory()
+    available = available_host_memory()
     if available is not None and needed > available:
         raise VerificationPackError(
             f"{path}: {count} images decoded at {image_size}x{image_size} need {needed / 2**30:.2f} GiB,"

@@ -71,8 +71,10 @@ class OnnxEmbedder:
                 print(f"warning: {self.path}: no {sidecar(self.path).name} beside it: read unverified", flush=True)
         preferred = ("CUDAExecutionProvider", "CPUExecutionProvider")
         providers = [name for name in preferred if name in onnxruntime.get_available_providers()]
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 4  # fatal only: a failure is reported as one line naming the file, below
         try:
-            self.session = onnxruntime.InferenceSession(str(self.path), providers=providers)
+            self.session = onnxruntime.InferenceSession(str(self.path), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own exception types for unreadable models
             raise ValueError(f"{self.path}: not a loadable ONNX model ({error})") from None
         inputs = self.session.get_inputs()
@@ -82,7 +84,15 @@ class OnnxEmbedder:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.to(torch.float32).numpy()
-        return torch.from_numpy(self.session.run(None, {self.input_name: pixels})[0].astype(np.float32))
+        try:
+            output = self.session.run(None, {self.input_name: pixels})[0]
+        except Exception as error:  # onnxruntime's own exception types: a graph that fails on real input
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{self.path}: the model failed on a batch of {len(pixels)} images: {reason}") from None
+        if output.ndim != 2 or len(output) != len(pixels):
+            raise ValueError(f"{self.path}: expected embeddings [{len(pixels)}, D] for {len(pixels)} images, got "
+                             f"{list(output.shape)}")
+        return torch.from_numpy(output.astype(np.float32))
 
 
 def embed_views(

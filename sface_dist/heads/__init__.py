@@ -1,6 +1,6 @@
 """Classifier heads sharded by class across ranks."""
 
-from sface_dist.heads.build import build_head
+from sface_dist.heads.build import build_head, check_shard_fits
 from sface_dist.heads.margin import ShardedMarginHead
 from sface_dist.heads.optim import ShardOptimizer
 from sface_dist.heads.sface import SFaceParams
@@ -14,4 +14,5 @@ __all__ = [
     "ShardedMarginHead",
     "ShardedSFaceHead",
     "build_head",
+    "check_shard_fits",
 ]

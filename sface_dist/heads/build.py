@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import torch
 from torch.distributed import ProcessGroup
 
 from sface_dist.config import HeadConfig, HeadType, check_choice
+from sface_dist.distributed import class_range
 from sface_dist.heads.margin import MARGIN_TYPES, ShardedMarginHead
 from sface_dist.heads.self_check import checked_impl
 from sface_dist.heads.sface import SFaceParams
 from sface_dist.heads.sharded import ShardedHead, ShardedSFaceHead
+from sface_dist.memory import available_memory
+
+OPTIMIZER_ROW_STATES = {"sgd": 1, "adamw": 2}
+"""Tensors of the head's shape its optimizer keeps (SGD's momentum; AdamW's two moments)."""
+
+
+def check_shard_fits(
+    num_classes: int, embedding_size: int, rank: int, world_size: int, optimizer: str, device: torch.device
+) -> None:
+    """One line, before anything is allocated, when this rank's head shard and its optimizer state (fp32) need more
+    memory than ``device`` has free: a class count or an embedding size out of proportion to the machine."""
+    start, end = class_range(num_classes, rank, world_size)
+    needed = (end - start) * embedding_size * 4 * (1 + OPTIMIZER_ROW_STATES[optimizer])
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise ValueError(
+            f"the head shard of rank {rank} ({end - start} of {num_classes} classes x {embedding_size}, with "
+            f"{optimizer}'s state) needs {needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB free on "
+            f"{device}: check data.num_classes (or the dataset's property) and model.embedding_size, or add ranks"
+        )
 
 
 def build_head(
