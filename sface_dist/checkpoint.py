@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sface_dist.config import MAX_EMBEDDING_SIZE
 from sface_dist.distributed import PeerError, all_gather_objects, group_rank, raise_on_any_rank
 from sface_dist.file_digest import DigestMismatch, DigestWriter, is_record, verify_file
 
@@ -517,7 +518,14 @@ def read_model_config(checkpoint: Path) -> tuple[dict[str, Any], int]:
     model = config.get("model")
     if not isinstance(model, dict) or "backbone" not in model or "embedding_size" not in model:
         raise CheckpointError(f"{manifest_path}: config has no model.backbone / model.embedding_size")
-    return config, int(manifest.get("step", 0))
+    size, step = model["embedding_size"], manifest.get("step", 0)
+    if not isinstance(model["backbone"], str):
+        raise CheckpointError(f"{manifest_path}: model.backbone is {model['backbone']!r}, not a backbone name")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_EMBEDDING_SIZE:
+        raise CheckpointError(f"{manifest_path}: model.embedding_size is {size!r}, not an embedding size")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{manifest_path}: step is {step!r}, not a step")
+    return config, step
 
 
 def read_backbone(checkpoint: Path) -> tuple[Path, dict[str, torch.Tensor]]:

@@ -59,6 +59,24 @@ class BackboneEngine(Protocol):
     def load(self, weights: dict[str, Tensor], optimizer_state: dict[str, Any]) -> None: ...
 
 
+def check_optimizer_state(groups: list[list[Tensor]], state: Any) -> None:
+    """One line when a torch-optimizer ``state_dict`` does not fit the parameter ``groups``: not such a dict, an
+    entry naming no parameter, or a per-parameter tensor of another shape than its parameter's (which would load
+    and fail only at the first step)."""
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) or not isinstance(
+            state.get("param_groups"), list):
+        raise ValueError("not a torch optimizer state_dict (expected 'state' and 'param_groups')")
+    params = [param for group in groups for param in group]
+    for index, entry in state["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(entry, dict):
+            raise ValueError(f"state entry {index!r} names none of the {len(params)} parameters")
+        shape = params[index].shape
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != shape:
+                raise ValueError(f"{key} of parameter {index} has shape {list(value.shape)}, the parameter "
+                                 f"{list(shape)}")
+
+
 class DDPEngine:
     """The backbone stepped by its torch optimizer through the loss scaler (fp16 autocast); ``model`` is the
     backbone in DDP with summed gradients (``distributed.data_parallel``), or the backbone itself in one process."""
@@ -96,6 +114,7 @@ class DDPEngine:
         return self.optimizer.state_dict()
 
     def load(self, weights: dict[str, Tensor], optimizer_state: dict[str, Any]) -> None:
+        check_optimizer_state([group["params"] for group in self.optimizer.param_groups], optimizer_state)
         self.backbone.load_state_dict(weights)
         self.optimizer.load_state_dict(optimizer_state)
 
@@ -248,6 +267,7 @@ class DeepSpeedEngine:
     def load(self, weights: dict[str, Tensor], optimizer_state: dict[str, Any]) -> None:
         """Load the backbone's weights into the model and the fp32 master partitions, and this rank's partition of
         a torch-optimizer ``state_dict``."""
+        check_optimizer_state(self.group_params, optimizer_state)
         self.backbone.load_state_dict(weights)
         self.zero.refresh_fp32_params()
         groups = optimizer_state["param_groups"]

@@ -9,6 +9,7 @@ under the other engine and on one rank as the straight run goes on.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -30,6 +31,7 @@ from sface_dist.config import (
     load_config,
 )
 from sface_dist.distributed import DistEnv
+from sface_dist.file_digest import file_record
 
 from rank_launcher import run_ranks
 
@@ -249,3 +251,33 @@ def test_deepspeed_without_a_process_group_names_the_launch(tmp_path: Path) -> N
 
     with pytest.raises(ValueError, match=r"^train\.engine=deepspeed: needs a process group: launch with torchrun"):
         Trainer(make_config(tmp_path, "zero1"), _env(0, 1))
+
+
+def resume_worker(rank: int, world: int, output: str) -> str:
+    """Resume ``output`` under ZeRO-1 and return the one line the resume stops with."""
+    from sface_dist.checkpoint import CheckpointError
+    from sface_dist.trainer import Trainer
+
+    try:
+        Trainer(make_config(Path(output), "zero1", steps=4), _env(rank, world)).close()
+    except CheckpointError as error:
+        return str(error)
+    return "resumed"
+
+
+@pytest.mark.faults
+def test_zero_refuses_an_optimizer_state_of_the_wrong_shape_at_load(tmp_path: Path) -> None:
+    """A momentum buffer of another shape loaded into ZeRO's partitions and failed at the first step (134 lines)."""
+    run = tmp_path / "run"
+    run_ranks(fit_worker, 2, [(str(run), "zero1", 2, "sgd")])
+    checkpoint = resolve_checkpoint(run / "checkpoints" / "latest")
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    index = next(iter(state["backbone_optimizer"]["state"]))
+    state["backbone_optimizer"]["state"][index]["momentum_buffer"] = torch.zeros(10)
+    torch.save(state, checkpoint / "trainer.pt")
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"]["trainer.pt"] = file_record(checkpoint / "trainer.pt")
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    for line in run_ranks(resume_worker, 2, str(run)):
+        assert re.fullmatch(rf"{re.escape(str(checkpoint))}: the backbone optimizer state does not fit: "
+                            rf"momentum_buffer of parameter {index} has shape \[10\], the parameter \[.*\]", line), line

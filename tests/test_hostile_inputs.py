@@ -33,6 +33,7 @@ from sface_dist.checkpoint import CheckpointError, load_trainer_state
 from sface_dist.config import ConfigError, load_config
 from sface_dist.data.bin_pack import VerificationPackError, read_bin, write_bin
 from sface_dist.data.convert import encode_jpeg
+from sface_dist.evaluation.checkpoint_backbone import load_backbone
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.file_digest import file_record
 
@@ -501,3 +502,42 @@ def test_an_onnx_model_that_asks_for_petabytes_is_one_line(
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: {model}: the model failed on a batch of 128 images: "), line
     assert "Failed to allocate memory" in line and not (tmp_path / "e.npy").exists()
+
+
+def rewrite_trainer_state(checkpoint: Path, change: Callable[[dict], None]) -> None:
+    """Edit ``checkpoint``'s trainer.pt and its digest in the manifest, as whoever edits the file can."""
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    change(state)
+    torch.save(state, checkpoint / "trainer.pt")
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"]["trainer.pt"] = file_record(checkpoint / "trainer.pt")
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_an_optimizer_state_of_the_wrong_shape_is_refused_at_load(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It loaded, and the first step failed in a 40-line traceback."""
+    run = trained_checkpoint(demo_data, tmp_path)
+    checkpoint = run / "checkpoints" / "step-00000002"
+
+    def wrong_momentum(state: dict) -> None:
+        state["backbone_optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(10)
+
+    rewrite_trainer_state(checkpoint, wrong_momentum)
+    capsys.readouterr()
+    assert train_in_process(write_config(tmp_path / "c.yaml", demo_data, run), "train.steps=4", "eval.bins=[]") == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert re.fullmatch(rf"error: {re.escape(str(checkpoint))}: the backbone optimizer state does not fit: "
+                        r"momentum_buffer of parameter 0 has shape \[10\], the parameter \[\d+(, \d+)*\]", line), line
+
+
+def test_a_manifest_whose_model_is_not_a_model_is_one_line(demo_data: Path, tmp_path: Path) -> None:
+    run = trained_checkpoint(demo_data, tmp_path)
+    manifest_path = run / "checkpoints" / "step-00000002" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config"]["model"]["embedding_size"] = [32]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError) as refused:
+        load_backbone(run)
+    assert str(refused.value) == f"{manifest_path}: model.embedding_size is [32], not an embedding size"
