@@ -541,3 +541,30 @@ def test_a_manifest_whose_model_is_not_a_model_is_one_line(demo_data: Path, tmp_
     with pytest.raises(CheckpointError) as refused:
         load_backbone(run)
     assert str(refused.value) == f"{manifest_path}: model.embedding_size is [32], not an embedding size"
+
+
+def test_inspect_verify_finds_an_index_that_names_one_record_for_every_key(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A flat dataset whose .idx points every key at the first record read as 192 copies of one image and passed
+    with 0 problems."""
+    flat = tmp_path / "flat"
+    assert convert(capsys, "repack", str(demo_data), str(flat))[0] == 0
+    keys = [line.split("\t")[0] for line in (flat / "train.idx").read_text().splitlines()]
+    (flat / "train.idx").write_text("".join(f"{key}\t0\n" for key in keys))
+    capsys.readouterr()
+    assert tool("convert_rec").main(["inspect", str(flat), "--verify", "--quiet"]) == 1  # problems found
+    out = capsys.readouterr().out
+    assert "checked framing, offsets and full decode: 191 problems" in out
+    assert (f"  {flat / 'train.rec'}: key 1 at offset 0: the same record as key 0 (the .idx names one offset for "
+            "several keys)") in out
+
+
+def test_a_property_of_no_classes_is_one_line(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flat = tmp_path / "flat"
+    assert convert(capsys, "repack", str(demo_data), str(flat))[0] == 0
+    (flat / "property").write_text("-5,112,112\n")
+    assert convert(capsys, "inspect", str(flat)) == (
+        2, f"error: {flat / 'property'}: expected 'num_classes,height,width' of positive numbers, got '-5,112,112'\n")

@@ -193,8 +193,21 @@ def _verify_framing(reader: RecordIOReader, report: Inspection) -> set[int]:
     for i in np.flatnonzero(~np.isin(offsets, np.asarray(starts, dtype=np.int64)) & ~in_damage):
         key = int(keys[i])
         problems.setdefault(key, (int(offsets[i]), f"{reader.location(key)}: not the start of a record"))
+    for i in _repeated_offsets(offsets):
+        key = int(keys[i])
+        same = int(keys[by_offset[int(np.searchsorted(sorted_offsets, offsets[i]))]])
+        problems.setdefault(key, (int(offsets[i]), f"{reader.location(key)}: the same record as key {same} (the "
+                                                   ".idx names one offset for several keys)"))
     _add_problems(report, unindexed + [problem for _, problem in sorted(problems.values())])
     return set(problems)
+
+
+def _repeated_offsets(offsets: np.ndarray) -> np.ndarray:
+    """Positions of the ``.idx`` entries whose offset an earlier entry (in offset order, then file order) names."""
+    order = np.argsort(offsets, kind="stable")
+    repeated = np.zeros(len(offsets), dtype=bool)
+    repeated[order[1:]] = offsets[order[1:]] == offsets[order[:-1]]
+    return np.flatnonzero(repeated)
 
 
 def _add_problems(report: Inspection, problems: list[str]) -> None:

@@ -34,11 +34,13 @@ def dataset_rec_path(dataset: str | os.PathLike[str]) -> Path:
 
 def read_property(path: Path) -> tuple[int, int, int]:
     """``(num_classes, height, width)`` of an insightface ``property`` file."""
-    text = path.read_text().strip()
+    text = path.read_text(errors="replace").strip()
     try:
         num_classes, height, width = (int(value) for value in text.split(","))
     except ValueError:
         raise DataError(f"{path}: expected 'num_classes,height,width', got {text[:80]!r}") from None
+    if min(num_classes, height, width) < 1:
+        raise DataError(f"{path}: expected 'num_classes,height,width' of positive numbers, got {text[:80]!r}")
     return num_classes, height, width
 
 
