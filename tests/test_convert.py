@@ -193,10 +193,11 @@ def test_from_list_follows_im2rec(tmp_path: Path) -> None:
     assert f"{tmp_path / 'bad.lst'}: line 2 is not 'index<TAB>label<TAB>path'" in failed.stderr
 
 
-def test_to_folder_round_trip_and_replaces_output(tmp_path: Path) -> None:
+def test_to_folder_round_trip_into_an_empty_folder(tmp_path: Path) -> None:
+    """An existing empty folder is filled (one that holds anything is refused: tests/test_hostile_inputs.py)."""
     make_tree(tmp_path / "in")
     folder_to_rec(tmp_path / "in", tmp_path / "rec", progress=False)
-    (tmp_path / "out" / "stale").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
     result = run_cli("to-folder", str(tmp_path / "rec" / "train.rec"), str(tmp_path / "out"))
     assert "6 images of 3 identities" in result.stdout
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["alice", "bob", "carol"]
