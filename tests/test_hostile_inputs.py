@@ -568,3 +568,23 @@ def test_a_property_of_no_classes_is_one_line(
     (flat / "property").write_text("-5,112,112\n")
     assert convert(capsys, "inspect", str(flat)) == (
         2, f"error: {flat / 'property'}: expected 'num_classes,height,width' of positive numbers, got '-5,112,112'\n")
+
+
+@pytest.mark.parametrize(("value", "field"), [("nan", 3), ("inf", 11)], ids=["nan-landmark", "infinite-faceness"])
+def test_ijb_meta_values_that_are_not_finite_name_the_line(tmp_path: Path, value: str, field: int) -> None:
+    """A NaN landmark was evaluated silently; an infinite faceness ended in '3 of 6 scores are not finite'."""
+    from test_ijb import make_ijb_set
+
+    from sface_dist.evaluation.ijb import IjbError, read_ijb
+
+    make_ijb_set(tmp_path / "IJBC", identities=2)
+    meta = tmp_path / "IJBC" / "meta" / "ijbc_name_5pts_score.txt"
+    lines = meta.read_text().splitlines()
+    fields = lines[1].split()
+    fields[field] = value
+    lines[1] = " ".join(fields)
+    meta.write_text("\n".join(lines) + "\n")
+    with pytest.raises(IjbError) as refused:
+        read_ijb(tmp_path / "IJBC")
+    assert str(refused.value) == (f"{meta}:2: a value is not a finite number ({lines[1]!r}): '<image> x1 y1 ... x5 y5 "
+                                  "<faceness score>'")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -157,16 +158,19 @@ def read_ijb(root: str | os.PathLike[str], target: str | None = None) -> IjbProt
 
 
 def _read_named_rows(path: Path, num_values: int, layout: str) -> tuple[list[str], np.ndarray]:
-    """Lines ``<name> <num_values numbers>``: the names and a float64 ``[lines, num_values]`` array."""
+    """Lines ``<name> <num_values finite numbers>``: the names and a float64 ``[lines, num_values]`` array."""
     names, values = [], []
     for number, line in _numbered_lines(path):
         fields = line.split()
         try:
             if len(fields) != num_values + 1:
                 raise ValueError
-            values.append([float(field) for field in fields[1:]])
+            row = [float(field) for field in fields[1:]]
         except ValueError:
             raise IjbError(f"{path}:{number}: expected '{layout}', got {line[:120]!r}") from None
+        if not all(math.isfinite(value) for value in row):
+            raise IjbError(f"{path}:{number}: a value is not a finite number ({line[:120]!r}): '{layout}'")
+        values.append(row)
         names.append(fields[0])
     if not names:
         raise IjbError(f"{path}: no faces listed")
