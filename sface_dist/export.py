@@ -30,6 +30,8 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
+MAX_OPSET = 23
+"""The newest opset PyTorch's exporter writes (``torch.onnx._constants.ONNX_MAX_OPSET`` in torch 2.13)."""
 MIN_COSINE = 0.9999
 """Each checked embedding of the ONNX model must have at least this cosine to PyTorch's."""
 
@@ -51,11 +53,12 @@ class PixelNormalized(nn.Module):
 
 @dataclass(frozen=True)
 class ExportCheck:
-    """onnxruntime against PyTorch on random crops at several batch sizes."""
+    """onnxruntime against PyTorch on random crops at several batch sizes, and the opset the file holds."""
 
     min_cosine: float
     max_abs_diff: float
     batch_sizes: tuple[int, ...]
+    opset: int
 
 
 def export_onnx(
@@ -70,12 +73,16 @@ def export_onnx(
     The file appears only once the check has passed (temporary name, then rename), followed by its SHA-256 in
     ``NAME.sha256`` (``sha256sum`` format), which the evaluation tools check before they load the model.
     """
-    if opset < MIN_OPSET:
-        raise ValueError(f"opset must be >= {MIN_OPSET}, got {opset}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be from {MIN_OPSET} to {MAX_OPSET}, got {opset}")
     path = Path(path)
     model = PixelNormalized(backbone).cpu().eval()
     example = torch.randint(0, 256, (2, 3, image_size, image_size)).float()
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        temporary.touch()  # before minutes of export: the folder exists and takes a file
+    except OSError as error:
+        raise ExportError(f"{path}: cannot be written there: {(error.strerror or str(error)).lower()}") from None
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     previous_level = registration_log.level
     registration_log.setLevel(logging.ERROR)  # "torchvision is not installed": irrelevant to a backbone
@@ -96,7 +103,11 @@ def export_onnx(
                 verbose=False,
             )
         try:
-            check = _check_onnx(temporary, model, image_size, check_batch_sizes)
+            written = _opset_of(temporary)
+            if written != opset:
+                raise ExportError(f"opset {opset} was asked for, the exporter wrote {written} (it writes "
+                                  f"{MIN_OPSET} to {MAX_OPSET})")
+            check = _check_onnx(temporary, model, image_size, check_batch_sizes, written)
         except ExportError as error:
             raise ExportError(f"{path}: {error}; the file was not written") from None
         record = file_record(temporary)
@@ -109,7 +120,17 @@ def export_onnx(
     return check
 
 
-def _check_onnx(path: Path, model: nn.Module, image_size: int, batch_sizes: tuple[int, ...]) -> ExportCheck:
+def _opset_of(path: Path) -> int:
+    """The default-domain opset an ONNX file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+
+
+def _check_onnx(
+    path: Path, model: nn.Module, image_size: int, batch_sizes: tuple[int, ...], opset: int
+) -> ExportCheck:
     """Compare onnxruntime with ``model`` (raw-pixel input) on random crops; raise below ``MIN_COSINE``."""
     onnx_model = OnnxEmbedder(path, verify=False)
     generator = torch.Generator().manual_seed(0)
@@ -124,7 +145,7 @@ def _check_onnx(path: Path, model: nn.Module, image_size: int, batch_sizes: tupl
         cosines.append(torch.nn.functional.cosine_similarity(actual, expected, dim=1))
         differences.append((actual - expected).abs().max().reshape(1))
     min_cosine = float(torch.cat(cosines).min())
-    check = ExportCheck(min_cosine, float(torch.cat(differences).max()), batch_sizes)
+    check = ExportCheck(min_cosine, float(torch.cat(differences).max()), batch_sizes, opset)
     if not np.isfinite(min_cosine) or min_cosine < MIN_COSINE:
         raise ExportError(f"onnxruntime disagrees with PyTorch: cosine {min_cosine:.6f} < {MIN_COSINE}")
     return check

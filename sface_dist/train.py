@@ -18,6 +18,7 @@ import sys
 import traceback
 from typing import NoReturn
 
+from sface_dist.cli import INTERRUPTED, describe_error
 from sface_dist.config import load_config
 from sface_dist.distributed import (
     CollectiveError,
@@ -29,16 +30,6 @@ from sface_dist.distributed import (
 )
 from sface_dist.trainer import Trainer, naming_run_collective_failures
 
-INTERRUPTED = 130
-"""Exit status of a run stopped at once by a second Ctrl-C (128 + SIGINT), as shells report it."""
-
-
-def describe(error: BaseException) -> str:
-    """One line for a user error; an ``OSError`` names its file and reason without errno noise."""
-    if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror.lower()}"
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
-
 
 def leave_the_broken_group(error: CollectiveError) -> NoReturn:
     """A peer hung or died inside a collective: say so in one line (the traceback with ``SFACE_DEBUG``) and end the
@@ -46,7 +37,7 @@ def leave_the_broken_group(error: CollectiveError) -> NoReturn:
     their teardown can hang or abort the process (``terminate called without an active exception``)."""
     if os.environ.get("SFACE_DEBUG"):
         traceback.print_exception(error)
-    print(f"error: {describe(error)}", file=sys.stderr, flush=True)
+    print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(1)
 
@@ -90,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, FloatingPointError, LaunchError) as err:
         if os.environ.get("SFACE_DEBUG"):
             raise
-        print(f"error: {describe(err)}", file=sys.stderr, flush=True)
+        print(f"error: {describe_error(err)}", file=sys.stderr, flush=True)
         return 1
     if trainer.stop_signal:
         trainer.log("run the same command again to resume")

@@ -7,6 +7,7 @@ asserts the exact line, the exit status, and that nothing outside the target cha
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -23,8 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper
 from PIL import Image
 from test_faults import ROOT, demo_data, logged, one_error_line, tmpfs, tool, train_in_process, write_config
 from test_trainer import ENV
@@ -34,8 +37,11 @@ from sface_dist.config import ConfigError, load_config
 from sface_dist.data.bin_pack import VerificationPackError, read_bin, write_bin
 from sface_dist.data.convert import encode_jpeg
 from sface_dist.evaluation.checkpoint_backbone import load_backbone
+from sface_dist.evaluation.ijb import IjbError, read_ijb
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.file_digest import file_record
+
+from test_ijb import make_ijb_set
 
 __all__ = ["demo_data", "tmpfs"]  # the fixtures, shared with tests/test_faults.py
 
@@ -482,8 +488,6 @@ def test_an_onnx_model_that_asks_for_petabytes_is_one_line(
     demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """213 bytes of graph whose first batch asks onnxruntime for 40 TB: one line naming the file."""
-    from onnx import TensorProto, helper, save
-
     shape = helper.make_tensor("shape", TensorProto.INT64, [2], [100_000, 100_000_000])
     nodes = [
         helper.make_node("ConstantOfShape", ["shape"], ["big"],
@@ -495,7 +499,7 @@ def test_an_onnx_model_that_asks_for_petabytes_is_one_line(
                                                                             ["B", 3, 112, 112])],
                               [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, None)], [shape])
     model = tmp_path / "bomb.onnx"
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), model)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), model)
     capsys.readouterr()
     assert tool("embed").main(["--onnx", str(model), "--rec", str(demo_data), "--out", str(tmp_path / "e.npy"),
                                "--quiet"]) == 2
@@ -573,10 +577,6 @@ def test_a_property_of_no_classes_is_one_line(
 @pytest.mark.parametrize(("value", "field"), [("nan", 3), ("inf", 11)], ids=["nan-landmark", "infinite-faceness"])
 def test_ijb_meta_values_that_are_not_finite_name_the_line(tmp_path: Path, value: str, field: int) -> None:
     """A NaN landmark was evaluated silently; an infinite faceness ended in '3 of 6 scores are not finite'."""
-    from test_ijb import make_ijb_set
-
-    from sface_dist.evaluation.ijb import IjbError, read_ijb
-
     make_ijb_set(tmp_path / "IJBC", identities=2)
     meta = tmp_path / "IJBC" / "meta" / "ijbc_name_5pts_score.txt"
     lines = meta.read_text().splitlines()
@@ -588,3 +588,107 @@ def test_ijb_meta_values_that_are_not_finite_name_the_line(tmp_path: Path, value
         read_ijb(tmp_path / "IJBC")
     assert str(refused.value) == (f"{meta}:2: a value is not a finite number ({lines[1]!r}): '<image> x1 y1 ... x5 y5 "
                                   "<faceness score>'")
+
+
+# The tools
+
+
+@pytest.mark.parametrize(("argv", "problem"), [
+    (["--steps", "0"], "--steps and --hold-out must be positive, got 0, 12"),
+    (["--noise", "closed", "--ratios", "0"], "--ratios 0: no noisy condition to compare (give a ratio above 0)"),
+    (["--hold-out", "100000"], "--hold-out 100000: more than the 24 synthetic identities trained on; the outside "
+                               "world is rendered too, so hold out at most as many"),
+])
+def test_noise_study_arguments_are_checked_before_anything_runs(tmp_path: Path, argv: list[str], problem: str) -> None:
+    """--steps 0 silently took the default, --ratios 0 trained every run and then failed on a plot, --hold-out
+    100000 rendered 5.9 GB."""
+    result = subprocess.run([sys.executable, "tools/noise_study.py", "--quick", "--out", str(tmp_path / "study"),
+                             *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (2, f"error: {problem}\n")
+    assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.faults
+def test_ctrl_c_in_a_study_is_one_line_and_the_same_command_continues(tmp_path: Path) -> None:
+    """Ctrl-C reaches the study and the run it launched: the run stops at a step boundary with its checkpoint, the
+    study says one line (it printed a 40-line traceback) and the same command finishes the study."""
+    command = [sys.executable, "tools/noise_study.py", "--quick", "--heads", "sface", "--noise", "closed",
+               "--steps", "400", "--out", str(tmp_path / "study")]
+    study = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    assert study.stdout is not None
+    for line in study.stdout:
+        if line.startswith("[1/2]"):
+            break
+    log = tmp_path / "study" / "cells" / "sface-clean-seed0" / "train.log"
+    deadline = time.monotonic() + 120
+    while "step " not in (log.read_text() if log.is_file() else "") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(study.pid, signal.SIGINT)
+    out, err = study.communicate(timeout=120)
+    assert study.returncode == 130 and err == "interrupted: run the same command again to continue\n", err
+    assert "interrupted at step" in log.read_text()
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in log.read_text()
+
+
+def test_an_interrupted_evaluation_tool_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from sface_dist.evaluation.cli import run_tool
+
+    def interrupted(_: object) -> int:
+        raise KeyboardInterrupt
+
+    assert run_tool(interrupted, argparse.Namespace()) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+@pytest.mark.parametrize("threshold", ["5", "nan", "-1.5"])
+def test_the_finders_threshold_is_a_cosine(tmp_path: Path, threshold: str) -> None:
+    """--threshold 5 flagged every image, and nan was taken."""
+    result = subprocess.run([sys.executable, "tools/find_noisy_labels.py", "--checkpoint", str(tmp_path), "--out",
+                             str(tmp_path / "out"), "--threshold", threshold], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (f"find_noisy_labels.py: error: argument --threshold: {threshold} is not "
+                                              "a cosine in [-1, 1]")
+
+
+def test_outputs_that_cannot_be_written_are_one_line(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], tmpfs: Callable[..., Path]
+) -> None:
+    run = trained_checkpoint(demo_data, tmp_path)
+    read_only = tmpfs("1m", "ro")
+    (tmp_path / "a-file").write_text("")
+    cases = [
+        ("find_noisy_labels", ["--checkpoint", str(run), "--out", str(tmp_path / "a-file"), "--quiet"],
+         f"error: --out {tmp_path / 'a-file'}: a file: name the folder for suspects.csv, exclude.txt and scores.npz"),
+        ("find_noisy_labels", ["--checkpoint", str(run), "--out", str(read_only / "noise"), "--quiet"],
+         f"error: {read_only / 'noise'}: read-only file system"),
+        ("export_onnx", ["--checkpoint", str(run), "--out", str(read_only / "model.onnx")],
+         f"error: {read_only / 'model.onnx'}: cannot be written there: read-only file system"),
+    ]
+    for name, argv, line in cases:
+        capsys.readouterr()
+        assert tool(name).main(argv) == 2
+        assert one_error_line(capsys.readouterr().err) == line, name
+
+
+def test_export_onnx_writes_the_opset_asked_for_or_refuses(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--opset 99999 exited 0 claiming opset 99999 for a file of opset 18."""
+    run = trained_checkpoint(demo_data, tmp_path)
+    result = subprocess.run([sys.executable, "tools/export_onnx.py", "--checkpoint", str(run), "--out",
+                             str(tmp_path / "m.onnx"), "--opset", "99999"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
+        "export_onnx.py: error: --opset must be from 17 to 23")
+    capsys.readouterr()
+    assert tool("export_onnx").main(["--checkpoint", str(run), "--out", str(tmp_path / "m.onnx"), "--opset", "20"]) == 0
+    assert "opset 20)" in capsys.readouterr().out
+    assert [entry.version for entry in onnx.load(str(tmp_path / "m.onnx")).opset_import if entry.domain == ""] == [20]
+    result = subprocess.run([sys.executable, "tools/export_onnx.py", "--checkpoint", str(run), "--out",
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
+        f"export_onnx.py: error: --out {tmp_path}: a folder: name the .onnx file to write")

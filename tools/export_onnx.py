@@ -12,14 +12,14 @@ import sys
 from pathlib import Path
 
 from sface_dist.evaluation.cli import run_tool
-from sface_dist.export import DEFAULT_OPSET, MIN_OPSET, export_checkpoint
+from sface_dist.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_checkpoint
 
 
 def export(args: argparse.Namespace) -> int:
     loaded, check = export_checkpoint(args.checkpoint, args.out, args.opset)
     print(
         f"exported {loaded.backbone} ({loaded.embedding_size}-d) from {loaded.path}, step {loaded.step} -> "
-        f"{args.out} ({args.out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}); onnxruntime vs PyTorch "
+        f"{args.out} ({args.out.stat().st_size / 2**20:.1f} MiB, opset {check.opset}); onnxruntime vs PyTorch "
         f"on batches of {list(check.batch_sizes)}: min cosine {check.min_cosine:.7f}, "
         f"max |diff| {check.max_abs_diff:.2e}"
     )
@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.opset < MIN_OPSET:
-        parser.error(f"--opset must be >= {MIN_OPSET}")
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        parser.error(f"--opset must be from {MIN_OPSET} to {MAX_OPSET}")
+    if args.out.is_dir():
+        parser.error(f"--out {args.out}: a folder: name the .onnx file to write")
     return run_tool(export, args)
 
 

@@ -26,6 +26,8 @@ from sface_dist.evaluation.noisy_labels import DEFAULT_THRESHOLD, find_noisy_lab
 
 
 def find(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out}: a file: name the folder for suspects.csv, exclude.txt and scores.npz")
     env = init_distributed()
     try:
         report = find_noisy_labels(args.checkpoint, args.out, env, args.rec, threshold=args.threshold,
@@ -41,12 +43,23 @@ def find(args: argparse.Namespace) -> int:
     return 0
 
 
+def cosine(text: str) -> float:
+    """A cosine threshold: a number in [-1, 1] (above 1 every image would be a suspect)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a cosine in [-1, 1]")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="training checkpoint: step dir, run dir or checkpoints dir")
     parser.add_argument("--rec", help="dataset folder or its .rec (default: the run's data.root)")
     parser.add_argument("--out", type=Path, required=True, help="output folder for suspects.csv and exclude.txt")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+    parser.add_argument("--threshold", type=cosine, default=DEFAULT_THRESHOLD,
                         help="cosine to its identity's other images below which an image is a suspect "
                              "(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default: %(default)s)")

@@ -49,6 +49,7 @@ from study_runs import (
     write_json,
 )
 
+from sface_dist.cli import INTERRUPTED, describe_error
 from sface_dist.config import HeadType, choices
 from sface_dist.data.bin_pack import read_bin
 from sface_dist.data.convert import add_label_noise, hold_out_identities
@@ -323,15 +324,21 @@ def parse_grid(args: argparse.Namespace) -> Grid:
         noises=tuple(args.noise or base.noises),
         ratios=tuple(sorted(set(args.ratios if args.ratios is not None else base.ratios))),
         seeds=tuple(args.seeds if args.seeds is not None else base.seeds),
-        steps=args.steps or base.steps,
+        steps=base.steps if args.steps is None else args.steps,
         identities=base.identities,
         images=base.images,
-        hold_out=args.hold_out or base.hold_out,
+        hold_out=base.hold_out if args.hold_out is None else args.hold_out,
     )
     if not grid.seeds or not grid.ratios or any(not 0.0 <= ratio <= 1.0 for ratio in grid.ratios):
         raise ValueError(f"need seeds and ratios in [0, 1], got seeds {grid.seeds}, ratios {grid.ratios}")
+    if not any(ratio > 0 for ratio in grid.ratios):
+        raise ValueError(f"--ratios {' '.join(f'{r:g}' for r in grid.ratios)}: no noisy condition to compare "
+                         "(give a ratio above 0)")
     if grid.steps < 1 or grid.hold_out < 1:
         raise ValueError(f"--steps and --hold-out must be positive, got {grid.steps}, {grid.hold_out}")
+    if args.rec is None and grid.hold_out > grid.identities:
+        raise ValueError(f"--hold-out {grid.hold_out}: more than the {grid.identities} synthetic identities trained "
+                         "on; the outside world is rendered too, so hold out at most as many")
     return grid
 
 
@@ -360,8 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         grid = parse_grid(args)
         results = run_study(args, grid)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue", file=sys.stderr, flush=True)
+        return INTERRUPTED
     except (ValueError, OSError, RuntimeError, subprocess.CalledProcessError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
         return 2
     print(f"{len(results)} runs: {args.out / 'report.md'}, {args.out / 'accuracy.png'}, "
           f"{args.out / 'target_cosine.png'}")

@@ -48,6 +48,7 @@ from study_runs import (
 )
 
 from sface_dist.checkpoint import read_head_rows
+from sface_dist.cli import INTERRUPTED, describe_error
 from sface_dist.config import HeadConfig, HeadType, SampleCorrection, SampleUpdate, choices
 from sface_dist.data.bin_pack import read_bin
 from sface_dist.data.datasets import RecordFaceDataset
@@ -462,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.data = args.data or (args.out / "data" if args.quick else ROOT / "data" / "demo")
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
-    args.steps = args.steps or (30 if args.quick else 1500)
+    args.steps = args.steps if args.steps is not None else (30 if args.quick else 1500)
     if args.quick:
         args.overrides = [f"data.batch_size={QUICK_BATCH}", *args.overrides]
     try:
@@ -472,8 +473,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--steps, --seeds and --nproc must be positive, got {args.steps}, {args.seeds}, "
                              f"{args.nproc}")
         results = run_study(args, variants)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue", file=sys.stderr, flush=True)
+        return INTERRUPTED
     except (ValueError, OSError, RuntimeError, subprocess.CalledProcessError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
         return 2
     print(f"{len(results)} runs: {args.out / 'report.md'}, {args.out / 'curves.png'}")
     return 0

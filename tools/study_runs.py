@@ -144,7 +144,12 @@ def launch_training(config: Path, overrides: list[str], nproc: int, log: Path, n
                     "-m", "sface_dist.train"]
     command = [*launcher, str(config), *[item for value in overrides for item in ("--set", value)]]
     with open(log, "a") as stream:
-        status = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            status = process.wait()
+        except KeyboardInterrupt:
+            process.wait()  # Ctrl-C reached the run too: it stops at a step boundary with a checkpoint
+            raise
     if status != 0:
         tail = log.read_text().strip().splitlines()[-1:] or [""]
         raise RuntimeError(f"{name}: training exited with status {status}: {tail[0]} (log: {log})")
