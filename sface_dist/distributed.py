@@ -96,6 +96,15 @@ def init_distributed(timeout_minutes: float = 30) -> DistEnv:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
                 raise LaunchError(f"{name} is not set: launch with torchrun, or export it in the SLURM script")
+        if _env_int("TORCHELASTIC_MAX_RESTARTS", default=0) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == (
+                "True"):
+            if rank != 0:
+                raise PeerError("rank 0 names the launch setting")
+            raise LaunchError(
+                "torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: "
+                "without it a restart reuses the first round's store and can fail to connect its ranks "
+                "(docs/multinode.md, Restarts after a failure; docker/entrypoint.sh and scripts/slurm set it)"
+            )
         dist.init_process_group(
             backend=backend,
             rank=rank,

@@ -692,3 +692,34 @@ def test_export_onnx_writes_the_opset_asked_for_or_refuses(
                              str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
         f"export_onnx.py: error: --out {tmp_path}: a folder: name the .onnx file to write")
+
+
+@pytest.mark.faults
+def test_max_restarts_without_a_fresh_store_per_round_stops_with_one_line(demo_data: Path, tmp_path: Path) -> None:
+    """Bare ``torchrun --max-restarts=1``: 2 restarts in 3 ended in gloo's connectFullMesh tracebacks. The ranks
+    refuse to start, rank 0 saying why; nothing is trained."""
+    config = write_config(tmp_path / "c.yaml", demo_data, tmp_path / "run")
+    environment = {name: value for name, value in os.environ.items() if name != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+               "-m", "sface_dist.train", str(config), "--set", "eval.bins=[]"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, env=environment)
+    assert result.returncode != 0
+    errors = {line for line in result.stderr.splitlines() if line.startswith("error: ")}
+    assert errors == {"error: torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+                      "environment: without it a restart reuses the first round's store and can fail to connect its "
+                      "ranks (docs/multinode.md, Restarts after a failure; docker/entrypoint.sh and scripts/slurm set "
+                      "it)"}, result.stderr
+    assert "connectFullMesh" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_changing_the_optimizer_on_resume_is_one_line(
+    demo_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It failed inside the optimizer's load ("does not fit: 'step'")."""
+    run = trained_checkpoint(demo_data, tmp_path)
+    capsys.readouterr()
+    status = train_in_process(write_config(tmp_path / "c.yaml", demo_data, run), "optim.name=adamw",
+                              "train.steps=4", "eval.bins=[]")
+    assert status == 1 and one_error_line(capsys.readouterr().err) == (
+        f"error: {run / 'checkpoints' / 'step-00000002'}: optim.name is 'sgd' in the checkpoint and 'adamw' in the "
+        "config: restore it, or start a new run (another train.output, or train.overwrite=true)")
