@@ -69,14 +69,15 @@ def _in_use(output: Path, path: Path, holder: str) -> RunDirectoryError:
     )
 
 
-def _open_lock_file(output: Path, path: Path) -> int:
-    """``path`` opened for the lock: created if missing, never through a link, never blocking on a FIFO."""
+def _open_run_file(output: Path, path: Path, flags: int, use: str) -> int:
+    """``path`` opened with ``flags`` (created if missing), never through a link nor blocking on a FIFO: a run's
+    own file in its folder, one line naming it otherwise (``use``: what the run does with it)."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise RunDirectoryError(f"train.output {output}: {path} is a symbolic link: refused (the lock is "
-                                    "written to; remove the link)") from None
+            raise RunDirectoryError(f"train.output {output}: {path} is a symbolic link: refused ({use}; remove "
+                                    "the link)") from None
         raise RunDirectoryError(f"train.output {output}: cannot write the run folder: {path}: "
                                 f"{_reason(error)}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -89,7 +90,7 @@ def _lock(output: Path) -> RunLock:
     path = output / LOCK_FILE
     if path.resolve() in _held_by_this_process:
         raise _in_use(output, path, f"this process, pid {os.getpid()}")
-    fd = _open_lock_file(output, path)
+    fd = _open_run_file(output, path, os.O_RDWR, "the lock is written to")
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -192,14 +193,7 @@ def record_start(output: Path, cfg: Config, step: int, world_size: int, resumed:
             "from_world_size": resumed.world_size,
             "changes": {change.key: [change.saved, change.current] for change in resumed.changes},
         }
-    path = output / HISTORY_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise RunDirectoryError(f"train.output {output}: {path} is a symbolic link: refused (the run's history "
-                                    "is appended to; remove the link)") from None
-        raise
+    fd = _open_run_file(output, output / HISTORY_FILE, os.O_WRONLY | os.O_APPEND, "the run's history is appended to")
     with open(fd, "a") as history:
         history.write(json.dumps(entry) + "\n")
         history.flush()

@@ -223,12 +223,19 @@ def test_a_signal_stops_every_rank_at_a_step_boundary_and_the_run_resumes(
         assert rank0.returncode == 1 and f"got signal: {int(signum)}" in err, err
         assert "forcefully" not in err and "[rank" not in err and "error:" not in err, err
         assert stopped_in < 30, "torchrun's grace period ran out"
+    assert_stopped_with_a_checkpoint_and_resumes(out, signum, run, config, capsys)
+
+
+def assert_stopped_with_a_checkpoint_and_resumes(
+    out: str, signum: signal.Signals, run: Path, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rank 0's ``out`` says the run stopped on ``signum`` after the last step it logged (at least step 3), that
+    step's checkpoint is ``latest``, and the same config resumed goes on after it."""
     stopped = re.search(rf"^interrupted at step (\d+) by {signum.name}: checkpoint (\S+)$", out, re.MULTILINE)
     assert stopped is not None, out
     step = int(stopped[1])
     assert step >= 3 and max(logged(out)) == step, out
     assert (run / "checkpoints" / "latest").read_text() == f"step-{step:08d}"
-
     capsys.readouterr()
     assert train_in_process(config, f"train.steps={step + 2}", "eval.bins=[]") == 0
     resumed = capsys.readouterr().out
@@ -256,15 +263,7 @@ def test_ctrl_c_under_timeout_and_torchrun_writes_the_checkpoint(
     rest, err = job.communicate(timeout=120)
     out += rest
     assert "closing signal SIGTERM" in err, err
-    stopped = re.search(r"^interrupted at step (\d+) by SIGINT: checkpoint (\S+)$", out, re.MULTILINE)
-    assert stopped is not None, out + err
-    step = int(stopped[1])
-    assert step >= 3 and max(logged(out)) == step, out
-    assert (run / "checkpoints" / "latest").read_text() == f"step-{step:08d}"
-    capsys.readouterr()
-    assert train_in_process(config, f"train.steps={step + 2}", "eval.bins=[]") == 0
-    resumed = capsys.readouterr().out
-    assert f"at step {step} (" in resumed and min(logged(resumed)) == step + 1, resumed
+    assert_stopped_with_a_checkpoint_and_resumes(out, signal.SIGINT, run, config, capsys)
 
 
 @pytest.mark.faults
