@@ -5,27 +5,30 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH_VERSION := 2.13.0
-# A machine without an NVIDIA driver gets the CPU build of torch, never the multi-GB CUDA one.
+# A machine without an NVIDIA driver gets the CPU build of torch (requirements/cpu.txt), never the multi-GB CUDA one;
+# the CPU wheel comes from a wheel folder pip is pointed at (PIP_FIND_LINKS), else from download.pytorch.org.
 ifeq ($(shell command -v nvidia-smi),)
-TORCH_SPEC := torch==$(TORCH_VERSION)+cpu
-TORCH_FALLBACK_INDEX := --index-url https://download.pytorch.org/whl/cpu
+BUILD_LOCK := requirements/cpu.txt
+TORCH_FALLBACK_INDEX := --extra-index-url https://download.pytorch.org/whl/cpu
 else
-TORCH_SPEC := torch==$(TORCH_VERSION)
+BUILD_LOCK := requirements/cuda.txt
 TORCH_FALLBACK_INDEX :=
 endif
+LOCKS := requirements/pinned.txt $(BUILD_LOCK) requirements/deepspeed.txt
 STAMP := $(VENV)/.installed
 
 .PHONY: env lint test test-faults check demo clean
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/pinned.txt requirements/deepspeed.txt Makefile
+# Every pip step is constrained by the locks, so nothing can move torch; the environment is then checked against them.
+$(STAMP): pyproject.toml $(LOCKS) tools/check_lock.py Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q "$(TORCH_SPEC)" $(TORCH_FALLBACK_INDEX)
-	$(BIN)/pip install -q -r requirements/pinned.txt
-	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -r requirements/deepspeed.txt
+	$(BIN)/pip install -q -r $(BUILD_LOCK) || $(BIN)/pip install -q -r $(BUILD_LOCK) $(TORCH_FALLBACK_INDEX)
+	$(BIN)/pip install -q -r requirements/pinned.txt -c $(BUILD_LOCK)
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -r requirements/deepspeed.txt $(addprefix -c ,$(LOCKS))
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python tools/check_lock.py $(LOCKS)
 	touch $(STAMP)
 
 lint: $(STAMP)

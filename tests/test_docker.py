@@ -1,11 +1,11 @@
-"""The image's recipe, checked without building it: docker/Dockerfile installs what CI installs.
+"""The image's recipe and the lock files, checked without building it: docker/Dockerfile installs what CI installs.
 
 The build itself (tools/build_image.sh, buildah) needs root and minutes; its record is in
-docs/benchmarks.md. Here: the torch pin agrees with the Makefile's, the rest comes from
-requirements/pinned.txt and requirements/deepspeed.txt, the project's GPU extras are all pinned there
-(so a dependency that does not fit fails here and in the build, not in a cluster job), the image runs as a non-root user
-behind docker/entrypoint.sh, and the build context leaves the environment, data, runs and
-history out.
+docs/benchmarks.md. Here: the CPU and CUDA builds share every pin but the torch build's, the CUDA pins are what
+CUDA torch requires, every pip step is constrained by the locks and the result checked against them, the
+project's GPU extras are all pinned (so a dependency that does not fit fails here and in the build, not in a
+cluster job), the image runs as a non-root user behind docker/entrypoint.sh, and the build context leaves the
+environment, data, runs and history out.
 """
 
 from __future__ import annotations
@@ -13,18 +13,22 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 GPU_EXTRAS = ("dali", "triton", "export", "deepspeed")
 """The optional dependencies the image carries."""
-REQUIREMENTS = ("pinned.txt", "deepspeed.txt")
-"""The pinned files ``make`` installs (requirements/), DeepSpeed's apart because it installs after torch."""
+REQUIREMENTS = ("pinned.txt", "cuda.txt", "deepspeed.txt")
+"""The image's locks (requirements/): the shared one, the CUDA build's, DeepSpeed's (it installs after torch)."""
 KEPT_OUT = (".git", ".venv", "data", "runs")
 
 
@@ -54,17 +58,21 @@ def runs() -> str:
     return "\n".join(arguments for keyword, arguments in instructions() if keyword == "RUN")
 
 
-def pinned() -> dict[str, str]:
-    """The ``REQUIREMENTS`` files as {canonical name: version}; every line must be an exact pin."""
+def lock(name: str) -> dict[str, str]:
+    """requirements/``name`` as {canonical name: version}; every line must be an exact pin."""
     pins = {}
-    for name in REQUIREMENTS:
-        for line in (ROOT / "requirements" / name).read_text().splitlines():
-            if line.strip() and not line.startswith("#"):
-                requirement = Requirement(line)
-                (spec,) = requirement.specifier
-                assert spec.operator == "==", f"requirements/{name}: {line!r} is not an exact pin"
-                pins[canonicalize_name(requirement.name)] = spec.version
+    for line in (ROOT / "requirements" / name).read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier
+            assert spec.operator == "==", f"requirements/{name}: {line!r} is not an exact pin"
+            pins[canonicalize_name(requirement.name)] = spec.version
     return pins
+
+
+def pinned() -> dict[str, str]:
+    """The ``REQUIREMENTS`` files as one {canonical name: version}."""
+    return {name: version for file in REQUIREMENTS for name, version in lock(file).items()}
 
 
 def test_base_is_a_build_argument_with_a_public_default() -> None:
@@ -74,21 +82,75 @@ def test_base_is_a_build_argument_with_a_public_default() -> None:
     assert re.fullmatch(r"docker\.io/library/python:3\.11-slim-\w+", build_args()["BASE"])
 
 
-def test_torch_pin_is_the_makefiles() -> None:
-    (makefile_pin,) = re.findall(r"^TORCH_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
-    assert build_args()["TORCH_VERSION"] == makefile_pin
-    assert build_args()["TORCH_SPEC"] == "torch==${TORCH_VERSION}"
-    assert 'pip install ${TORCH_PIP_ARGS} "${TORCH_SPEC}"' in runs()
+def test_the_builds_share_every_pin_but_the_torch_builds() -> None:
+    """requirements/pinned.txt is shared; requirements/cpu.txt and requirements/cuda.txt differ from it and each other
+    only in the torch build (same version), its Triton and the CUDA libraries; DeepSpeed's lock is apart."""
+    shared, cpu, cuda, deepspeed = (lock(name) for name in ("pinned.txt", "cpu.txt", "cuda.txt", "deepspeed.txt"))
+    for name, build in (("cpu.txt", cpu), ("cuda.txt", cuda), ("deepspeed.txt", deepspeed)):
+        assert not set(build) & set(shared), f"requirements/{name} pins what requirements/pinned.txt pins"
+    assert not set(deepspeed) & (set(cpu) | set(cuda))
+    assert Version(cpu["torch"]).public == Version(cuda["torch"]).public and Version(cpu["torch"]).local == "cpu"
+    assert set(cpu) == {"torch", "triton"}
+    assert set(cuda) - {"torch", "triton"} <= {name for name in cuda if name.startswith(("nvidia-", "cuda-"))}
 
 
-def test_the_rest_comes_from_the_pinned_requirements() -> None:
+def torch_requirements() -> tuple[str, list[Requirement]]:
+    """The torch version requirements/cuda.txt recorded the requirements of, and those requirements."""
+    text = (ROOT / "requirements" / "cuda.txt").read_text()
+    (version,) = re.findall(r"^# torch (\S+) requires \(its wheel's Requires-Dist\):$", text, re.MULTILINE)
+    return version, [Requirement(line) for line in re.findall(r"^#   requires: (.+)$", text, re.MULTILINE)]
+
+
+def test_the_cuda_pins_are_what_the_cuda_torch_requires() -> None:
+    """Every requirement CUDA torch's wheel states (Linux, this Python) holds for the locked versions: bumping torch
+    without relocking (tools/lock_cuda.py) fails here, not in the image's resolver, which moved torch to 2.15."""
+    recorded, requirements = torch_requirements()
+    pins = pinned()
+    assert recorded == pins["torch"], "requirements/cuda.txt records another torch's requirements: relock it"
+    environment = {"platform_system": "Linux", "sys_platform": "linux", "python_version": "3.11", "extra": ""}
+    assert any(canonicalize_name(r.name) == "triton" for r in requirements)
+    for requirement in requirements:
+        if requirement.marker is not None and not requirement.marker.evaluate(environment):
+            continue
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"torch requires {requirement}, which no lock pins"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"torch requires {requirement}, " \
+            f"the locks pin {pins[name]}"
+
+
+def test_every_pip_step_is_constrained_and_the_result_checked() -> None:
+    """In the image as in ``make env``: the torch build's lock first, every later step constrained by the locks (so
+    nothing moves torch), the project without resolving anything, and the environment checked against the locks."""
+    assert build_args()["BUILD_LOCK"] == "requirements/cuda.txt"
     assert ("COPY", "requirements/ requirements/") in instructions()
-    assert "pip install -r requirements/pinned.txt" in runs()
-    assert "DS_BUILD_OPS=0 pip install --no-build-isolation -r requirements/deepspeed.txt" in runs()
-    constraints = " ".join(f"-c requirements/{name}" for name in REQUIREMENTS)
-    assert f"pip install {constraints} -e \".[" + ",".join(GPU_EXTRAS) + "]\"" in runs()
-    assert "pip check" in runs()
-    assert "torch" not in pinned(), "torch is pinned once, by the Makefile"
+    steps = runs()
+    assert 'pip install ${TORCH_PIP_ARGS} -r "${BUILD_LOCK}"' in steps
+    assert 'pip install -r requirements/pinned.txt -c "${BUILD_LOCK}"' in steps
+    assert ('DS_BUILD_OPS=0 pip install --no-build-isolation -r requirements/deepspeed.txt -c "${BUILD_LOCK}" '
+            "-c requirements/pinned.txt") in steps
+    assert "pip install --no-deps --no-build-isolation -e ." in steps and "pip check" in steps
+    assert 'python tools/check_lock.py requirements/pinned.txt "${BUILD_LOCK}" requirements/deepspeed.txt' in steps
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(BIN)/pip install -q -r requirements/pinned.txt -c $(BUILD_LOCK)" in makefile
+    assert "$(BIN)/python tools/check_lock.py $(LOCKS)" in makefile
+
+
+def test_check_lock_names_each_package_that_differs(tmp_path: Path) -> None:
+    """Against this very environment: a lock at another version of numpy, and one naming a package not installed."""
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("numpy==0.0.1\nno-such-package==1.0\n")
+    rest = [ROOT / "requirements" / name for name in ("pinned.txt", "cpu.txt", "deepspeed.txt")]
+    other = [path for path in rest if "numpy" not in lock(path.name)]
+    result = subprocess.run([sys.executable, "tools/check_lock.py", str(wrong), *map(str, other)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[:2] == [
+        "error: no-such-package: locked at 1.0, not installed",
+        f"error: numpy: installed {version('numpy')}, locked 0.0.1",
+    ]
+    ok = subprocess.run([sys.executable, "tools/check_lock.py", *map(str, rest)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
 
 
 def test_every_gpu_extra_is_pinned_to_a_version_it_accepts() -> None:

@@ -2,20 +2,23 @@
 # Builds docker/Dockerfile without a registry, then runs the image: the offline build of docs/benchmarks.md.
 #
 # 1. a Debian bookworm base (Python 3.11) made by debootstrap and imported into buildah's storage;
-# 2. `buildah build` of docker/Dockerfile on it, with the CPU build of torch instead of the CUDA one
-#    (TORCH_WHEELS: a folder holding the CPU wheel, else download.pytorch.org's CPU index);
-# 3. in the image: the demo data, `python -m sface_dist.train configs/demo.yaml --set train.steps=20`, the same
-#    under torchrun and under DeepSpeed ZeRO-2, and the entrypoint's SLURM mapping for both launch styles.
+# 2. `buildah build` of docker/Dockerfile on it: BUILD=cuda (the default) with the Dockerfile's default arguments,
+#    as a cluster builds it (PyPI's CUDA torch, requirements/cuda.txt); BUILD=cpu with the CPU build of torch
+#    (requirements/cpu.txt; TORCH_WHEELS: a folder holding the CPU wheel, else download.pytorch.org's CPU index);
+# 3. in the image: the versions it holds; with BUILD=cuda the test suite but its GPU and fault tests (CUDA torch
+#    runs on the CPU), from a copy of the repository's tests; the demo data, `python -m sface_dist.train
+#    configs/demo.yaml --set train.steps=20`, the same under torchrun and under DeepSpeed ZeRO-2, and the
+#    entrypoint's SLURM mapping for both launch styles.
 #
 # Needs root, debootstrap and buildah (apt-get install debootstrap buildah), storage driver vfs.
 # REBUILD_BASE=1 makes the base again.
-# Usage, from the repository root: tools/build_image.sh [WORKDIR]   (default /var/tmp/sface-build)
+# Usage, from the repository root: [BUILD=cuda|cpu] tools/build_image.sh [WORKDIR]   (default /var/tmp/sface-build)
 set -euo pipefail
 
 work=${1:-/var/tmp/sface-build}
+build=${BUILD:-cuda}
 base=localhost/sface-base:bookworm
-image=localhost/sface-dist:cpu
-torch_version=$(sed -n 's/^TORCH_VERSION := //p' Makefile)
+image=localhost/sface-dist:$build
 export STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot
 mkdir -p "$work"
 
@@ -36,13 +39,16 @@ if ! buildah inspect --type image "$base" >/dev/null 2>&1 || [[ ${REBUILD_BASE:-
   buildah commit --rm "$container" "$base"
 fi
 
-torch_args=(--build-arg "TORCH_SPEC=torch==${torch_version}+cpu")
-if [[ -n ${TORCH_WHEELS:-} ]]; then
-  torch_args+=(--volume "$TORCH_WHEELS:/wheels:ro" --build-arg "TORCH_PIP_ARGS=--find-links /wheels")
-else
-  torch_args+=(--build-arg "TORCH_PIP_ARGS=--extra-index-url https://download.pytorch.org/whl/cpu")
+torch_args=()
+if [[ $build == cpu ]]; then
+  torch_args=(--build-arg BUILD_LOCK=requirements/cpu.txt)
+  if [[ -n ${TORCH_WHEELS:-} ]]; then
+    torch_args+=(--volume "$TORCH_WHEELS:/wheels:ro" --build-arg "TORCH_PIP_ARGS=--find-links /wheels")
+  else
+    torch_args+=(--build-arg "TORCH_PIP_ARGS=--extra-index-url https://download.pytorch.org/whl/cpu")
+  fi
 fi
-stage "buildah build $image (BASE=$base, torch ${torch_version}+cpu)"
+stage "buildah build $image (BASE=$base, ${torch_args[*]:-the Dockerfile defaults})"
 time buildah build --layers -f docker/Dockerfile --build-arg "BASE=$base" "${torch_args[@]}" -t "$image" .
 buildah images "$image"
 
@@ -63,6 +69,19 @@ in_image() {
     -v "$work/data:/workspace/data" -v "$work/runs:/workspace/runs" "$container" -- "${entrypoint[@]}" "$@"
 }
 slurm_node=(-e SLURM_JOB_ID=4242 -e SLURM_JOB_NODELIST=localhost -e SLURM_NNODES=1 -e SLURM_NODEID=0 -e SLURM_NTASKS=1)
+
+stage "versions in the image"
+in_image python -c 'import torch, nvidia.dali, triton, deepspeed
+print("torch", torch.__version__, "cuda", torch.version.cuda, "dali", nvidia.dali.__version__, "triton",
+      triton.__version__, "deepspeed", deepspeed.__version__)'
+if [[ $build == cuda ]]; then
+  stage "the test suite but its GPU and fault tests, in the image"
+  rm -rf "$work/repo" && mkdir -p "$work/repo"
+  cp -r tests tools configs docs docker scripts requirements README.md Makefile pyproject.toml "$work/repo/"
+  chown -R "$(buildah run --user "$user" "$container" -- id -u)" "$work/repo"
+  time buildah run --network host --ipc host --uts host --user "$user" -v "$work/repo:/workspace/repo" \
+    --workingdir /workspace/repo "$container" -- python -m pytest -q -p no:cacheprovider -m "not faults" tests
+fi
 
 stage "demo data in the image"
 time in_image python tools/make_demo_data.py --out data/demo
