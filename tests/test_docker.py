@@ -136,10 +136,12 @@ def test_every_pip_step_is_constrained_and_the_result_checked() -> None:
 
 
 def test_check_lock_names_each_package_that_differs(tmp_path: Path) -> None:
-    """Against this very environment: a lock at another version of numpy, and one naming a package not installed."""
+    """Against this very environment (its torch build's lock: CI's CPU one, or the image's CUDA one): a lock at
+    another version of numpy, and one naming a package not installed."""
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("numpy==0.0.1\nno-such-package==1.0\n")
-    rest = [ROOT / "requirements" / name for name in ("pinned.txt", "cpu.txt", "deepspeed.txt")]
+    build = next(name for name in ("cpu.txt", "cuda.txt") if Version(lock(name)["torch"]) == Version(version("torch")))
+    rest = [ROOT / "requirements" / name for name in ("pinned.txt", build, "deepspeed.txt")]
     other = [path for path in rest if "numpy" not in lock(path.name)]
     result = subprocess.run([sys.executable, "tools/check_lock.py", str(wrong), *map(str, other)], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)

@@ -77,7 +77,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "dali", nvidia.dal
 if [[ $build == cuda ]]; then
   stage "the test suite but its GPU and fault tests, in the image"
   rm -rf "$work/repo" && mkdir -p "$work/repo"
-  cp -r tests tools configs docs docker scripts requirements README.md Makefile pyproject.toml "$work/repo/"
+  git archive HEAD | tar -x -C "$work/repo"  # the repository as committed, its tests included
   chown -R "$(buildah run --user "$user" "$container" -- id -u)" "$work/repo"
   time buildah run --network host --ipc host --uts host --user "$user" -v "$work/repo:/workspace/repo" \
     --workingdir /workspace/repo "$container" -- python -m pytest -q -p no:cacheprovider -m "not faults" tests
