@@ -44,8 +44,9 @@ import torch
 from torch import nn
 
 from sface_dist.config import MAX_EMBEDDING_SIZE
-from sface_dist.distributed import PeerError, all_gather_objects, group_rank, raise_on_any_rank
 from sface_dist.file_digest import DigestMismatch, DigestWriter, is_record, verify_file
+from sface_dist.parallel.agreement import PeerError, all_gather_objects, raise_on_any_rank
+from sface_dist.parallel.collectives import group_rank
 
 LATEST = "latest"
 MANIFEST = "manifest.json"

@@ -20,15 +20,10 @@ from typing import NoReturn
 
 from sface_dist.cli import INTERRUPTED, describe_error
 from sface_dist.config import load_config
-from sface_dist.distributed import (
-    CollectiveError,
-    LaunchError,
-    PeerError,
-    barrier,
-    destroy_distributed,
-    init_distributed,
-)
-from sface_dist.trainer import Trainer, naming_run_collective_failures
+from sface_dist.parallel.agreement import CollectiveError, PeerError
+from sface_dist.parallel.collectives import barrier
+from sface_dist.parallel.launch import LaunchError, destroy_distributed, init_distributed
+from sface_dist.training.trainer import Trainer, naming_run_collective_failures
 
 
 def leave_the_broken_group(error: CollectiveError) -> NoReturn:

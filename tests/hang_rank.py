@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sface_dist import checkpoint, train
-from sface_dist.trainer import Trainer
+from sface_dist.training.trainer import Trainer
 
 
 def main() -> int:

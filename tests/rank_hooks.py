@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from sface_dist import checkpoint, train
-from sface_dist.trainer import Trainer
+from sface_dist.training.trainer import Trainer
 
 
 def every_rank_logs() -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "sface_dist.trainer"])
+multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "sface_dist.training.trainer"])
 
 
 def _entry(

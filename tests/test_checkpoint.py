@@ -18,8 +18,8 @@ from sface_dist.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from sface_dist.distributed import class_range
 from sface_dist.heads import ShardedSFaceHead, ShardOptimizer
+from sface_dist.parallel.partition import class_range
 
 from rank_launcher import run_ranks
 

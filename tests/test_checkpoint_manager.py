@@ -19,11 +19,11 @@ from sface_dist.checkpoint import (
     rng_state,
     save_best_backbone,
 )
-from sface_dist.checkpoint_manager import CheckpointManager
 from sface_dist.heads import ShardedSFaceHead, ShardOptimizer
+from sface_dist.training.checkpoint_manager import CheckpointManager
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT_MODULES = {"sface_dist/checkpoint.py", "sface_dist/checkpoint_manager.py"}
+CHECKPOINT_MODULES = {"sface_dist/checkpoint.py", "sface_dist/training/checkpoint_manager.py"}
 LAYOUT_NAMES = re.compile(r"trainer\.pt|manifest\.json|backbone\.pt|(^|/)(head|step)-")
 """File names of the layout (``checkpoint``'s module docstring), in a string constant."""
 LAYOUT_CONSTANTS = {"LATEST", "MANIFEST", "TRAINER_FILE", "BACKBONE_FILE", "STEP_PREFIX", "load_weights"}

@@ -30,8 +30,8 @@ from sface_dist.config import (
     TrainConfig,
     load_config,
 )
-from sface_dist.distributed import DistEnv
 from sface_dist.file_digest import file_record
+from sface_dist.parallel.launch import DistEnv
 
 from rank_launcher import run_ranks
 
@@ -78,7 +78,7 @@ def step_worker(rank: int, world: int, output: str) -> dict[str, list[torch.Tens
     bf16 autocast, and 2 micro-steps without clipping (where a gradient off by a factor shows in the step), with
     DeepSpeed's averaging left in too."""
     from sface_dist import engine as engine_module
-    from sface_dist.trainer import Trainer
+    from sface_dist.training.trainer import Trainer
 
     cases = {name: (name, 1, 1.0, "none") for name in ENGINES}
     cases |= {"ddp bf16": ("ddp", 1, 1.0, "bf16"), "zero2 bf16": ("zero2", 1, 1.0, "bf16")}
@@ -126,7 +126,7 @@ def test_zero_steps_like_ddp_with_summed_gradients(tmp_path: Path) -> None:
 
 def skip_worker(rank: int, world: int, output: str) -> dict[str, Any]:
     """Three steps under ``on_nonfinite: skip`` with a NaN planted in the head's gradient at step 2 only."""
-    from sface_dist.trainer import Trainer
+    from sface_dist.training.trainer import Trainer
 
     results = {}
     for engine in ("ddp", "zero1", "zero2"):
@@ -166,7 +166,7 @@ def tiny_with_a_frozen_parameter(name: str, embedding_size: int) -> torch.nn.Mod
 
 def fit_worker(rank: int, world: int, runs: list[tuple[str, str, int, str]]) -> None:
     """Train each (output, engine, steps, optimizer) in turn, resuming from the output's latest checkpoint."""
-    import sface_dist.trainer as trainer_module
+    import sface_dist.training.trainer as trainer_module
 
     for output, engine, steps, optimizer in runs:
         cfg = make_config(Path(output), engine, steps=steps, optimizer=optimizer)
@@ -247,7 +247,7 @@ def test_zero_stage_is_one_or_two() -> None:
 
 def test_deepspeed_without_a_process_group_names_the_launch(tmp_path: Path) -> None:
     """``python -m sface_dist.train`` without torchrun has no process group for DeepSpeed to join."""
-    from sface_dist.trainer import Trainer
+    from sface_dist.training.trainer import Trainer
 
     with pytest.raises(ValueError, match=r"^train\.engine=deepspeed: needs a process group: launch with torchrun"):
         Trainer(make_config(tmp_path, "zero1"), _env(0, 1))
@@ -256,7 +256,7 @@ def test_deepspeed_without_a_process_group_names_the_launch(tmp_path: Path) -> N
 def resume_worker(rank: int, world: int, output: str) -> str:
     """Resume ``output`` under ZeRO-1 and return the one line the resume stops with."""
     from sface_dist.checkpoint import CheckpointError
-    from sface_dist.trainer import Trainer
+    from sface_dist.training.trainer import Trainer
 
     try:
         Trainer(make_config(Path(output), "zero1", steps=4), _env(rank, world)).close()

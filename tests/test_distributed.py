@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sface_dist.distributed import class_range, even_split, even_split_sizes
+from sface_dist.parallel.partition import class_range, even_split, even_split_sizes
 
 
 @pytest.mark.parametrize("count", [0, 1, 7, 12, 1001])

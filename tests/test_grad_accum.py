@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-import sface_dist.trainer as trainer_module
+import sface_dist.training.trainer as trainer_module
 from sface_dist.config import Config, DataConfig, HeadConfig, ModelConfig, OptimConfig, TrainConfig
-from sface_dist.distributed import DistEnv
 from sface_dist.heads.margin import MARGIN_TYPES
-from sface_dist.trainer import Trainer
+from sface_dist.parallel.launch import DistEnv
+from sface_dist.training.trainer import Trainer
 
 from rank_launcher import run_ranks
 from sface_reference import margin_reference, relative_error, sface_reference

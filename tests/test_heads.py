@@ -10,12 +10,12 @@ import torch
 
 from sface_dist import train
 from sface_dist.config import HeadConfig, HeadType, MarginHeadType, SampleCorrection, choices
-from sface_dist.distributed import class_range
 from sface_dist.heads import HeadOutput, ShardedSFaceHead, ShardOptimizer, build_head
 from sface_dist.heads.margin import MARGIN_TYPES
 from sface_dist.heads.probe import embeddings_at_cosine
 from sface_dist.heads.sampling import sample_classes, scored_rows, step_generator
 from sface_dist.heads.sharded import initial_weight_rows
+from sface_dist.parallel.partition import class_range
 
 from sface_reference import relative_error, sface_reference
 

@@ -11,11 +11,11 @@ from sface_dist.backbones import build_backbone
 from sface_dist.data.bin_pack import read_bin, write_bin
 from sface_dist.data.convert import encode_jpeg
 from sface_dist.data.synthetic import SyntheticFaces
-from sface_dist.distributed import DistEnv
 from sface_dist.evaluation.checkpoint_backbone import load_backbone
 from sface_dist.evaluation.embedder import TorchEmbedder, embed_views
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import verification_accuracy
+from sface_dist.parallel.launch import DistEnv
 
 from rank_launcher import run_ranks
 

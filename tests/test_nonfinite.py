@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_trainer import ENV, make_config
 
-from sface_dist.trainer import Trainer
+from sface_dist.training.trainer import Trainer
 
 
 def plant_nan(trainer: Trainer, from_step: int) -> None:

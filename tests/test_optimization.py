@@ -14,8 +14,8 @@ from torch import nn
 
 from sface_dist.config import HeadConfig, OptimConfig
 from sface_dist.heads import build_head
-from sface_dist.optimization import Optimization, Schedule
-from sface_dist.trainer import Trainer
+from sface_dist.training.optimization import Optimization, Schedule
+from sface_dist.training.trainer import Trainer
 
 CONSTANT = {"schedule": "step", "milestones": [1000.0]}
 """A schedule that keeps the peak learning rate over these tests' few steps."""

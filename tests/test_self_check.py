@@ -20,17 +20,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from sface_dist import distributed
 from sface_dist.config import HeadConfig
 from sface_dist.data import decoder_check, loader
 from sface_dist.data.dali import DaliFaceLoader, dali_available
 from sface_dist.data.decoder_check import MEAN_ABS_TOLERANCE, compare_batches
 from sface_dist.data.errors import DataError
 from sface_dist.data.torch_backend import TorchFaceLoader
-from sface_dist.distributed import PeerError
 from sface_dist.heads import build_head, self_check
 from sface_dist.heads.self_check import TOLERANCES, SelfCheckError, check_triton_block
 from sface_dist.heads.sface import BlockOptions, BlockResult, SFaceParams, sface_block_chunked
+from sface_dist.parallel import agreement
+from sface_dist.parallel.agreement import PeerError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_loader import config, epoch, make_rec  # noqa: E402
@@ -164,14 +164,14 @@ def test_ranks_agree_and_rank_0_names_the_failing_rank(
 ) -> None:
     """Two ranks, rank 1's block raises, rank 0's agrees (the gather of their causes stands in for gloo)."""
     monkeypatch.setattr(self_check, "sface_block_triton", raising_block if rank == 1 else block_with_gradient_scaled(1))
-    monkeypatch.setattr(distributed, "group_size", lambda group: 2)
+    monkeypatch.setattr(agreement, "group_size", lambda group: 2)
     monkeypatch.setattr(self_check, "group_size", lambda group: 2)
     monkeypatch.setattr(self_check, "group_rank", lambda group: rank)
 
     def all_gather_object(gathered: list[str | None], message: str | None, group: object = None) -> None:
         gathered[:] = [message, "RuntimeError: PassManager::run failed"] if rank == 0 else [None, message]
 
-    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(agreement.dist, "all_gather_object", all_gather_object)
     summary = "the Triton SFace block failed its fp32 self-check on rank 1: RuntimeError: PassManager::run failed"
     assert self_check.checked_impl("auto", "fp32", DIM, SFaceParams(), None) == "chunked"
     assert capsys.readouterr().out == (f"warning: head.impl=auto: {summary}{FALLBACK}" if rank == 0 else "")

@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from sface_dist.config import GradComm, HeadConfig
-from sface_dist.distributed import DistEnv, class_range, data_parallel
 from sface_dist.heads import build_head
 from sface_dist.heads.kernels.fused import interpreter_enabled
+from sface_dist.parallel.data_parallel import data_parallel
+from sface_dist.parallel.launch import DistEnv
+from sface_dist.parallel.partition import class_range
 
 from rank_launcher import run_ranks
 from sface_reference import margin_reference, relative_error, sface_reference

@@ -20,9 +20,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import Tensor
 
 from sface_dist.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from sface_dist.distributed import DistEnv
-from sface_dist.optimization import Schedule
-from sface_dist.trainer import StepMetrics, Trainer
+from sface_dist.parallel.launch import DistEnv
+from sface_dist.training.optimization import Schedule
+from sface_dist.training.trainer import StepMetrics, Trainer
 
 from sface_reference import relative_error, sface_reference
 

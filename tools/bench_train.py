@@ -43,8 +43,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compr
 
 from sface_dist.backbones import build_backbone
 from sface_dist.config import Config, DataConfig, HeadConfig, ModelConfig, TrainConfig
-from sface_dist.distributed import DistEnv
-from sface_dist.trainer import Trainer
+from sface_dist.parallel.launch import DistEnv
+from sface_dist.training.trainer import Trainer
 
 MS1M_CLASSES = 85742
 MIB = 2**20

@@ -26,8 +26,8 @@ import torch.multiprocessing as mp
 
 from sface_dist.backbones import build_backbone
 from sface_dist.config import DeepSpeedConfig, OptimConfig
-from sface_dist.distributed import DistEnv
-from sface_dist.optimization import build_backbone_optimizer
+from sface_dist.parallel.launch import DistEnv
+from sface_dist.training.optimization import build_backbone_optimizer
 
 MIB = 2**20
 ENGINES = ("DDP", "ZeRO-1", "ZeRO-2")
@@ -64,7 +64,7 @@ def _measure_rank(rank: int, world: int, backbone_name: str, tmp: str, results: 
     os.environ.update(MASTER_ADDR="127.0.0.1", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    from sface_dist.engine import DeepSpeedEngine
+    from sface_dist.training.engine import DeepSpeedEngine
 
     env = DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
     for optimizer_name in STATE_BYTES:

@@ -32,7 +32,7 @@ from sface_dist.data.errors import DataError
 from sface_dist.data.inspection import inspect_rec
 from sface_dist.data.recordio import RecordIOError, ScannedRecord, rebuild_index
 from sface_dist.data.records import dataset_rec_path
-from sface_dist.progress import ProgressBar
+from sface_dist.progress_bar import ProgressBar
 
 
 def _encode_options(args: argparse.Namespace) -> EncodeOptions:

@@ -18,7 +18,7 @@ from pathlib import Path
 from sface_dist.data.bin_pack import read_bin
 from sface_dist.evaluation.cli import add_model_arguments, open_model_from_args, run_tool
 from sface_dist.evaluation.verification import VERIFICATION_FARS, VerificationResult, evaluate_embedder, require_folds
-from sface_dist.progress import ProgressBar
+from sface_dist.progress_bar import ProgressBar
 
 
 def format_row(name: str, result: VerificationResult) -> str:

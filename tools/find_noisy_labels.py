@@ -20,9 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from sface_dist.distributed import destroy_distributed, init_distributed
 from sface_dist.evaluation.cli import run_tool
 from sface_dist.evaluation.noisy_labels import DEFAULT_THRESHOLD, find_noisy_labels
+from sface_dist.parallel.launch import destroy_distributed, init_distributed
 
 
 def find(args: argparse.Namespace) -> int:

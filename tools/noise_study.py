@@ -54,12 +54,12 @@ from sface_dist.config import HeadType, choices
 from sface_dist.data.bin_pack import read_bin
 from sface_dist.data.convert import add_label_noise, hold_out_identities
 from sface_dist.data.records import dataset_rec_path
-from sface_dist.distributed import DistEnv
 from sface_dist.evaluation.cli import default_device
 from sface_dist.evaluation.embedder import open_model
 from sface_dist.evaluation.noisy_labels import DEFAULT_THRESHOLD, LabelScores, find_noisy_labels
 from sface_dist.evaluation.verification import evaluate_embedder
 from sface_dist.heads.margin import MARGIN_TYPES
+from sface_dist.parallel.launch import DistEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_FAR = "1e-03"

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sface_dist.distributed import even_split
 from sface_dist.memory import available_host_memory
+from sface_dist.parallel.partition import even_split
 
 try:
     from numpy._core import multiarray as _multiarray
@@ -346,7 +346,7 @@ def read_bin(
     """Read and decode a pack; images not ``image_size`` square are resized, with one warning per pack.
 
     ``shard=(rank, world_size)`` decodes only that rank's contiguous share of the images
-    (``distributed.even_split``), so ranks that share the evaluation hold ``1/world_size`` each.
+    (``parallel.partition.even_split``), so ranks that share the evaluation hold ``1/world_size`` each.
     Before the output is allocated, entries that share storage and a share whose decoded size exceeds
     the memory available are refused; images are then decoded one at a time into the output, so
     memory peaks at the output plus one image.

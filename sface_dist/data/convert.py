@@ -37,7 +37,7 @@ from sface_dist.data.recordio import (
     pack,
 )
 from sface_dist.data.records import dataset_rec_path, known_num_classes, read_checked
-from sface_dist.progress import with_progress
+from sface_dist.progress_bar import with_progress
 
 _CHUNK = 64
 """Images per task sent to a worker process."""

@@ -18,7 +18,8 @@ from sface_dist.data.datasets import RecordFaceDataset
 from sface_dist.data.errors import BadRecordError, DataError
 from sface_dist.data.sampler import EpochShardSampler
 from sface_dist.data.torch_backend import TorchFaceLoader
-from sface_dist.distributed import PeerError, first_message, group_rank, group_size
+from sface_dist.parallel.agreement import PeerError, first_message
+from sface_dist.parallel.collectives import group_rank, group_size
 
 MEAN_ABS_TOLERANCE = 3 / 127.5
 """Mean |GPU - CPU| of the normalised pixels: 3 grey levels. nvJPEG and libjpeg-turbo round the IDCT and the

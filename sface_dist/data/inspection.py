@@ -34,7 +34,7 @@ from sface_dist.data.recordio import (
     scan_resynchronising,
 )
 from sface_dist.data.records import check_record, dataset_rec_path, known_num_classes
-from sface_dist.progress import ProgressBar
+from sface_dist.progress_bar import ProgressBar
 
 _MAX_LISTED = 1000
 """Bad records listed one by one; the count covers all."""

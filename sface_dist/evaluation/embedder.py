@@ -21,7 +21,7 @@ from torch import nn
 from sface_dist.data.pixels import normalize_pixels
 from sface_dist.evaluation.checkpoint_backbone import load_backbone
 from sface_dist.file_digest import DigestMismatch, file_record, sidecar, verify_against_sidecar
-from sface_dist.progress import ProgressBar
+from sface_dist.progress_bar import ProgressBar
 
 
 class Embedder(Protocol):

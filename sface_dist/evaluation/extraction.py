@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sface_dist.evaluation.embedder import Embedder, embed_views
-from sface_dist.progress import ProgressBar
+from sface_dist.progress_bar import ProgressBar
 
 ImageLoader = Callable[[int], np.ndarray]
 """Image ``index`` -> uint8 RGB ``[3, H, W]``."""

@@ -31,9 +31,11 @@ from torch.utils.tensorboard import SummaryWriter
 
 from sface_dist.checkpoint import read_best_score, save_best_backbone
 from sface_dist.data.bin_pack import VerificationPack, read_bin
-from sface_dist.distributed import DistEnv, even_split_sizes, gather_rows
 from sface_dist.evaluation.embedder import TorchEmbedder, embed_views
 from sface_dist.evaluation.verification import VerificationResult, require_folds, verification_accuracy
+from sface_dist.parallel.collectives import gather_rows
+from sface_dist.parallel.launch import DistEnv
+from sface_dist.parallel.partition import even_split_sizes
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,12 @@ from torch.nn import functional as F
 
 from sface_dist.checkpoint import CheckpointError, head_classes, read_head_rows, read_model_config, resolve_checkpoint
 from sface_dist.data.records import known_num_classes
-from sface_dist.distributed import DistEnv, even_split, even_split_sizes, gather_rows
 from sface_dist.evaluation.embedder import open_model
 from sface_dist.evaluation.extraction import extract_views
 from sface_dist.evaluation.image_sources import RecordImages
+from sface_dist.parallel.collectives import gather_rows
+from sface_dist.parallel.launch import DistEnv
+from sface_dist.parallel.partition import even_split, even_split_sizes
 
 DEFAULT_THRESHOLD = 0.5
 """Cosine to the mean of its identity's other images below which an image is a suspect even when no other

@@ -23,7 +23,7 @@ from torch import nn
 from sface_dist.data.bin_pack import VerificationPack
 from sface_dist.evaluation.embedder import Embedder, TorchEmbedder, embed_views
 from sface_dist.evaluation.roc import tar_at_far
-from sface_dist.progress import ProgressBar
+from sface_dist.progress_bar import ProgressBar
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 N_FOLDS = 10

@@ -6,12 +6,12 @@ import torch
 from torch.distributed import ProcessGroup
 
 from sface_dist.config import HeadConfig, HeadType, check_choice
-from sface_dist.distributed import class_range
 from sface_dist.heads.margin import MARGIN_TYPES, ShardedMarginHead
 from sface_dist.heads.self_check import checked_impl
 from sface_dist.heads.sface import SFaceParams
 from sface_dist.heads.sharded import ShardedHead, ShardedSFaceHead
 from sface_dist.memory import available_memory
+from sface_dist.parallel.partition import class_range
 
 OPTIMIZER_ROW_STATES = {"sgd": 1, "adamw": 2}
 """Tensors of the head's shape its optimizer keeps (SGD's momentum; AdamW's two moments)."""

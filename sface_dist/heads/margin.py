@@ -42,10 +42,10 @@ from sface_dist.config import (
     SampleCorrectionOrAuto,
     check_choice,
 )
-from sface_dist.distributed import all_reduce_max, all_reduce_sum
 from sface_dist.heads.precision import check_precision, matmul
 from sface_dist.heads.sface import target_mask_of
 from sface_dist.heads.sharded import HeadOutput, ShardedHead
+from sface_dist.parallel.collectives import all_reduce_max, all_reduce_sum
 
 MARGIN_TYPES: dict[MarginHeadType, tuple[float, float, float]] = {
     "arcface": (1.0, 0.5, 0.0),

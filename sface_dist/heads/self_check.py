@@ -21,11 +21,12 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from sface_dist.config import Precision, SFaceImplOrAuto
-from sface_dist.distributed import PeerError, first_message, group_rank, group_size
 from sface_dist.heads.kernels.fused import sface_block_triton, triton_available
 from sface_dist.heads.precision import check_precision
 from sface_dist.heads.probe import embeddings_at_cosine
 from sface_dist.heads.sface import BlockOptions, SFaceParams, sface_block_chunked
+from sface_dist.parallel.agreement import PeerError, first_message
+from sface_dist.parallel.collectives import group_rank, group_size
 
 TOLERANCES: dict[str, tuple[float, float]] = {
     "fp32": (1e-4, 1e-4),

@@ -35,16 +35,6 @@ from sface_dist.config import (
     SFaceImplOrAuto,
     check_choice,
 )
-from sface_dist.distributed import (
-    all_reduce_max,
-    all_reduce_sum,
-    class_range,
-    gather_embeddings,
-    gather_rows,
-    group_rank,
-    group_size,
-    reduce_from_shards,
-)
 from sface_dist.heads.kernels.fused import sface_block_triton, triton_available
 from sface_dist.heads.precision import check_precision
 from sface_dist.heads.sampling import sample_classes, step_generator
@@ -56,6 +46,16 @@ from sface_dist.heads.sface import (
     sface_block_chunked,
     sface_block_dense,
 )
+from sface_dist.parallel.collectives import (
+    all_reduce_max,
+    all_reduce_sum,
+    gather_embeddings,
+    gather_rows,
+    group_rank,
+    group_size,
+    reduce_from_shards,
+)
+from sface_dist.parallel.partition import class_range
 
 
 @dataclass

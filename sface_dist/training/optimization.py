@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from sface_dist.config import Amp, OptimConfig, OptimizerName, SampleUpdate, check_choice
-from sface_dist.engine import BackboneEngine, DDPEngine
 from sface_dist.heads import ShardedHead, ShardOptimizer
+from sface_dist.training.engine import BackboneEngine, DDPEngine
 
 EngineFactory = Callable[[torch.optim.Optimizer, torch.amp.GradScaler], BackboneEngine]
 """Builds the backbone's engine around its torch optimizer and the loss scaler (``engine.build_engine``)."""

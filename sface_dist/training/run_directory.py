@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from sface_dist.checkpoint import RUN_CHECKPOINTS, holds_checkpoints
-from sface_dist.checkpoint_manager import Resumed
 from sface_dist.config import Config, save_config
-from sface_dist.distributed import PeerError, broadcast_message
+from sface_dist.parallel.agreement import PeerError, broadcast_message
+from sface_dist.training.checkpoint_manager import Resumed
 
 LOCK_FILE = ".lock"
 BEST = "best"

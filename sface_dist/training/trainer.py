@@ -33,24 +33,20 @@ from sface_dist.checkpoint import (
     rng_state,
     state_dict_mismatch,
 )
-from sface_dist.checkpoint_manager import CheckpointManager, Resumed
 from sface_dist.config import Config, OnNonFinite, to_dict
 from sface_dist.data.errors import DataError
 from sface_dist.data.loader import build_loader
-from sface_dist.distributed import (
-    DistEnv,
-    all_reduce_max,
-    control_group,
-    naming_collective_failures,
-    raise_on_any_rank,
-)
-from sface_dist.engine import build_engine
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import VerificationResult
 from sface_dist.heads import HeadOutput, ShardedSFaceHead, build_head, check_shard_fits
-from sface_dist.optimization import Optimization, Schedule
-from sface_dist.run_directory import claim_run_directory, record_start
-from sface_dist.stop_signals import StopRequest, signal_name, stop_at_step_boundary
+from sface_dist.parallel.agreement import control_group, naming_collective_failures, raise_on_any_rank
+from sface_dist.parallel.collectives import all_reduce_max
+from sface_dist.parallel.launch import DistEnv
+from sface_dist.training.checkpoint_manager import CheckpointManager, Resumed
+from sface_dist.training.engine import build_engine
+from sface_dist.training.optimization import Optimization, Schedule
+from sface_dist.training.run_directory import claim_run_directory, record_start
+from sface_dist.training.stop_signals import StopRequest, signal_name, stop_at_step_boundary
 
 
 @dataclass
@@ -146,7 +142,7 @@ class NonFiniteWatch:
 
 
 def naming_run_collective_failures(what: str, cfg: Config, env: DistEnv) -> contextlib.AbstractContextManager[None]:
-    """``distributed.naming_collective_failures`` for this rank of the run, its line ending with the timeout's key."""
+    """``parallel.agreement.naming_collective_failures`` for this rank of the run, ending with the timeout's key."""
     hint = f"train.collective_timeout_minutes={cfg.train.collective_timeout_minutes:g}"
     return naming_collective_failures(what, env.rank, env.world_size, hint)
 
@@ -385,7 +381,7 @@ class Trainer:
 
     def collective(self, what: str) -> contextlib.AbstractContextManager[None]:
         """A peer that hangs past ``train.collective_timeout_minutes`` or dies while ``what`` waits for it: one
-        line naming ``what`` and this rank (``distributed.CollectiveError``)."""
+        line naming ``what`` and this rank (``parallel.agreement.CollectiveError``)."""
         return naming_run_collective_failures(what, self.cfg, self.env)
 
     def save(self) -> Path:

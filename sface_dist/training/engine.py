@@ -22,7 +22,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sface_dist.config import Config, DeepSpeedConfig, Engine, check_choice
-from sface_dist.distributed import DistEnv, data_parallel
+from sface_dist.parallel.data_parallel import data_parallel
+from sface_dist.parallel.launch import DistEnv
 
 
 class BackboneEngine(Protocol):
@@ -79,7 +80,7 @@ def check_optimizer_state(groups: list[list[Tensor]], state: Any) -> None:
 
 class DDPEngine:
     """The backbone stepped by its torch optimizer through the loss scaler (fp16 autocast); ``model`` is the
-    backbone in DDP with summed gradients (``distributed.data_parallel``), or the backbone itself in one process."""
+    backbone in DDP with summed gradients (``parallel.data_parallel``), or the backbone itself in one process."""
 
     def __init__(
         self, backbone: nn.Module, optimizer: torch.optim.Optimizer, grad_scaler: torch.amp.GradScaler, model: nn.Module
