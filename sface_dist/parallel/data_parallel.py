@@ -1,6 +1,8 @@
-"""The backbone's data parallelism: DDP with gradients *summed* across ranks (not averaged)."""
+"""The backbone's data parallelism: DDP with gradients *summed* across ranks (not averaged).
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: DDP reads the comm hooks' annotations at registration and
+refuses a string where it expects ``dist.GradBucket``.
+"""
 
 import torch
 import torch.distributed as dist
