@@ -11,25 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from sface_dist.heads import ShardedSFaceHead  # noqa: E402
-from sface_dist.heads.kernels.fused import CUDA_TILES, TileConfig, sface_block_triton, triton_available  # noqa: E402
-from sface_dist.heads.kernels.offline_compile import SHARED_MEMORY_LIMIT, compile_kernels  # noqa: E402
-from sface_dist.heads.probe import embeddings_at_cosine  # noqa: E402
-from sface_dist.heads.self_check import TOLERANCES  # noqa: E402
-from sface_dist.heads.sface import BlockOptions, SFaceParams, sface_block_chunked, sface_block_dense  # noqa: E402
+from sface_dist.heads import ShardedSFaceHead
+from sface_dist.heads.kernels.fused import CUDA_TILES, TileConfig, sface_block_triton, triton_available
+from sface_dist.heads.kernels.offline_compile import SHARED_MEMORY_LIMIT, compile_kernels
+from sface_dist.heads.probe import embeddings_at_cosine
+from sface_dist.heads.self_check import TOLERANCES
+from sface_dist.heads.sface import BlockOptions, SFaceParams, sface_block_chunked, sface_block_dense
 
-from sface_reference import relative_error, sface_reference  # noqa: E402
-from triton_interpreter import interpreted_results  # noqa: E402
+from sface_reference import relative_error, sface_reference
+from triton_interpreter import interpreted_results
 
 OFFICIAL = SFaceParams(s=64.0, k=80.0, a=0.80, b=1.23)
 SOFT = SFaceParams(s=64.0, k=8.0, a=0.8, b=1.23)
@@ -104,7 +101,7 @@ def block_errors(
 def head_errors(
     embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, params: SFaceParams, precision: str
 ) -> Errors:
-    """The head with ``impl=triton`` vs the independent fp64 formula (tests/sface_reference.py)."""
+    """The head with ``impl=triton`` vs the independent fp64 formula (tests/support/sface_reference.py)."""
     kwargs = dict(s=params.s, k=params.k, a=params.a, b=params.b)
     x64 = embeddings.double().requires_grad_(True)
     w64 = weight.double().requires_grad_(True)

@@ -46,7 +46,7 @@ def torchrun_command(
                f"--max-restarts={restarts}", "--monitor-interval=0.5", f"--log-dir={log_dir}", "--redirects=3"]
     if rdzv_conf is not None:
         command.append(f"--rdzv-conf={rdzv_conf}")
-    entry = ["tests/rank_hooks.py", hook] if hook else ["-m", "sface_dist.train"]
+    entry = ["tests/support/rank_hooks.py", hook] if hook else ["-m", "sface_dist.train"]
     return [*command, *entry, *args]
 
 

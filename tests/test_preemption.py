@@ -280,7 +280,7 @@ def test_a_hung_peer_is_one_line_on_every_rank(
     checkpoint and step 4's is not published."""
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", demo_data, run, RUN_KEYS)
-    ranks = srun_ranks(2, [sys.executable, "tests/hang_rank.py", "0", "10", where, str(config),
+    ranks = srun_ranks(2, [sys.executable, "tests/support/hang_rank.py", "0", "10", where, str(config),
                            "--set", "train.collective_timeout_minutes=0.05", "--set", "train.steps=6",
                            "--set", "eval.bins=[]"])
     outputs = [rank.communicate(timeout=180) for rank in ranks]

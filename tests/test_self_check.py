@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from test_loader import config, epoch, make_rec
 from torch import Tensor
 
 from sface_dist.config import HeadConfig
@@ -32,10 +32,7 @@ from sface_dist.heads.sface import BlockOptions, BlockResult, SFaceParams, sface
 from sface_dist.parallel import agreement
 from sface_dist.parallel.agreement import PeerError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loader import config, epoch, make_rec  # noqa: E402
-
-from triton_interpreter import interpreted_results  # noqa: E402
+from triton_interpreter import interpreted_results
 
 DIM = 16
 FAILED_FP32 = "the Triton SFace block failed its fp32 self-check: "

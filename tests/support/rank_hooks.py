@@ -1,4 +1,5 @@
-"""Run the trainer as torchrun's worker with one test hook: ``python tests/rank_hooks.py HOOK CONFIG [--set ...]``.
+"""Run the trainer as torchrun's worker with one test hook:
+``python tests/support/rank_hooks.py HOOK CONFIG [--set ...]``.
 
 Hooks (the trainer itself has none, so no setting can trigger them in production):
 

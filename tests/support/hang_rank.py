@@ -1,7 +1,7 @@
 """``python -m sface_dist.train`` with one rank that stops answering for a while: a hung peer, for
 ``tests/test_preemption.py``.
 
-``python tests/hang_rank.py RANK SECONDS WHERE CONFIG [--set ...]``: rank ``RANK`` sleeps ``SECONDS`` once, at
+``python tests/support/hang_rank.py RANK SECONDS WHERE CONFIG [--set ...]``: rank ``RANK`` sleeps ``SECONDS`` once, at
 ``WHERE``: ``after-step-3`` (its peers wait in the next step's agreement) or ``checkpoint-4`` (before it writes its
 head shard of step 4's checkpoint; its peers wait before that checkpoint is published).
 """
