@@ -28,10 +28,10 @@ from sface_dist.data.convert import (
     rec_to_folder,
     repack,
 )
+from sface_dist.data.dataset_checks import dataset_rec_path
 from sface_dist.data.errors import DataError
 from sface_dist.data.inspection import inspect_rec
 from sface_dist.data.recordio import RecordIOError, ScannedRecord, rebuild_index
-from sface_dist.data.records import dataset_rec_path
 from sface_dist.progress_bar import ProgressBar
 
 

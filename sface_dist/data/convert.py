@@ -25,6 +25,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from sface_dist.data.dataset_checks import dataset_rec_path, known_num_classes, read_checked
 from sface_dist.data.errors import BadRecordError, DataError
 from sface_dist.data.images import encode_jpeg, image_extension
 from sface_dist.data.recordio import (
@@ -36,7 +37,6 @@ from sface_dist.data.recordio import (
     RecordIOWriter,
     pack,
 )
-from sface_dist.data.records import dataset_rec_path, known_num_classes, read_checked
 from sface_dist.progress_bar import with_progress
 
 _CHUNK = 64

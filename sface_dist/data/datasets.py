@@ -16,10 +16,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from sface_dist.data.augment import augment
+from sface_dist.data.dataset_checks import dataset_rec_path, read_checked, record_location, resolve_num_classes
 from sface_dist.data.errors import BadRecordError, DataError
 from sface_dist.data.images import decode_rgb
 from sface_dist.data.recordio import FaceRecordIndex, RecordIOError, RecordIOReader
-from sface_dist.data.records import dataset_rec_path, read_checked, record_location, resolve_num_classes
 from sface_dist.data.sampler import Sample
 from sface_dist.data.synthetic import SyntheticFaces
 

@@ -2,7 +2,7 @@
 
 ``inspect_rec`` reads every image record's header and image header on worker processes:
 counts, layout, label range, image formats and sizes; each record must pass the loaders'
-check (``records.check_record``: label range, JPEG/PNG/BMP signature). ``verify=True`` also walks the
+check (``dataset_checks.check_record``: label range, JPEG/PNG/BMP signature). ``verify=True`` also walks the
 ``.rec`` frame by frame (records the ``.idx`` does not list included), re-synchronising on
 the next sound record after damaged bytes, checks that every ``.idx`` offset is a record
 start, and fully decodes every image. Each problem is one line with the file, the record
@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sface_dist.data.convert import map_chunks
+from sface_dist.data.dataset_checks import check_record, dataset_rec_path, known_num_classes
 from sface_dist.data.errors import BadRecordError
 from sface_dist.data.recordio import (
     FaceRecordIndex,
@@ -33,7 +34,6 @@ from sface_dist.data.recordio import (
     SkippedBytes,
     scan_resynchronising,
 )
-from sface_dist.data.records import check_record, dataset_rec_path, known_num_classes
 from sface_dist.progress_bar import ProgressBar
 
 _MAX_LISTED = 1000

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from sface_dist.data.dataset_checks import dataset_rec_path
 from sface_dist.data.recordio import FaceRecordIndex, RecordIOReader
-from sface_dist.data.records import dataset_rec_path
 
 
 class ImageSourceError(ValueError):

@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from sface_dist.checkpoint import CheckpointError, head_classes, read_head_rows, read_model_config, resolve_checkpoint
-from sface_dist.data.records import known_num_classes
+from sface_dist.data.dataset_checks import known_num_classes
 from sface_dist.evaluation.embedder import open_model
 from sface_dist.evaluation.extraction import extract_views
 from sface_dist.evaluation.image_sources import RecordImages
