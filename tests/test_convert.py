@@ -14,16 +14,9 @@ import pytest
 from PIL import Image
 
 from sface_dist.data.bin_pack import read_bin
-from sface_dist.data.convert import (
-    ConvertError,
-    EncodeOptions,
-    add_label_noise,
-    folder_to_rec,
-    hold_out_identities,
-    rec_to_folder,
-    repack,
-)
-from sface_dist.data.errors import BadRecordError, DataError
+from sface_dist.data.convert import EncodeOptions, folder_to_rec, rec_to_folder, repack
+from sface_dist.data.dataset_edits import add_label_noise, hold_out_identities
+from sface_dist.data.errors import BadRecordError, ConvertError, DataError
 from sface_dist.data.images import encode_jpeg
 from sface_dist.data.inspection import inspect_rec
 from sface_dist.data.recordio import (

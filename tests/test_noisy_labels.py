@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sface_dist import train
-from sface_dist.data.convert import add_label_noise
+from sface_dist.data.dataset_edits import add_label_noise
 from sface_dist.evaluation.noisy_labels import score_labels
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -52,8 +52,8 @@ from study_runs import (
 from sface_dist.cli import INTERRUPTED, describe_error
 from sface_dist.config import HeadType, choices
 from sface_dist.data.bin_pack import read_bin
-from sface_dist.data.convert import add_label_noise, hold_out_identities
 from sface_dist.data.dataset_checks import dataset_rec_path
+from sface_dist.data.dataset_edits import add_label_noise, hold_out_identities
 from sface_dist.evaluation.cli import default_device
 from sface_dist.evaluation.embedder import open_model
 from sface_dist.evaluation.noisy_labels import DEFAULT_THRESHOLD, LabelScores, find_noisy_labels

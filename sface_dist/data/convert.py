@@ -8,47 +8,38 @@ processes, a few chunks in flight at a time, so memory stays flat on datasets of
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import io
-import multiprocessing
 import os
 import shutil
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sface_dist.data.dataset_checks import dataset_rec_path, known_num_classes, read_checked
-from sface_dist.data.errors import BadRecordError, DataError
-from sface_dist.data.images import encode_jpeg, image_extension
+from sface_dist.atomic_write import atomic_files, atomic_folder
+from sface_dist.data.dataset_checks import (
+    dataset_rec_path,
+    known_num_classes,
+    open_dataset,
+    read_checked,
+    write_property,
+)
+from sface_dist.data.errors import BadRecordError, ConvertError
+from sface_dist.data.images import encode_jpeg, image_extension, image_shape
 from sface_dist.data.recordio import (
     FaceRecordIndex,
     FaceRecordWriter,
     IRHeader,
     RecordIOError,
-    RecordIOReader,
     RecordIOWriter,
     pack,
 )
+from sface_dist.process_pool import map_chunks
 from sface_dist.progress_bar import with_progress
 
-_CHUNK = 64
-"""Images per task sent to a worker process."""
 _DATASET_FILES = ("train.rec", "train.idx", "property", "classes.txt")
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-class ConvertError(DataError):
-    """An input that cannot be converted as it is; the message names the file (and key, offset)."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +105,7 @@ def folder_to_rec(
     if shuffle:
         labelled = [labelled[i] for i in np.random.default_rng(seed).permutation(len(labelled)).tolist()]
     sizes = None if shuffle else [len(images) for _, images in identities]
-    with _AtomicFiles(out_dir, _DATASET_FILES) as files:
+    with atomic_files(out_dir, _DATASET_FILES) as files:
         try:
             writer = FaceRecordWriter(files["train.rec"], files["train.idx"], sizes)
         except RecordIOError as error:
@@ -126,7 +117,7 @@ def folder_to_rec(
             for (label, _), (jpeg, image_shape) in with_progress(pairs, len(labelled), progress):
                 shape = shape or image_shape
                 writer.write(label, jpeg)
-        _write_property(files["property"], len(identities), shape)
+        write_property(files["property"], len(identities), shape)
         files["classes.txt"].write_text("".join(f"{name}\n" for name, _ in identities), encoding="utf-8")
     return ConvertSummary(
         out_dir, len(labelled), len(identities), _size(out_dir / "train.rec"), time.perf_counter() - start_time
@@ -150,7 +141,7 @@ def list_to_rec(
     list_path, root, out_dir = Path(list_path), Path(root), Path(out_dir)
     entries = _read_list(list_path)
     num_classes = 1 + max(int(labels[0]) for _, labels, _ in entries)
-    with _AtomicFiles(out_dir, ("train.rec", "train.idx", "property")) as files:
+    with atomic_files(out_dir, ("train.rec", "train.idx", "property")) as files:
         with RecordIOWriter(files["train.rec"], files["train.idx"]) as writer:
             paths = [root / relative for _, _, relative in entries]
             encoded = map_chunks(_encode_chunk, paths, (options,), workers)
@@ -160,7 +151,7 @@ def list_to_rec(
                 shape = shape or image_shape
                 label: float | tuple[float, ...] = labels[0] if len(labels) == 1 else tuple(labels)
                 writer.write(index, pack(IRHeader(0, label, index, 0), image))
-        _write_property(files["property"], num_classes, shape)
+        write_property(files["property"], num_classes, shape)
     return ConvertSummary(
         out_dir, len(entries), num_classes, _size(out_dir / "train.rec"), time.perf_counter() - start_time
     )
@@ -207,7 +198,7 @@ def repack(
     """
     start_time = time.perf_counter()
     rec_path, out_dir = dataset_rec_path(dataset), Path(out_dir)
-    with _open_dataset(rec_path) as index:
+    with open_dataset(rec_path) as index:
         num_classes = known_num_classes(index)
         order = np.random.default_rng(seed).permutation(len(index)) if shuffle else np.arange(len(index))
         if exclude is not None:
@@ -216,7 +207,7 @@ def repack(
         written = 0
         max_label = -1
         shape = None
-        with _AtomicFiles(out_dir, _DATASET_FILES) as files:
+        with atomic_files(out_dir, _DATASET_FILES) as files:
             with RecordIOWriter(files["train.rec"], files["train.idx"]) as writer:
                 for position in with_progress(order.tolist(), len(order), progress):
                     try:
@@ -229,9 +220,9 @@ def repack(
                     writer.write(written, pack(IRHeader(0, float(label), written, 0), image))
                     written += 1
                     max_label = max(max_label, label)
-                    shape = shape or _image_shape(image)
+                    shape = shape or image_shape(image)
             num_classes = num_classes if num_classes is not None else max_label + 1
-            _write_property(files["property"], num_classes, shape)
+            write_property(files["property"], num_classes, shape)
             classes = rec_path.with_name("classes.txt")
             if classes.is_file():
                 shutil.copyfile(classes, files["classes.txt"])
@@ -254,114 +245,6 @@ def _without_excluded(order: np.ndarray, index: FaceRecordIndex, rec_path: Path,
     return order[~np.isin(keys[order], np.fromiter(excluded, dtype=np.int64, count=len(excluded)))]
 
 
-@dataclass(frozen=True)
-class CorruptedRecord:
-    """One image of a noisy copy whose label is wrong: its key there, its label there, and the truth."""
-
-    key: int
-    noisy_label: int
-    kind: str
-    """``closed``: an image of the set relabelled to another identity; ``open``: an image of an identity
-    outside the set (``source_key`` of ``outside``) given a label of the set."""
-    true_label: int
-    """The identity the image shows: a label of the set (closed) or of ``outside`` (open)."""
-    source_key: int
-    """The record key of the image in the file it came from."""
-
-
-def add_label_noise(
-    dataset: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    closed_fraction: float = 0.0,
-    open_fraction: float = 0.0,
-    outside: str | os.PathLike[str] | None = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> list[CorruptedRecord]:
-    """Write a copy of ``dataset`` (its folder or ``.rec``) with label noise (flat layout, keys ``0..n-1``) and
-    return the noise.
-
-    Closed-set noise relabels ``closed_fraction`` of the images, chosen uniformly, to another identity
-    drawn uniformly. Open-set noise adds ``open_fraction·n`` images of ``outside`` (a dataset of other
-    identities), each given a label of the set drawn uniformly. Image bytes are copied unchanged and
-    the records shuffled by ``seed``, so the noisy images are not grouped.
-    """
-    if not 0.0 <= closed_fraction <= 1.0 or not 0.0 <= open_fraction:
-        raise ConvertError(f"noise fractions must be in [0, 1] (closed) and >= 0 (open), got {closed_fraction}, "
-                           f"{open_fraction}")
-    if open_fraction and outside is None:
-        raise ConvertError("open-set noise needs a dataset of other identities (outside)")
-    rng = np.random.default_rng(seed)
-    rec_path, out_dir = dataset_rec_path(dataset), Path(out_dir)
-    with _open_dataset(rec_path) as index:
-        num_classes = known_num_classes(index)
-        images = [index.read(position) + (index.key(position),) for position in range(len(index))]
-    num_classes = num_classes if num_classes is not None else 1 + max(label for label, _, _ in images)
-    if num_classes < 2 and closed_fraction:
-        raise ConvertError(f"{rec_path}: closed-set noise needs at least 2 identities")
-    # (shown label, image, kind, true label, source key)
-    entries = [(label, image, "", label, key) for label, image, key in images]
-    for position in rng.choice(len(entries), round(closed_fraction * len(entries)), replace=False).tolist():
-        label, image, _, _, key = entries[position]
-        noisy = (label + int(rng.integers(1, num_classes))) % num_classes
-        entries[position] = (noisy, image, "closed", label, key)
-    if open_fraction:
-        with _open_dataset(dataset_rec_path(outside)) as other:
-            count = round(open_fraction * len(entries))
-            if count > len(other):
-                raise ConvertError(f"{outside}: {len(other)} images cannot supply {count} open-set images")
-            for position in rng.choice(len(other), count, replace=False).tolist():
-                true_label, image = other.read(position)
-                noisy = int(rng.integers(0, num_classes))
-                entries.append((noisy, image, "open", true_label, other.key(position)))
-    order = rng.permutation(len(entries)).tolist()
-    corrupted: list[CorruptedRecord] = []
-    with _AtomicFiles(out_dir, ("train.rec", "train.idx", "property")) as files:
-        with RecordIOWriter(files["train.rec"], files["train.idx"]) as writer:
-            for key, position in enumerate(with_progress(order, len(order), progress)):
-                label, image, kind, true_label, source_key = entries[position]
-                writer.write(key, pack(IRHeader(0, float(label), key, 0), image))
-                if kind:
-                    corrupted.append(CorruptedRecord(key, label, kind, true_label, source_key))
-        _write_property(files["property"], num_classes, _image_shape(images[0][1]))
-    return corrupted
-
-
-def hold_out_identities(
-    dataset: str | os.PathLike[str], out_dir: str | os.PathLike[str], count: int, progress: bool = True
-) -> tuple[Path, Path]:
-    """Split ``dataset`` (its folder or ``.rec``) by identity into ``out_dir/kept`` and ``out_dir/outside``
-    (flat layout, keys ``0..n-1``).
-
-    The last ``count`` identities go to ``outside``, relabelled from 0; the others keep their labels in
-    ``kept``. Open-set noise (``add_label_noise``) then draws from identities the kept set does not have.
-    """
-    rec_path, out_dir = dataset_rec_path(dataset), Path(out_dir)
-    with _open_dataset(rec_path) as index:
-        num_classes = known_num_classes(index)
-        if num_classes is None:
-            num_classes = 1 + max(index.read(position)[0] for position in range(len(index)))
-        if not 1 <= count < num_classes:
-            raise ConvertError(f"{rec_path}: cannot hold out {count} of its {num_classes} identities")
-        first_outside = num_classes - count
-        with contextlib.ExitStack() as stack:
-            files = {name: stack.enter_context(_AtomicFiles(out_dir / name, ("train.rec", "train.idx", "property")))
-                     for name in ("kept", "outside")}  # fmt: skip
-            writers = {name: stack.enter_context(RecordIOWriter(paths["train.rec"], paths["train.idx"]))
-                       for name, paths in files.items()}  # fmt: skip
-            written, shape = dict.fromkeys(files, 0), None
-            for position in with_progress(range(len(index)), len(index), progress):
-                label, image = index.read(position)
-                name, offset = ("outside", first_outside) if label >= first_outside else ("kept", 0)
-                key = written[name]
-                writers[name].write(key, pack(IRHeader(0, float(label - offset), key, 0), image))
-                written[name] += 1
-                shape = shape or _image_shape(image)
-            _write_property(files["kept"]["property"], first_outside, shape)
-            _write_property(files["outside"]["property"], count, shape)
-    return out_dir / "kept" / "train.rec", out_dir / "outside" / "train.rec"
-
-
 def rec_to_folder(
     dataset: str | os.PathLike[str], out_dir: str | os.PathLike[str], progress: bool = True
 ) -> ConvertSummary:
@@ -377,12 +260,12 @@ def rec_to_folder(
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConvertError(f"{out_dir}: exists and is not an empty folder: to-folder writes a new folder "
                            "(choose another, or remove this one yourself)")
-    with _open_dataset(rec_path) as index:
+    with open_dataset(rec_path) as index:
         classes_path = rec_path.with_name("classes.txt")
         names = _identity_names(classes_path) if classes_path.is_file() else None
         labels: set[int] = set()
         written = 0
-        with _AtomicFolder(out_dir) as staging:
+        with atomic_folder(out_dir) as staging:
             for position in with_progress(range(len(index)), len(index), progress):
                 key = index.key(position)
                 label, image = read_checked(index, position, None)
@@ -441,101 +324,6 @@ def _encode_file(path: Path, options: EncodeOptions) -> tuple[bytes, tuple[int, 
     if not keeps_size:
         image = image.resize((target, target), Image.Resampling.BICUBIC)  # type: ignore[arg-type]
     return encode_jpeg(image, options.quality), (image.height, image.width)
-
-
-def map_chunks(
-    function: Callable[..., list[R]], items: Sequence[T], extra: tuple[object, ...], workers: int | None
-) -> Iterator[R]:
-    """``function(chunk, *extra)`` over chunks of ``items`` on worker processes, results in order.
-
-    A few chunks per worker are in flight at a time; ``workers=0`` runs in this process.
-    """
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    chunks = [items[start : start + _CHUNK] for start in range(0, len(items), _CHUNK)]
-    if workers == 0:
-        for chunk in chunks:
-            yield from function(chunk, *extra)
-        return
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending: collections.deque[Future[list[R]]] = collections.deque()
-        for chunk in chunks:
-            pending.append(pool.submit(function, chunk, *extra))
-            if len(pending) >= 4 * workers:
-                yield from pending.popleft().result()
-        while pending:
-            yield from pending.popleft().result()
-
-
-def _image_shape(image: bytes) -> tuple[int, int] | None:
-    try:
-        with Image.open(io.BytesIO(image)) as opened:
-            return opened.height, opened.width
-    except (OSError, UnidentifiedImageError, ValueError):
-        return None
-
-
-def _write_property(path: Path, num_classes: int, shape: tuple[int, int] | None) -> None:
-    height, width = shape or (0, 0)
-    path.write_text(f"{num_classes},{height},{width}\n")
-
-
-@contextlib.contextmanager
-def _open_dataset(rec_path: Path) -> Iterator[FaceRecordIndex]:
-    """The image index of ``rec_path`` (its ``.idx`` alongside), open while in use; an empty dataset is an error."""
-    with RecordIOReader(rec_path, rec_path.with_suffix(".idx")) as reader:
-        index = FaceRecordIndex(reader)
-        index.require_images()
-        yield index
-
-
-class _AtomicFiles:
-    """Temporary paths for ``names`` in ``out_dir``, renamed into place together on success.
-
-    Outputs a run did not produce (its temporary file is missing) are left as they were.
-    """
-
-    def __init__(self, out_dir: Path, names: Sequence[str]) -> None:
-        self.out_dir = out_dir
-        self.paths = {name: out_dir / f".{name}.tmp{os.getpid()}" for name in names}
-
-    def __enter__(self) -> dict[str, Path]:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        return self.paths
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        try:
-            if exc_type is None:
-                for name, path in self.paths.items():
-                    if path.exists():
-                        os.replace(path, self.out_dir / name)
-        finally:
-            for path in self.paths.values():
-                path.unlink(missing_ok=True)
-
-
-class _AtomicFolder:
-    """A staging folder next to ``out_dir`` that replaces it on success (the old one is removed)."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        self.staging = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-
-    def __enter__(self) -> Path:
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir()
-        return self.staging
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            return
-        retired = self.out_dir.with_name(f".{self.out_dir.name}.old{os.getpid()}")
-        if self.out_dir.exists():
-            os.replace(self.out_dir, retired)
-        os.replace(self.staging, self.out_dir)
-        shutil.rmtree(retired, ignore_errors=True)
 
 
 def _folder_name_problem(name: str) -> str | None:

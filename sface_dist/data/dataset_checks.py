@@ -3,16 +3,20 @@ classes it has, and whether a record is usable.
 
 The loaders, the converter and ``inspect`` share these checks, so a dataset means the same, and
 a bad record gets the same one-line ``DataError`` naming the file, key and offset, whichever reads it.
+The tools that rewrite a dataset open it with ``open_dataset`` and write the ``property`` file that
+``read_property`` checks with ``write_property``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from sface_dist.data.errors import BadRecordError, DataError
 from sface_dist.data.images import image_extension
-from sface_dist.data.recordio import FaceRecordIndex, RecordIOError
+from sface_dist.data.recordio import FaceRecordIndex, RecordIOError, RecordIOReader
 
 REC_NAME = "train.rec"
 """The ``.rec`` of a dataset folder (``train.idx`` and ``property`` lie next to it)."""
@@ -42,6 +46,21 @@ def read_property(path: Path) -> tuple[int, int, int]:
     if min(num_classes, height, width) < 1:
         raise DataError(f"{path}: expected 'num_classes,height,width' of positive numbers, got {text[:80]!r}")
     return num_classes, height, width
+
+
+def write_property(path: Path, num_classes: int, shape: tuple[int, int] | None) -> None:
+    """Write ``num_classes,height,width`` to ``path`` (``0,0`` for a shape no image told)."""
+    height, width = shape or (0, 0)
+    path.write_text(f"{num_classes},{height},{width}\n")
+
+
+@contextlib.contextmanager
+def open_dataset(rec_path: Path) -> Iterator[FaceRecordIndex]:
+    """The image index of ``rec_path`` (its ``.idx`` alongside), open while in use; an empty dataset is an error."""
+    with RecordIOReader(rec_path, rec_path.with_suffix(".idx")) as reader:
+        index = FaceRecordIndex(reader)
+        index.require_images()
+        yield index
 
 
 def known_num_classes(index: FaceRecordIndex) -> int | None:

@@ -11,3 +11,7 @@ class BadRecordError(DataError):
     Its own type because the readers that may leave a bad record out (``on_bad_record=skip``,
     ``repack --skip-bad``) skip exactly these and stop at every other ``DataError``.
     """
+
+
+class ConvertError(DataError):
+    """An input that cannot be converted as it is; the message names the file (and key, offset)."""

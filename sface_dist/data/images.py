@@ -1,11 +1,11 @@
-"""Encoded image bytes: recognise, decode to RGB arrays, encode as JPEG."""
+"""Encoded image bytes: recognise, measure, decode to RGB arrays, encode as JPEG."""
 
 from __future__ import annotations
 
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 try:
     import simplejpeg
@@ -21,6 +21,15 @@ def image_extension(encoded: bytes) -> str:
         if encoded.startswith(signature):
             return extension
     return ""
+
+
+def image_shape(encoded: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` of an encoded image, read from its header; None when PIL cannot open it."""
+    try:
+        with Image.open(io.BytesIO(encoded)) as opened:
+            return opened.height, opened.width
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
 
 
 def decode_rgb(encoded: bytes) -> np.ndarray:

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sface_dist.data.convert import map_chunks
 from sface_dist.data.dataset_checks import check_record, dataset_rec_path, known_num_classes
 from sface_dist.data.errors import BadRecordError
 from sface_dist.data.recordio import (
@@ -34,6 +33,7 @@ from sface_dist.data.recordio import (
     SkippedBytes,
     scan_resynchronising,
 )
+from sface_dist.process_pool import map_chunks
 from sface_dist.progress_bar import ProgressBar
 
 _MAX_LISTED = 1000
