@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sface_dist.atomic_write import atomic_folder, atomic_write_text, replace_folder
 from sface_dist.config import MAX_EMBEDDING_SIZE
 from sface_dist.file_digest import DigestMismatch, DigestWriter, is_record, verify_file
 from sface_dist.parallel.agreement import PeerError, all_gather_objects, raise_on_any_rank
@@ -165,24 +166,6 @@ def _head_file_range(name: str) -> tuple[int, int]:
     return int(start), int(end)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync it and rename it over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -288,8 +271,7 @@ def save_checkpoint(
                 "files": dict(sorted(files.items())),
                 "config": config,
             }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            _fsync_dir(tmp)
+            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))  # fsyncs the folder's names too
             _publish(tmp, final)
             atomic_write_text(root / LATEST, final.name)
         except OSError as failure:
@@ -304,12 +286,7 @@ def save_checkpoint(
 def _publish(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an existing ``final`` (the same step written again) is swapped out by
     renames and deleted only afterwards, so ``latest`` never names a folder that is being deleted."""
-    retired = final.with_name(final.name + ".old")
-    shutil.rmtree(retired, ignore_errors=True)
-    if final.exists():
-        os.replace(final, retired)
-    os.replace(tmp, final)
-    shutil.rmtree(retired, ignore_errors=True)
+    replace_folder(tmp, final, final.with_name(final.name + ".old"))
 
 
 def _prune(root: Path, keep: int, written: Path) -> None:
@@ -551,19 +528,10 @@ def save_backbone(directory: str | os.PathLike[str], model: nn.Module, manifest:
     directory = Path(directory)
     if not isinstance(manifest.get("config"), dict):
         raise ValueError("a backbone manifest needs the run's config to be loadable")
-    temporary = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    temporary.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    manifest = {**manifest, "files": {BACKBONE_FILE: _save(state, temporary / BACKBONE_FILE)}}
-    (temporary / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    _fsync_dir(temporary)
-    if directory.exists():
-        retired = directory.with_name(f".{directory.name}.old{os.getpid()}")
-        os.replace(directory, retired)
-        os.replace(temporary, directory)
-        shutil.rmtree(retired)
-    else:
-        os.replace(temporary, directory)
+    with atomic_folder(directory) as temporary:
+        manifest = {**manifest, "files": {BACKBONE_FILE: _save(state, temporary / BACKBONE_FILE)}}
+        atomic_write_text(temporary / MANIFEST, json.dumps(manifest, indent=2))
     return directory
 
 

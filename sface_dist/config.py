@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-import os
 import re
 import types
 import typing
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from sface_dist.atomic_write import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -677,7 +678,4 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (it loads back to an equal ``Config``): to a file beside ``path``, renamed
     over it, so that a symbolic link at ``path`` is replaced rather than written through."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(temporary, path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sface_dist.checkpoint import atomic_write_text
+from sface_dist.atomic_write import atomic_write_text, publish_file, temporary_sibling
 from sface_dist.data.pixels import normalize_pixels
 from sface_dist.evaluation.checkpoint_backbone import LoadedBackbone, load_backbone
 from sface_dist.evaluation.embedder import OnnxEmbedder
@@ -78,7 +78,7 @@ def export_onnx(
     path = Path(path)
     model = PixelNormalized(backbone).cpu().eval()
     example = torch.randint(0, 256, (2, 3, image_size, image_size)).float()
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary = temporary_sibling(path)
     try:
         temporary.touch()  # before minutes of export: the folder exists and takes a file
     except OSError as error:
@@ -112,7 +112,7 @@ def export_onnx(
             raise ExportError(f"{path}: {error}; the file was not written") from None
         record = file_record(temporary)
         sidecar(path).unlink(missing_ok=True)
-        os.replace(temporary, path)
+        publish_file(temporary, path)
         atomic_write_text(sidecar(path), sidecar_line(path, record))
     finally:
         registration_log.setLevel(previous_level)

@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 from sface_dist.atomic_write import (
     atomic_files,
@@ -18,6 +19,7 @@ from sface_dist.atomic_write import (
     replace_folder,
     temporary_sibling,
 )
+from sface_dist.checkpoint import save_backbone
 
 
 class Interrupted(Exception):
@@ -165,3 +167,15 @@ def test_replace_folder_retires_the_old_folder_and_removes_it(tmp_path: Path) ->
     retired.mkdir()  # a crash's leftover
     replace_folder(staging, target, retired)
     assert names(tmp_path) == ["step-2"] and names(target) == ["new"]
+
+
+def test_a_best_backbone_folder_is_synced_whole(tmp_path: Path, synced: list[tuple[int, bool]]) -> None:
+    """Its files, its folder and the parent the folder is renamed in, as a checkpoint's."""
+    best = tmp_path / "best" / "lfw"
+    for step in (1, 2):
+        synced.clear()
+        save_backbone(best, nn.Linear(2, 2), {"step": step, "config": {}})
+        expected = {(path.stat().st_ino, path.is_dir()) for path in (best / "backbone.pt", best / "manifest.json",
+                                                                      best, tmp_path / "best")}
+        assert expected <= set(synced)
+        assert names(tmp_path / "best") == ["lfw"] and names(best) == ["backbone.pt", "manifest.json"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from sface_dist.checkpoint import atomic_write_text
+from sface_dist.atomic_write import atomic_write_text
 from sface_dist.config import flatten
 from sface_dist.file_digest import file_record
 

@@ -16,7 +16,6 @@ import io
 import os
 import pickle
 import struct
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sface_dist.atomic_write import atomic_open
 from sface_dist.memory import available_host_memory
 from sface_dist.parallel.partition import even_split
 
@@ -378,16 +378,6 @@ def read_bin(
     return VerificationPack(images=images, issame=issame, name=path.stem, first_image=start)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_CREATED_FILE_MODE = 0o666 & ~_umask()
-"""The mode ``open(path, "w")`` gives a new file under this process's umask, as for every other output."""
-
-
 def write_bin(path: str | os.PathLike[str], jpeg_bytes: list[bytes], issame: list[bool]) -> None:
     """Write a pack in insightface's format, atomically (a temp file in the same folder, then rename).
 
@@ -398,17 +388,8 @@ def write_bin(path: str | os.PathLike[str], jpeg_bytes: list[bytes], issame: lis
     if len(jpeg_bytes) != 2 * len(issame):
         raise ValueError(f"{path}: {len(issame)} pairs need {2 * len(issame)} images, got {len(jpeg_bytes)}")
     payload = (_separately_stored(jpeg_bytes), [bool(value) for value in issame])
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(descriptor, _CREATED_FILE_MODE)  # mkstemp's 0600, made what ``open`` would have given
-        with os.fdopen(descriptor, "wb") as f:
-            pickle.dump(payload, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        pickle.dump(payload, f, protocol=4)
 
 
 def _separately_stored(images: Sequence[bytes]) -> list[bytes]:

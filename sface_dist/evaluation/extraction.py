@@ -20,6 +20,7 @@ from typing import TextIO
 import numpy as np
 import torch
 
+from sface_dist.atomic_write import atomic_open
 from sface_dist.evaluation.embedder import Embedder, embed_views
 from sface_dist.progress_bar import ProgressBar
 
@@ -127,8 +128,5 @@ class _ChunkCache:
         return views if views.ndim == 3 and views.shape[:2] == (self.views, expected) else None
 
     def save(self, start: int, views: np.ndarray) -> None:
-        path = self._path(start)
-        temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(temporary, "wb") as out:
+        with atomic_open(self._path(start)) as out:
             np.save(out, views.astype(np.float32, copy=False))
-        os.replace(temporary, path)
