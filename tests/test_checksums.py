@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_faults import ROOT, copy_run, demo_data, step_dir, tool, train_in_process, trained_run, write_config
 
 from sface_dist.checkpoint import CheckpointError, load_trainer_state, read_head_rows
 from sface_dist.evaluation.checkpoint_backbone import load_backbone
 
-__all__ = ["demo_data", "trained_run"]  # the fixtures, shared with tests/test_faults.py
+from training_runs import ROOT, copy_run, step_dir, tool, train_in_process, write_config
 
 
 def flip_bytes(path: Path, count: int = 64) -> None:

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_loader import SIZE, bad_dataset, config, epoch
 
 from sface_dist.data.convert import EncodeOptions, encode_jpeg, folder_to_rec, repack
 from sface_dist.data.loader import build_loader
 from sface_dist.data.recordio import FaceRecordIndex, RecordIOReader
 from sface_dist.data.synthetic import SyntheticFaces, write_identity_folders
+
+from loader_datasets import SIZE, bad_dataset, config, epoch
 
 dali = pytest.importorskip("nvidia.dali")
 

@@ -11,33 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from training_runs import ROOT, torchrun
+
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss (-?[0-9.]+)", re.MULTILINE)
-
-
-def run(cmd: list[str], cwd: Path) -> str:
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def torchrun(nproc: int, config: Path, *overrides: str) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", "sface_dist.train", str(config)]
-    for override in overrides:
-        cmd += ["--set", override]
-    return cmd
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "demo"
-    run(
-        [sys.executable, "tools/make_demo_data.py", "--out", str(out), "--identities", "24", "--images", "8",
-         "--heldout", "8", "--pairs", "40"],
-        ROOT,
-    )
-    return out
 
 
 def test_train_checkpoint_and_resume_at_another_world_size(demo_data: Path, tmp_path: Path) -> None:
@@ -52,7 +28,7 @@ train: {{output: {tmp_path / 'run'}, steps: 36, log_every: 4, checkpoint_every: 
 eval: {{bins: [{demo_data / 'heldout.bin'}], every: 1000, batch_size: 32}}
 """
     )
-    log = run(torchrun(2, config), ROOT)
+    log = torchrun(2, config)
     losses = [float(m.group(3)) for m in STEP_LINE.finditer(log)]
     assert len(losses) == 9, log
     assert sum(losses[-3:]) < sum(losses[:3]), log
@@ -66,7 +42,7 @@ eval: {{bins: [{demo_data / 'heldout.bin'}], every: 1000, batch_size: 32}}
     assert [(s["class_start"], s["class_end"]) for s in saved] == [(0, 12), (12, 24)]
 
     # train.steps counts steps of the run's first global batch (2 x 16): 8 more of them are 16 steps of 1 x 16.
-    resumed = run(torchrun(1, config, "train.steps=44"), ROOT)
+    resumed = torchrun(1, config, "train.steps=44")
     assert "resumed from" in resumed and "at step 36" in resumed
     steps = [int(m.group(1)) for m in STEP_LINE.finditer(resumed)]
     assert steps == [40, 44, 48, 52], resumed
@@ -131,9 +107,9 @@ train: {{output: {tmp_path / name}, steps: 12, log_every: 4, checkpoint_every: 1
         )
         return path
 
-    run(torchrun(2, config("straight")), ROOT)
-    run(torchrun(2, config("resumed"), "train.steps=8"), ROOT)
-    log = run(torchrun(2, config("resumed")), ROOT)
+    torchrun(2, config("straight"))
+    torchrun(2, config("resumed"), "train.steps=8")
+    log = torchrun(2, config("resumed"))
     assert "at step 8" in log
     straight = tmp_path / "straight" / "checkpoints" / "step-00000012"
     resumed = tmp_path / "resumed" / "checkpoints" / "step-00000012"

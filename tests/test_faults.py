@@ -7,7 +7,6 @@ a fraction of a second; launches with several ranks and signals run real subproc
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -16,14 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-from sface_dist import train
 from sface_dist.checkpoint import (
     CheckpointError,
     TrainerState,
@@ -36,73 +33,18 @@ from sface_dist.checkpoint import (
 from sface_dist.config import ConfigError, load_config
 from sface_dist.heads import ShardedSFaceHead, ShardOptimizer
 
-from test_ijb import make_ijb_set
-
-ROOT = Path(__file__).resolve().parents[1]
-STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss (-?[0-9.]+).* lr ([0-9.e+-]+) ", re.MULTILINE)
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on now (for a rendezvous)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def tool(name: str) -> ModuleType:
-    """A script of ``tools/`` imported as a module, so its ``main`` runs in this process."""
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "demo"
-    command = [sys.executable, "tools/make_demo_data.py", "--out", str(out), "--identities", "24", "--images", "8",
-               "--heldout", "8", "--pairs", "40"]
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
-    return out
-
-
-def write_config(
-    path: Path, demo_data: Path, output: Path, train_keys: str = "steps: 4, log_every: 2, checkpoint_every: 2"
-) -> Path:
-    path.write_text(
-        f"data: {{backend: torch, root: {demo_data}, batch_size: 8, num_workers: 0}}\n"
-        f"model: {{backbone: tiny, embedding_size: 32}}\n"
-        f"optim: {{lr: 0.05, warmup_steps: 2}}\n"
-        f"train: {{output: {output}, {train_keys}}}\n"
-        f"eval: {{bins: [{demo_data / 'heldout.bin'}], every: 2, batch_size: 32}}\n"
-    )
-    return path
-
-
-def train_in_process(config: Path, *overrides: str) -> int:
-    argv = [str(config)]
-    for override in overrides:
-        argv += ["--set", override]
-    return train.main(argv)
-
-
-def one_error_line(stderr: str) -> str:
-    """The single ``error:`` line of ``stderr``, asserting there is no other output of note."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, stderr
-    return errors[0]
-
-
-@pytest.fixture(scope="module")
-def trained_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 4-step run with checkpoints at steps 2 and 4 and a best backbone for ``heldout``."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    config = write_config(run.parent / "run.yaml", demo_data, run)
-    assert train_in_process(config) == 0
-    assert (run / "best" / "heldout" / "backbone.pt").is_file()
-    return run
+from ijb_sets import make_ijb_set
+from training_runs import (
+    ROOT,
+    copy_run,
+    logged,
+    one_error_line,
+    step_dir,
+    tool,
+    torchrun,
+    train_in_process,
+    write_config,
+)
 
 
 class RunsCode:
@@ -126,17 +68,6 @@ def plant(path: Path, marker: Path) -> None:
     data = path.read_bytes()
     content["files"][path.name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     manifest.write_text(json.dumps(content))
-
-
-def copy_run(run: Path, destination: Path) -> Path:
-    shutil.copytree(run, destination)
-    for lock in destination.rglob(".lock"):
-        lock.unlink()
-    return destination
-
-
-def step_dir(run: Path, step: int = 4) -> Path:
-    return run / "checkpoints" / f"step-{step:08d}"
 
 
 def test_planted_pickle_is_the_attack() -> None:
@@ -357,26 +288,6 @@ def test_unusable_output_path_is_one_line(
     assert f"train.output {output}" in line
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
-    """Mount small tmpfs file systems (root only): a real full or read-only disk."""
-    mounts: list[Path] = []
-
-    def mount(size: str, options: str = "rw") -> Path:
-        point = tmp_path / f"mount{len(mounts)}"
-        point.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},{options}", "tmpfs", str(point)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-        mounts.append(point)
-        return point
-
-    yield mount
-    for point in mounts:
-        subprocess.run(["umount", "--lazy", str(point)], check=False)
-
-
 def test_read_only_output_is_one_line(
     demo_data: Path, tmp_path: Path, tmpfs: Callable[[str, str], Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -483,21 +394,6 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(demo_data: Path, tmp_
     resumed = subprocess.run([*command, "--set", f"train.steps={step + 2}"], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
     assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr
-
-
-def torchrun(nproc: int, config: Path, *overrides: str) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "sface_dist.train", str(config)]
-    for override in overrides:
-        command += ["--set", override]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def logged(log: str) -> dict[int, tuple[int, float, float]]:
-    """``step -> (total steps, loss, lr)`` of a run's log."""
-    return {int(m[1]): (int(m[2]), float(m[3]), float(m[4])) for m in STEP_LINE.finditer(log)}
 
 
 @pytest.mark.faults

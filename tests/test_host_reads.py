@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import ENV, make_config
 from torch import Tensor
 
 from sface_dist.config import Config
 from sface_dist.training.trainer import Trainer
+
+from synthetic_trainer import ENV, make_config
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 STEPS, LOG_EVERY, BATCH = 5, 2, 4

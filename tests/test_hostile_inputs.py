@@ -29,8 +29,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 from PIL import Image
-from test_faults import ROOT, demo_data, logged, one_error_line, tmpfs, tool, train_in_process, write_config
-from test_trainer import ENV
 
 from sface_dist.checkpoint import CheckpointError, load_trainer_state
 from sface_dist.config import ConfigError, load_config
@@ -41,9 +39,9 @@ from sface_dist.evaluation.ijb import IjbError, read_ijb
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.file_digest import file_record
 
-from test_ijb import make_ijb_set
-
-__all__ = ["demo_data", "tmpfs"]  # the fixtures, shared with tests/test_faults.py
+from ijb_sets import make_ijb_set
+from synthetic_trainer import ENV
+from training_runs import ROOT, logged, one_error_line, tool, torchrun, train_in_process, write_config
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -217,15 +215,6 @@ def test_the_sampling_study_never_renders_over_a_users_dataset(demo_data: Path, 
 # Resuming at another world size
 
 
-def torchrun_with_timeout(nproc: int, config: Path, *overrides: str, timeout: float = 180) -> str:
-    """``sface_dist.train`` on ``nproc`` ranks; a run that does not end within ``timeout`` fails the test."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "sface_dist.train", str(config), *(item for value in overrides for item in ("--set", value))]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
 def resume_copy(run: Path, step: int, into: Path) -> Path:
     """A run folder holding only ``run``'s checkpoint of ``step``: a run stopped there."""
     name = f"step-{step:08d}"
@@ -244,7 +233,7 @@ def test_a_resume_on_more_ranks_with_less_than_a_step_left_in_the_epoch_goes_on(
     config = write_config(tmp_path / "c.yaml", demo_data, tmp_path / "straight", keys)
     assert train_in_process(config, "eval.bins=[]", "train.epochs=1") == 0
     resumed = resume_copy(tmp_path / "straight", 23, tmp_path / "resumed")
-    log = torchrun_with_timeout(2, config, "eval.bins=[]", f"train.output={resumed}")
+    log = torchrun(2, config, "eval.bins=[]", f"train.output={resumed}", timeout=180)
     assert "at step 23 (184 samples, epoch 0)" in log
     assert ("at 2 rank(s) x 8: 12 steps of 16 samples left; the run ends after 376 samples (8 fewer than at the 8 "
             "per step it started with), and so does its learning-rate schedule") in log
@@ -264,7 +253,7 @@ def test_a_resume_on_fewer_ranks_ends_its_schedule_at_its_last_step(
                     "--images", "8", "--heldout", "4", "--pairs", "10"], cwd=ROOT, check=True, capture_output=True)
     keys = "epochs: 2, steps: 0, log_every: 1, checkpoint_every: 5, keep_checkpoints: 50"
     config = write_config(tmp_path / "c.yaml", data, tmp_path / "straight", keys)
-    torchrun_with_timeout(2, config, "eval.bins=[]", "train.epochs=1")
+    torchrun(2, config, "eval.bins=[]", "train.epochs=1", timeout=180)
     resumed = resume_copy(tmp_path / "straight", 5, tmp_path / "resumed")
     capsys.readouterr()
     assert train_in_process(config, "eval.bins=[]", f"train.output={resumed}") == 0

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_faults import ROOT, demo_data, free_port, logged, write_config  # noqa: F401  (demo_data: a fixture)
 
 from sface_dist.checkpoint import latest_checkpoint, load_trainer_state, load_weights
+
+from training_runs import ROOT, free_port, logged, write_config
 
 pytestmark = pytest.mark.faults
 
@@ -163,7 +164,7 @@ def same_checkpoint(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def straight_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:  # noqa: F811
+def straight_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """An uninterrupted 8-step run of one agent with 2 ranks: its final checkpoint and its log."""
     tmp = tmp_path_factory.mktemp("straight")
     config = write_config(tmp / "c.yaml", demo_data, tmp / "run", TRAIN_KEYS)
@@ -179,7 +180,7 @@ def losses(text: str) -> dict[int, float]:
 
 @pytest.mark.parametrize("trial", range(5))
 def test_kill_9_of_a_rank_restarts_and_resumes_exactly(
-    demo_data: Path, straight_run: tuple[Path, str], tmp_path: Path, trial: int  # noqa: F811
+    demo_data: Path, straight_run: tuple[Path, str], tmp_path: Path, trial: int
 ) -> None:
     """``--max-restarts=1``: rank 1 SIGKILLed after the first checkpoint; the restart resumes from ``latest``,
     loses at most the checkpoint interval, and ends bit for bit where the uninterrupted run does."""
@@ -201,7 +202,7 @@ def test_kill_9_of_a_rank_restarts_and_resumes_exactly(
 
 
 def test_rank_killed_inside_a_checkpoint_write_leaves_the_previous_checkpoint(
-    demo_data: Path, straight_run: tuple[Path, str], tmp_path: Path  # noqa: F811
+    demo_data: Path, straight_run: tuple[Path, str], tmp_path: Path
 ) -> None:
     """Rank 0 SIGKILLed with ``step-00000004.tmp`` fully written but not yet renamed: ``latest`` and resume
     pick step 2; a launch that is killed the same way again restarts and resumes from step 2 once more."""
@@ -231,7 +232,7 @@ def test_rank_killed_inside_a_checkpoint_write_leaves_the_previous_checkpoint(
 
 
 def test_two_agents_as_two_nodes_train_as_one_agent_with_two_ranks(
-    demo_data: Path, straight_run: tuple[Path, str], tmp_path: Path  # noqa: F811
+    demo_data: Path, straight_run: tuple[Path, str], tmp_path: Path
 ) -> None:
     """``--nnodes=2``, one process per agent: each rank logs the same losses as the other and as one agent
     with two processes, and the final checkpoint is bitwise the single agent's."""
@@ -250,7 +251,7 @@ def test_two_agents_as_two_nodes_train_as_one_agent_with_two_ranks(
 
 
 def test_a_node_leaving_an_elastic_run_leaves_the_survivor_training_alone(
-    demo_data: Path, tmp_path: Path  # noqa: F811
+    demo_data: Path, tmp_path: Path
 ) -> None:
     """``--nnodes=1:2``: node B (agent and rank) is SIGKILLed after a checkpoint; node A's agent restarts on
     its own, re-partitions the head from 2 ranks to 1 and continues the loss exactly as a single process

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import ENV, make_config
 
 from sface_dist.training.trainer import Trainer
+
+from synthetic_trainer import ENV, make_config
 
 
 def plant_nan(trainer: Trainer, from_step: int) -> None:

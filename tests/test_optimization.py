@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import ENV, make_config, record_steps
 from torch import nn
 
 from sface_dist.config import HeadConfig, OptimConfig
 from sface_dist.heads import build_head
 from sface_dist.training.optimization import Optimization, Schedule
 from sface_dist.training.trainer import Trainer
+
+from synthetic_trainer import ENV, make_config, record_steps
 
 CONSTANT = {"schedule": "step", "milestones": [1000.0]}
 """A schedule that keeps the peak learning rate over these tests' few steps."""

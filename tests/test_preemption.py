@@ -23,8 +23,6 @@ from typing import Any
 
 import pytest
 import torch
-from test_faults import ROOT, demo_data, free_port, logged, one_error_line, train_in_process, write_config
-from test_trainer import ENV, make_config
 
 from sface_dist.checkpoint import load_trainer_state
 from sface_dist.config import Config, ConfigError, load_config
@@ -32,7 +30,8 @@ from sface_dist.parallel.agreement import CollectiveError, naming_collective_fai
 from sface_dist.training.stop_signals import GRACE_S, StopRequest, stop_at_step_boundary
 from sface_dist.training.trainer import Trainer
 
-__all__ = ["demo_data"]  # the fixture, shared with tests/test_faults.py
+from synthetic_trainer import ENV, make_config
+from training_runs import ROOT, free_port, logged, one_error_line, train_in_process, write_config
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 SLURM_SIGNALS = "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"

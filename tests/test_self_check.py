@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_loader import config, epoch, make_rec
 from torch import Tensor
 
 from sface_dist.config import HeadConfig
@@ -32,6 +31,7 @@ from sface_dist.heads.sface import BlockOptions, BlockResult, SFaceParams, sface
 from sface_dist.parallel import agreement
 from sface_dist.parallel.agreement import PeerError
 
+from loader_datasets import config, epoch, make_rec
 from triton_interpreter import interpreted_results
 
 DIM = 16

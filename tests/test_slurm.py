@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_faults import demo_data, free_port, write_config  # noqa: F401  (demo_data: a fixture)
+
+from training_runs import free_port, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
@@ -264,7 +265,7 @@ def test_sigterm_to_the_batch_shell_waits_for_the_step(tmp_path: Path) -> None:
 
 @pytest.mark.faults
 def test_train_sbatch_stops_the_real_trainer_and_the_requeued_job_resumes(
-    tmp_path: Path, demo_data: Path  # noqa: F811  (demo_data: a fixture)
+    tmp_path: Path, demo_data: Path
 ) -> None:
     """train.sbatch with stand-ins for SLURM only: the entrypoint, torchrun and two training ranks are real. SIGUSR1
     to the batch shell checkpoints the step the ranks were in and requeues the job; the requeued job (the same
