@@ -1,6 +1,6 @@
 # make demo : build the environment, make a synthetic face dataset, train on 2 CPU ranks, report accuracy
-# make test : build the environment, lint, and run the test suite (all but the long fault tests)
-# make test-faults : the long launch and fault tests (signals, restarts, several nodes, DeepSpeed)
+# make test : build the environment, lint, and run the test suite, tests/unit (all but the long fault tests)
+# make test-faults : the long launch and fault tests, tests/faults (signals, restarts, several nodes, DeepSpeed)
 # make check : both, as CI runs them
 PYTHON ?= python3
 VENV ?= .venv
@@ -35,10 +35,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check sface_dist tools tests
 
 test: lint
-	$(BIN)/python -m pytest -q -m "not faults" tests
+	$(BIN)/python -m pytest -q tests/unit
 
 test-faults: $(STAMP)
-	$(BIN)/python -m pytest -q -m faults tests
+	$(BIN)/python -m pytest -q tests/faults
 
 check: test test-faults
 

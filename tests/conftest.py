@@ -1,10 +1,9 @@
-"""Fixtures shared by the test modules: the demo dataset, a finished run on it, and tmpfs mounts."""
+"""Fixtures of both suites (tests/unit, tests/faults): the demo dataset and a finished run on it."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,23 +29,3 @@ def trained_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     assert train_in_process(config) == 0
     assert (run / "best" / "heldout" / "backbone.pt").is_file()
     return run
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
-    """Mount small tmpfs file systems (root only): a real full or read-only disk."""
-    mounts: list[Path] = []
-
-    def mount(size: str, options: str = "rw") -> Path:
-        point = tmp_path / f"mount{len(mounts)}"
-        point.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},{options}", "tmpfs", str(point)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-        mounts.append(point)
-        return point
-
-    yield mount
-    for point in mounts:
-        subprocess.run(["umount", "--lazy", str(point)], check=False)

@@ -1,4 +1,4 @@
-"""Write the mxnet-made golden RecordIO files that ``tests/test_mxnet_golden.py`` checks against.
+"""Write the mxnet-made golden RecordIO files that ``tests/unit/test_mxnet_golden.py`` checks against.
 
 Run with mxnet 1.9.1 (kept out of the project's environment on purpose):
 

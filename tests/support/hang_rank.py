@@ -1,5 +1,5 @@
 """``python -m sface_dist.train`` with one rank that stops answering for a while: a hung peer, for
-``tests/test_preemption.py``.
+``tests/faults/test_preemption_launches.py``.
 
 ``python tests/support/hang_rank.py RANK SECONDS WHERE CONFIG [--set ...]``: rank ``RANK`` sleeps ``SECONDS`` once, at
 ``WHERE``: ``after-step-3`` (its peers wait in the next step's agreement) or ``checkpoint-4`` (before it writes its

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STUDY = [sys.executable, "tools/noise_study.py", "--quick", "--heads", "sface", "--noise", "closed", "--steps", "20"]
 
 

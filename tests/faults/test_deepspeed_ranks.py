@@ -16,53 +16,13 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import pytest
 import torch
 
 from sface_dist.checkpoint import load_trainer_state, resolve_checkpoint
-from sface_dist.config import (
-    Config,
-    ConfigError,
-    DataConfig,
-    DeepSpeedConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    load_config,
-)
 from sface_dist.file_digest import file_record
-from sface_dist.parallel.launch import DistEnv
 
+from deepspeed_setup import CLASSES, ENGINES, PER_RANK, cpu_env, make_config
 from rank_launcher import run_ranks
-
-PER_RANK, CLASSES = 4, 8
-ENGINES = {
-    "ddp": ("ddp", 1),
-    "zero1": ("deepspeed", 1),
-    "zero2": ("deepspeed", 2),
-}
-
-
-def make_config(output: Path, engine: str, steps: int = 1, grad_accum: int = 1, grad_clip: float = 1.0,
-                optimizer: str = "sgd", amp: str = "none") -> Config:
-    """The tiny backbone and an SFace head on synthetic faces; SGD with momentum (or AdamW) and weight decay, and
-    by default a clip that binds (the untrained net's gradient norm is far above 1). AdamW's eps is 1e-4: the
-    tiny net's last bias feeds a batch norm, so its gradient is rounding noise, which a small eps turns into
-    steps of ±lr that differ between any two summation orders."""
-    kind, stage = ENGINES[engine]
-    return Config(
-        data=DataConfig(backend="synthetic", num_classes=CLASSES, synthetic_images_per_class=8, batch_size=PER_RANK,
-                        num_workers=0),
-        model=ModelConfig(backbone="tiny", embedding_size=16),
-        optim=OptimConfig(name=optimizer, lr=0.05, eps=1e-4, grad_clip=grad_clip, schedule="cosine", warmup_steps=1),
-        train=TrainConfig(output=str(output), steps=steps, grad_accum=grad_accum, engine=kind, amp=amp, log_every=100,
-                          checkpoint_every=100),
-        deepspeed=DeepSpeedConfig(stage=stage),
-    )
-
-
-def _env(rank: int, world: int) -> DistEnv:
-    return DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
 
 
 def _batches(rank: int, world: int, grad_accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -90,7 +50,7 @@ def step_worker(rank: int, world: int, output: str) -> dict[str, list[torch.Tens
         with averaged if case.endswith("averaged") else contextlib.nullcontext():
             trainer = Trainer(
                 make_config(Path(output) / case.replace(" ", "-"), engine, grad_accum, grad_clip=clip, amp=amp),
-                _env(rank, world),
+                cpu_env(rank, world),
             )
             try:
                 results.setdefault("initial", [p.detach().clone() for p in trainer.backbone.parameters()])
@@ -111,7 +71,6 @@ def _update(result: dict[str, list[torch.Tensor]], case: str) -> list[torch.Tens
     return [after - before for after, before in zip(result[case], result["initial"], strict=True)]
 
 
-@pytest.mark.faults
 def test_zero_steps_like_ddp_with_summed_gradients(tmp_path: Path) -> None:
     for result in run_ranks(step_worker, 2, str(tmp_path)):
         assert _relative(result["zero1"], result["ddp"]) < 1e-5
@@ -132,7 +91,7 @@ def skip_worker(rank: int, world: int, output: str) -> dict[str, Any]:
     for engine in ("ddp", "zero1", "zero2"):
         cfg = make_config(Path(output) / engine, engine, steps=3)
         cfg.train.on_nonfinite = "skip"
-        trainer = Trainer(cfg, _env(rank, world))
+        trainer = Trainer(cfg, cpu_env(rank, world))
         try:
             trainer.head.weight.register_hook(lambda grad: grad * float("nan") if trainer.step == 1 else grad)
             trainer.fit()
@@ -142,7 +101,6 @@ def skip_worker(rank: int, world: int, output: str) -> dict[str, Any]:
     return results
 
 
-@pytest.mark.faults
 def test_a_skipped_step_leaves_no_gradient_behind(tmp_path: Path) -> None:
     """A skipped step leaves no gradient behind under ZeRO-1 and ZeRO-2: the step after it matches DDP's."""
     for result in run_ranks(skip_worker, 2, str(tmp_path)):
@@ -171,7 +129,7 @@ def fit_worker(rank: int, world: int, runs: list[tuple[str, str, int, str]]) -> 
     for output, engine, steps, optimizer in runs:
         cfg = make_config(Path(output), engine, steps=steps, optimizer=optimizer)
         with mock.patch.object(trainer_module, "build_backbone", tiny_with_a_frozen_parameter):
-            trainer = trainer_module.Trainer(cfg, _env(rank, world))
+            trainer = trainer_module.Trainer(cfg, cpu_env(rank, world))
         try:
             trainer.fit()
         finally:
@@ -197,7 +155,6 @@ def _assert_same_state(got: Path, expected: Path, tolerance: float) -> None:
     assert [g["params"] for g in optimizer["param_groups"]] == [g["params"] for g in ref_optimizer["param_groups"]]
 
 
-@pytest.mark.faults
 def test_checkpoints_resume_across_engines_and_world_sizes(tmp_path: Path) -> None:
     """Two steps under DDP and under ZeRO-2 write the same checkpoint (SGD's momentum; AdamW's moments and step
     under ZeRO-1); DDP resumed under ZeRO-1 (SGD and AdamW) and ZeRO-2 resumed under DDP reach
@@ -226,46 +183,18 @@ def test_checkpoints_resume_across_engines_and_world_sizes(tmp_path: Path) -> No
     _assert_same_state(tmp_path / "one-rank-zero1", tmp_path / "one-rank-ddp", 1e-5)
 
 
-@pytest.mark.parametrize(
-    ("override", "key"), [("train.amp=fp16", "train.amp"), ("train.grad_comm=bf16", "train.grad_comm")]
-)
-def test_deepspeed_refuses_what_it_does_not_run(override: str, key: str) -> None:
-    with pytest.raises(ConfigError, match=rf"^--set {re.escape(override)}: .*train\.engine=deepspeed"):
-        load_config(None, ["data.backend=synthetic", "train.engine=deepspeed", "train.steps=1", override])
-
-
-def test_deepspeed_missing_names_the_key() -> None:
-    with mock.patch("importlib.util.find_spec", return_value=None):
-        with pytest.raises(ConfigError, match=r"^--set train\.engine=deepspeed: deepspeed is not installed"):
-            load_config(None, ["data.backend=synthetic", "train.engine=deepspeed", "train.steps=1"])
-
-
-def test_zero_stage_is_one_or_two() -> None:
-    with pytest.raises(ConfigError, match=r"^--set deepspeed\.stage=3: expected 1 or 2, got 3$"):
-        load_config(None, ["data.backend=synthetic", "deepspeed.stage=3"])
-
-
-def test_deepspeed_without_a_process_group_names_the_launch(tmp_path: Path) -> None:
-    """``python -m sface_dist.train`` without torchrun has no process group for DeepSpeed to join."""
-    from sface_dist.training.trainer import Trainer
-
-    with pytest.raises(ValueError, match=r"^train\.engine=deepspeed: needs a process group: launch with torchrun"):
-        Trainer(make_config(tmp_path, "zero1"), _env(0, 1))
-
-
 def resume_worker(rank: int, world: int, output: str) -> str:
     """Resume ``output`` under ZeRO-1 and return the one line the resume stops with."""
     from sface_dist.checkpoint import CheckpointError
     from sface_dist.training.trainer import Trainer
 
     try:
-        Trainer(make_config(Path(output), "zero1", steps=4), _env(rank, world)).close()
+        Trainer(make_config(Path(output), "zero1", steps=4), cpu_env(rank, world)).close()
     except CheckpointError as error:
         return str(error)
     return "resumed"
 
 
-@pytest.mark.faults
 def test_zero_refuses_an_optimizer_state_of_the_wrong_shape_at_load(tmp_path: Path) -> None:
     """A momentum buffer of another shape loaded into ZeRO's partitions and failed at the first step (134 lines)."""
     run = tmp_path / "run"

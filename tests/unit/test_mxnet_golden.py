@@ -24,7 +24,7 @@ from sface_dist.data.recordio import (
     unpack,
 )
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
 NAMES = sorted(EXPECTED)
 

@@ -22,7 +22,7 @@ from sface_dist.checkpoint import (
 from sface_dist.heads import ShardedSFaceHead, ShardOptimizer
 from sface_dist.training.checkpoint_manager import CheckpointManager
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_MODULES = {"sface_dist/checkpoint.py", "sface_dist/training/checkpoint_manager.py"}
 LAYOUT_NAMES = re.compile(r"trainer\.pt|manifest\.json|backbone\.pt|(^|/)(head|step)-")
 """File names of the layout (``checkpoint``'s module docstring), in a string constant."""

@@ -4,7 +4,6 @@ non-whole labels, and ``inspect --verify`` on damaged or empty datasets."""
 from __future__ import annotations
 
 import gc
-import io
 import math
 import re
 import struct
@@ -12,74 +11,36 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from sface_dist.config import DataConfig
 from sface_dist.data.convert import rec_to_folder, repack
 from sface_dist.data.errors import DataError
 from sface_dist.data.inspection import inspect_rec
 from sface_dist.data.loader import build_loader
-from sface_dist.data.recordio import (
-    IRHeader,
-    RecordIOError,
-    RecordIOReader,
-    RecordIOWriter,
-    header_record,
-    pack,
-)
+from sface_dist.data.recordio import RecordIOError
 from sface_dist.data.sampler import EpochShardSampler
 
-ROOT = Path(__file__).resolve().parents[1]
-NUM_CLASSES = 4
-SMALL = 8
-"""Image side of the in-process datasets; training runs use 112, what the tiny backbone takes."""
+from damaged_datasets import (
+    NUM_CLASSES,
+    SMALL,
+    TrainingRun,
+    assert_one_error_line,
+    location,
+    offset_of,
+    png,
+    started_runs,
+    write_dataset,
+)
 
-
-def png(index: int, size: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((size, size, 3), index % 256, dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def write_dataset(
-    root: Path,
-    num_images: int,
-    size: int = SMALL,
-    labels: dict[int, float] | None = None,
-    payloads: dict[int, bytes] | None = None,
-) -> Path:
-    """An insightface-layout dataset whose image ``i`` (key ``i + 1``) is class ``i % 4``; returns ``train.rec``.
-
-    ``labels`` and ``payloads`` replace the label or the image bytes of some images.
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    labels, payloads = labels or {}, payloads or {}
-    with RecordIOWriter(root / "train.rec", root / "train.idx") as writer:
-        writer.write(0, header_record(num_images + 1, num_images + 1 + NUM_CLASSES))
-        for i in range(num_images):
-            image = payloads.get(i, png(i, size))
-            writer.write(i + 1, pack(IRHeader(0, labels.get(i, float(i % NUM_CLASSES)), i + 1, 0), image))
-    (root / "property").write_text(f"{NUM_CLASSES},{size},{size}\n")
-    return root / "train.rec"
-
-
-def offset_of(rec: Path, key: int) -> int:
-    with RecordIOReader(rec, rec.with_suffix(".idx")) as reader:
-        return reader.offset(key)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def overwrite(rec: Path, at: int, data: bytes) -> None:
     content = bytearray(rec.read_bytes())
     content[at : at + len(data)] = data
     rec.write_bytes(bytes(content))
-
-
-def location(rec: Path, key: int) -> str:
-    return f"{rec}: key {key} at offset {offset_of(rec, key)}"
 
 
 def loader_config(rec: Path, setup: str, **overrides: object) -> DataConfig:
@@ -226,70 +187,13 @@ def test_empty_index_of_a_non_empty_rec_says_so(tmp_path: Path) -> None:
         inspect_rec(rec, progress=False, workers=0)
 
 
-# Training runs: python -m sface_dist.train, single process or two torchrun ranks, on 112x112 images.
-
-
-class TrainingRun(NamedTuple):
-    process: subprocess.Popen[str]
-    rec: Path
-    bad_keys: dict[int, int]
-    """The key of the bad record in the last rank's first batch."""
-
-
-def first_batch(num_images: int, rank: int, world_size: int) -> list[int]:
-    """Image indices of ``rank``'s first batch of 4 in a run seeded 0."""
-    sampler = EpochShardSampler(num_images, 4, rank, world_size, seed=0, flip=True)
-    return [sample.image_index for sample in next(sampler.batches(0, 0))]
-
-
-def start_training(folder: Path, workers: int, world_size: int) -> TrainingRun:
-    """Train on 4 images per rank, the second of the last rank's first batch a truncated PNG."""
-    num_images = 4 * world_size
-    last = world_size - 1
-    bad = {last: first_batch(num_images, last, world_size)[1]}
-    rec = write_dataset(folder, num_images, size=112, payloads={i: png(i, 112)[:60] for i in bad.values()})
-    config = folder / "run.yaml"
-    config.write_text(
-        f"data: {{backend: torch, root: {folder}, batch_size: 4, num_workers: {workers}}}\n"
-        f"model: {{backbone: tiny, embedding_size: 16}}\ntrain: {{output: {folder / 'run'}, steps: 2, seed: 0}}\n"
-    )
-    command = [sys.executable, "-m", "sface_dist.train", str(config)]
-    if world_size > 1:  # each rank's output in LOG_DIR/<run id>/attempt_0/<rank>/stderr.log
-        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
-        command[1:1] = [*launch, f"--log-dir={folder / 'logs'}", "--redirects=3"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return TrainingRun(process, rec, {rank: index + 1 for rank, index in bad.items()})
+# A training run on two torchrun ranks, on 112x112 images.
 
 
 @pytest.fixture(scope="module")
 def training_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, TrainingRun]]:
-    """The training runs, started together: each takes a few seconds, mostly imports."""
-    setups = {"1 rank, 0 workers": (0, 1), "1 rank, 2 workers": (2, 1), "2 ranks, 1 worker each": (1, 2)}
-    runs = {name: start_training(tmp_path_factory.mktemp("train"), *setup) for name, setup in setups.items()}
-    yield runs
-    for run in runs.values():
-        run.process.kill()
-        run.process.communicate()
-
-
-def assert_one_error_line(stderr: str, rec: Path, key: int) -> None:
-    """``stderr`` has exactly one ``error:`` line, naming ``rec``, ``key`` and its offset, and no traceback."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr
-    assert re.fullmatch(rf"error: {re.escape(location(rec, key))}: cannot decode image \(.+\)", errors[0]), stderr
-
-
-@pytest.mark.faults
-def test_training_stops_at_a_bad_record_with_one_line_for_any_worker_count(
-    training_runs: dict[str, TrainingRun],
-) -> None:
-    for name in ("1 rank, 0 workers", "1 rank, 2 workers"):
-        run = training_runs[name]
-        _, stderr = run.process.communicate(timeout=240)
-        assert run.process.returncode == 1, f"{name}: {stderr}"
-        (key,) = run.bad_keys.values()
-        assert_one_error_line(stderr, run.rec, key)
+    with started_runs(tmp_path_factory, {"2 ranks, 1 worker each": (1, 2)}) as runs:
+        yield runs
 
 
 def test_training_on_two_ranks_stops_every_rank_with_one_line(training_runs: dict[str, TrainingRun]) -> None:

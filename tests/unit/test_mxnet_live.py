@@ -1,7 +1,7 @@
 """Live cross-check against mxnet, where it imports (it needs numpy < 1.24, so CI usually skips this).
 
 Run it with the throwaway mxnet environment of ``tests/golden/make_golden.py`` plus pytest:
-``PYTHONPATH=. /tmp/mxvenv/bin/python -m pytest -q tests/test_mxnet_live.py``.
+``PYTHONPATH=. /tmp/mxvenv/bin/python -m pytest -q tests/unit/test_mxnet_live.py``.
 """
 
 from __future__ import annotations

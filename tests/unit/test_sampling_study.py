@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DRAWS = 8
 STUDY = [sys.executable, "tools/sampling_study.py", "--quick", "--nproc", "1", "--steps", "20",
          "--variants", "sface:1", "sface:0.3:none", "--diagnose", "--diagnose-draws", str(DRAWS),

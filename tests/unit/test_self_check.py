@@ -2,7 +2,7 @@
 (``sface_dist/data/decoder_check.py``).
 
 On CPU the real kernel check runs under the Triton interpreter in one worker process (this file run as a
-script: ``TRITON_INTERPRET`` must be set before Triton compiles, as in tests/test_kernels.py). Failures are
+script: ``TRITON_INTERPRET`` must be set before Triton compiles, as in tests/unit/test_kernels.py). Failures are
 forced by monkeypatching the fused block and DALI's loader, and the GPU by monkeypatching where each check
 decides whether it runs (``self_check_device``, ``gpu_decoding``).
 """

@@ -27,7 +27,7 @@ from sface_dist.evaluation.embedder import OnnxEmbedder
 from sface_dist.export import MIN_COSINE, ExportError, export_checkpoint, export_onnx
 from sface_dist.heads import ShardedSFaceHead, ShardOptimizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EMBEDDING_SIZE = 32
 
 

@@ -29,7 +29,7 @@ from sface_dist.data.recordio import (
     unpack,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COUNTS = {"alice": 3, "bob": 1, "carol": 2}
 _DATASET_FILES = ["classes.txt", "property", "train.idx", "train.rec"]
 
@@ -187,7 +187,7 @@ def test_from_list_follows_im2rec(tmp_path: Path) -> None:
 
 
 def test_to_folder_round_trip_into_an_empty_folder(tmp_path: Path) -> None:
-    """An existing empty folder is filled (one that holds anything is refused: tests/test_hostile_inputs.py)."""
+    """An existing empty folder is filled (one that holds anything is refused: tests/unit/test_hostile_inputs.py)."""
     make_tree(tmp_path / "in")
     folder_to_rec(tmp_path / "in", tmp_path / "rec", progress=False)
     (tmp_path / "out").mkdir()

@@ -29,7 +29,7 @@ from sface_dist.evaluation.roc import IJB_FARS
 from ijb_sets import apply, loose_crop, make_ijb_set, placement, similarity
 from roc_reference import brute_force_tar_at_far, insightface_tar_at_far
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def smooth_image(seed: int, size: int = 112) -> np.ndarray:

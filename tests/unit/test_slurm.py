@@ -8,24 +8,20 @@ of ``node[03-05]`` is ``node03``); the batch scripts run under bash and get the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from training_runs import free_port, write_config
+from slurm_stand_ins import FAKE_SCANCEL, FAKE_SCONTROL, FAKE_SRUN, SYSTEM_PATH, calls, slurm_env, write_tool
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
-SYSTEM_PATH = "/usr/bin:/bin"
 TIMEOUT_S = 60
 
 PRINT_ARGV = '#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n'
@@ -35,23 +31,6 @@ PRINT_ENV = (
     "print(json.dumps({name: os.environ.get(name) for name in names}))\n"
 )
 
-# scontrol: `show hostnames LIST` answers from FAKE_HOSTNAMES and records the call; `requeue ID` records the call.
-FAKE_SCONTROL = """#!/bin/bash
-echo "$*" >> "$FAKE_DIR/scontrol.calls"
-if [[ $1 == show ]]; then printf '%s\\n' $FAKE_HOSTNAMES; fi
-"""
-# srun: drops its options, records its pid (the task's, as it execs) and runs the task once, here.
-FAKE_SRUN = """#!/bin/bash
-echo "$*" > "$FAKE_DIR/srun.args"
-while [[ $1 == -* ]]; do shift; done
-echo $$ > "$FAKE_DIR/task.pid"
-exec "$@"
-"""
-# scancel --signal=SIG JOB: signals the task, as slurmstepd signals every process of the job's steps.
-FAKE_SCANCEL = """#!/bin/bash
-echo "$*" >> "$FAKE_DIR/scancel.calls"
-kill -s "${1#--signal=}" "$(cat "$FAKE_DIR/task.pid")"
-"""
 # The trainer (torchrun, or python under one task per GPU): records its arguments, then either exits with
 # FAKE_EXIT at once or runs until SIGTERM, which it records before exiting with FAKE_TERM_EXIT (143: 128+15).
 FAKE_TRAINER = """#!/bin/bash
@@ -63,17 +42,6 @@ sleeper=$!
 touch "$FAKE_DIR/trainer.started"
 wait $sleeper
 """
-
-
-def write_tool(folder: Path, name: str, text: str) -> None:
-    path = folder / name
-    path.write_text(text)
-    path.chmod(0o755)
-
-
-def slurm_env(tmp_path: Path, **variables: str) -> dict[str, str]:
-    """A bare environment with SLURM's variables, the stand-ins of ``tmp_path/bin`` first on PATH."""
-    return {"PATH": f"{tmp_path / 'bin'}:{SYSTEM_PATH}", "FAKE_DIR": str(tmp_path), **variables}
 
 
 def run_entrypoint(env: dict[str, str], *command: str) -> subprocess.CompletedProcess[str]:
@@ -104,7 +72,8 @@ def test_torchrun_per_node_uses_scontrol_for_the_first_host(tmp_path: Path, bin_
 
 
 def test_torchrun_restarts_meet_in_a_fresh_store(tmp_path: Path, bin_dir: Path) -> None:
-    """Restarted attempts need their own rendezvous store (tests/test_launch.py); a value the user set is kept."""
+    """Restarted attempts need their own rendezvous store (tests/faults/test_launch.py); a value the user set is
+    kept."""
     write_tool(bin_dir, "torchrun", "#!/bin/bash\necho \"${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-unset}\"\n")
     result = run_entrypoint(slurm_env(tmp_path, **NODE_JOB), "torchrun", "-m", "sface_dist.train", "c.yaml")
     assert (result.returncode, result.stdout) == (0, "1\n"), result.stderr
@@ -211,11 +180,6 @@ def wait_for_trainer(tmp_path: Path, batch: subprocess.Popen[str]) -> None:
         time.sleep(0.05)
 
 
-def calls(tmp_path: Path, tool: str) -> list[str]:
-    path = tmp_path / f"{tool}.calls"
-    return path.read_text().splitlines() if path.exists() else []
-
-
 @pytest.mark.parametrize("script", sorted(BATCH_JOBS))
 def test_sigusr1_checkpoints_the_step_then_requeues(tmp_path: Path, script: str) -> None:
     batch = start_batch(tmp_path, script)
@@ -261,53 +225,3 @@ def test_sigterm_to_the_batch_shell_waits_for_the_step(tmp_path: Path) -> None:
     assert batch.returncode == 128 + signal.SIGTERM, stderr
     assert "waiting for the step" in stderr
     assert calls(tmp_path, "scancel") == [] and "requeue 4242" not in calls(tmp_path, "scontrol")
-
-
-@pytest.mark.faults
-def test_train_sbatch_stops_the_real_trainer_and_the_requeued_job_resumes(
-    tmp_path: Path, demo_data: Path
-) -> None:
-    """train.sbatch with stand-ins for SLURM only: the entrypoint, torchrun and two training ranks are real. SIGUSR1
-    to the batch shell checkpoints the step the ranks were in and requeues the job; the requeued job (the same
-    script again) resumes from that checkpoint and, finishing, is not requeued."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)):
-        write_tool(folder, name, text)
-    run = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", demo_data, run, "steps: 100000, log_every: 1, checkpoint_every: 100000")
-    env = slurm_env(tmp_path, FAKE_HOSTNAMES="127.0.0.1", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost",
-                    SLURM_NNODES="1", SLURM_NODEID="0", SLURM_NTASKS="1", SLURM_GPUS_ON_NODE="2",
-                    MASTER_PORT=str(free_port()))
-    env["PATH"] = f"{folder}:{Path(sys.executable).parent}:{SYSTEM_PATH}"
-    command = ["bash", "scripts/slurm/train.sbatch", str(config), "--set", "eval.bins=[]"]
-    batch = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-    try:
-        assert batch.stdout is not None
-        for line in batch.stdout:
-            if line.startswith("step 3/"):
-                break
-        batch.send_signal(signal.SIGUSR1)
-        out, err = batch.communicate(timeout=180)
-    finally:
-        if batch.poll() is None:  # torchrun forwards SIGTERM to its workers, which run in sessions of their own
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(batch.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                batch.wait(timeout=60)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(batch.pid, signal.SIGKILL)
-    stopped = re.search(r"^interrupted at step (\d+) by SIGTERM: checkpoint", out, re.MULTILINE)
-    assert stopped is not None, f"{out}\n{err}"
-    step = int(stopped[1])
-    assert (run / "checkpoints" / "latest").read_text() == f"step-{step:08d}"
-    assert batch.returncode != 0 and calls(tmp_path, "scancel") == ["--signal=TERM 4242"]
-    assert calls(tmp_path, "scontrol")[-1:] == ["requeue 4242"], err
-
-    requeued = subprocess.run([*command, "--set", f"train.steps={step + 2}"], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=180)
-    assert requeued.returncode == 0, requeued.stderr
-    assert f"resumed from {run / 'checkpoints' / f'step-{step:08d}'} at step {step} " in requeued.stdout
-    assert f"step {step + 1}/{step + 2} " in requeued.stdout
-    assert calls(tmp_path, "scontrol").count("requeue 4242") == 1

@@ -22,7 +22,7 @@ from sface_dist.config import (
 )
 from sface_dist.config_reference import REGENERATE, ConfigReferenceError, field_docs, render
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(ROOT.joinpath("configs").glob("*.yaml"))
 
 

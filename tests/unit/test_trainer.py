@@ -3,7 +3,7 @@ metrics and what is logged of them, and the gradient path (fp16 loss scaling, cl
 
 One process, world size 1, which needs no process group (as ``python -m sface_dist.train`` without a
 launcher); synthetic faces and the tiny backbone keep each test to seconds. The torchrun runs are in
-test_end_to_end.py and test_faults.py.
+test_end_to_end.py and tests/faults/.
 """
 
 from __future__ import annotations

@@ -24,8 +24,6 @@ from sface_dist.checkpoint import latest_checkpoint, load_trainer_state, load_we
 
 from training_runs import ROOT, free_port, logged, write_config
 
-pytestmark = pytest.mark.faults
-
 AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
 """The restart setting docs/multinode.md documents (a fresh store on a fresh port for every rendezvous round), and
 one thread per rank, which torchrun sets only for several processes per agent: the same arithmetic in every launch."""

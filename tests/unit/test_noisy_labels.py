@@ -15,7 +15,7 @@ from sface_dist import train
 from sface_dist.data.dataset_edits import add_label_noise
 from sface_dist.evaluation.noisy_labels import score_labels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_scores_match_a_brute_force_in_fp64() -> None:

@@ -22,7 +22,7 @@ from sface_dist.evaluation.embedder import TorchEmbedder, embed_views
 from sface_dist.evaluation.verification import verification_accuracy
 from sface_dist.export import export_onnx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess[str]:

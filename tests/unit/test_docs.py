@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUNNABLE_MARKER = "<!-- runnable -->"
 BLOCK_TIMEOUT_S = 300
 STDERR_TAIL_CHARS = 2000
@@ -151,7 +151,7 @@ def test_scanner_finds_planted_references() -> None:
     planted = (
         "See `docs/nowhere.md`, sface_dist/heads/ghost.py, heads/sface.py, tools/missing_tool.py and\n"
         "configs/absent.yaml; [the notes](notes/missing.md), CONTRIBUTING.md.\n"
-        "Real: docs/design.md, `sface_dist/heads/sface.py`, tests/test_*.py, configs/, [design](docs/design.md),\n"
+        "Real: docs/design.md, `sface_dist/heads/sface.py`, tests/unit/test_*.py, configs/, [design](docs/design.md),\n"
         "run-time: runs/demo/config.yaml, OUTPUT/checkpoints/latest, data/demo/train.rec,\n"
         "outside: recognition/arcface_torch/losses.py, [paper](https://arxiv.org/abs/1), docs/<name>.md.\n"
     )
