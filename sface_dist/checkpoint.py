@@ -36,7 +36,6 @@ import os
 import pickle
 import shutil
 import zipfile
-from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from torch import nn
 
 from sface_dist.atomic_write import atomic_folder, atomic_write_text, replace_folder
 from sface_dist.config import MAX_EMBEDDING_SIZE
+from sface_dist.console import warn
 from sface_dist.file_digest import DigestMismatch, DigestWriter, is_record, verify_file
 from sface_dist.parallel.agreement import PeerError, all_gather_objects, raise_on_any_rank
 from sface_dist.parallel.collectives import group_rank
@@ -109,35 +109,9 @@ def _check_archive(path: Path) -> None:
                                   f"in a {size}-byte file")
 
 
-@dataclass
-class Progress:
-    """How far a run is, in units that mean the same at every world size.
-
-    ``samples`` counts images trained on, ``epoch_samples`` the position in the current
-    epoch's permutation, and ``schedule_batch`` the global batch the run started with: the
-    unit of ``train.steps`` and ``optim.warmup_steps``, so a run resumed on another number of
-    ranks keeps its learning-rate schedule, its total length and its epoch position.
-    """
-
-    samples: int
-    epoch: int
-    epoch_samples: int
-    schedule_batch: int
-
-
-@dataclass
-class TrainerState:
-    """What resuming needs besides the head: plain containers and tensors (``load_weights`` reads them)."""
-
-    step: int
-    backbone: dict[str, Any]
-    backbone_optimizer: dict[str, Any]
-    rng: dict[str, Any]
-    progress: dict[str, int]
-    schedulers: list[dict[str, Any]] = field(default_factory=list)
-    """The learning-rate schedulers' state (``optimization.Optimization``); empty in older checkpoints."""
-    grad_scaler: dict[str, Any] = field(default_factory=dict)
-    """The fp16 loss scaler's state; empty without fp16 and in older checkpoints."""
+TRAINER_KEYS = ("step", "backbone", "backbone_optimizer", "rng", "progress")
+"""What every ``trainer.pt`` holds (beside it, newer checkpoints hold ``schedulers`` and ``grad_scaler``): a plain
+dict of containers and tensors, each key written by one of the trainer's components (``training/state.py``)."""
 
 
 def state_dict_mismatch(error: RuntimeError) -> str:
@@ -164,19 +138,6 @@ def _head_file_range(name: str) -> tuple[int, int]:
     """The class range ``[start, end)`` a head file's name records (see ``_head_file``)."""
     start, end = name.removeprefix("head-").removesuffix(".pt").split("-")
     return int(start), int(end)
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
@@ -210,7 +171,7 @@ def save_checkpoint(
     *,
     rank: int,
     world_size: int,
-    trainer_state: TrainerState,
+    trainer_state: dict[str, Any],
     head_state: dict[str, Any],
     head_optimizer_state: dict[str, Any],
     num_classes: int,
@@ -218,6 +179,8 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Collective: every rank writes its head shard, rank 0 the rest, then the directory is published.
+
+    ``trainer_state`` is what rank 0 writes to ``trainer.pt``: the ``TRAINER_KEYS`` and any newer ones.
 
     ``head_state`` and ``head_optimizer_state`` are the ``state_dict()`` of this rank's head shard and
     of its optimizer: class-range state dicts whose ``rows`` tensors hold one entry per class.
@@ -228,7 +191,7 @@ def save_checkpoint(
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     root = Path(root)
-    final = _step_dir(root, trainer_state.step)
+    final = _step_dir(root, trainer_state["step"])
     tmp = final.with_name(final.name + ".tmp")
     start, end = head_state["class_start"], head_state["class_end"]
     head_name = _head_file(start, end)
@@ -262,9 +225,9 @@ def save_checkpoint(
     files = dict(all_gather_objects((head_name, head_record)))
     if rank == 0:
         try:
-            files[TRAINER_FILE] = _save(trainer_state.__dict__, tmp / TRAINER_FILE)
+            files[TRAINER_FILE] = _save(trainer_state, tmp / TRAINER_FILE)
             manifest = {
-                "step": trainer_state.step,
+                "step": trainer_state["step"],
                 "world_size": world_size,
                 "num_classes": num_classes,
                 "head_files": sorted(name for name in files if name.startswith("head-")),
@@ -342,8 +305,7 @@ def _recorded_files(checkpoint: Path, manifest: dict[str, Any]) -> dict[str, Any
     if files is None:
         if checkpoint not in _unverified_reported and group_rank(None) == 0:
             _unverified_reported.add(checkpoint)
-            print(f"warning: {checkpoint}: written before checkpoints recorded checksums: its files are read "
-                  "unverified", flush=True)
+            warn(f"{checkpoint}: written before checkpoints recorded checksums: its files are read unverified")
         return None
     if not isinstance(files, dict):
         raise CheckpointError(f"{checkpoint / MANIFEST}: 'files' is not a mapping of file names to digests")
@@ -369,13 +331,14 @@ def verified_file(checkpoint: Path, name: str, manifest: dict[str, Any] | None =
     return path
 
 
-def load_trainer_state(path: str | Path) -> TrainerState:
+def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The verified ``trainer.pt`` of checkpoint ``path``: a dict holding at least the ``TRAINER_KEYS``."""
     trainer_file = verified_file(Path(path), TRAINER_FILE)
     state = load_weights(trainer_file)
-    required = {f.name for f in fields(TrainerState) if f.default is MISSING and f.default_factory is MISSING}
-    if not isinstance(state, dict) or not required <= set(state):
-        raise CheckpointError(f"{trainer_file}: not a trainer state (expected the keys {', '.join(sorted(required))})")
-    return TrainerState(**{f.name: state[f.name] for f in fields(TrainerState) if f.name in state})
+    if not isinstance(state, dict) or not set(TRAINER_KEYS) <= set(state):
+        expected = ", ".join(sorted(TRAINER_KEYS))
+        raise CheckpointError(f"{trainer_file}: not a trainer state (expected the keys {expected})")
+    return state
 
 
 def _read_head_file(path: Path, num_classes: int) -> tuple[dict[str, Any], dict[str, Any]]:

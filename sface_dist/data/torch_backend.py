@@ -26,7 +26,7 @@ from sface_dist.data.datasets import (
 from sface_dist.data.errors import BadRecordError
 from sface_dist.data.pixels import PIXEL_MEAN, PIXEL_STD
 from sface_dist.data.sampler import EpochShardSampler, Sample
-from sface_dist.training.stop_signals import leave_stop_signals_to_the_main_process
+from sface_dist.stop_signals import leave_stop_signals_to_the_main_process
 
 
 class _Loaded(NamedTuple):

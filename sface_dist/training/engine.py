@@ -3,9 +3,12 @@
 Both keep the sharding invariant: a rank's backbone gradient is its rows' share of the global-batch gradient,
 and the ranks' shares are *summed* (docs/design.md, Sharding). The loop drives either through the same calls
 (``accumulate``, ``backward``, ``clip_grad_norm``, ``step``, ``discard_gradients``) and saves and restores it in
-the project's checkpoint format (``weights``, ``optimizer_state_dict``, ``load``): the backbone's state dict and
-a torch-optimizer ``state_dict``, whatever engine and world size wrote it. The head stays outside the engine,
+the project's checkpoint format (``state_dict``, ``load_state_dict``): the backbone's state dict and a
+torch-optimizer ``state_dict``, whatever engine and world size wrote it. The head stays outside the engine,
 with its own optimizer (``optimization.Optimization``).
+
+``load_state_dict`` raises ``ValueError`` with one line when the checkpoint's backbone does not fit the
+config (``checkpoint.state_dict_mismatch``) or its optimizer state does not fit the parameters.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sface_dist.config import Config, DeepSpeedConfig, Engine, check_choice
+from sface_dist.checkpoint import state_dict_mismatch
+from sface_dist.config import DeepSpeedConfig, Engine, TrainConfig, check_choice
 from sface_dist.parallel.data_parallel import data_parallel
 from sface_dist.parallel.launch import DistEnv
 
@@ -49,15 +53,14 @@ class BackboneEngine(Protocol):
         """Drop this step's gradients without changing the weights (a skipped non-finite step)."""
         ...
 
-    def weights(self) -> dict[str, Tensor]:
-        """The backbone's ``state_dict`` in fp32."""
+    def state_dict(self) -> dict[str, Any]:
+        """Collective under DeepSpeed: ``{"backbone": its fp32 state dict, "backbone_optimizer": the optimizer's
+        whole state as the torch optimizer's ``state_dict`` lays it out}``, whatever engine and world size."""
         ...
 
-    def optimizer_state_dict(self) -> dict[str, Any]:
-        """Collective: the backbone optimizer's whole state as the torch optimizer's ``state_dict`` lays it out."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a ``state_dict()`` of any engine and world size; ``ValueError`` (one line) when it does not fit."""
         ...
-
-    def load(self, weights: dict[str, Tensor], optimizer_state: dict[str, Any]) -> None: ...
 
 
 def check_optimizer_state(groups: list[list[Tensor]], state: Any) -> None:
@@ -76,6 +79,18 @@ def check_optimizer_state(groups: list[list[Tensor]], state: Any) -> None:
             if torch.is_tensor(value) and value.dim() > 0 and value.shape != shape:
                 raise ValueError(f"{key} of parameter {index} has shape {list(value.shape)}, the parameter "
                                  f"{list(shape)}")
+
+
+def load_backbone(backbone: nn.Module, weights: dict[str, Tensor]) -> None:
+    """``backbone.load_state_dict`` with torch's list of mismatches cut to one line."""
+    try:
+        backbone.load_state_dict(weights)
+    except RuntimeError as error:
+        raise ValueError(f"the backbone does not fit the config: {state_dict_mismatch(error)}") from None
+
+
+def optimizer_state_error(error: Exception) -> ValueError:
+    return ValueError(f"the backbone optimizer state does not fit: {error}")
 
 
 class DDPEngine:
@@ -108,16 +123,17 @@ class DDPEngine:
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def weights(self) -> dict[str, Tensor]:
-        return self.backbone.state_dict()
+    def state_dict(self) -> dict[str, Any]:
+        return {"backbone": self.backbone.state_dict(), "backbone_optimizer": self.optimizer.state_dict()}
 
-    def optimizer_state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load(self, weights: dict[str, Tensor], optimizer_state: dict[str, Any]) -> None:
-        check_optimizer_state([group["params"] for group in self.optimizer.param_groups], optimizer_state)
-        self.backbone.load_state_dict(weights)
-        self.optimizer.load_state_dict(optimizer_state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_backbone(self.backbone, state["backbone"])
+        try:
+            check_optimizer_state([group["params"] for group in self.optimizer.param_groups],
+                                  state["backbone_optimizer"])
+            self.optimizer.load_state_dict(state["backbone_optimizer"])
+        except (ValueError, KeyError) as error:
+            raise optimizer_state_error(error) from None
 
 
 def _skip_shm_op() -> None:
@@ -224,8 +240,16 @@ class DeepSpeedEngine:
         optimizer drops the gradients it still holds on the parameters."""
         self.zero.zero_grad(set_to_none=True)
 
-    def weights(self) -> dict[str, Tensor]:
-        return self.backbone.state_dict()
+    def state_dict(self) -> dict[str, Any]:
+        return {"backbone": self.backbone.state_dict(), "backbone_optimizer": self._optimizer_state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_backbone(self.backbone, state["backbone"])
+        self.zero.refresh_fp32_params()
+        try:
+            self._load_optimizer_state(state["backbone_optimizer"])
+        except (ValueError, KeyError) as error:
+            raise optimizer_state_error(error) from None
 
     def _groups(self) -> list[tuple[Tensor, list[tuple[int, nn.Parameter, int]]]]:
         """Per parameter group: this rank's flat fp32 partition, and for each parameter DeepSpeed holds in it (the
@@ -240,7 +264,7 @@ class DeepSpeedEngine:
             groups.append((partition, [(place[id(p)], p, offset) for p, offset in zip(params, offsets, strict=True)]))
         return groups
 
-    def optimizer_state_dict(self) -> dict[str, Any]:
+    def _optimizer_state_dict(self) -> dict[str, Any]:
         """Collective: every rank's partition of the optimizer state gathered and cut back into per-parameter
         tensors, indexed like ``torch.optim.Optimizer.state_dict`` (frozen parameters hold no state there either)."""
         state: dict[int, dict[str, Any]] = {}
@@ -265,12 +289,10 @@ class DeepSpeedEngine:
         dist.all_gather(parts, partition.contiguous())
         return torch.cat(parts)
 
-    def load(self, weights: dict[str, Tensor], optimizer_state: dict[str, Any]) -> None:
-        """Load the backbone's weights into the model and the fp32 master partitions, and this rank's partition of
-        a torch-optimizer ``state_dict``."""
+    def _load_optimizer_state(self, optimizer_state: dict[str, Any]) -> None:
+        """This rank's partition of a torch-optimizer ``state_dict`` (the weights already loaded into the model
+        and the fp32 master partitions)."""
         check_optimizer_state(self.group_params, optimizer_state)
-        self.backbone.load_state_dict(weights)
-        self.zero.refresh_fp32_params()
         groups = optimizer_state["param_groups"]
         if len(groups) != len(self.group_params):
             raise ValueError(f"{len(groups)} parameter groups saved, {len(self.group_params)} configured")
@@ -300,12 +322,18 @@ def _is_flat(value: Any, partition: Tensor) -> bool:
 
 
 def build_engine(
-    cfg: Config, backbone: nn.Module, env: DistEnv, optimizer: torch.optim.Optimizer, grad_scaler: torch.amp.GradScaler
+    cfg: TrainConfig,
+    deepspeed: DeepSpeedConfig,
+    backbone: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grad_scaler: torch.amp.GradScaler,
+    env: DistEnv,
+    micro_batch: int,
+    grad_clip: float,
 ) -> BackboneEngine:
-    """``train.engine``'s engine around ``backbone`` and its torch ``optimizer``."""
-    check_choice(cfg.train.engine, Engine, "train.engine")
-    if cfg.train.engine == "deepspeed":
-        return DeepSpeedEngine(backbone, optimizer, cfg.deepspeed, env, cfg.data.batch_size, cfg.train.grad_accum,
-                               cfg.optim.grad_clip)
-    grad_comm = cfg.train.grad_comm
-    return DDPEngine(backbone, optimizer, grad_scaler, data_parallel(backbone, env, grad_comm=grad_comm))
+    """``train.engine``'s engine around ``backbone`` and its torch ``optimizer``; ``micro_batch``: this rank's
+    images per micro-step (``data.batch_size``), ``grad_clip``: ``optim.grad_clip`` (DeepSpeed clips itself)."""
+    check_choice(cfg.engine, Engine, "train.engine")
+    if cfg.engine == "deepspeed":
+        return DeepSpeedEngine(backbone, optimizer, deepspeed, env, micro_batch, cfg.grad_accum, grad_clip)
+    return DDPEngine(backbone, optimizer, grad_scaler, data_parallel(backbone, env, grad_comm=cfg.grad_comm))

@@ -1,9 +1,9 @@
 """The optimizers, the learning-rate schedule and the loss scaler, stepped together.
 
-``Optimization`` is the one owner of everything that changes the weights from their gradients: the loop
+``Optimization`` steps everything that changes the weights from their gradients: the loop
 calls ``step`` once per optimizer step (unscale, clip the backbone, step both optimizers, update the loss
 scaler, advance the schedule) and ``zero_grad`` once. The schedule is a pure function of the schedule step,
-counted in steps of the run's first global batch (``checkpoint.Progress.schedule_batch``), applied through
+counted in steps of the run's first global batch (``state.TrainingProgress.schedule_batch``), applied through
 ``torch.optim.lr_scheduler.LambdaLR``; ``ScheduleClock`` maps this process's optimizer steps onto it, so a
 run resumed at another world size keeps its schedule.
 """
@@ -14,7 +14,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,10 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from sface_dist.config import Amp, OptimConfig, OptimizerName, SampleUpdate, check_choice
 from sface_dist.heads import ShardedHead, ShardOptimizer
-from sface_dist.training.engine import BackboneEngine, DDPEngine
-
-EngineFactory = Callable[[torch.optim.Optimizer, torch.amp.GradScaler], BackboneEngine]
-"""Builds the backbone's engine around its torch optimizer and the loss scaler (``engine.build_engine``)."""
+from sface_dist.training.engine import BackboneEngine
 
 NORMALISATION = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -106,37 +103,34 @@ def build_head_optimizer(
     )
 
 
+def build_grad_scaler(amp: Amp, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast (``train.amp``); a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
 class Optimization:
     """Both optimizers, their ``LambdaLR`` schedules and the fp16 loss scaler, for the loop to step as one.
 
-    ``peak_lr`` is the backbone's peak; the head's is ``peak_lr · optim.head_lr_scale``. The backbone is stepped
-    through its engine (``make_engine``; default: the bare backbone in this process), which owns its gradient sum,
-    clipping and the layout of its optimizer state.
+    The Trainer builds the parts (``build_backbone_optimizer``, ``build_head_optimizer``, ``build_grad_scaler``,
+    ``engine.build_engine``) and hands them over. The backbone is stepped through its ``engine``, which owns its
+    gradient sum, clipping and the layout of its optimizer state; its torch ``backbone_optimizer`` is the one whose
+    learning rates the schedule sets (DeepSpeed steps its partitions with those groups). ``state_dict`` holds what
+    only this object owns: the schedulers and the loss scaler.
     """
 
     def __init__(
         self,
-        backbone: nn.Module,
-        head: ShardedHead,
-        cfg: OptimConfig,
-        peak_lr: float,
-        sample_update: SampleUpdate,
-        amp: Amp,
-        device: torch.device,
+        engine: BackboneEngine,
+        backbone_optimizer: torch.optim.Optimizer,
+        head_optimizer: ShardOptimizer,
+        grad_scaler: torch.amp.GradScaler,
+        grad_clip: float,
         schedule: Schedule,
-        make_engine: EngineFactory | None = None,
     ) -> None:
-        self.cfg, self.backbone, self.head = cfg, backbone, head
-        self.backbone_optimizer = build_backbone_optimizer(backbone, cfg, peak_lr)
-        self.head_optimizer = build_head_optimizer(head, cfg, peak_lr * cfg.head_lr_scale, sample_update)
-        self.optimizers = (self.backbone_optimizer, self.head_optimizer)
+        self.engine, self.grad_scaler, self.grad_clip = engine, grad_scaler, grad_clip
+        self.backbone_optimizer, self.head_optimizer = backbone_optimizer, head_optimizer
+        self.optimizers = (backbone_optimizer, head_optimizer)
         self.peak_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.optimizers]
-        self.grad_scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        """Loss scaling for fp16 autocast (a pass-through otherwise)."""
-        if make_engine is None:
-            self.engine: BackboneEngine = DDPEngine(backbone, self.backbone_optimizer, self.grad_scaler, backbone)
-        else:
-            self.engine = make_engine(self.backbone_optimizer, self.grad_scaler)
         self.schedule, self.clock = schedule, ScheduleClock()
         self.schedulers = self._schedulers(0)
 
@@ -165,7 +159,7 @@ class Optimization:
     def unscale_and_clip(self) -> Tensor:
         """Unscale the backbone gradient, clip it to ``optim.grad_clip`` (0: no clipping) and return its norm
         before clipping, on the device."""
-        return self.engine.clip_grad_norm(self.cfg.grad_clip)
+        return self.engine.clip_grad_norm(self.grad_clip)
 
     def step(self, apply: bool = True, head_rows: Tensor | None = None) -> None:
         """Step both optimizers (unless ``apply`` is false: the weights stay as they are), the head's on
@@ -187,23 +181,23 @@ class Optimization:
             optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
-        """Collective under DeepSpeed: the backbone optimizer (in the torch optimizer's layout, whatever the engine),
-        the schedulers and the loss scaler (the head optimizer's state is checkpointed with the head shard, by class
-        rows)."""
+        """The schedulers and the loss scaler (the engine checkpoints the backbone optimizer, the head shard its
+        own, by class rows)."""
         return {
-            "backbone_optimizer": self.engine.optimizer_state_dict(),
             "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
             "grad_scaler": self.grad_scaler.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` but the backbone optimizer (the engine loads it with the weights,
-        ``BackboneEngine.load``); checkpoints older than the schedulers and the scaler hold the optimizer only.
+        """Restore ``state_dict()``; checkpoints older than the schedulers and the scaler hold neither.
 
         Learning rates come from the config and the schedule (``restart``), not from the checkpoint.
         """
-        for scheduler, saved in zip(self.schedulers, state.get("schedulers") or [], strict=False):
-            scheduler.load_state_dict(saved)
-        if state.get("grad_scaler"):
-            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        try:
+            for scheduler, saved in zip(self.schedulers, state.get("schedulers") or [], strict=False):
+                scheduler.load_state_dict(saved)
+            if state.get("grad_scaler"):
+                self.grad_scaler.load_state_dict(state["grad_scaler"])
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"the learning-rate schedule or loss scaler state does not fit: {error}") from None
         self.schedulers = self._schedulers(self.schedulers[0].last_epoch)

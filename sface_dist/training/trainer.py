@@ -1,144 +1,53 @@
 """The training loop: data-parallel backbone, class-sharded SFace head.
 
-One ``Trainer`` per rank. Each optimizer step: ``train.grad_accum`` micro-steps of backbone forward on the
-local batch, head forward on the gathered batch (loss = global-batch loss) and backward, the backbone's
-gradient summed across ranks on the last one only; then ``optimization.Optimization`` unscales, clips and
-steps both optimizers and the schedule. Step metrics stay on the device until a log step reads them.
+One ``Trainer`` per rank. It builds each component from its config section (the data loader, the backbone and
+its engine, the head shard and its optimizer, the schedules, the verification monitor), hands the stateful ones
+to ``CheckpointManager`` and runs the loop. Each optimizer step: ``train.grad_accum`` micro-steps of backbone
+forward on the local batch, head forward on the gathered batch (loss = global-batch loss) and backward, the
+backbone's gradient summed across ranks on the last one only; then ``optimization.Optimization`` unscales, clips
+and steps both optimizers and the schedule. Step metrics stay on the device until a log step reads them.
 
-Progress is counted in samples (``checkpoint.Progress``), so the schedule, the run's
+Progress is counted in samples (``state.TrainingProgress``), so the schedule, the run's
 length and the epoch position survive a resume at another world size.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import math
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 from torch.utils.tensorboard import SummaryWriter
 
 from sface_dist.backbones import build_backbone, compile_backbone
-from sface_dist.checkpoint import (
-    CheckpointError,
-    Progress,
-    TrainerState,
-    restore_rng_state,
-    rng_state,
-    state_dict_mismatch,
-)
-from sface_dist.config import Config, OnNonFinite, to_dict
+from sface_dist.config import Config, ModelConfig, to_dict
+from sface_dist.console import say
 from sface_dist.data.errors import DataError
-from sface_dist.data.loader import build_loader
+from sface_dist.data.loader import FaceLoader, build_loader
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import VerificationResult
-from sface_dist.heads import HeadOutput, ShardedSFaceHead, build_head, check_shard_fits
+from sface_dist.heads import build_head, check_shard_fits
 from sface_dist.parallel.agreement import control_group, naming_collective_failures, raise_on_any_rank
-from sface_dist.parallel.collectives import all_reduce_max
 from sface_dist.parallel.launch import DistEnv
+from sface_dist.stop_signals import StopRequest, signal_name, stop_at_step_boundary
 from sface_dist.training.checkpoint_manager import CheckpointManager, Resumed
 from sface_dist.training.engine import build_engine
-from sface_dist.training.optimization import Optimization, Schedule
+from sface_dist.training.nonfinite import NonFiniteWatch
+from sface_dist.training.optimization import (
+    Optimization,
+    Schedule,
+    build_backbone_optimizer,
+    build_grad_scaler,
+    build_head_optimizer,
+)
 from sface_dist.training.run_directory import claim_run_directory, record_start
-from sface_dist.training.stop_signals import StopRequest, signal_name, stop_at_step_boundary
-
-
-@dataclass
-class StepMetrics:
-    """An optimizer step's metrics on the host (the mean over its micro-batches)."""
-
-    loss: float
-    cos_target: float
-    cos_nontarget: float
-    accuracy: float
-    diagnostics: dict[str, float]
-    """The head type's own terms (``HeadOutput.diagnostics``), logged after the loss."""
-
-    @classmethod
-    def from_tensor(cls, values: Tensor, diagnostic_names: tuple[str, ...]) -> StepMetrics:
-        """Read a ``metric_tensor`` (one host sync); ``diagnostic_names`` name its entries after the fourth."""
-        loss, cos_target, cos_nontarget, accuracy, *terms = values.tolist()
-        return cls(loss, cos_target, cos_nontarget, accuracy, dict(zip(diagnostic_names, terms, strict=True)))
-
-    def scalars(self) -> dict[str, float]:
-        """Every metric by name, the head's terms included."""
-        return {"loss": self.loss, **self.diagnostics, "cos_target": self.cos_target,
-                "cos_nontarget": self.cos_nontarget, "accuracy": self.accuracy}
-
-
-def metric_tensor(out: HeadOutput) -> Tensor:
-    """The ``StepMetrics`` of a head output, stacked on the device (no host sync): loss, cos_target,
-    cos_nontarget, accuracy, then ``out.diagnostics`` in their order."""
-    return torch.stack(
-        [out.loss.detach(), out.cos_target, out.cos_nontarget, out.accuracy, *out.diagnostics.values()]
-    )
-
-
-CHECKED = ("loss", "backbone gradient", "head gradient")
-"""What an optimizer step checks for NaN and inf, in the order of ``NonFiniteWatch``'s flags."""
-
-
-class NonFiniteWatch:
-    """Non-finite losses and gradients, by ``train.on_nonfinite``.
-
-    ``stop`` keeps the first bad (step, quantity) on the device, read at log steps (no host sync a step);
-    ``skip`` agrees across ranks and reads the outcome every step (one host sync a step), so that every
-    rank skips the same steps, and stops after ``max_nonfinite`` in a row.
-    """
-
-    def __init__(self, policy: OnNonFinite, max_in_a_row: int, rank: int, device: torch.device) -> None:
-        self.policy, self.max_in_a_row, self.rank = policy, max_in_a_row, rank
-        self.step = torch.zeros((), dtype=torch.long, device=device)
-        """This step's number, counted on the device."""
-        self.first = torch.full((3,), -1, dtype=torch.long, device=device)
-        """``stop``: (step, quantity, rank) of the first non-finite step; -1 while there is none."""
-        self.in_a_row = 0
-        self.streak_start: tuple[int, int, int] | None = None
-        self.skipped = 0
-
-    def update(self, step: int, finite: Tensor) -> bool:
-        """Record this step's flags (one per ``CHECKED``); whether to apply the step's update."""
-        self.step += 1
-        if self.policy == "stop":
-            bad = ~finite.all()
-            found = torch.stack([self.step, (~finite).int().argmax(), torch.full_like(self.step, self.rank)])
-            self.first = torch.where((self.first[0] < 0) & bad, found, self.first)
-            return True
-        ranks = all_reduce_max(torch.where(finite, 0, self.rank + 1).long(), None).tolist()
-        if not any(ranks):
-            self.in_a_row, self.streak_start = 0, None
-            return True
-        quantity = next(i for i, rank in enumerate(ranks) if rank)
-        if self.streak_start is None:
-            self.streak_start = (step, quantity, ranks[quantity] - 1)
-        self.in_a_row += 1
-        self.skipped += 1
-        return False
-
-    def describe(self, step: int, quantity: int, rank: int) -> str:
-        return f"step {step}: the {CHECKED[quantity]} is not finite on rank {rank}"
-
-    def error(self, kept: str) -> FloatingPointError | None:
-        """This rank's error when the run must stop (reads the device record under ``stop``)."""
-        hint = "lower optim.lr or enable head.check_inputs to find the offending rows"
-        if self.policy == "skip":
-            if self.streak_start is None or self.in_a_row < self.max_in_a_row:
-                return None
-            first = self.describe(*self.streak_start)
-            return FloatingPointError(
-                f"{first} and on the {self.in_a_row - 1} steps after it (train.max_nonfinite={self.max_in_a_row}): "
-                f"stopped; {kept}; {hint}"
-            )
-        step, quantity, rank = self.first.tolist()
-        if step < 0 or (CHECKED[quantity] != "head gradient" and self.rank != 0):
-            return None
-        return FloatingPointError(f"{self.describe(step, quantity, rank)} (the first such step); {kept}; {hint}")
+from sface_dist.training.state import RNGState, TrainingProgress
+from sface_dist.training.step_metrics import DeviceMetrics, StepMetrics, metric_tensor
 
 
 def naming_run_collective_failures(what: str, cfg: Config, env: DistEnv) -> contextlib.AbstractContextManager[None]:
@@ -147,8 +56,45 @@ def naming_run_collective_failures(what: str, cfg: Config, env: DistEnv) -> cont
     return naming_collective_failures(what, env.rank, env.world_size, hint)
 
 
+class AgreedBatches:
+    """The loader's batches of one epoch, agreed on by every rank (one CPU all-reduce a micro-batch).
+
+    A rank that meets a bad record stops with its one line; the others stop with it instead of failing later
+    inside a collective the failed rank never joins. The same all-reduce carries this rank's stop signal: once
+    any rank has one, every rank ends the batches here with ``stop_signal`` set (the highest signal number asked
+    for), so that all of them stop after the same step.
+    """
+
+    def __init__(self, loader: FaceLoader, control: ProcessGroup | None, stop_request: StopRequest,
+                 collective: Callable[[str], contextlib.AbstractContextManager[None]]) -> None:
+        self.loader, self.control, self.stop_request, self.collective = loader, control, stop_request, collective
+        self.stop_signal = 0
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        batches = iter(self.loader)
+        while True:
+            error: DataError | None = None
+            try:
+                batch = next(batches, None)
+            except DataError as failure:
+                batch, error = None, failure
+            with self.collective("all_reduce over the control group"):
+                self.stop_signal = raise_on_any_rank(error, self.control, stop=self.stop_request.signum)
+            if batch is None or self.stop_signal:
+                return
+            yield batch
+
+
+def build_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
+    """``model``'s backbone on ``device``, channels-last and compiled in place as configured."""
+    backbone = build_backbone(cfg.backbone, cfg.embedding_size).to(device)
+    if cfg.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    return compile_backbone(backbone) if cfg.compile else backbone
+
+
 class Trainer:
-    """Builds every component from the config and runs the loop on this rank."""
+    """Builds every component from its config section and runs the loop on this rank."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
@@ -156,6 +102,29 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.loader = build_loader(cfg.data, env.rank, env.world_size, cfg.train.seed, env.device)
         self.num_classes = self.loader.num_classes
+        self.micro_batch = cfg.data.batch_size * env.world_size
+        """Images in one micro-step, over all ranks."""
+        self.global_batch = self.micro_batch * cfg.train.grad_accum
+        """Images in one optimizer step, over all ranks."""
+        self.progress = TrainingProgress(step=0, samples=0, epoch=0, epoch_samples=0, schedule_batch=self.global_batch)
+        self.control = control_group(cfg.train.collective_timeout_minutes)
+        """Where ranks agree on host-side outcomes (a bad batch on one rank stops all of them)."""
+
+        check_shard_fits(self.num_classes, cfg.model.embedding_size, env.rank, env.world_size, cfg.optim.name,
+                         env.device)
+        self.backbone = build_model(cfg.model, env.device)
+        self.head = build_head(
+            cfg.head, self.num_classes, cfg.model.embedding_size, process_group=None, seed=cfg.train.seed
+        ).to(env.device)
+        peak_lr = cfg.optim.lr * (self.global_batch / 512 if cfg.optim.scale_lr_with_batch else 1.0)
+        backbone_optimizer = build_backbone_optimizer(self.backbone, cfg.optim, peak_lr)
+        grad_scaler = build_grad_scaler(cfg.train.amp, env.device)
+        self.engine = build_engine(cfg.train, cfg.deepspeed, self.backbone, backbone_optimizer, grad_scaler, env,
+                                   micro_batch=cfg.data.batch_size, grad_clip=cfg.optim.grad_clip)
+        head_optimizer = build_head_optimizer(self.head, cfg.optim, peak_lr * cfg.optim.head_lr_scale,
+                                              cfg.head.sample_update)
+        self.optimization = Optimization(self.engine, backbone_optimizer, head_optimizer, grad_scaler,
+                                         cfg.optim.grad_clip, self._schedule())
         self.checkpoints = CheckpointManager(
             self.output,
             rank=env.rank,
@@ -164,48 +133,17 @@ class Trainer:
             keep=cfg.train.keep_checkpoints,
             num_classes=self.num_classes,
             config=to_dict(cfg),
+            trainer_state={"backbone": self.engine, "optimization": self.optimization, "rng": RNGState(),
+                           "progress": self.progress},
+            head_shard={"head": self.head, "optimizer": head_optimizer},
+            class_range=self.head.class_range,
         )
-        self.micro_batch = cfg.data.batch_size * env.world_size
-        """Images in one micro-step, over all ranks."""
-        self.global_batch = self.micro_batch * cfg.train.grad_accum
-        """Images in one optimizer step, over all ranks."""
-        self.base_lr = cfg.optim.lr * (self.global_batch / 512 if cfg.optim.scale_lr_with_batch else 1.0)
-        self.progress = Progress(samples=0, epoch=0, epoch_samples=0, schedule_batch=self.global_batch)
-        self.stop_signal = 0
-        """The signal that stopped the run at a step boundary, a checkpoint written (0: it was not stopped)."""
-        self.stop_request = StopRequest()
-        """This process's stop signal, agreed on at the next step boundary (``fit`` installs the handlers)."""
-        self.control = control_group(cfg.train.collective_timeout_minutes)
-        """Where ranks agree on host-side outcomes (a bad batch on one rank stops all of them)."""
-
-        check_shard_fits(self.num_classes, cfg.model.embedding_size, env.rank, env.world_size, cfg.optim.name,
-                         env.device)
-        backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size).to(env.device)
-        if cfg.model.channels_last:
-            backbone = backbone.to(memory_format=torch.channels_last)
-        self.backbone = compile_backbone(backbone) if cfg.model.compile else backbone
-        self.head = build_head(
-            cfg.head, self.num_classes, cfg.model.embedding_size, process_group=None, seed=cfg.train.seed
-        ).to(env.device)
-        self.optimization = Optimization(
-            backbone,
-            self.head,
-            cfg.optim,
-            self.base_lr,
-            cfg.head.sample_update,
-            cfg.train.amp,
-            env.device,
-            self._schedule(),
-            functools.partial(build_engine, cfg, backbone, env),
-        )
-        self.engine = self.optimization.engine
-        self.model = self.engine.model
         self.watch = NonFiniteWatch(cfg.train.on_nonfinite, cfg.train.max_nonfinite, env.rank, env.device)
-        self.step = 0
+        self.stop_signal = 0
+        """``fit``'s outcome: the signal that stopped the run at a step boundary, a checkpoint written (0: it was
+        not stopped)."""
         self.finished_before: Path | None = None
         """The checkpoint of a run that had already finished when this one resumed it (nothing to train)."""
-        self.diagnostic_names: tuple[str, ...] = ()
-        """The names of the head's own terms in ``train_step``'s metric tensor (``HeadOutput.diagnostics``)."""
         self.writer: SummaryWriter | None = None
         self.lock, moved = claim_run_directory(
             self.output, resume=cfg.train.resume, overwrite=cfg.train.overwrite, is_main=env.is_main
@@ -217,7 +155,7 @@ class Trainer:
         except BaseException:
             self.close()
             raise
-        self.total_steps = self.step + self._steps_left()
+        self.total_steps = self.progress.step + self._steps_left()
 
     def _schedule(self) -> Schedule:
         """The learning-rate schedule in steps of the run's first global batch, ending at the run's last step at
@@ -239,9 +177,9 @@ class Trainer:
             self.finished_before = resumed.path
             return
         if self.env.is_main:
-            record_start(self.output, cfg, self.step, self.env.world_size, resumed)
+            record_start(self.output, cfg, self.progress.step, self.env.world_size, resumed)
             # Events a killed session logged after the checkpoint it resumes from are hidden, not repeated.
-            self.writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=self.step + 1)
+            self.writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=self.progress.step + 1)
         self.monitor = VerificationMonitor(
             cfg.eval.bins,
             self.env,
@@ -252,7 +190,6 @@ class Trainer:
             writer=self.writer,
             best_dir=self.output / "best" if cfg.eval.keep_best else None,
             run_config=to_dict(cfg),
-            log=self.log,
         )
 
     def _schedule_samples(self) -> int:
@@ -277,8 +214,7 @@ class Trainer:
         more ranks that can be before the first step. Whether it ended."""
         if self.loader.num_images - self.progress.epoch_samples >= self.global_batch:
             return False
-        self.progress.epoch += 1
-        self.progress.epoch_samples = 0
+        self.progress.end_epoch()
         return True
 
     def _finished(self) -> bool:
@@ -288,13 +224,12 @@ class Trainer:
 
     def head_description(self) -> str:
         head = self.cfg.head
-        impl = f" ({self.head.impl})" if isinstance(self.head, ShardedSFaceHead) else ""
+        impl = f" ({self.head.impl})" if self.head.impl else ""
         sampling = "" if head.sample_rate >= 1.0 else f" ({self.head.sample_correction}, {head.sample_update} update)"
         return f"{head.type}{impl}, {head.precision}, sample rate {head.sample_rate}{sampling}"
 
     def log(self, message: str) -> None:
-        if self.env.is_main:
-            print(message, flush=True)
+        say(message, self.env.rank)
 
     def _autocast(self) -> contextlib.AbstractContextManager[None]:
         amp = self.cfg.train.amp
@@ -304,34 +239,16 @@ class Trainer:
         return torch.autocast(device_type=self.env.device.type, dtype=dtype)
 
     def _resume(self) -> Resumed | None:
-        """Restore the newest checkpoint, if any, and say what changed since it (one line per key)."""
-        resumed = self.checkpoints.resume(self.head.class_range)
+        """Restore the newest checkpoint, if any, continue its schedule, and say what changed since it (one line
+        per key)."""
+        resumed = self.checkpoints.restore()
         if resumed is None:
             return None
-        path, state = resumed.path, resumed.trainer
-        try:
-            self.engine.load(state.backbone, state.backbone_optimizer)
-        except RuntimeError as error:
-            mismatch = state_dict_mismatch(error)
-            raise CheckpointError(f"{path}: the backbone does not fit the config: {mismatch}") from None
-        except (ValueError, KeyError) as error:
-            raise CheckpointError(f"{path}: the backbone optimizer state does not fit: {error}") from None
-        try:
-            self.optimization.load_state_dict({"schedulers": state.schedulers, "grad_scaler": state.grad_scaler})
-        except (ValueError, KeyError) as error:
-            raise CheckpointError(f"{path}: the backbone optimizer state does not fit: {error}") from None
-        restore_rng_state(state.rng)
-        try:
-            self.head.load_state_dict(resumed.head)
-            self.optimization.head_optimizer.load_state_dict(resumed.head_optimizer)
-        except ValueError as error:
-            raise CheckpointError(f"{path}: {error}") from None
-        self.step = state.step
-        self.progress = Progress(**state.progress)
+        path = resumed.path
         batch = self.progress.schedule_batch
         self.optimization.restart(self._schedule(), self.progress.samples / batch, self.global_batch / batch)
         done = f"{self.progress.samples} samples, epoch {self.progress.epoch}"
-        self.log(f"resumed from {path} at step {self.step} ({done})")
+        self.log(f"resumed from {path} at step {self.progress.step} ({done})")
         for change in resumed.changes:
             accepted = " (accepted: train.accept_changes)" if change.defines_the_run else ""
             self.log(f"changed since {path.name}: {change}{accepted}")
@@ -374,6 +291,11 @@ class Trainer:
         latest = self.checkpoints.latest()
         return f"{latest.name} stays the latest checkpoint" if latest else "no checkpoint was written yet"
 
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken by the run (``progress.step``)."""
+        return self.progress.step
+
     def check_finite(self) -> None:
         """Collective: stop every rank when ``train.on_nonfinite`` says so (the one host read of ``stop``)."""
         with self.collective("all_reduce over the control group"):
@@ -399,24 +321,16 @@ class Trainer:
                 f"step {self.step}: {bad} is not finite: no checkpoint written, {self._kept()} (lower optim.lr)"
             )
         raise_on_any_rank(error)
-        state = TrainerState(
-            step=self.step,
-            backbone=self.engine.weights(),
-            rng=rng_state(),
-            progress=dataclasses.asdict(self.progress),
-            **self.optimization.state_dict(),
-        )
-        return self.checkpoints.save(state, self.head.state_dict(), self.optimization.head_optimizer.state_dict())
+        return self.checkpoints.save()
 
     def evaluate(self) -> dict[str, VerificationResult]:
         """Collective: score every verification pack (logged and kept-best by the monitor)."""
         with self.collective(f"a collective of the evaluation at step {self.step}"):
             return self.monitor.run(self.backbone, self.step).results
 
-    def train_step(self, batches: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    def train_step(self, batches: Sequence[tuple[Tensor, Tensor]]) -> DeviceMetrics:
         """One optimizer step over ``train.grad_accum`` micro-batches (this rank's share of each): the gradient
-        of the loss on their union. Returns the mean of the micro-steps' metrics (``StepMetrics`` order), on the
-        device.
+        of the loss on their union. Returns the mean of the micro-steps' metrics, on the device.
 
         Under Partial FC micro-step ``m`` of optimizer step ``t`` draws its own negatives from
         (``train.seed``, rank, ``t``, ``m``); the head optimizer updates the union of the rows they scored.
@@ -428,13 +342,12 @@ class Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self.engine.accumulate(last=i == len(batches) - 1):
                 with self._autocast():
-                    embeddings = self.model(images)
+                    embeddings = self.engine.model(images)
                 out = self.head(embeddings.float(), labels, step=self.step + 1, micro_step=i)
                 self.engine.backward(out.loss / len(batches))
             metrics.append(metric_tensor(out))
             if out.sampled_rows is not None:
                 sampled_rows.append(out.sampled_rows)
-        self.diagnostic_names = tuple(out.diagnostics)
         rows = torch.unique(torch.cat(sampled_rows)) if len(sampled_rows) > 1 else next(iter(sampled_rows), None)
         mean = torch.stack(metrics).mean(dim=0)
         backbone_norm = self.optimization.unscale_and_clip()
@@ -447,7 +360,7 @@ class Trainer:
         if not apply:  # every rank took this branch: the outcome was agreed on
             error = self.watch.error(self._kept())
             raise_on_any_rank(error if self.env.is_main else None, self.control)
-        return mean
+        return DeviceMetrics(mean, tuple(out.diagnostics))
 
     def _finite(self, loss: Tensor, backbone_norm: Tensor) -> Tensor:
         """One flag per ``CHECKED``. Under fp16 the gradients are the loss scaler's to check (an overflow there
@@ -499,25 +412,25 @@ class Trainer:
         )
         start_step, started = self.step, time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
-        self.model.train()
-        with stop_at_step_boundary(self.log, self._last_checkpoint) as self.stop_request:
+        self.engine.model.train()
+        with stop_at_step_boundary(self.log, self._last_checkpoint) as stop_request:
             while not self._finished():
                 if self._end_epoch_if_no_step_fits():
                     continue
                 self._start_epoch()
-                for batches in self._optimizer_batches():
+                batches = AgreedBatches(self.loader, self.control, stop_request, self.collective)
+                for group in self._optimizer_batches(batches):
                     lr = self.optimization.lr
                     with self.collective(f"a collective of step {self.step + 1}"):
-                        metrics = self.train_step(batches)
-                    self.step += 1
-                    self._advance()
+                        metrics = self.train_step(group)
+                    self.progress.advance(self.global_batch)
+                    self._end_epoch_if_no_step_fits()
                     window_steps += 1
                     if self.step % cfg.log_every == 0 or self._finished():
                         self.check_finite()
                         elapsed = time.perf_counter() - window_start
                         samples_per_s = window_steps * self.global_batch / elapsed
-                        step_metrics = StepMetrics.from_tensor(metrics, self.diagnostic_names)
-                        self._log_step(step_metrics, lr, samples_per_s, started, start_step)
+                        self._log_step(metrics.read(), lr, samples_per_s, started, start_step)
                         window_start, window_steps = time.perf_counter(), 0
                     if self._finished():
                         break
@@ -526,46 +439,20 @@ class Trainer:
                     if self.step % self.cfg.eval.every == 0:
                         self.check_finite()
                         self.evaluate()
-                        self.model.train()
-                if self.stop_signal:
-                    name = signal_name(self.stop_signal)
-                    self.log(f"interrupted at step {self.step} by {name}: checkpoint {self.save()}")
+                        self.engine.model.train()
+                if batches.stop_signal:
+                    self.stop_signal = batches.stop_signal
+                    self.log(f"interrupted at step {self.step} by {signal_name(self.stop_signal)}: "
+                             f"checkpoint {self.save()}")
                     return {}
         self.log(f"checkpoint {self.save()}")
         return self.evaluate()
 
-    def _advance(self) -> None:
-        """Count one optimizer step's global batch."""
-        self.progress.samples += self.global_batch
-        self.progress.epoch_samples += self.global_batch
-        self._end_epoch_if_no_step_fits()
-
-    def _agreed_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The loader's batches, agreed on by every rank (one CPU all-reduce a micro-batch).
-
-        A rank that meets a bad record stops with its one line; the others stop with it instead
-        of failing later inside a collective the failed rank never joins. The same all-reduce carries
-        this rank's stop signal: once any rank has one, every rank ends the batches here and sets
-        ``stop_signal`` (the highest signal number asked for), so that all of them stop after the same step.
-        """
-        batches = iter(self.loader)
-        while True:
-            error: DataError | None = None
-            try:
-                batch = next(batches, None)
-            except DataError as failure:
-                batch, error = None, failure
-            with self.collective("all_reduce over the control group"):
-                self.stop_signal = raise_on_any_rank(error, self.control, stop=self.stop_request.signum)
-            if batch is None or self.stop_signal:
-                return
-            yield batch
-
-    def _optimizer_batches(self) -> Iterator[list[tuple[Tensor, Tensor]]]:
+    def _optimizer_batches(self, batches: AgreedBatches) -> Iterator[list[tuple[Tensor, Tensor]]]:
         """This epoch's micro-batches on the device, ``train.grad_accum`` at a time; a partial group at the epoch's
         end is left out, like a partial batch."""
         epoch, group = self.progress.epoch, []
-        for images, labels in self._agreed_batches():
+        for images, labels in batches:
             group.append((images.to(self.env.device, non_blocking=True), labels.to(self.env.device, non_blocking=True)))
             if len(group) < self.cfg.train.grad_accum:
                 continue

@@ -37,7 +37,7 @@ def step_worker(rank: int, world: int, output: str) -> dict[str, list[torch.Tens
     """One optimizer step per case from the same initial weights: each engine with the clip binding, the same under
     bf16 autocast, and 2 micro-steps without clipping (where a gradient off by a factor shows in the step), with
     DeepSpeed's averaging left in too."""
-    from sface_dist import engine as engine_module
+    from sface_dist.training import engine as engine_module
     from sface_dist.training.trainer import Trainer
 
     cases = {name: (name, 1, 1.0, "none") for name in ENGINES}
@@ -138,7 +138,7 @@ def fit_worker(rank: int, world: int, runs: list[tuple[str, str, int, str]]) -> 
 
 def _state(output: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     state = load_trainer_state(resolve_checkpoint(output / "checkpoints" / "latest"))
-    return state.backbone, state.backbone_optimizer
+    return state["backbone"], state["backbone_optimizer"]
 
 
 def _assert_same_state(got: Path, expected: Path, tolerance: float) -> None:

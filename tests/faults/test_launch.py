@@ -215,7 +215,7 @@ def test_rank_killed_inside_a_checkpoint_write_leaves_the_previous_checkpoint(
     assert sorted(p.name for p in (checkpoints / "step-00000004.tmp").iterdir()) == [
         "head-00000000-00000012.pt", "head-00000012-00000024.pt", "manifest.json", "trainer.pt"]
     assert latest_checkpoint(checkpoints) == checkpoints / "step-00000002"
-    assert load_trainer_state(latest_checkpoint(checkpoints)).step == 2
+    assert load_trainer_state(latest_checkpoint(checkpoints))["step"] == 2
 
     log = tmp_path / "b" / "agent-0.log"
     command = torchrun_command(free_port(), tmp_path / "b" / "logs", restarts=1, hook=hook, args=train_args(config))

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from sface_dist.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from sface_dist.parallel.launch import DistEnv
-from sface_dist.training.trainer import StepMetrics, Trainer
+from sface_dist.training.step_metrics import DeviceMetrics, StepMetrics
+from sface_dist.training.trainer import Trainer
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 IMAGES_PER_CLASS = 8
@@ -41,10 +42,10 @@ def record_steps(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> list[tupl
     steps: list[tuple[float, StepMetrics]] = []
     train_step = trainer.train_step
 
-    def recorded(batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def recorded(batches: list[tuple[Tensor, Tensor]]) -> DeviceMetrics:
         lr = trainer.optimization.lr
         metrics = train_step(batches)
-        steps.append((lr, StepMetrics.from_tensor(metrics, trainer.diagnostic_names)))
+        steps.append((lr, metrics.read()))
         return metrics
 
     monkeypatch.setattr(trainer, "train_step", recorded)

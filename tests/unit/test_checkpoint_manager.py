@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,11 +13,9 @@ from torch import nn
 
 from sface_dist.checkpoint import (
     CheckpointError,
-    TrainerState,
     head_classes,
     read_best_score,
     read_head_rows,
-    rng_state,
     save_best_backbone,
 )
 from sface_dist.heads import ShardedSFaceHead, ShardOptimizer
@@ -31,47 +30,76 @@ NUM_CLASSES, DIM = 6, 3
 CONFIG = {"model": {"backbone": "tiny", "embedding_size": DIM}}
 
 
-def manager(output: Path, every: int = 5, keep: int = 2, config: dict | None = None) -> CheckpointManager:
-    return CheckpointManager(output, rank=0, world_size=1, every=every, keep=keep, num_classes=NUM_CLASSES,
-                             config=CONFIG if config is None else config)
+class Component:
+    """A component of ``training.state.Stateful``, holding what it is given or loaded."""
+
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        self.state = state or {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state
 
 
-def save(checkpoints: CheckpointManager, step: int) -> Path:
+class Run:
+    """The components a manager is handed: ``trainer.pt``'s, and a head shard and its optimizer."""
+
+    def __init__(self) -> None:
+        self.trainer = Component()
+        self.head, self.optimizer = Component(), Component()
+
+
+def manager(output: Path, every: int = 5, keep: int = 2, config: dict | None = None,
+            class_range: tuple[int, int] = (0, NUM_CLASSES)) -> tuple[CheckpointManager, Run]:
+    run = Run()
+    checkpoints = CheckpointManager(output, rank=0, world_size=1, every=every, keep=keep, num_classes=NUM_CLASSES,
+                                    config=CONFIG if config is None else config,
+                                    trainer_state={"trainer": run.trainer},
+                                    head_shard={"head": run.head, "optimizer": run.optimizer},
+                                    class_range=class_range)
+    return checkpoints, run
+
+
+def save(checkpoints: CheckpointManager, run: Run, step: int) -> Path:
     """A checkpoint of ``step`` whose head row ``c`` is filled with ``c + step``."""
     head = ShardedSFaceHead(NUM_CLASSES, DIM, impl="dense")
     with torch.no_grad():
         head.weight.copy_(torch.arange(NUM_CLASSES, dtype=torch.float32)[:, None].expand(-1, DIM) + step)
-    state = TrainerState(step=step, backbone={"w": torch.zeros(1)}, backbone_optimizer={}, rng=rng_state(),
-                         progress={})
-    return checkpoints.save(state, head.state_dict(), ShardOptimizer(head, lr=0.1).state_dict())
+    run.trainer.state = {"step": step, "backbone": {"w": torch.zeros(1)}, "backbone_optimizer": {},
+                         "rng": {}, "progress": {}}
+    run.head.state, run.optimizer.state = head.state_dict(), ShardOptimizer(head, lr=0.1).state_dict()
+    return checkpoints.save()
 
 
 def test_due_follows_the_interval(tmp_path: Path) -> None:
-    assert [step for step in range(1, 16) if manager(tmp_path).due(step)] == [5, 10, 15]
+    assert [step for step in range(1, 16) if manager(tmp_path)[0].due(step)] == [5, 10, 15]
     with pytest.raises(ValueError, match="every 0 steps"):
         manager(tmp_path, every=0)
 
 
 def test_save_keeps_the_last_n_and_resume_reads_a_class_range(tmp_path: Path) -> None:
-    checkpoints = manager(tmp_path, keep=2)
-    assert checkpoints.latest() is None and checkpoints.resume((0, NUM_CLASSES)) is None
+    checkpoints, run = manager(tmp_path, keep=2)
+    assert checkpoints.latest() is None and checkpoints.restore() is None
     for step in (5, 10, 15):
-        save(checkpoints, step)
+        save(checkpoints, run, step)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == [
         "step-00000010", "step-00000015"]
-    resumed = checkpoints.resume((2, 4))
-    assert resumed is not None and resumed.path == checkpoints.latest() and resumed.trainer.step == 15
-    assert resumed.head["rows"]["weight"][:, 0].tolist() == [17.0, 18.0]
-    assert (resumed.head_optimizer["class_start"], resumed.head_optimizer["class_end"]) == (2, 4)
+    checkpoints, run = manager(tmp_path, class_range=(2, 4))
+    resumed = checkpoints.restore()
+    assert resumed is not None and resumed.path == checkpoints.latest() and run.trainer.state["step"] == 15
+    assert run.head.state["rows"]["weight"][:, 0].tolist() == [17.0, 18.0]
+    assert (run.optimizer.state["class_start"], run.optimizer.state["class_end"]) == (2, 4)
     assert read_head_rows(resumed.path)[:, 0].tolist() == [15.0 + c for c in range(NUM_CLASSES)]
     assert read_head_rows(resumed.path, 4)[:, 0].tolist() == [19.0, 20.0]
 
 
 def test_resume_refuses_another_model(tmp_path: Path) -> None:
-    save(manager(tmp_path), 5)
-    other = manager(tmp_path, config={"model": {"backbone": "tiny", "embedding_size": 8}})
+    save(*manager(tmp_path), 5)
+    other, _ = manager(tmp_path, config={"model": {"backbone": "tiny", "embedding_size": 8}})
     with pytest.raises(CheckpointError, match=r"model.embedding_size is 3 in the checkpoint and 8 in the config"):
-        other.resume((0, NUM_CLASSES))
+        other.restore()
 
 
 def test_best_backbone_round_trip(tmp_path: Path) -> None:

@@ -21,11 +21,9 @@ import torch
 
 from sface_dist.checkpoint import (
     CheckpointError,
-    TrainerState,
     latest_checkpoint,
     load_trainer_state,
     load_weights,
-    rng_state,
     save_checkpoint,
 )
 from sface_dist.config import ConfigError, load_config
@@ -157,8 +155,7 @@ def save_step(root: Path, step: int, keep: int, value: float = 0.0) -> Path:
     head = ShardedSFaceHead(4, 2, impl="dense")
     with torch.no_grad():
         head.weight.fill_(value)
-    state = TrainerState(step=step, backbone={"w": torch.zeros(1)}, backbone_optimizer={}, rng=rng_state(),
-                         progress={})
+    state = {"step": step, "backbone": {"w": torch.zeros(1)}, "backbone_optimizer": {}, "rng": {}, "progress": {}}
     return save_checkpoint(root, rank=0, world_size=1, trainer_state=state, head_state=head.state_dict(),
                            head_optimizer_state=ShardOptimizer(head, lr=0.1).state_dict(), num_classes=4,
                            config={}, keep=keep)
@@ -306,7 +303,8 @@ def test_non_finite_weights_write_no_checkpoint(
     assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000004"]
     for path in (run / "checkpoints").glob("step-*"):
-        assert all(torch.isfinite(t).all() for t in load_trainer_state(path).backbone.values() if t.is_floating_point())
+        weights = load_trainer_state(path)["backbone"].values()
+        assert all(torch.isfinite(t).all() for t in weights if t.is_floating_point())
     assert train_in_process(config, "train.steps=6", "eval.bins=[]") == 0
     assert "at step 4" in capsys.readouterr().out
 

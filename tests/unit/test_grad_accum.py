@@ -71,7 +71,7 @@ def accumulate_worker(rank: int, world: int, output: str, grad_accum: int) -> di
                 "head_before": before,
                 "head_after": trainer.head.weight.detach().clone(),
                 "backbone_after": [p.detach().clone() for p in trainer.backbone.parameters()],
-                "loss": metrics[0].item(),
+                "loss": metrics.read().loss,
             }
         finally:
             trainer.close()

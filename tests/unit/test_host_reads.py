@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from sface_dist.config import Config
-from sface_dist.training.trainer import Trainer
+from sface_dist.training.step_metrics import DeviceMetrics
+from sface_dist.training.trainer import AgreedBatches, Trainer
 
 from synthetic_trainer import ENV, make_config
 
@@ -44,16 +45,16 @@ def count_reads(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> Counter[tu
 
         monkeypatch.setattr(torch.Tensor, name, counted)
 
-    train_step, agreed_batches = trainer.train_step, trainer._agreed_batches
+    train_step, agreed_batches = trainer.train_step, AgreedBatches.__iter__
 
-    def step(batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def step(batches: list[tuple[Tensor, Tensor]]) -> DeviceMetrics:
         where["now"] = ("in", trainer.step + 1)
         metrics = train_step(batches)
         where["now"] = ("after", trainer.step + 1)
         return metrics
 
-    def loading() -> Iterator[tuple[Tensor, Tensor]]:
-        batches = agreed_batches()
+    def loading(self: AgreedBatches) -> Iterator[tuple[Tensor, Tensor]]:
+        batches = agreed_batches(self)
         while True:
             kept, where["now"] = where["now"], None
             batch = next(batches, None)
@@ -63,7 +64,7 @@ def count_reads(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> Counter[tu
             yield batch
 
     monkeypatch.setattr(trainer, "train_step", step)
-    monkeypatch.setattr(trainer, "_agreed_batches", loading)
+    monkeypatch.setattr(AgreedBatches, "__iter__", loading)
     trainer.fit()
     where["now"] = None
     return reads
