@@ -49,6 +49,7 @@ from sface_dist.heads.kernels.fused import (
     triton_available,
 )
 from sface_dist.heads.kernels.sparsity import live_pairs
+from sface_dist.heads.margin import MarginParams
 from sface_dist.heads.probe import embeddings_at_cosine
 from sface_dist.heads.sface import BlockFn, BlockOptions, SFaceParams, sface_block_chunked, sface_block_dense
 
@@ -77,7 +78,7 @@ def margin_step(embeddings: Tensor, weight: Tensor, labels: Tensor, sample_rate:
     """PartialFC_V2-style ArcFace: fp16 cos matmul on CUDA, distributed softmax, negatives sampled."""
     classes, dim = weight.shape
     precision = "fp16" if embeddings.is_cuda else "fp32"
-    head = ShardedMarginHead(classes, dim, s=64.0, m2=0.5, precision=precision, sample_rate=sample_rate)
+    head = ShardedMarginHead(classes, dim, MarginParams(s=64.0, m2=0.5), precision=precision, sample_rate=sample_rate)
     with torch.no_grad():
         head.weight.copy_(weight)
     head.to(embeddings.device)

@@ -6,11 +6,13 @@ import torch
 from torch.distributed import ProcessGroup
 
 from sface_dist.config import HeadConfig, HeadType, check_choice
-from sface_dist.heads.margin import MARGIN_TYPES, ShardedMarginHead
-from sface_dist.heads.self_check import checked_impl
+from sface_dist.console import say
+from sface_dist.heads.impl_choice import choose_impl
+from sface_dist.heads.margin import MARGIN_TYPES, MarginParams, ShardedMarginHead
 from sface_dist.heads.sface import SFaceParams
 from sface_dist.heads.sharded import ShardedHead, ShardedSFaceHead
 from sface_dist.memory import available_memory
+from sface_dist.parallel.collectives import group_rank
 from sface_dist.parallel.partition import class_range
 
 OPTIMIZER_ROW_STATES = {"sgd": 1, "adamw": 2}
@@ -37,7 +39,8 @@ def build_head(
     cfg: HeadConfig, num_classes: int, embedding_size: int, process_group: ProcessGroup | None, seed: int = 0
 ) -> ShardedHead:
     """The head of ``cfg`` for this rank of ``process_group``. Collective for SFace with ``head.impl`` ``auto`` or
-    ``triton`` on a GPU: the fused block's self-check (``self_check.py``) runs first."""
+    ``triton`` on a GPU, where the fused block's self-check runs first (``impl_choice.choose_impl``); rank 0
+    says which block runs when that was a choice."""
     check_choice(cfg.type, HeadType, "head.type")
     common = dict(
         process_group=process_group,
@@ -50,12 +53,13 @@ def build_head(
     )
     if cfg.type == "sface":
         params = SFaceParams(s=cfg.s, k=cfg.k, a=cfg.a, b=cfg.b)
-        impl = checked_impl(cfg.impl, cfg.precision, embedding_size, params, process_group)
+        choice = choose_impl(cfg.impl, cfg.precision, embedding_size, params, process_group)
+        if choice.worth_saying:
+            say(choice.line(), group_rank(process_group))
         return ShardedSFaceHead(
-            num_classes, embedding_size, s=cfg.s, k=cfg.k, a=cfg.a, b=cfg.b,
-            impl=impl, chunk_size=cfg.chunk_size, skip_threshold=cfg.skip_threshold, **common,
+            num_classes, embedding_size, params, impl=choice.impl, chunk_size=cfg.chunk_size,
+            skip_threshold=cfg.skip_threshold, **common,
         )
     m1, m2, m3 = cfg.margin or MARGIN_TYPES[cfg.type]
-    return ShardedMarginHead(
-        num_classes, embedding_size, s=cfg.s, m1=m1, m2=m2, m3=m3, margin_grad=cfg.margin_grad, **common
-    )
+    params = MarginParams(s=cfg.s, m1=m1, m2=m2, m3=m3, margin_grad=cfg.margin_grad)
+    return ShardedMarginHead(num_classes, embedding_size, params, **common)

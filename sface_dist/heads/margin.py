@@ -60,6 +60,8 @@ arcface_torch cannot express it: its CombinedMarginLoss ignores m1 and m2 whenev
 
 @dataclass(frozen=True)
 class MarginParams:
+    """The target logit s·(cos(m1·θ + m2) − m3) and its gradient rule (``margin_target_cos``)."""
+
     s: float = 64.0
     m1: float = 1.0
     m2: float = 0.5
@@ -129,11 +131,7 @@ class ShardedMarginHead(ShardedHead):
         self,
         num_classes: int,
         embedding_size: int,
-        s: float = 64.0,
-        m1: float = 1.0,
-        m2: float = 0.5,
-        m3: float = 0.0,
-        margin_grad: MarginGrad = "cos",
+        params: MarginParams = MarginParams(),
         process_group: ProcessGroup | None = None,
         precision: Precision = "fp32",
         sample_rate: float = 1.0,
@@ -146,8 +144,8 @@ class ShardedMarginHead(ShardedHead):
             num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs, sample_correction
         )
         check_precision(precision)
-        check_choice(margin_grad, MarginGrad, "head.margin_grad")
-        self.params = MarginParams(s=s, m1=m1, m2=m2, m3=m3, margin_grad=margin_grad)
+        check_choice(params.margin_grad, MarginGrad, "head.margin_grad")
+        self.params = params
         self.precision = precision
 
     def forward(

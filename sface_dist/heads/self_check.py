@@ -2,7 +2,7 @@
 
 The Triton kernels compile for each GPU, Triton version, operand precision and embedding size, and
 only running them shows that they compile, launch and agree with the torch block there. Before the
-first step, ``build_head`` with ``head.impl`` ``auto`` or ``triton`` on CUDA runs the fused block
+first step, ``impl_choice.choose_impl`` for ``head.impl`` ``auto`` or ``triton`` on CUDA runs the fused block
 once on a small trained-like shard (``probe.py``) in the run's ``head.precision`` and compares its
 loss, diagnostics and both gradients with ``sface_block_chunked`` in fp64, within the bounds the
 kernel tests hold the kernels to (``TOLERANCES``). On a failure ``auto`` trains with ``chunked``
@@ -18,15 +18,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributed import ProcessGroup
 
-from sface_dist.config import Precision, SFaceImplOrAuto
-from sface_dist.heads.kernels.fused import sface_block_triton, triton_available
-from sface_dist.heads.precision import check_precision
+from sface_dist.config import Precision
+from sface_dist.heads.kernels.fused import sface_block_triton
 from sface_dist.heads.probe import embeddings_at_cosine
 from sface_dist.heads.sface import BlockOptions, SFaceParams, sface_block_chunked
-from sface_dist.parallel.agreement import PeerError, first_message
-from sface_dist.parallel.collectives import group_rank, group_size
 
 TOLERANCES: dict[str, tuple[float, float]] = {
     "fp32": (1e-4, 1e-4),
@@ -157,49 +153,3 @@ def check_triton_block(
             cause = f"{name} differs from the fp64 chunked block by {measured:.2g} ({kind}, tolerance {tolerance:g})"
             break
     return SelfCheckResult(precision, time.perf_counter() - start, errors, cause)
-
-
-def self_check_device(impl: SFaceImplOrAuto) -> torch.device | None:
-    """The GPU the fused block is about to train on when ``impl`` asks for it (``auto``, ``triton``) and CUDA and
-    Triton are here; None: no self-check (the block will not run on a GPU)."""
-    if impl not in ("auto", "triton") or not (torch.cuda.is_available() and triton_available()):
-        return None
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def checked_impl(
-    impl: SFaceImplOrAuto,
-    precision: Precision,
-    dim: int,
-    params: SFaceParams,
-    process_group: ProcessGroup | None,
-) -> SFaceImplOrAuto:
-    """The implementation to build: ``triton`` once the fused block passed its self-check where it will run,
-    ``chunked`` for ``auto`` when it failed; ``impl`` unchanged where no check runs.
-
-    Collective where the check runs (on every rank of a run): all ranks take the same implementation, and
-    rank 0 prints one line, the verdict, or the warning with the cause found on the lowest failing rank.
-    ``triton`` raises ``SelfCheckError`` there instead (``PeerError`` on the other ranks).
-    """
-    check_precision(precision)
-    device = self_check_device(impl)
-    if device is None:
-        return impl
-    result = check_triton_block(precision, dim, device, params)
-    failure = first_message(result.cause, process_group)
-    rank = group_rank(process_group)
-    if failure is None:
-        if rank == 0:
-            print(f"head.impl={impl}: SFace block runs 'triton' (its {precision} self-check passed in "
-                  f"{result.seconds:.1f} s)", flush=True)
-        return "triton"
-    failed_rank, cause = failure
-    where = f" on rank {failed_rank}" if group_size(process_group) > 1 else ""
-    summary = f"the Triton SFace block failed its {precision} self-check{where}: {cause}"
-    if impl == "triton":
-        if rank != failed_rank:
-            raise PeerError(f"rank {failed_rank}: {summary}")
-        raise SelfCheckError(f"head.impl=triton: {summary} (head.impl=auto would train with chunked)")
-    if rank == 0:
-        print(f"warning: head.impl=auto: {summary}; training with head.impl=chunked", flush=True)
-    return "chunked"

@@ -32,10 +32,9 @@ from sface_dist.config import (
     SampleCorrection,
     SampleCorrectionOrAuto,
     SFaceImpl,
-    SFaceImplOrAuto,
     check_choice,
 )
-from sface_dist.heads.kernels.fused import sface_block_triton, triton_available
+from sface_dist.heads.kernels.fused import sface_block_triton
 from sface_dist.heads.precision import check_precision
 from sface_dist.heads.sampling import sample_classes, step_generator
 from sface_dist.heads.sface import (
@@ -136,6 +135,8 @@ class ShardedHead(nn.Module):
 
     default_sample_correction: SampleCorrection = "none"
     """What ``sample_correction="auto"`` means for this head type: the correction that learns best with it."""
+    impl: str | None = None
+    """The implementation of the head's block where it has several (SFace's ``head.impl``)."""
 
     def __init__(
         self,
@@ -244,14 +245,6 @@ class ShardedHead(nn.Module):
         return GatheredBatch(x_hat, all_labels, sample.labels, weight, inter_scale, sample.rows)
 
 
-def resolve_impl(impl: SFaceImplOrAuto) -> SFaceImpl:
-    """``auto`` -> the best implementation available here: ``triton`` on CUDA with Triton, else ``chunked``."""
-    check_choice(impl, SFaceImplOrAuto, "head.impl")
-    if impl == "auto":
-        return "triton" if torch.cuda.is_available() and triton_available() else "chunked"
-    return impl
-
-
 class ShardedSFaceHead(ShardedHead):
     """SFace classifier over ``num_classes`` identities, this rank holding ``class_range`` of them."""
 
@@ -261,12 +254,9 @@ class ShardedSFaceHead(ShardedHead):
         self,
         num_classes: int,
         embedding_size: int,
-        s: float = 64.0,
-        k: float = 80.0,
-        a: float = 0.80,
-        b: float = 1.23,
+        params: SFaceParams = SFaceParams(),
         process_group: ProcessGroup | None = None,
-        impl: SFaceImplOrAuto = "auto",
+        impl: SFaceImpl = "chunked",
         chunk_size: int = 0,
         precision: Precision = "fp32",
         sample_rate: float = 1.0,
@@ -282,13 +272,9 @@ class ShardedSFaceHead(ShardedHead):
         check_precision(precision)
         if skip_threshold < 0.0:
             raise ValueError(f"head.skip_threshold: expected a value >= 0, got {skip_threshold}")
-        self.params = SFaceParams(s=s, k=k, a=a, b=b)
-        self.impl = resolve_impl(impl)
-        if impl == "auto" and self.rank == 0:
-            found = "CUDA and Triton found" if self.impl == "triton" else (
-                "Triton not installed" if torch.cuda.is_available() else "no CUDA device"
-            )
-            print(f"head.impl=auto: SFace block runs {self.impl!r} ({found})", flush=True)
+        check_choice(impl, SFaceImpl, "head.impl")
+        self.params = params
+        self.impl = impl
         self.precision = precision
         self.block_fn: BlockFn = {
             "dense": sface_block_dense,

@@ -10,7 +10,7 @@ import torch
 
 from sface_dist import train
 from sface_dist.config import HeadConfig, HeadType, MarginHeadType, SampleCorrection, choices
-from sface_dist.heads import HeadOutput, ShardedSFaceHead, ShardOptimizer, build_head
+from sface_dist.heads import HeadOutput, SFaceParams, ShardedSFaceHead, ShardOptimizer, build_head
 from sface_dist.heads.margin import MARGIN_TYPES
 from sface_dist.heads.probe import embeddings_at_cosine
 from sface_dist.heads.sampling import sample_classes, scored_rows, step_generator
@@ -143,7 +143,7 @@ def test_draw_reads_nothing_back_when_the_budget_holds_the_batch(monkeypatch: py
 
 def test_draw_is_a_function_of_the_step_not_of_the_calls() -> None:
     """An extra forward changes no later draw; micro-step 0 is the step's own draw, other micro-steps differ."""
-    head = ShardedSFaceHead(60, 8, impl="dense", sample_rate=0.2, seed=4, **SOFT)
+    head = ShardedSFaceHead(60, 8, impl="dense", sample_rate=0.2, seed=4, params=SFaceParams(**SOFT))
     x, labels = torch.randn(4, 8), torch.tensor([0, 5, 5, 9])
     first = head(x, labels, step=7).sampled_rows
     head(x, labels, step=3)
@@ -206,7 +206,7 @@ def test_rows_adamw_is_torch_adamw_on_each_row_with_its_own_state() -> None:
     """fp64: every row moves as ``torch.optim.AdamW`` over the steps that drew it; unsampled rows and their
     moments and step counts stay put."""
     hyper = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
-    head = ShardedSFaceHead(12, 4, impl="dense", sample_rate=0.5, **SOFT).double()
+    head = ShardedSFaceHead(12, 4, impl="dense", sample_rate=0.5, params=SFaceParams(**SOFT)).double()
     optimizer = ShardOptimizer(head, name="adamw", **hyper)
     twins = [adamw_twin(row, **hyper) for row in head.weight.detach()]
     gen = torch.Generator().manual_seed(0)
@@ -229,7 +229,7 @@ def test_rows_adamw_is_torch_adamw_on_each_row_with_its_own_state() -> None:
 
 @pytest.mark.parametrize(("sample_rate", "sample_update"), [(1.0, "rows"), (0.3, "shard")])
 def test_shard_adamw_is_torch_adamw(sample_rate: float, sample_update: str) -> None:
-    head = ShardedSFaceHead(30, 8, impl="dense", sample_rate=sample_rate, **SOFT).double()
+    head = ShardedSFaceHead(30, 8, impl="dense", sample_rate=sample_rate, params=SFaceParams(**SOFT)).double()
     hyper = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
     ours = ShardOptimizer(head, name="adamw", sample_update=sample_update, **hyper)
     twin, torchs = adamw_twin(head.weight, **hyper)
@@ -253,7 +253,7 @@ def test_sampled_sface_is_unbiased() -> None:
     reference = sface_reference(x_full, weight, labels, **SOFT)
     reference["loss"].backward()
     head = ShardedSFaceHead(
-        40, 16, impl="dense", sample_rate=0.25, seed=3, sample_correction="inverse_rate", **SOFT
+        40, 16, SFaceParams(**SOFT), impl="dense", sample_rate=0.25, seed=3, sample_correction="inverse_rate"
     ).double()
     with torch.no_grad():
         head.weight.copy_(weight)
@@ -276,7 +276,7 @@ def test_sampled_sface_is_unbiased() -> None:
 def test_shard_sgd_touches_only_sampled_rows() -> None:
     """Weight, momentum and weight decay change only on the rows drawn at each step."""
     torch.manual_seed(0)
-    head = ShardedSFaceHead(30, 8, sample_rate=0.3, seed=1, **SOFT)
+    head = ShardedSFaceHead(30, 8, sample_rate=0.3, seed=1, params=SFaceParams(**SOFT))
     optimizer = ShardOptimizer(head, lr=0.5, momentum=0.9, weight_decay=0.01)
     weight = head.weight.detach().clone()
     momentum = torch.zeros_like(weight)
@@ -302,7 +302,7 @@ def test_shard_sgd_touches_only_sampled_rows() -> None:
 def test_shard_sgd_is_torch_sgd_without_sampling_or_with_shard_update(sample_rate: float, sample_update: str) -> None:
     """``sample_update="shard"``: unsampled rows (zero gradient) still decay and move with their momentum."""
     torch.manual_seed(0)
-    head = ShardedSFaceHead(30, 8, sample_rate=sample_rate, **SOFT)
+    head = ShardedSFaceHead(30, 8, sample_rate=sample_rate, params=SFaceParams(**SOFT))
     twin = head.weight.detach().clone().requires_grad_(True)
     ours = ShardOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4, sample_update=sample_update)
     torchs = torch.optim.SGD([twin], lr=0.1, momentum=0.9, weight_decay=5e-4)

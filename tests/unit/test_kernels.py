@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sface_dist.heads import ShardedSFaceHead
+from sface_dist.config import HeadConfig
+from sface_dist.heads import ShardedSFaceHead, build_head
 from sface_dist.heads.kernels.fused import CUDA_TILES, TileConfig, sface_block_triton, triton_available
 from sface_dist.heads.kernels.offline_compile import SHARED_MEMORY_LIMIT, compile_kernels
 from sface_dist.heads.probe import embeddings_at_cosine
@@ -107,7 +108,7 @@ def head_errors(
     w64 = weight.double().requires_grad_(True)
     ref = sface_reference(x64, w64, labels, **kwargs)
     ref["loss"].backward()
-    head = ShardedSFaceHead(weight.shape[0], weight.shape[1], impl="triton", precision=precision, **kwargs)
+    head = ShardedSFaceHead(weight.shape[0], weight.shape[1], params, impl="triton", precision=precision)
     with torch.no_grad():
         head.weight.copy_(weight)
     x = embeddings.clone().requires_grad_(True)
@@ -266,23 +267,33 @@ def test_sparse_mode_error_is_bounded(interpreted: dict[str, Errors]) -> None:
     assert_below(label("sparse"), errors, tolerances)
 
 
-def test_falls_back_to_chunked_without_a_device() -> None:
-    """On CPU tensors without the interpreter the block is the chunked one, bit for bit."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("the interpreter runs the kernels on CPU")
+def test_refuses_cpu_tensors_without_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused block never stands in silently for another: on CPU tensors without the interpreter it says so
+    in one line (``impl_choice.choose_impl`` refuses ``head.impl=triton`` there before any step)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     embeddings, weight, labels = ragged_problem(9, 13, 16, 0.3, seed=3)
-    x_hat = F.normalize(embeddings, dim=1)
+    with pytest.raises(ValueError, match=r"^the Triton SFace block needs CUDA tensors \(got cpu\)"):
+        sface_block_triton(F.normalize(embeddings, dim=1), weight, labels, None, OFFICIAL, BlockOptions(1 / 9))
+
+
+def test_an_empty_shard_is_the_chunked_blocks_zeros(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard without classes (or a batch without rows) has nothing to tile: the result is the chunked block's,
+    bit for bit."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    embeddings, weight, labels = ragged_problem(9, 13, 16, 0.3, seed=3)
+    x_hat, no_classes = F.normalize(embeddings, dim=1), weight[:0]
+    local_labels = torch.full_like(labels, -1)
     options = BlockOptions(1 / 9)
-    fused = sface_block_triton(x_hat, weight, labels, None, OFFICIAL, options)
-    chunked = sface_block_chunked(x_hat, weight, labels, None, OFFICIAL, options)
+    fused = sface_block_triton(x_hat, no_classes, local_labels, None, OFFICIAL, options)
+    chunked = sface_block_chunked(x_hat, no_classes, local_labels, None, OFFICIAL, options)
     assert torch.equal(fused.loss, chunked.loss) and torch.equal(fused.scalar_stats, chunked.scalar_stats)
 
 
 def test_auto_picks_chunked_on_cpu_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine picks triton")
-    assert ShardedSFaceHead(10, 8, impl="auto").impl == "chunked"
-    assert "runs 'chunked'" in capsys.readouterr().out
+    assert build_head(HeadConfig(impl="auto"), 10, 8, process_group=None).impl == "chunked"
+    assert capsys.readouterr().out == "head.impl=auto: SFace block runs 'chunked' (no CUDA device)\n"
 
 
 @pytest.mark.parametrize("precision", sorted(CUDA_TILES))

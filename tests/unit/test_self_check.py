@@ -25,7 +25,7 @@ from sface_dist.data.dali import DaliFaceLoader, dali_available
 from sface_dist.data.decoder_check import MEAN_ABS_TOLERANCE, compare_batches
 from sface_dist.data.errors import DataError
 from sface_dist.data.torch_backend import TorchFaceLoader
-from sface_dist.heads import build_head, self_check
+from sface_dist.heads import build, build_head, impl_choice, self_check
 from sface_dist.heads.self_check import TOLERANCES, SelfCheckError, check_triton_block
 from sface_dist.heads.sface import BlockOptions, BlockResult, SFaceParams, sface_block_chunked
 from sface_dist.parallel import agreement
@@ -89,7 +89,7 @@ def block_with_gradient_scaled(factor: float):  # noqa: ANN201
 @pytest.fixture
 def on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The head's check runs on the CPU as it would on a GPU."""
-    monkeypatch.setattr(self_check, "self_check_device", lambda impl: torch.device("cpu"))
+    monkeypatch.setattr(impl_choice, "self_check_device", lambda impl: torch.device("cpu"))
 
 
 def sface_head(impl: str):  # noqa: ANN201
@@ -145,13 +145,21 @@ def test_explicit_triton_raises_with_the_cause(
 
 
 def test_no_check_without_a_gpu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """Where the fused block would not run on a GPU, ``impl`` goes to the head unchecked."""
+    """Where the fused block would not run on a GPU, ``auto`` takes ``chunked`` unchecked, and ``triton`` is refused
+    in one line unless the interpreter runs the kernels."""
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine runs the check")
     monkeypatch.setattr(self_check, "sface_block_triton", raising_block)
     assert sface_head("auto").impl == "chunked"
     assert "warning" not in capsys.readouterr().out
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"^head.impl=triton: the fused kernels need a CUDA device \(or "
+                       r"TRITON_INTERPRET=1"):
+        sface_head("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert sface_head("triton").impl == "triton"
+    assert capsys.readouterr().out == (
+        "head.impl=triton: SFace block runs 'triton' (TRITON_INTERPRET=1: interpreted on the CPU)\n")
 
 
 @pytest.mark.usefixtures("on_gpu")
@@ -162,21 +170,24 @@ def test_ranks_agree_and_rank_0_names_the_failing_rank(
     """Two ranks, rank 1's block raises, rank 0's agrees (the gather of their causes stands in for gloo)."""
     monkeypatch.setattr(self_check, "sface_block_triton", raising_block if rank == 1 else block_with_gradient_scaled(1))
     monkeypatch.setattr(agreement, "group_size", lambda group: 2)
-    monkeypatch.setattr(self_check, "group_size", lambda group: 2)
-    monkeypatch.setattr(self_check, "group_rank", lambda group: rank)
+    monkeypatch.setattr(impl_choice, "group_size", lambda group: 2)
+    monkeypatch.setattr(impl_choice, "group_rank", lambda group: rank)
 
     def all_gather_object(gathered: list[str | None], message: str | None, group: object = None) -> None:
         gathered[:] = [message, "RuntimeError: PassManager::run failed"] if rank == 0 else [None, message]
 
     monkeypatch.setattr(agreement.dist, "all_gather_object", all_gather_object)
     summary = "the Triton SFace block failed its fp32 self-check on rank 1: RuntimeError: PassManager::run failed"
-    assert self_check.checked_impl("auto", "fp32", DIM, SFaceParams(), None) == "chunked"
+    choice = impl_choice.choose_impl("auto", "fp32", DIM, SFaceParams(), None)
+    assert choice.impl == "chunked" and choice.line() + "\n" == f"warning: head.impl=auto: {summary}{FALLBACK}"
+    monkeypatch.setattr(build, "group_rank", lambda group: rank)
+    assert sface_head("auto").impl == "chunked"
     assert capsys.readouterr().out == (f"warning: head.impl=auto: {summary}{FALLBACK}" if rank == 0 else "")
     expected = (PeerError, f"rank 1: {summary}") if rank == 0 else (
         SelfCheckError, f"head.impl=triton: {summary} (head.impl=auto would train with chunked)"
     )
     with pytest.raises(expected[0]) as raised:
-        self_check.checked_impl("triton", "fp32", DIM, SFaceParams(), None)
+        impl_choice.choose_impl("triton", "fp32", DIM, SFaceParams(), None)
     assert str(raised.value) == expected[1]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sface_dist.heads import ShardedSFaceHead
+from sface_dist.heads import SFaceParams, ShardedSFaceHead
 from sface_dist.heads.sface import auto_chunk_size
 
 from sface_reference import relative_error, sface_reference
@@ -16,7 +16,7 @@ IMPLS = ["dense", "chunked"]
 
 
 def run_head(impl: str, embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **params: float):
-    head = ShardedSFaceHead(weight.shape[0], weight.shape[1], impl=impl, chunk_size=3, **params)
+    head = ShardedSFaceHead(weight.shape[0], weight.shape[1], SFaceParams(**params), impl=impl, chunk_size=3)
     with torch.no_grad():
         head.weight.copy_(weight)
     x = embeddings.clone().requires_grad_(True)
@@ -93,7 +93,7 @@ def test_fp64_inputs_are_computed_in_fp64() -> None:
     labels = torch.tensor([0, 4, 2])
     embeddings = torch.randn(3, 8, generator=gen, dtype=torch.float64)
     params = dict(s=30.0, k=5.0, a=1.3, b=1.4)
-    head = ShardedSFaceHead(5, 8, impl="chunked", chunk_size=2, **params).double()
+    head = ShardedSFaceHead(5, 8, SFaceParams(**params), impl="chunked", chunk_size=2).double()
     with torch.no_grad():
         head.weight.copy_(weight)
     out = head(embeddings, labels)

@@ -46,11 +46,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernels_supported(x_hat: Tensor, weight: Tensor) -> bool:
-    """Whether the Triton kernels can run on these inputs (else the chunked implementation does)."""
-    on_device = x_hat.is_cuda or interpreter_enabled()
-    fp32 = x_hat.dtype == torch.float32 and weight.dtype == torch.float32
-    return triton_available() and on_device and fp32 and weight.shape[0] > 0 and x_hat.shape[0] > 0
+def check_kernel_inputs(x_hat: Tensor, weight: Tensor) -> None:
+    """The kernels take fp32 operands on a CUDA device (on the CPU under ``TRITON_INTERPRET=1``); the head only
+    calls them where ``impl_choice.choose_impl`` chose them, so anything else is a caller's mistake."""
+    if not (x_hat.is_cuda or interpreter_enabled()):
+        raise ValueError(f"the Triton SFace block needs CUDA tensors (got {x_hat.device}) or TRITON_INTERPRET=1")
+    if x_hat.dtype != torch.float32 or weight.dtype != torch.float32:
+        raise ValueError(f"the Triton SFace block takes fp32 operands (got {x_hat.dtype} and {weight.dtype})")
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,8 @@ def sface_block_triton(
 ) -> BlockResult:
     """Fused SFace block (``BlockFn``); ``skip_threshold`` > 0 skips the gradient matmuls of tiles whose
     inter weights r_inter·inter_scale are all at or below it (docs/kernels.md: sparse mode)."""
-    if not kernels_supported(x_hat, weight):
+    check_kernel_inputs(x_hat, weight)
+    if weight.shape[0] == 0 or x_hat.shape[0] == 0:  # nothing to tile: the chunked block's empty sums
         return sface_block_chunked(x_hat, weight, local_labels, inter_scale, params, options)
     tiles = tiles or default_tiles(x_hat.device, options.precision)
     loss, stats, cos_target, max_nontarget = _TritonSFace.apply(
