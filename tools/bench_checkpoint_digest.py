@@ -26,7 +26,7 @@ from unittest import mock
 import torch
 
 from sface_dist import checkpoint
-from sface_dist.checkpoint import TrainerState, load_head_shard, rng_state, save_checkpoint
+from sface_dist.checkpoint import load_head_shard, save_checkpoint
 from sface_dist.file_digest import file_record
 from sface_dist.heads import ShardedSFaceHead, ShardOptimizer
 
@@ -77,7 +77,7 @@ def main() -> None:
     steps = iter(range(1, 10_000))
 
     def save(bare: bool) -> Path:
-        state = TrainerState(step=next(steps), backbone={}, backbone_optimizer={}, rng=rng_state(), progress={})
+        state = {"step": next(steps), "backbone": {}, "backbone_optimizer": {}, "rng": {}, "progress": {}}
         with without_digests(bare):
             return save_checkpoint(root / ("bare" if bare else "hashed"), rank=0, world_size=1, trainer_state=state,
                                    head_state=head_state, head_optimizer_state=optimizer_state,

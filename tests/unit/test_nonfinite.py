@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sface_dist.training.step_metrics import DeviceMetrics
 from sface_dist.training.trainer import Trainer
 
 from synthetic_trainer import ENV, make_config
@@ -27,7 +28,7 @@ def test_skip_leaves_the_weights_untouched_and_stops_after_max_in_a_row(tmp_path
         before: list[torch.Tensor] = []
         train_step = trainer.train_step
 
-        def recorded(batches: list) -> torch.Tensor:
+        def recorded(batches: list) -> DeviceMetrics:
             before.append(trainer.head.weight.detach().clone())
             return train_step(batches)
 

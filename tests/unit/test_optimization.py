@@ -13,7 +13,14 @@ from torch import nn
 
 from sface_dist.config import HeadConfig, OptimConfig
 from sface_dist.heads import build_head
-from sface_dist.training.optimization import Optimization, Schedule
+from sface_dist.training.engine import DDPEngine
+from sface_dist.training.optimization import (
+    Optimization,
+    Schedule,
+    build_backbone_optimizer,
+    build_grad_scaler,
+    build_head_optimizer,
+)
 from sface_dist.training.trainer import Trainer
 
 from synthetic_trainer import ENV, make_config, record_steps
@@ -80,15 +87,21 @@ def small_backbone() -> nn.Module:
 
 
 def build_optimization(cfg: OptimConfig, peak_lr: float = 0.1, total_steps: float = 100) -> Optimization:
+    """The trainer's parts for one process: the backbone in a ``DDPEngine`` alone, an SFace head shard."""
+    backbone = small_backbone()
     head = build_head(HeadConfig(), num_classes=6, embedding_size=8, process_group=None)
+    backbone_optimizer = build_backbone_optimizer(backbone, cfg, peak_lr)
+    grad_scaler = build_grad_scaler("none", torch.device("cpu"))
+    engine = DDPEngine(backbone, backbone_optimizer, grad_scaler, backbone)
+    head_optimizer = build_head_optimizer(head, cfg, peak_lr * cfg.head_lr_scale, "rows")
     schedule = Schedule(cfg, total_steps=total_steps, steps_per_epoch=10)
-    return Optimization(small_backbone(), head, cfg, peak_lr, "rows", "none", torch.device("cpu"), schedule)
+    return Optimization(engine, backbone_optimizer, head_optimizer, grad_scaler, cfg.grad_clip, schedule)
 
 
 def trained_pairs(optimization: Optimization) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """Every parameter the optimizers step (the backbone's in order, then the head shard) with a detached copy
     for a reference optimizer."""
-    params = [*optimization.backbone.parameters(), optimization.head.weight]
+    params = [*optimization.engine.model.parameters(), optimization.head_optimizer.head.weight]
     return [(p, p.detach().clone().requires_grad_(True)) for p in params]
 
 
@@ -125,7 +138,8 @@ def test_no_decay_bn_bias_leaves_norm_layers_and_biases_undecayed() -> None:
     cfg = OptimConfig(weight_decay=0.1, momentum=0.9, no_decay_bn_bias=True, grad_clip=0.0, **CONSTANT)
     optimization = build_optimization(cfg)
     pairs = trained_pairs(optimization)
-    conv, batch_norm, linear, layer_norm = (optimization.backbone[i] for i in (0, 1, 3, 4))
+    backbone = optimization.engine.model
+    conv, batch_norm, linear, layer_norm = (backbone[i] for i in (0, 1, 3, 4))
     copies = {id(param): copy for param, copy in pairs}
     decayed = [copies[id(conv.weight)], copies[id(linear.weight)]]
     exempt = [copies[id(p)] for p in (batch_norm.weight, batch_norm.bias, linear.bias, layer_norm.weight,

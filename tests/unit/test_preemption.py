@@ -25,7 +25,7 @@ import torch
 from sface_dist.checkpoint import load_trainer_state
 from sface_dist.config import Config, ConfigError, load_config
 from sface_dist.parallel.agreement import CollectiveError, naming_collective_failures
-from sface_dist.training.stop_signals import GRACE_S, StopRequest, stop_at_step_boundary
+from sface_dist.stop_signals import GRACE_S, StopRequest, stop_at_step_boundary
 from sface_dist.training.trainer import Trainer
 
 from synthetic_trainer import ENV, make_config
@@ -48,7 +48,7 @@ def test_first_signal_asks_and_a_copy_of_it_is_ignored() -> None:
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-from sface_dist.training.stop_signals import GRACE_S, stop_at_step_boundary
+from sface_dist.stop_signals import GRACE_S, stop_at_step_boundary
 first, second, after = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as interactively: a background job starts with it ignored
 with stop_at_step_boundary(print, lambda: "the last checkpoint is runs/x/checkpoints/step-00000100") as request:
@@ -100,7 +100,7 @@ def test_another_signal_joins_the_pending_stop(first: signal.Signals, second: si
 WORKER = """
 import os, sys
 from torch.utils.data import DataLoader
-from sface_dist.training.stop_signals import leave_stop_signals_to_the_main_process
+from sface_dist.stop_signals import leave_stop_signals_to_the_main_process
 class Pids:
     def __len__(self): return 1000
     def __getitem__(self, index): return os.getpid()
@@ -190,6 +190,6 @@ def test_a_stop_inside_an_accumulated_step_loses_nothing(tmp_path: Path, at: int
     fit_and_close(Trainer(config("stopped"), ENV))
     straight, resumed = (load_trainer_state(tmp_path / name / "checkpoints" / "step-00000006")
                          for name in ("straight", "stopped"))
-    assert resumed.progress == straight.progress
-    for key, tensor in straight.backbone.items():
-        torch.testing.assert_close(resumed.backbone[key], tensor, rtol=0, atol=1e-6, msg=key)
+    assert resumed["progress"] == straight["progress"]
+    for key, tensor in straight["backbone"].items():
+        torch.testing.assert_close(resumed["backbone"][key], tensor, rtol=0, atol=1e-6, msg=key)

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from sface_dist.config import Config, OptimConfig
 from sface_dist.training.optimization import Schedule
-from sface_dist.training.trainer import StepMetrics, Trainer
+from sface_dist.training.step_metrics import StepMetrics
+from sface_dist.training.trainer import Trainer
 
 from sface_reference import relative_error, sface_reference
 from synthetic_trainer import ENV, make_config, record_steps
@@ -53,7 +54,7 @@ def first_batch(trainer: Trainer) -> tuple[Tensor, Tensor]:
 
 
 def one_step(trainer: Trainer, images: Tensor, labels: Tensor) -> StepMetrics:
-    return StepMetrics.from_tensor(trainer.train_step([(images, labels)]), trainer.diagnostic_names)
+    return trainer.train_step([(images, labels)]).read()
 
 
 def backbone_vector(trainer: Trainer) -> Tensor:
