@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sface_dist.config import Config, choices
+from sface_dist.console import say
 
 REGENERATE = "python -m sface_dist.config_reference"
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", nargs="?", type=Path, default=Path("docs/configuration.md"))
     args = parser.parse_args(argv)
     args.out.write_text(render())
-    print(f"wrote {args.out}")
+    say(f"wrote {args.out}")
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sface_dist.cli import run_cli
 from sface_dist.data.convert import (
     EncodeOptions,
     folder_to_rec,
@@ -29,9 +30,8 @@ from sface_dist.data.convert import (
     repack,
 )
 from sface_dist.data.dataset_checks import dataset_rec_path
-from sface_dist.data.errors import DataError
 from sface_dist.data.inspection import inspect_rec
-from sface_dist.data.recordio import RecordIOError, ScannedRecord, rebuild_index
+from sface_dist.data.recordio import ScannedRecord, rebuild_index
 from sface_dist.progress_bar import ProgressBar
 
 
@@ -171,15 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except (DataError, RecordIOError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{(error.strerror or str(error)).lower()}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sface_dist.evaluation.cli import add_model_arguments, open_model_from_args, run_tool
+from sface_dist.cli import run_cli
+from sface_dist.evaluation.cli import add_model_arguments, open_model_from_args
 from sface_dist.evaluation.extraction import extract_views
 from sface_dist.evaluation.image_sources import FolderImages, RecordImages
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out.suffix != ".npy":
         parser.error("--out must end in .npy")
-    return run_tool(embed, args)
+    return run_cli(lambda: embed(args))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from sface_dist.cli import run_cli
 from sface_dist.evaluation.alignment import import_cv2
-from sface_dist.evaluation.cli import add_model_arguments, open_model_from_args, run_tool
+from sface_dist.evaluation.cli import add_model_arguments, open_model_from_args
 from sface_dist.evaluation.extraction import extract_views
 from sface_dist.evaluation.ijb import format_tar_table, read_ijb, score_ijb, write_ijb_outputs
 from sface_dist.evaluation.roc import import_pyplot
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-faceness", dest="faceness", action="store_false", help="no faceness-score weighting")
     parser.add_argument("--normalize-images", action="store_true", help="unit image features before aggregation")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return run_tool(evaluate, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_cli(lambda: evaluate(args))
 
 
 if __name__ == "__main__":

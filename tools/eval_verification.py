@@ -15,8 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+from sface_dist.cli import run_cli
 from sface_dist.data.bin_pack import read_bin
-from sface_dist.evaluation.cli import add_model_arguments, open_model_from_args, run_tool
+from sface_dist.evaluation.cli import add_model_arguments, open_model_from_args
 from sface_dist.evaluation.verification import VERIFICATION_FARS, VerificationResult, evaluate_embedder, require_folds
 from sface_dist.progress_bar import ProgressBar
 
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-flip", dest="flip", action="store_false", help="embed the images without mirrors")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return run_tool(evaluate, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_cli(lambda: evaluate(args))
 
 
 if __name__ == "__main__":

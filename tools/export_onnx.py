@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sface_dist.evaluation.cli import run_tool
+from sface_dist.cli import run_cli
 from sface_dist.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_checkpoint
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--opset must be from {MIN_OPSET} to {MAX_OPSET}")
     if args.out.is_dir():
         parser.error(f"--out {args.out}: a folder: name the .onnx file to write")
-    return run_tool(export, args)
+    return run_cli(lambda: export(args))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sface_dist.evaluation.cli import run_tool
+from sface_dist.cli import run_cli
 from sface_dist.evaluation.noisy_labels import DEFAULT_THRESHOLD, find_noisy_labels
 from sface_dist.parallel.launch import destroy_distributed, init_distributed
 
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="image decoding threads (default: %(default)s)")
     parser.add_argument("--no-flip", dest="flip", action="store_false", help="embed the images without mirrors")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return run_tool(find, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_cli(lambda: find(args))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from study_runs import (
     write_json,
 )
 
-from sface_dist.cli import INTERRUPTED, describe_error
+from sface_dist.cli import run_cli
 from sface_dist.config import HeadType, choices
 from sface_dist.data.bin_pack import read_bin
 from sface_dist.data.dataset_checks import dataset_rec_path
@@ -364,15 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.rec is None) != (args.bin is None):
         parser.error("--rec and --bin go together")
-    try:
-        grid = parse_grid(args)
-        results = run_study(args, grid)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue", file=sys.stderr, flush=True)
-        return INTERRUPTED
-    except (ValueError, OSError, RuntimeError, subprocess.CalledProcessError) as error:
-        print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
-        return 2
+    return run_cli(lambda: study(args), also=(RuntimeError, subprocess.CalledProcessError),
+                   interrupted="interrupted: run the same command again to continue")
+
+
+def study(args: argparse.Namespace) -> int:
+    """Run (or continue) the study ``args`` describe and write its report."""
+    results = run_study(args, parse_grid(args))
     print(f"{len(results)} runs: {args.out / 'report.md'}, {args.out / 'accuracy.png'}, "
           f"{args.out / 'target_cosine.png'}")
     return 0

@@ -48,7 +48,7 @@ from study_runs import (
 )
 
 from sface_dist.checkpoint import read_head_rows
-from sface_dist.cli import INTERRUPTED, describe_error
+from sface_dist.cli import run_cli
 from sface_dist.config import HeadConfig, HeadType, SampleCorrection, SampleUpdate, choices
 from sface_dist.data.bin_pack import read_bin
 from sface_dist.data.datasets import RecordFaceDataset
@@ -466,19 +466,18 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps if args.steps is not None else (30 if args.quick else 1500)
     if args.quick:
         args.overrides = [f"data.batch_size={QUICK_BATCH}", *args.overrides]
-    try:
-        texts = args.variants or (QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS)
-        variants = [parse_variant(text) for text in texts]
-        if args.steps < 1 or not args.seeds or args.nproc < 1:
-            raise ValueError(f"--steps, --seeds and --nproc must be positive, got {args.steps}, {args.seeds}, "
-                             f"{args.nproc}")
-        results = run_study(args, variants)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue", file=sys.stderr, flush=True)
-        return INTERRUPTED
-    except (ValueError, OSError, RuntimeError, subprocess.CalledProcessError) as error:
-        print(f"error: {describe_error(error)}", file=sys.stderr, flush=True)
-        return 2
+    return run_cli(lambda: study(args), also=(RuntimeError, subprocess.CalledProcessError),
+                   interrupted="interrupted: run the same command again to continue")
+
+
+def study(args: argparse.Namespace) -> int:
+    """Run (or continue) the study ``args`` describe and write its report."""
+    texts = args.variants or (QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS)
+    variants = [parse_variant(text) for text in texts]
+    if args.steps < 1 or not args.seeds or args.nproc < 1:
+        raise ValueError(f"--steps, --seeds and --nproc must be positive, got {args.steps}, {args.seeds}, "
+                         f"{args.nproc}")
+    results = run_study(args, variants)
     print(f"{len(results)} runs: {args.out / 'report.md'}, {args.out / 'curves.png'}")
     return 0
 

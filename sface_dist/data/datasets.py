@@ -7,7 +7,6 @@ file, key and offset; under ``on_bad_record=skip`` the backends carry it on as a
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,6 +14,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from sface_dist.console import warn
 from sface_dist.data.augment import augment
 from sface_dist.data.dataset_checks import dataset_rec_path, read_checked, record_location, resolve_num_classes
 from sface_dist.data.errors import BadRecordError, DataError
@@ -22,8 +22,6 @@ from sface_dist.data.images import decode_rgb
 from sface_dist.data.recordio import FaceRecordIndex, RecordIOError, RecordIOReader
 from sface_dist.data.sampler import Sample
 from sface_dist.data.synthetic import SyntheticFaces
-
-logger = logging.getLogger(__name__)
 
 
 class BadRecord(NamedTuple):
@@ -107,5 +105,5 @@ def every_image_bad(bad: list[BadRecord]) -> DataError:
 
 
 def log_skipped(record: BadRecord) -> None:
-    """Log a record left out under ``on_bad_record=skip``."""
-    logger.warning("data.on_bad_record=skip: left out %s", record.message)
+    """Warn of a record left out under ``on_bad_record=skip`` (every rank of its own)."""
+    warn(f"data.on_bad_record=skip: left out {record.message}")

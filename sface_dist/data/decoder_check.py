@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sface_dist.console import warn
 from sface_dist.data.dali import DaliFaceLoader
 from sface_dist.data.datasets import RecordFaceDataset
 from sface_dist.data.errors import BadRecordError, DataError
@@ -108,6 +109,5 @@ def dali_decoder_agrees(
         if group_rank(None) != failed_rank:
             raise PeerError(f"rank {failed_rank}: {summary}")
         raise DataError(f"data.backend=dali: {summary} (data.backend=auto would load with torch)")
-    if group_rank(None) == 0:
-        print(f"warning: data.backend=auto: {summary}; loading with data.backend=torch", flush=True)
+    warn(f"data.backend=auto: {summary}; loading with data.backend=torch", group_rank(None))
     return False

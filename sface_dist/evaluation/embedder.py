@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sface_dist.console import warn
 from sface_dist.data.pixels import normalize_pixels
 from sface_dist.evaluation.checkpoint_backbone import load_backbone
 from sface_dist.file_digest import DigestMismatch, file_record, sidecar, verify_against_sidecar
@@ -68,7 +69,7 @@ class OnnxEmbedder:
             except DigestMismatch as error:
                 raise ValueError(f"{error}: refused") from None
             if not verified:
-                print(f"warning: {self.path}: no {sidecar(self.path).name} beside it: read unverified", flush=True)
+                warn(f"{self.path}: no {sidecar(self.path).name} beside it: read unverified")
         preferred = ("CUDAExecutionProvider", "CPUExecutionProvider")
         providers = [name for name in preferred if name in onnxruntime.get_available_providers()]
         options = onnxruntime.SessionOptions()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from sface_dist.checkpoint import read_best_score, save_best_backbone
+from sface_dist.console import say
 from sface_dist.data.bin_pack import VerificationPack, read_bin
 from sface_dist.evaluation.embedder import TorchEmbedder, embed_views
 from sface_dist.evaluation.verification import VerificationResult, require_folds, verification_accuracy
@@ -62,8 +62,8 @@ class VerificationMonitor:
     stems, unique); ``batch_size``: images per forward; ``flip``: the flip test;
     ``shared``: split the work across ranks; ``writer``: TensorBoard (rank 0, or None);
     ``best_dir``: where the best backbone per pack goes (None: not kept), which needs
-    ``run_config``, the resolved config dict that makes those backbones loadable;
-    ``log``: where rank 0's lines go.
+    ``run_config``, the resolved config dict that makes those backbones loadable.
+    Rank 0 prints one line per pack and one for the whole evaluation (``console.say``).
     """
 
     def __init__(
@@ -78,7 +78,6 @@ class VerificationMonitor:
         writer: SummaryWriter | None = None,
         best_dir: str | Path | None = None,
         run_config: dict[str, Any] | None = None,
-        log: Callable[[str], None] = print,
     ) -> None:
         if best_dir is not None and run_config is None:
             raise ValueError("keeping the best backbones needs the run's config (run_config)")
@@ -89,7 +88,7 @@ class VerificationMonitor:
         self.env = env
         self.batch_size, self.flip = batch_size, flip
         self.shared = shared and env.world_size > 1 and dist.is_initialized()
-        self.writer, self.log = writer, log
+        self.writer = writer
         self.best_dir = Path(best_dir) if best_dir is not None else None
         self.run_config = run_config
         self.names = names
@@ -167,7 +166,7 @@ class VerificationMonitor:
         for name, result in report.results.items():
             best = report.best[name]
             tars = " ".join(f"{far:.0e} {tar:.4f}" for far, tar in result.tar_at_far.items())
-            self.log(
+            say(
                 f"[eval step {report.step}] {name}: accuracy {result.accuracy:.4f} ± {result.std:.4f} "
                 f"(best {best.accuracy:.4f} at step {best.step}), threshold {result.threshold:.2f} "
                 f"(cosine {result.cosine_threshold:.3f}), TAR@FAR {tars}, xnorm {result.xnorm:.2f}"
@@ -179,7 +178,7 @@ class VerificationMonitor:
                 for key, value in scalars.items():
                     self.writer.add_scalar(f"eval/{name}/{key}", value, report.step)
         mode = f"shared by {self.env.world_size} ranks" if self.shared else "on rank 0"
-        self.log(f"[eval step {report.step}] {len(report.results)} pack(s) in {report.seconds:.1f} s ({mode})")
+        say(f"[eval step {report.step}] {len(report.results)} pack(s) in {report.seconds:.1f} s ({mode})")
         if self.writer is not None:
             self.writer.add_scalar("eval/seconds", report.seconds, report.step)
         if self.best_dir is not None:

@@ -182,7 +182,7 @@ def test_from_list_follows_im2rec(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "property").read_text() == "3,112,112\n"
     (tmp_path / "bad.lst").write_text("1\t0\talice/0.png\nnot a line\n")
     failed = run_cli("from-list", str(tmp_path / "bad.lst"), str(tmp_path / "in"), str(tmp_path / "out"), check=False)
-    assert failed.returncode == 2
+    assert failed.returncode == 1
     assert f"{tmp_path / 'bad.lst'}: line 2 is not 'index<TAB>label<TAB>path'" in failed.stderr
 
 
@@ -298,7 +298,7 @@ def test_make_bin_from_pairs(tmp_path: Path) -> None:
     assert pack_.images.shape == (4, 3, 112, 112) and pack_.issame.tolist() == [True, False]
     (tmp_path / "bad.txt").write_text("alice/0.png alice/1.jpg maybe\n")
     failed = run_cli("make-bin", str(tmp_path / "bad.txt"), str(tmp_path / "in"), str(tmp_path / "v.bin"), check=False)
-    assert failed.returncode == 2 and "line 1 is not 'path_a path_b 1|0'" in failed.stderr
+    assert failed.returncode == 1 and "line 1 is not 'path_a path_b 1|0'" in failed.stderr
     assert read_bin(tmp_path / "v.bin").issame.tolist() == [True, False]
 
 
@@ -337,7 +337,7 @@ def test_repack_exclude_leaves_out_the_listed_records(tmp_path: Path) -> None:
     (tmp_path / "keys.txt").write_text(f"# suspects\n{keys[0]}\n\n{10_000}\n{10_001}\n")
     failed = run_cli("repack", str(source), str(tmp_path / "clean"), "--exclude", str(tmp_path / "keys.txt"),
                      check=False)
-    assert failed.returncode == 2
+    assert failed.returncode == 1
     assert failed.stderr == f"error: {tmp_path / 'keys.txt'}: 2 keys are not image records of {source}: 10000, 10001\n"
     assert images_by_label(tmp_path / "clean" / "train.rec") == kept
     (tmp_path / "bad.txt").write_text("key\nseven\n")

@@ -128,7 +128,7 @@ def test_header_record_labels_that_are_not_whole_numbers_are_one_line(tmp_path: 
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr == f"error: {rec}: key 0 at offset 0: header labels (nan, 9.0) are not a key range\n"
 
 
@@ -171,7 +171,7 @@ def test_empty_dataset_is_one_line(tmp_path: Path, layout: str) -> None:
         [sys.executable, "tools/convert_rec.py", "inspect", str(rec), "--verify", "--quiet"],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
-    assert result.returncode == 2 and result.stdout == ""
+    assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == f"error: {rec}: empty dataset: no image records\n"
     with pytest.raises(DataError, match=rf"^{re.escape(str(rec))}: empty dataset: no image records$"):
         build_loader(DataConfig(root=str(tmp_path), image_size=SMALL, num_classes=NUM_CLASSES), 0, 1, seed=0)

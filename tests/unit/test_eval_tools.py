@@ -74,7 +74,7 @@ def test_eval_verification_given_a_folder_for_a_pack_names_the_packs_inside(
     model_files: tuple[nn.Module, Path, Path], pack_path: Path
 ) -> None:
     result = run_tool("tools/eval_verification.py", "--onnx", str(model_files[2]), "--bin", str(pack_path.parent))
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr == (f"error: {pack_path.parent}: a folder, not a verification pack: name the .bin file (it "
                              "holds heldout.bin)\n")
 
@@ -85,7 +85,7 @@ def test_eval_verification_reports_a_bad_pack_in_one_line(
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"\x80\x02cos\nsystem\nq\x00.")
     result = run_tool("tools/eval_verification.py", "--onnx", str(model_files[2]), "--bin", str(bad))
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr == f"error: {bad}: not a readable verification pack: refused global os.system\n"
 
 
@@ -139,5 +139,5 @@ def test_embed_names_a_folder_without_a_dataset(model_files: tuple[nn.Module, Pa
     _, _, onnx_path = model_files
     result = run_tool("tools/embed.py", "--onnx", str(onnx_path), "--rec", str(tmp_path), "--out",
                       str(tmp_path / "out.npy"), "--quiet")
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.strip() == f"error: {tmp_path}: the dataset folder holds no train.rec"

@@ -8,7 +8,6 @@ asserts the exact line, the exit status, and that nothing outside the target cha
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -130,11 +129,11 @@ def test_to_folder_never_replaces_a_folder_that_holds_something(
     before = tree(tmp_path)
     for out in (mine, data):
         status, err = convert(capsys, "to-folder", str(data), str(out))
-        assert (status, err) == (2, f"error: {out}: exists and is not an empty folder: to-folder writes a new folder "
+        assert (status, err) == (1, f"error: {out}: exists and is not an empty folder: to-folder writes a new folder "
                                     "(choose another, or remove this one yourself)\n")
     os.chdir(data)
     try:
-        assert convert(capsys, "to-folder", str(data), ".")[0] == 2
+        assert convert(capsys, "to-folder", str(data), ".")[0] == 1
     finally:
         os.chdir(ROOT)
     assert tree(tmp_path) == before
@@ -167,7 +166,7 @@ def test_writing_onto_a_read_only_mount_is_one_line(
         assert convert(capsys, "to-folder", str(demo_data), str(tmp_path / "faces"))[0] == 0
         source = str(tmp_path / "faces")
     status, err = convert(capsys, command, source, str(read_only / "out"))
-    assert status == 2 and err.count("\n") == 1 and err.startswith("error: ") and "read-only file system" in err, err
+    assert status == 1 and err.count("\n") == 1 and err.startswith("error: ") and "read-only file system" in err, err
 
 
 def test_the_sampling_study_never_renders_over_a_users_dataset(demo_data: Path, tmp_path: Path) -> None:
@@ -176,7 +175,7 @@ def test_the_sampling_study_never_renders_over_a_users_dataset(demo_data: Path, 
     before = tree(data)
     result = subprocess.run([sys.executable, "tools/sampling_study.py", "--quick", "--data", str(data), "--out",
                              str(tmp_path / "study")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr == (
+    assert result.returncode == 1 and result.stderr == (
         f"error: {data}: holds train.rec but no heldout.bin to evaluate on: add your pack as {data / 'heldout.bin'}, "
         "or name an empty --data for synthetic identities\n")
     assert tree(data) == before
@@ -311,7 +310,7 @@ def test_eval_verification_names_the_pack_of_each_problem(
     model = tmp_path / "model.onnx"
     assert tool("export_onnx").main(["--checkpoint", str(trained_checkpoint(demo_data, tmp_path)), "--out",
                                      str(model)]) == 0
-    assert tool("eval_verification").main(["--onnx", str(model), "--bin", str(path), "--quiet"]) == 2
+    assert tool("eval_verification").main(["--onnx", str(model), "--bin", str(path), "--quiet"]) == 1
     assert capsys.readouterr().err == f"error: {path}: {problem}\n"
 
 
@@ -409,7 +408,7 @@ def test_an_onnx_model_that_asks_for_petabytes_is_one_line(
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), model)
     capsys.readouterr()
     assert tool("embed").main(["--onnx", str(model), "--rec", str(demo_data), "--out", str(tmp_path / "e.npy"),
-                               "--quiet"]) == 2
+                               "--quiet"]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: {model}: the model failed on a batch of 128 images: "), line
     assert "Failed to allocate memory" in line and not (tmp_path / "e.npy").exists()
@@ -516,12 +515,12 @@ def test_noise_study_arguments_are_checked_before_anything_runs(tmp_path: Path, 
 
 
 def test_an_interrupted_evaluation_tool_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    from sface_dist.evaluation.cli import run_tool
+    from sface_dist.cli import run_cli
 
-    def interrupted(_: object) -> int:
+    def interrupted() -> int:
         raise KeyboardInterrupt
 
-    assert run_tool(interrupted, argparse.Namespace()) == 130
+    assert run_cli(interrupted) == 130
     assert capsys.readouterr().err == "interrupted\n"
 
 
@@ -552,7 +551,7 @@ def test_outputs_that_cannot_be_written_are_one_line(
     ]
     for name, argv, line in cases:
         capsys.readouterr()
-        assert tool(name).main(argv) == 2
+        assert tool(name).main(argv) == 1
         assert one_error_line(capsys.readouterr().err) == line, name
 
 

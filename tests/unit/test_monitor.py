@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
@@ -37,12 +39,14 @@ def _monitor_worker(rank: int, world_size: int, bins: list[str], best_root: str)
     config = {"model": {"backbone": "tiny", "embedding_size": 16}}
     outcome = {}
     for mode, shared in (("shared", True), ("rank0", False)):  # shared first: rank 1's statistics still differ
-        lines: list[str] = []
         best_dir = f"{best_root}/{mode}"
         options = {"batch_size": 7, "shared": shared, "best_dir": best_dir, "run_config": config}
-        monitor = VerificationMonitor(bins, env, **options, log=lines.append)
-        first = monitor.run(model, step=10)
-        second = monitor.run(model, step=20)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            monitor = VerificationMonitor(bins, env, **options)
+            first = monitor.run(model, step=10)
+            second = monitor.run(model, step=20)
+        lines = printed.getvalue().splitlines()
         restarted = VerificationMonitor(bins, env, **options)
         outcome[mode] = {
             "results": {name: [r.accuracy, r.std, r.xnorm, r.threshold] for name, r in first.results.items()},
@@ -95,7 +99,7 @@ def test_monitor_logs_to_tensorboard_and_refuses_duplicate_names(tmp_path: Path)
             self.scalars[tag] = (value, step)
 
     writer = Recorder()
-    monitor = VerificationMonitor([str(path)], env, writer=writer, log=lambda line: None)  # type: ignore[arg-type]
+    monitor = VerificationMonitor([str(path)], env, writer=writer)  # type: ignore[arg-type]
     report = monitor.run(build_backbone("tiny", embedding_size=8), step=5)
     assert writer.scalars["eval/lfw/accuracy"] == (report.results["lfw"].accuracy, 5)
     assert {"eval/lfw/tar_at_far_1e-03", "eval/lfw/best_accuracy", "eval/seconds"} <= set(writer.scalars)

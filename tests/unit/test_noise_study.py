@@ -83,7 +83,7 @@ def test_a_study_with_other_settings_is_refused_in_the_same_folder(
     command = [sys.executable, "tools/noise_study.py", *other, "--heads", "sface", "--noise", "closed",
                "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "[1/" not in result.stdout
+    assert result.returncode == 1 and "[1/" not in result.stdout
     folder = out if not other else out / "cells" / "sface-clean-seed0"
     assert result.stderr == (f"error: {folder}: {differs}: choose another --out for these settings, or delete "
                              f"{folder} to make it again\n")
@@ -100,5 +100,5 @@ def test_the_report_header_comes_from_the_cells(study: tuple[Path, str]) -> None
 def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
     result = subprocess.run([*STUDY, "--out", str(tmp_path), "--ratios", "1.5"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr == "error: need seeds and ratios in [0, 1], got seeds (0,), ratios (1.5,)\n"

@@ -90,7 +90,7 @@ def test_other_settings_in_the_same_folder_are_refused(study: tuple[Path, str]) 
     out, _ = study
     again = run_study(out, "--steps", "25")
     folder = out / "runs" / "sface-full-seed0"
-    assert again.returncode == 2 and "[1/2]" not in again.stdout
+    assert again.returncode == 1 and "[1/2]" not in again.stdout
     assert again.stderr == (f"error: {folder}: made with other settings (steps: 20 -> 25): choose another --out for "
                             f"these settings, or delete {folder} to make it again\n")
 
@@ -102,5 +102,5 @@ def test_other_settings_in_the_same_folder_are_refused(study: tuple[Path, str]) 
 def test_a_bad_variant_is_one_line_naming_it(tmp_path: Path, variant: str, message: str) -> None:
     result = subprocess.run([sys.executable, "tools/sampling_study.py", "--out", str(tmp_path), "--variants", variant],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
