@@ -114,8 +114,8 @@ def folder_to_rec(
             encoded = map_chunks(_encode_chunk, [path for _, path in labelled], (options,), workers)
             shape = None
             pairs = zip(labelled, encoded, strict=True)
-            for (label, _), (jpeg, image_shape) in with_progress(pairs, len(labelled), progress):
-                shape = shape or image_shape
+            for (label, _), (jpeg, encoded_shape) in with_progress(pairs, len(labelled), progress):
+                shape = shape or encoded_shape
                 writer.write(label, jpeg)
         write_property(files["property"], len(identities), shape)
         files["classes.txt"].write_text("".join(f"{name}\n" for name, _ in identities), encoding="utf-8")
@@ -147,8 +147,8 @@ def list_to_rec(
             encoded = map_chunks(_encode_chunk, paths, (options,), workers)
             shape = None
             pairs = zip(entries, encoded, strict=True)
-            for (index, labels, _), (image, image_shape) in with_progress(pairs, len(entries), progress):
-                shape = shape or image_shape
+            for (index, labels, _), (image, encoded_shape) in with_progress(pairs, len(entries), progress):
+                shape = shape or encoded_shape
                 label: float | tuple[float, ...] = labels[0] if len(labels) == 1 else tuple(labels)
                 writer.write(index, pack(IRHeader(0, label, index, 0), image))
         write_property(files["property"], num_classes, shape)
