@@ -111,7 +111,8 @@ def _check_archive(path: Path) -> None:
 
 TRAINER_KEYS = ("step", "backbone", "backbone_optimizer", "rng", "progress")
 """What every ``trainer.pt`` holds (beside it, newer checkpoints hold ``schedulers`` and ``grad_scaler``): a plain
-dict of containers and tensors, each key written by one of the trainer's components (``training/state.py``)."""
+dict of containers and tensors, each key written by one of the trainer's components
+(``sface_dist/training/state.py``)."""
 
 
 def state_dict_mismatch(error: RuntimeError) -> str:

@@ -5,7 +5,7 @@
 Asks pip, in a throwaway virtual environment and ignoring every local pip setting, what ``torch==VERSION`` installs
 on Linux for this Python (``pip install --dry-run --report``: metadata only, nothing installed), and prints the lock
 of the CUDA build: torch, and every package it pulls in that requirements/pinned.txt does not already pin (the CUDA
-libraries and the Triton that torch requires), followed by torch's own requirements, which tests/test_docker.py
+libraries and the Triton that torch requires), followed by torch's own requirements, which tests/unit/test_docker.py
 checks the pins against.
 """
 
@@ -27,7 +27,7 @@ HEADER = """\
 # The CUDA build (docker/Dockerfile, the cluster image; `make env` where nvidia-smi exists): what it installs
 # besides requirements/pinned.txt, and the only difference from requirements/cpu.txt: PyPI's CUDA wheel of torch,
 # the CUDA libraries it pulls in, and the Triton it requires (it refuses another). DALI's CUDA wheel is the same in
-# both builds. tools/lock_cuda.py writes this file from PyPI's resolution of the torch pin; tests/test_docker.py
+# both builds. tools/lock_cuda.py writes this file from PyPI's resolution of the torch pin; tests/unit/test_docker.py
 # checks every pin against torch's recorded requirements below."""
 
 

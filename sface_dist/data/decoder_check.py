@@ -24,7 +24,7 @@ from sface_dist.parallel.collectives import group_rank, group_size
 
 MEAN_ABS_TOLERANCE = 3 / 127.5
 """Mean |GPU - CPU| of the normalised pixels: 3 grey levels. nvJPEG and libjpeg-turbo round the IDCT and the
-chroma upsampling differently, a level or two on average (tests/test_dali_backend.py bounds the largest
+chroma upsampling differently, a level or two on average (tests/unit/test_dali_backend.py bounds the largest
 difference on flat images by the same 3 levels); a wrong decode is off by tens."""
 RANGE_SLACK = 1e-6
 """How far past ±1 a normalised pixel may lie: DALI divides by 127.5 as a multiplication by its inverse."""

@@ -31,8 +31,8 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "bf16": (1.5e-3, 3e-2),
 }
 """(loss, gradient) relative error against fp64 on trained-like cosines, by ``head.precision``: the head's
-bounds (tests/test_heads.py), fp32 at 1e-4. On tensor cores tf32 rounds operands to 10 mantissa bits (unit
-roundoff 2^-11, 8x finer than bf16's 2^-8), so its gradient bound is bf16's / 8. tests/test_kernels.py holds
+bounds (tests/unit/test_heads.py), fp32 at 1e-4. On tensor cores tf32 rounds operands to 10 mantissa bits (unit
+roundoff 2^-11, 8x finer than bf16's 2^-8), so its gradient bound is bf16's / 8. tests/unit/test_kernels.py holds
 the kernels to these bounds (the interpreter runs tf32 as fp32, and there at fp32's)."""
 COS_TARGET_TOLERANCE = 1e-5
 """Relative error of the target cosines, which every implementation takes in full precision."""

@@ -137,3 +137,35 @@ def test_only_the_checkpoint_modules_touch_checkpoint_files() -> None:
         if str(path.relative_to(ROOT)) not in CHECKPOINT_MODULES and (uses := layout_uses(path))
     }
     assert offenders == {}
+
+
+class Unfit(Component):
+    """A component whose ``load_state_dict`` finds the checkpoint's part does not fit."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise ValueError("the backbone does not fit the config: size mismatch for fc.weight")
+
+
+def test_a_part_that_does_not_fit_is_one_line_naming_the_checkpoint(tmp_path: Path) -> None:
+    checkpoints, run = manager(tmp_path)
+    path = save(checkpoints, run, 5)
+    unfit = CheckpointManager(tmp_path, rank=0, world_size=1, every=5, keep=2, num_classes=NUM_CLASSES, config=CONFIG,
+                              trainer_state={"trainer": Unfit()},
+                              head_shard={"head": Component(), "optimizer": Component()},
+                              class_range=(0, NUM_CLASSES))
+    with pytest.raises(CheckpointError) as raised:
+        unfit.restore()
+    assert str(raised.value) == f"{path}: the backbone does not fit the config: size mismatch for fc.weight"
+
+
+def test_components_write_disjoint_keys_and_the_head_file_its_two(tmp_path: Path) -> None:
+    shared = {"trainer": Component({"step": 1}), "progress": Component({"step": 1, "progress": {}})}
+    overlapping = CheckpointManager(tmp_path, rank=0, world_size=1, every=5, keep=2, num_classes=NUM_CLASSES,
+                                    config=CONFIG, trainer_state=shared,
+                                    head_shard={"head": Component(), "optimizer": Component()},
+                                    class_range=(0, NUM_CLASSES))
+    with pytest.raises(ValueError, match=r"component progress writes the keys \['step'\] another one writes"):
+        overlapping.save()
+    with pytest.raises(ValueError, match=r"head_shard: expected the components \('head', 'optimizer'\)"):
+        CheckpointManager(tmp_path, rank=0, world_size=1, every=5, keep=2, num_classes=NUM_CLASSES, config=CONFIG,
+                          trainer_state={}, head_shard={"head": Component()}, class_range=(0, NUM_CLASSES))

@@ -1,4 +1,5 @@
-"""The import graph of ``sface_dist``: no cycle, and the data package never imports the evaluation package.
+"""The import graph of ``sface_dist``: no cycle, the layers of docs/design.md (The layout), and the data package
+never importing the evaluation package.
 
 Every ``import`` and ``from ... import`` counts, at module level or inside a function (a lazy import
 still ties the modules together), relative ones resolved. An edge goes to the module a statement
@@ -131,3 +132,57 @@ def test_the_data_package_does_not_import_evaluation() -> None:
         if target.startswith("sface_dist.evaluation")
     )
     assert not wrong, "the data package imports evaluation: " + ", ".join(wrong)
+
+
+LAYERS: list[tuple[str, set[str]]] = [
+    ("foundation", {"config", "config_reference", "console", "atomic_write", "file_digest", "memory", "progress_bar",
+                    "process_pool", "stop_signals"}),
+    ("ranks", {"parallel"}),
+    ("formats and components", {"checkpoint", "cli", "data", "backbones", "heads"}),
+    ("uses of them", {"evaluation", "export"}),
+    ("the loop", {"training", "train"}),
+]
+"""The package's layers, bottom up (docs/design.md, The layout), by the top-level module or package under
+``sface_dist``. A module imports only from its own layer or those below; the components of the middle layer are
+independent of each other."""
+INDEPENDENT = "formats and components"
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    """(layer index, top-level name) of a ``sface_dist`` module."""
+    top = module.split(".")[1] if "." in module else module
+    for index, (_, names) in enumerate(LAYERS):
+        if top in names:
+            return index, top
+    raise AssertionError(f"{module} is in no layer: add {top} to LAYERS and to docs/design.md's layout")
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import against ``LAYERS``, as ``module -> target (why)``."""
+    wrong = []
+    for module, targets in graph.items():
+        if module == "sface_dist":
+            continue
+        (level, top) = layer_of(module)
+        for target in targets:
+            (target_level, target_top) = layer_of(target)
+            if target_level > level:
+                wrong.append(f"{module} -> {target} (from {LAYERS[level][0]} up to {LAYERS[target_level][0]})")
+            elif target_level == level and LAYERS[level][0] == INDEPENDENT and target_top != top:
+                wrong.append(f"{module} -> {target} (two independent components)")
+    return sorted(wrong)
+
+
+def test_layering_rules_catch_an_upward_and_a_sideways_import() -> None:
+    graph = {"sface_dist.data.loader": {"sface_dist.training.trainer", "sface_dist.heads.sface", "sface_dist.config"},
+             "sface_dist.training.trainer": {"sface_dist.data.loader"}}
+    assert layering_violations(graph) == [
+        "sface_dist.data.loader -> sface_dist.heads.sface (two independent components)",
+        "sface_dist.data.loader -> sface_dist.training.trainer (from formats and components up to the loop)",
+    ]
+
+
+def test_sface_dist_keeps_its_layers() -> None:
+    graph = import_graph(ROOT, "sface_dist")
+    wrong = layering_violations(graph)
+    assert not wrong, "imports against the layers of docs/design.md:\n" + "\n".join(wrong)

@@ -4,7 +4,7 @@ Triton compiles to a cubin with the ``ptxas`` its wheel carries, so whether a ti
 compiles for Hopper, how many registers it takes, how many bytes it spills to local memory
 and how much shared memory it asks for are known before any GPU runs it. A kernel that asks
 for more shared memory than a block may have fails at launch; spills cost local-memory
-traffic. ``tools/compile_kernels.py`` prints these for any tile shapes; ``tests/test_kernels.py``
+traffic. ``tools/compile_kernels.py`` prints these for any tile shapes; ``tests/unit/test_kernels.py``
 holds the default tiles to the hardware limits.
 """
 
