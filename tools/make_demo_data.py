@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from sface_dist.data.bin_pack import write_bin
-from sface_dist.data.convert import encode_jpeg, folder_to_rec
+from sface_dist.data.convert import folder_to_rec
+from sface_dist.data.images import encode_jpeg
 from sface_dist.data.synthetic import SyntheticFaces, write_identity_folders
 
 _STAMP = "demo.json"

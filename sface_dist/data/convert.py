@@ -366,7 +366,7 @@ def _list_identities(root: Path) -> list[tuple[str, list[Path]]]:
         if not images:
             raise ConvertError(f"{folder}: identity folder holds no images")
         if (problem := _folder_name_problem(folder.name)) is not None:
-            raise ConvertError(f"{folder}: identity folder name {folder.name!r} {problem}: classes.txt holds one "
+            raise ConvertError(f"{root}: identity folder name {folder.name!r} {problem}: classes.txt holds one "
                                "name per line (rename the folder)")
         identities.append((folder.name, images))
     if not identities:

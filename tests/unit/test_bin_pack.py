@@ -156,7 +156,7 @@ def test_truncated_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_a_pack_gets_the_permissions_of_every_other_output(tmp_path: Path) -> None:
-    """``open`` under the process's umask is the reference (the temporary file behind the rename is 0600)."""
+    """``open`` under the process's umask is the reference (a temporary made by mkstemp would be 0600)."""
     write_bin(tmp_path / "pack.bin", [encode_image(0)] * 2, [True])
     (tmp_path / "other").write_bytes(b"")
     mode = (tmp_path / "other").stat().st_mode & 0o777

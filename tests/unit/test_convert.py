@@ -449,7 +449,7 @@ def test_a_dataset_that_is_no_folder_with_train_rec_nor_a_rec_is_one_line_naming
         for command in (["to-folder", str(dataset), str(tmp_path / "out")], ["inspect", str(dataset)],
                         ["repack", str(dataset), str(tmp_path / "out")], ["reindex", str(dataset)]):  # fmt: skip
             result = run_cli(*command, "--quiet", check=False)
-            assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {message}\n"), command
+            assert (result.returncode, result.stdout, result.stderr) == (1, "", f"error: {message}\n"), command
         for convert in (rec_to_folder, repack):
             with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
                 convert(dataset, tmp_path / "out", progress=False)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sface_dist.data.convert import EncodeOptions, encode_jpeg, folder_to_rec, repack
+from sface_dist.data.convert import EncodeOptions, folder_to_rec, repack
+from sface_dist.data.images import encode_jpeg
 from sface_dist.data.loader import build_loader
 from sface_dist.data.recordio import FaceRecordIndex, RecordIOReader
 from sface_dist.data.synthetic import SyntheticFaces, write_identity_folders

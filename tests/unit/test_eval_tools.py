@@ -16,7 +16,8 @@ from torch import nn
 from sface_dist.backbones import build_backbone
 from sface_dist.checkpoint import save_backbone
 from sface_dist.data.bin_pack import read_bin, write_bin
-from sface_dist.data.convert import encode_jpeg, folder_to_rec
+from sface_dist.data.convert import folder_to_rec
+from sface_dist.data.images import encode_jpeg
 from sface_dist.data.synthetic import SyntheticFaces, write_identity_folders
 from sface_dist.evaluation.embedder import TorchEmbedder, embed_views
 from sface_dist.evaluation.verification import verification_accuracy

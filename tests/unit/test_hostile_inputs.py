@@ -32,7 +32,7 @@ from PIL import Image
 from sface_dist.checkpoint import CheckpointError, load_trainer_state
 from sface_dist.config import ConfigError, load_config
 from sface_dist.data.bin_pack import VerificationPackError, read_bin, write_bin
-from sface_dist.data.convert import encode_jpeg
+from sface_dist.data.images import encode_jpeg
 from sface_dist.evaluation.checkpoint_backbone import load_backbone
 from sface_dist.evaluation.ijb import IjbError, read_ijb
 from sface_dist.evaluation.monitor import VerificationMonitor
@@ -115,7 +115,7 @@ def test_to_folder_names_from_classes_txt_stay_inside_the_output(
     before = tree(tmp_path)
     status, err = convert(capsys, "to-folder", str(data), str(tmp_path / "out" / "faces"))
     problem = "not a folder name" if name in ("", "..") else "holds a path separator"
-    assert (status, err) == (2, f"error: {data / 'classes.txt'}: line 4: identity {name!r} is {problem}: refused\n")
+    assert (status, err) == (1, f"error: {data / 'classes.txt'}: line 4: identity {name!r} is {problem}: refused\n")
     assert tree(tmp_path) == before and not Path("/tmp/absolute").exists()
 
 
@@ -150,9 +150,8 @@ def test_from_folder_refuses_an_identity_whose_name_holds_a_line_break(
         (tmp_path / "faces" / name).mkdir(parents=True)
         Image.new("RGB", (112, 112), (40, 80, 120)).save(tmp_path / "faces" / name / "0.jpg")
     status, err = convert(capsys, "from-folder", str(tmp_path / "faces"), str(tmp_path / "out"))
-    folder = tmp_path / "faces" / "eve\nmallory"
-    assert (status, err) == (2, f"error: {folder}: identity folder name 'eve\\nmallory' holds a line break: "
-                                "classes.txt holds one name per line (rename the folder)\n")
+    assert (status, err) == (1, f"error: {tmp_path / 'faces'}: identity folder name 'eve\\nmallory' holds a line "
+                                "break: classes.txt holds one name per line (rename the folder)\n")
     assert not (tmp_path / "out").exists()
 
 
@@ -477,7 +476,7 @@ def test_a_property_of_no_classes_is_one_line(
     assert convert(capsys, "repack", str(demo_data), str(flat))[0] == 0
     (flat / "property").write_text("-5,112,112\n")
     assert convert(capsys, "inspect", str(flat)) == (
-        2, f"error: {flat / 'property'}: expected 'num_classes,height,width' of positive numbers, got '-5,112,112'\n")
+        1, f"error: {flat / 'property'}: expected 'num_classes,height,width' of positive numbers, got '-5,112,112'\n")
 
 
 @pytest.mark.parametrize(("value", "field"), [("nan", 3), ("inf", 11)], ids=["nan-landmark", "infinite-faceness"])
@@ -510,7 +509,7 @@ def test_noise_study_arguments_are_checked_before_anything_runs(tmp_path: Path, 
     100000 rendered 5.9 GB."""
     result = subprocess.run([sys.executable, "tools/noise_study.py", "--quick", "--out", str(tmp_path / "study"),
                              *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert (result.returncode, result.stderr) == (2, f"error: {problem}\n")
+    assert (result.returncode, result.stderr) == (1, f"error: {problem}\n")
     assert not (tmp_path / "study").exists()
 
 

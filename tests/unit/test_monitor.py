@@ -11,7 +11,7 @@ import torch
 
 from sface_dist.backbones import build_backbone
 from sface_dist.data.bin_pack import read_bin, write_bin
-from sface_dist.data.convert import encode_jpeg
+from sface_dist.data.images import encode_jpeg
 from sface_dist.data.synthetic import SyntheticFaces
 from sface_dist.evaluation.checkpoint_backbone import load_backbone
 from sface_dist.evaluation.embedder import TorchEmbedder, embed_views
