@@ -19,8 +19,8 @@ from sface_dist.data.datasets import RecordFaceDataset
 from sface_dist.data.errors import BadRecordError, DataError
 from sface_dist.data.sampler import EpochShardSampler
 from sface_dist.data.torch_backend import TorchFaceLoader
-from sface_dist.parallel.agreement import PeerError, first_message
-from sface_dist.parallel.collectives import group_rank, group_size
+from sface_dist.parallel.agreement import first_failure
+from sface_dist.parallel.collectives import group_rank
 
 MEAN_ABS_TOLERANCE = 3 / 127.5
 """Mean |GPU - CPU| of the normalised pixels: 3 grey levels. nvJPEG and libjpeg-turbo round the IDCT and the
@@ -99,15 +99,12 @@ def dali_decoder_agrees(
     Collective: all ranks decide alike; rank 0 prints the one warning line (``auto``) with the cause found on the
     lowest failing rank, or that rank raises ``DataError`` (``dali``; ``PeerError`` on the others).
     """
-    failure = first_message(check_dali_decoder(dataset, sampler, num_threads, device, skip_bad), None)
+    failure = first_failure(check_dali_decoder(dataset, sampler, num_threads, device, skip_bad))
     if failure is None:
         return True
-    failed_rank, cause = failure
-    where = f" on rank {failed_rank}" if group_size(None) > 1 else ""
-    summary = f"DALI's GPU decoder failed its first-batch check{where}: {cause}"
+    summary = f"DALI's GPU decoder failed its first-batch check{failure.where}: {failure.cause}"
     if backend == "dali":
-        if group_rank(None) != failed_rank:
-            raise PeerError(f"rank {failed_rank}: {summary}")
-        raise DataError(f"data.backend=dali: {summary} (data.backend=auto would load with torch)")
+        error = DataError(f"data.backend=dali: {summary} (data.backend=auto would load with torch)")
+        failure.raise_here(error, summary)
     warn(f"data.backend=auto: {summary}; loading with data.backend=torch", group_rank(None))
     return False

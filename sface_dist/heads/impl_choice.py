@@ -18,8 +18,7 @@ from sface_dist.heads.kernels.fused import interpreter_enabled, triton_available
 from sface_dist.heads.precision import check_precision
 from sface_dist.heads.self_check import SelfCheckError, check_triton_block
 from sface_dist.heads.sface import SFaceParams
-from sface_dist.parallel.agreement import PeerError, first_message
-from sface_dist.parallel.collectives import group_rank, group_size
+from sface_dist.parallel.agreement import first_failure
 
 
 @dataclass(frozen=True)
@@ -80,14 +79,11 @@ def choose_impl(
     if device is None:
         return _without_gpu(asked)
     result = check_triton_block(precision, dim, device, params)
-    failure = first_message(result.cause, process_group)
+    failure = first_failure(result.cause, process_group)
     if failure is None:
         return ImplChoice(asked, "triton", f"its {precision} self-check passed in {result.seconds:.1f} s")
-    failed_rank, cause = failure
-    where = f" on rank {failed_rank}" if group_size(process_group) > 1 else ""
-    summary = f"the Triton SFace block failed its {precision} self-check{where}: {cause}"
+    summary = f"the Triton SFace block failed its {precision} self-check{failure.where}: {failure.cause}"
     if asked == "triton":
-        if group_rank(process_group) != failed_rank:
-            raise PeerError(f"rank {failed_rank}: {summary}")
-        raise SelfCheckError(f"head.impl=triton: {summary} (head.impl=auto would train with chunked)")
+        error = SelfCheckError(f"head.impl=triton: {summary} (head.impl=auto would train with chunked)")
+        failure.raise_here(error, summary, process_group)
     return ImplChoice(asked, "chunked", summary, fell_back=True)

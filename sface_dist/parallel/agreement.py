@@ -6,14 +6,15 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from sface_dist.parallel.collectives import group_size
+from sface_dist.parallel.collectives import group_rank, group_size
 
 
 class PeerError(RuntimeError):
@@ -124,11 +125,31 @@ def all_gather_objects(value: Any, group: ProcessGroup | None = None) -> list[An
     return values
 
 
-def first_message(message: str | None, group: ProcessGroup | None = None) -> tuple[int, str] | None:
-    """Collective: the lowest rank that has a ``message``, and that message (None: no rank has one).
+@dataclass(frozen=True)
+class RankFailure:
+    """A local check that failed on some ranks: the lowest such rank and the cause it found."""
 
-    A local check that failed on some ranks: every rank takes the same branch, and one of them can say why.
+    rank: int
+    cause: str
+    where: str
+    """`` on rank N`` when several ranks ran the check, else empty: for the one line that reports it."""
+
+    def raise_here(self, error: BaseException, summary: str, group: ProcessGroup | None = None) -> NoReturn:
+        """Stop every rank: the failing one with ``error``, the others with a ``PeerError`` of ``summary`` naming
+        that rank."""
+        if group_rank(group) != self.rank:
+            raise PeerError(f"rank {self.rank}: {summary}")
+        raise error
+
+
+def first_failure(cause: str | None, group: ProcessGroup | None = None) -> RankFailure | None:
+    """Collective: the lowest rank whose local check found a ``cause`` (None: no rank did).
+
+    Every rank takes the same branch after it, and one of them can say why.
     """
-    messages = all_gather_objects(message, group)
-    return next(((rank, text) for rank, text in enumerate(messages) if text is not None), None)
+    causes = all_gather_objects(cause, group)
+    rank = next((rank for rank, text in enumerate(causes) if text is not None), None)
+    if rank is None:
+        return None
+    return RankFailure(rank, causes[rank], f" on rank {rank}" if len(causes) > 1 else "")
 

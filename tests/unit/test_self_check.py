@@ -170,8 +170,7 @@ def test_ranks_agree_and_rank_0_names_the_failing_rank(
     """Two ranks, rank 1's block raises, rank 0's agrees (the gather of their causes stands in for gloo)."""
     monkeypatch.setattr(self_check, "sface_block_triton", raising_block if rank == 1 else block_with_gradient_scaled(1))
     monkeypatch.setattr(agreement, "group_size", lambda group: 2)
-    monkeypatch.setattr(impl_choice, "group_size", lambda group: 2)
-    monkeypatch.setattr(impl_choice, "group_rank", lambda group: rank)
+    monkeypatch.setattr(agreement, "group_rank", lambda group: rank)
 
     def all_gather_object(gathered: list[str | None], message: str | None, group: object = None) -> None:
         gathered[:] = [message, "RuntimeError: PassManager::run failed"] if rank == 0 else [None, message]
