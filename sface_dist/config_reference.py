@@ -40,7 +40,7 @@ of range (`optim.lr` ≤ 0, `optim.momentum` ≥ 1, a negative weight decay,
 
 This file is generated from the dataclasses of `sface_dist/config.py` and their
 field docstrings: edit those, then run `{REGENERATE}`
-(tests/test_config.py fails while this file is out of date).
+(tests/unit/test_config.py fails while this file is out of date).
 """
 
 

@@ -47,9 +47,9 @@ print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torc
       '| triton', triton.__version__, '| numpy', numpy.__version__)"
 
 part tests "$python" -m pytest -q -p no:cacheprovider -rs \
-    tests/test_kernels.py::test_full_size_on_gpu \
-    tests/test_loader.py::test_torch_backend_on_gpu_gives_the_cpu_batches \
-    tests/test_dali_backend.py::test_mixed_decoder_on_gpu_matches_cpu
+    tests/unit/test_kernels.py::test_full_size_on_gpu \
+    tests/unit/test_loader.py::test_torch_backend_on_gpu_gives_the_cpu_batches \
+    tests/unit/test_dali_backend.py::test_mixed_decoder_on_gpu_matches_cpu
 
 part compile_kernels "$python" tools/compile_kernels.py
 part bench_head "$python" tools/bench_head.py

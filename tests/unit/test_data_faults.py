@@ -191,15 +191,15 @@ def test_empty_index_of_a_non_empty_rec_says_so(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def training_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, TrainingRun]]:
+def bad_record_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, TrainingRun]]:
     with started_runs(tmp_path_factory, {"2 ranks, 1 worker each": (1, 2)}) as runs:
         yield runs
 
 
-def test_training_on_two_ranks_stops_every_rank_with_one_line(training_runs: dict[str, TrainingRun]) -> None:
+def test_training_on_two_ranks_stops_every_rank_with_one_line(bad_record_runs: dict[str, TrainingRun]) -> None:
     """Rank 1 meets the bad record and says so in one line; rank 0 stops with it, silently, instead of failing in
     a collective rank 1 never joins. torchrun's own report of the failed ranks is not the trainer's output."""
-    run = training_runs["2 ranks, 1 worker each"]
+    run = bad_record_runs["2 ranks, 1 worker each"]
     run.process.communicate(timeout=240)
     assert run.process.returncode != 0
     (log,) = (run.rec.parent / "logs").glob("*/attempt_0/1/stderr.log")
