@@ -18,7 +18,7 @@ from sface_dist.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_checkp
 def export(args: argparse.Namespace) -> int:
     loaded, check = export_checkpoint(args.checkpoint, args.out, args.opset)
     print(
-        f"exported {loaded.backbone} ({loaded.embedding_size}-d) from {loaded.path}, step {loaded.step} -> "
+        f"exported {loaded.description} -> "
         f"{args.out} ({args.out.stat().st_size / 2**20:.1f} MiB, opset {check.opset}); onnxruntime vs PyTorch "
         f"on batches of {list(check.batch_sizes)}: min cosine {check.min_cosine:.7f}, "
         f"max |diff| {check.max_abs_diff:.2e}"
@@ -29,7 +29,8 @@ def export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--checkpoint", required=True, help="training checkpoint: step dir, run dir, checkpoints dir or its 'latest'"
+        "--checkpoint", required=True,
+        help="training checkpoint (step dir, run dir, checkpoints dir or its 'latest') or insightface's backbone file"
     )
     parser.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")

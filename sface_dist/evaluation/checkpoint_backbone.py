@@ -1,9 +1,11 @@
-"""The backbone of a training checkpoint: find the checkpoint, rebuild the network, load its weights.
+"""The backbone of a training checkpoint, or of insightface's weights: rebuild the network, load its weights.
 
 Any path ``checkpoint.resolve_checkpoint`` accepts: a checkpoint step directory, a run's ``checkpoints``
 directory or its ``latest`` pointer file, a run directory, or a best-backbone folder that
 ``VerificationMonitor`` writes. The architecture comes from the config that the checkpoint's manifest
-embeds, so no separate config file can disagree with the weights.
+embeds, so no separate config file can disagree with the weights. Any other file is taken for arcface_torch's
+saved backbone (``model.pt``, ``backbone.pth``, ``checkpoint_gpu_N.pt``): read like every weights file (no code
+runs), its architecture and embedding size read from its names and shapes (``backbones.insightface``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from typing import Any
 from torch import nn
 
 from sface_dist.backbones import build_backbone
+from sface_dist.backbones.insightface import backbone_state, checked_state, identify
 from sface_dist.checkpoint import (
+    LATEST,
     CheckpointError,
+    load_weights,
     read_backbone,
     read_model_config,
     resolve_checkpoint,
@@ -32,14 +37,33 @@ class LoadedBackbone:
     model: nn.Module
     path: Path
     weights_file: Path
-    step: int
+    step: int | None
+    """The training step of a checkpoint; None for insightface's weights."""
     backbone: str
     embedding_size: int
     config: dict[str, Any]
 
+    @property
+    def description(self) -> str:
+        """What was loaded, for the tools' first line."""
+        origin = f", step {self.step}" if self.step is not None else " (insightface weights)"
+        return f"{self.backbone} ({self.embedding_size}-d) from {self.path}{origin}"
+
+
+def load_insightface_backbone(path: Path) -> LoadedBackbone:
+    """Rebuild and load the arcface_torch backbone saved in the file ``path``."""
+    state = backbone_state(load_weights(path), str(path))
+    name, embedding_size = identify(state, str(path))
+    model = build_backbone(name, embedding_size)
+    model.load_state_dict(checked_state(model, state, f"{name} ({embedding_size}-d)", str(path)))
+    config = {"model": {"backbone": name, "embedding_size": embedding_size}}
+    return LoadedBackbone(model.eval(), path, path, None, name, embedding_size, config)
+
 
 def load_backbone(path: str | os.PathLike[str]) -> LoadedBackbone:
-    """Rebuild and load the backbone of the checkpoint at ``path``."""
+    """Rebuild and load the backbone of the checkpoint, or of insightface's weights file, at ``path``."""
+    if Path(path).is_file() and Path(path).name != LATEST:
+        return load_insightface_backbone(Path(path))
     checkpoint = resolve_checkpoint(path)
     config, step = read_model_config(checkpoint)
     name, embedding_size = config["model"]["backbone"], int(config["model"]["embedding_size"])

@@ -19,7 +19,8 @@ def default_device() -> str:
 def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 128) -> None:
     """``--checkpoint`` | ``--onnx``, ``--device`` and ``--batch-size``."""
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="training checkpoint: step dir, run dir, checkpoints dir or its 'latest'")
+    model.add_argument("--checkpoint", help="training checkpoint (step dir, run dir, checkpoints dir or its 'latest') "
+                       "or insightface's backbone file (arcface_torch's model.pt, backbone.pth)")
     model.add_argument("--onnx", help="exported ONNX model (tools/export_onnx.py)")
     parser.add_argument("--device", default=default_device(), help="PyTorch device (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch (default: %(default)s)")

@@ -144,9 +144,8 @@ def open_model(
         return ModelSource(OnnxEmbedder(path), f"ONNX {path}", _file_identity(path))
     if checkpoint is not None and onnx is None:
         loaded = load_backbone(checkpoint)
-        description = f"{loaded.backbone} ({loaded.embedding_size}-d) from {loaded.path}, step {loaded.step}"
         embedder = TorchEmbedder(loaded.model.to(device), device)
-        return ModelSource(embedder, description, _file_identity(loaded.weights_file.resolve()))
+        return ModelSource(embedder, loaded.description, _file_identity(loaded.weights_file.resolve()))
     raise ValueError("name exactly one model: a checkpoint or an ONNX file")
 
 
