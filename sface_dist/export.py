@@ -132,7 +132,7 @@ def _check_onnx(
     path: Path, model: nn.Module, image_size: int, batch_sizes: tuple[int, ...], opset: int
 ) -> ExportCheck:
     """Compare onnxruntime with ``model`` (raw-pixel input) on random crops; raise below ``MIN_COSINE``."""
-    onnx_model = OnnxEmbedder(path, verify=False)
+    onnx_model = OnnxEmbedder(path, verify=False, convention="raw")
     generator = torch.Generator().manual_seed(0)
     cosines, differences = [], []
     for batch_size in batch_sizes:

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from sface_dist.evaluation.embedder import ModelSource, open_model
+from sface_dist.evaluation.embedder import ONNX_INPUTS, ModelSource, open_model
 
 
 def default_device() -> str:
@@ -22,9 +22,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 128) 
     model.add_argument("--checkpoint", help="training checkpoint (step dir, run dir, checkpoints dir or its 'latest') "
                        "or insightface's backbone file (arcface_torch's model.pt, backbone.pth)")
     model.add_argument("--onnx", help="exported ONNX model (tools/export_onnx.py)")
+    parser.add_argument("--onnx-input", choices=ONNX_INPUTS, default="auto",
+                        help="what --onnx takes: 0-255 pixels (raw: the project's exports), (x - 127.5) / 127.5 "
+                             "(normalized: insightface's models), or read from the graph (default: %(default)s)")
     parser.add_argument("--device", default=default_device(), help="PyTorch device (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch (default: %(default)s)")
 
 
 def open_model_from_args(args: argparse.Namespace) -> ModelSource:
-    return open_model(args.checkpoint, args.onnx, args.device)
+    return open_model(args.checkpoint, args.onnx, args.device, args.onnx_input)

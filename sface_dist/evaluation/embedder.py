@@ -3,7 +3,9 @@
 Every embedder maps uint8 RGB crops ``[B, 3, H, W]`` to float32 un-normalised
 embeddings ``[B, D]`` on the CPU, so the protocols downstream do not care which
 runtime produced them. PyTorch backbones see the pixels normalised as in training
-(``sface_dist/data/pixels.py``); exported models carry that normalisation in their graph and take the raw pixels.
+(``sface_dist/data/pixels.py``). The project's exported models carry that normalisation in their graph and take
+the raw pixels; others (insightface's released ONNX models) expect it done outside. ``OnnxEmbedder`` reads which
+from the graph (``input_convention``), as insightface's own ``ArcFaceONNX`` does, unless told.
 """
 
 from __future__ import annotations
@@ -48,14 +50,40 @@ class TorchEmbedder:
             self.model.train(was_training)
 
 
+ONNX_INPUTS = ("auto", "raw", "normalized")
+"""``--onnx-input``: read the convention from the graph, or feed 0-255 pixels, or ``(x - 127.5) / 127.5``."""
+NORMALISING_OPS = ("Sub", "Mul", "Div")
+"""Ops that open a graph which normalises its own input (``Sub`` then ``Div`` or ``Mul``)."""
+
+
+def input_convention(path: Path, input_name: str) -> str:
+    """``raw`` when the graph's input goes through a subtraction and then a division or multiplication before
+    anything else (the model normalises the pixels itself), else ``normalized``."""
+    import onnx
+
+    nodes = list(onnx.load(str(path), load_external_data=False).graph.node)
+    value, ops = input_name, []
+    while len(ops) < 2:
+        consumer = next((node for node in nodes if value in node.input and node.op_type != "Identity"), None)
+        if consumer is None or consumer.op_type not in NORMALISING_OPS:
+            break
+        ops.append(consumer.op_type)
+        value = consumer.output[0]
+    return "raw" if len(ops) == 2 and ops[0] == "Sub" else "normalized"
+
+
 class OnnxEmbedder:
-    """An exported model (raw 0-255 RGB input) run by onnxruntime, on CUDA when available.
+    """An ONNX model run by onnxruntime, on CUDA when available.
+
+    ``convention``: ``raw`` (0-255 RGB, the project's exports), ``normalized`` (``(x - 127.5) / 127.5`` done here,
+    as insightface's models expect) or ``auto`` (read from the graph: ``input_convention``); ``self.convention`` is
+    the one used.
 
     ``verify``: check the file against the ``NAME.sha256`` its export wrote beside it (refused when it differs;
     one line saying it is unverified when there is none).
     """
 
-    def __init__(self, path: str | os.PathLike[str], verify: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], verify: bool = True, convention: str = "auto") -> None:
         try:
             import onnxruntime
         except ImportError:
@@ -82,9 +110,12 @@ class OnnxEmbedder:
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise ValueError(f"{self.path}: expected one [B, 3, H, W] input, got {[i.shape for i in inputs]}")
         self.input_name = inputs[0].name
+        if convention not in ONNX_INPUTS:
+            raise ValueError(f"--onnx-input {convention}: expected one of {', '.join(ONNX_INPUTS)}")
+        self.convention = input_convention(self.path, self.input_name) if convention == "auto" else convention
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = images.to(torch.float32).numpy()
+        pixels = (normalize_pixels(images) if self.convention == "normalized" else images.to(torch.float32)).numpy()
         try:
             output = self.session.run(None, {self.input_name: pixels})[0]
         except Exception as error:  # onnxruntime's own exception types: a graph that fails on real input
@@ -135,13 +166,24 @@ class ModelSource:
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+INPUT_DESCRIPTIONS = {"raw": "0-255 pixels, normalised inside the graph",
+                      "normalized": "pixels normalised outside the graph, (x - 127.5) / 127.5"}
+
+
 def open_model(
-    checkpoint: str | os.PathLike[str] | None, onnx: str | os.PathLike[str] | None, device: torch.device | str
+    checkpoint: str | os.PathLike[str] | None,
+    onnx: str | os.PathLike[str] | None,
+    device: torch.device | str,
+    onnx_input: str = "auto",
 ) -> ModelSource:
-    """The model a CLI names: a training checkpoint (``--checkpoint``) or an exported ONNX file (``--onnx``)."""
+    """The model a CLI names: a training checkpoint or insightface's weights (``--checkpoint``), or an ONNX file
+    (``--onnx``, fed as ``onnx_input`` says: ``OnnxEmbedder``)."""
     if onnx is not None and checkpoint is None:
         path = Path(onnx).resolve()
-        return ModelSource(OnnxEmbedder(path), f"ONNX {path}", _file_identity(path))
+        embedder = OnnxEmbedder(path, convention=onnx_input)
+        how = "read from the graph" if onnx_input == "auto" else "--onnx-input"
+        description = f"ONNX {path} (input: {INPUT_DESCRIPTIONS[embedder.convention]}; {how})"
+        return ModelSource(embedder, description, {**_file_identity(path), "input": embedder.convention})
     if checkpoint is not None and onnx is None:
         loaded = load_backbone(checkpoint)
         embedder = TorchEmbedder(loaded.model.to(device), device)

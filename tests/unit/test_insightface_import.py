@@ -88,3 +88,36 @@ def test_the_tools_take_insightface_weights(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"exported mobilefacenet (512-d) from {tmp_path / 'backbone.pth'} "
                                     "(insightface weights) -> ")
+
+
+def insightface_style_onnx(model: torch.nn.Module, path: Path) -> Path:
+    """The model exported as insightface's torch2onnx.py does: the bare network, whose input is the pixels
+    already normalised outside the graph (input name ``data``)."""
+    torch.onnx.export(model.eval(), torch.zeros(1, 3, 112, 112), str(path), input_names=["data"], opset_version=18,
+                      dynamo=False, dynamic_axes={"data": {0: "batch"}})
+    return path
+
+
+def test_an_insightface_style_onnx_is_fed_normalised_pixels_and_matches_its_torch_twin(tmp_path: Path) -> None:
+    """Read from the graph: insightface's ONNX models take (x - 127.5) / 127.5, the project's exports 0-255 pixels;
+    each embeds a batch as the PyTorch model does, and feeding the other convention (--onnx-input) does not."""
+    from sface_dist.evaluation.embedder import OnnxEmbedder, TorchEmbedder, open_model
+    from sface_dist.export import export_onnx
+
+    model = build_backbone("mobilefacenet", 128).eval()
+    model.load_state_dict(filled(model.state_dict()))
+    faces = torch.randint(0, 256, (4, 3, 112, 112), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = TorchEmbedder(model)(faces)
+    theirs = insightface_style_onnx(model, tmp_path / "insightface.onnx")
+    ours = tmp_path / "ours.onnx"
+    export_onnx(model, ours, 112, 18)
+    for path, convention in ((theirs, "normalized"), (ours, "raw")):
+        embedder = OnnxEmbedder(path, verify=False)
+        assert embedder.convention == convention, path
+        assert torch.allclose(embedder(faces), expected, rtol=1e-4, atol=1e-4), path
+    forced = OnnxEmbedder(theirs, verify=False, convention="raw")
+    assert not torch.allclose(forced(faces), expected, rtol=1e-2, atol=1e-2)
+    source = open_model(None, theirs, "cpu")
+    assert source.description == (f"ONNX {theirs} (input: pixels normalised outside the graph, (x - 127.5) / 127.5; "
+                                   "read from the graph)")
+    assert open_model(None, theirs, "cpu", "raw").cache_key != source.cache_key
