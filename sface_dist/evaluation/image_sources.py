@@ -39,7 +39,31 @@ class _Decoder:
         return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
 
 
-class FolderImages:
+class ImageFiles:
+    """The image files ``paths``, decoded to ``[3, S, S]`` uint8 RGB; ``names`` say them in messages and outputs."""
+
+    def __init__(self, paths: list[Path], image_size: int = 112, names: list[str] | None = None) -> None:
+        self.paths = paths
+        self.names = names if names is not None else [str(path) for path in paths]
+        self._decoder = _Decoder(image_size)
+
+    @property
+    def resized(self) -> int:
+        return self._decoder.resized
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> np.ndarray:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as opened:
+                return self._decoder.decode(opened)
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise ImageSourceError(f"{path}: cannot read image ({error})") from None
+
+
+class FolderImages(ImageFiles):
     """Every image file under ``root`` (recursively, sorted); ``names`` are paths relative to ``root``."""
 
     def __init__(self, root: str | os.PathLike[str], image_size: int = 112) -> None:
@@ -54,23 +78,7 @@ class FolderImages:
         )
         if not paths:
             raise ImageSourceError(f"{self.root}: holds no image files")
-        self.names = [path.relative_to(self.root).as_posix() for path in paths]
-        self._decoder = _Decoder(image_size)
-
-    @property
-    def resized(self) -> int:
-        return self._decoder.resized
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def load(self, index: int) -> np.ndarray:
-        path = self.root / self.names[index]
-        try:
-            with Image.open(path) as opened:
-                return self._decoder.decode(opened)
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            raise ImageSourceError(f"{path}: cannot read image ({error})") from None
+        super().__init__(paths, image_size, [path.relative_to(self.root).as_posix() for path in paths])
 
 
 class RecordImages:
