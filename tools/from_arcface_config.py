@@ -1,9 +1,10 @@
-"""An insightface arcface_torch config (``configs/*.py``) as the project's YAML, read without running it.
+"""An insightface arcface_torch config (``recognition/arcface_torch/configs/NAME.py``) as the project's YAML,
+read without running it.
 
-    python tools/from_arcface_config.py insightface/recognition/arcface_torch/configs/ms1mv3_r50.py \\
-        --out configs/ms1mv3_r50.yaml [--world-size 8]
+    python tools/from_arcface_config.py recognition/arcface_torch/configs/ms1mv3_r50.py \\
+        --out ms1mv3_r50.yaml [--world-size 8]
 
-arcface_torch's configs are Python files of ``config.KEY = VALUE`` lines on top of its ``configs/base.py``; this
+arcface_torch's configs are Python files of ``config.KEY = VALUE`` lines on top of its base.py; this
 reads their literals with ``ast`` (nothing in the file runs), applies base.py's defaults to the keys a file leaves
 out, maps every key the project has a counterpart for, and writes a comment in the YAML for every key it could
 not map (an unknown key, a value that is not a literal, a setting with no counterpart). ``warmup_epoch`` becomes
@@ -31,7 +32,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "verbose": 2000, "frequent": 10, "dali": False, "dali_aug": False, "gradient_acc": 1, "seed": 2048,
     "num_workers": 2,
 }
-"""arcface_torch's ``configs/base.py``: the values a config file leaves out."""
+"""arcface_torch's ``recognition/arcface_torch/configs/base.py``: the values a config file leaves out."""
 NO_COUNTERPART = {
     "save_all_states": "the project's checkpoints always hold every state",
     "num_image": "the project counts the images in the dataset's index",
