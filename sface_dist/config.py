@@ -329,6 +329,10 @@ class TrainConfig:
     """Keys that define the run (data, model, loss, seed: docs/checkpoints.md, One run per folder) allowed to
     differ from the checkpoint's config on this resume, e.g. ``[data.root]`` after moving the dataset. Without
     it such a change is refused; every change is printed and recorded in ``OUTPUT/history.jsonl``."""
+    profile: list[int] = field(default_factory=list)
+    """``[first, last]``: trace optimizer steps first to last with ``torch.profiler`` (CPU operators, and CUDA
+    kernels on a GPU), written per rank to ``OUTPUT/profile/`` for Perfetto or TensorBoard (docs/training.md,
+    Profiling); ``[]`` traces nothing."""
     collective_timeout_minutes: float = 10.0
     """How long a rank waits in a collective for a peer before the run stops with one line naming the
     collective (a peer that hung or died). Longer than any pause that keeps ranks apart: an evaluation with
@@ -400,7 +404,7 @@ STATE_SHAPING_KEYS = ("model.backbone", "model.embedding_size", "optim.name")
 """Run-defining keys whose change no resume can accept: the checkpoint's tensors would not fit."""
 
 NOT_COMPARED_ON_RESUME = ("data.num_classes", "train.output", "train.resume", "train.overwrite",
-                          "train.accept_changes")
+                          "train.accept_changes", "train.profile")
 """Keys a resume does not compare: the class count is checked resolved (the head's), the rest say where and how
 to start, not what the run is."""
 
@@ -626,6 +630,11 @@ def validate(cfg: Config, origins: Origins | None = None) -> None:
         if key in STATE_SHAPING_KEYS:
             raise ConfigError(f"{at('train.accept_changes')}: {key} cannot change on resume (the checkpoint's "
                               "tensors would not fit): start a new run")
+    profile = cfg.train.profile
+    if profile and (len(profile) != 2 or not all(isinstance(step, int) for step in profile)
+                    or not 1 <= profile[0] <= profile[1]):
+        raise ConfigError(f"{at('train.profile')}: expected [first, last] optimizer steps, 1 <= first <= last, "
+                          f"got {profile}")
     if cfg.deepspeed.stage not in (1, 2):
         raise ConfigError(f"{at('deepspeed.stage')}: expected 1 or 2, got {cfg.deepspeed.stage}")
     if cfg.deepspeed.bucket_size <= 0:

@@ -45,6 +45,7 @@ from sface_dist.training.optimization import (
     build_grad_scaler,
     build_head_optimizer,
 )
+from sface_dist.training.profiling import StepProfiler
 from sface_dist.training.run_directory import claim_run_directory, record_start
 from sface_dist.training.state import RNGState, TrainingProgress
 from sface_dist.training.step_metrics import DeviceMetrics, StepMetrics, metric_tensor
@@ -139,6 +140,7 @@ class Trainer:
             class_range=self.head.class_range,
         )
         self.watch = NonFiniteWatch(cfg.train.on_nonfinite, cfg.train.max_nonfinite, env.rank, env.device)
+        self.profiler = StepProfiler(cfg.train.profile, self.output, env.rank, env.device)
         self.stop_signal = 0
         """``fit``'s outcome: the signal that stopped the run at a step boundary, a checkpoint written (0: it was
         not stopped)."""
@@ -421,8 +423,11 @@ class Trainer:
                 batches = AgreedBatches(self.loader, self.control, stop_request, self.collective)
                 for group in self._optimizer_batches(batches):
                     lr = self.optimization.lr
-                    with self.collective(f"a collective of step {self.step + 1}"):
+                    with self.collective(f"a collective of step {self.step + 1}"), self.profiler.step(self.step + 1):
                         metrics = self.train_step(group)
+                    if self.step + 1 == self.profiler.last:
+                        self.log(f"profile of steps {self.profiler.first}-{self.profiler.last}: {self.profiler.path} "
+                                 "(one file per rank; Perfetto or TensorBoard's profiler)")
                     self.progress.advance(self.global_batch)
                     self._end_epoch_if_no_step_fits()
                     window_steps += 1
@@ -470,7 +475,8 @@ class Trainer:
             self.loader.set_epoch(self.progress.epoch, first_sample=position)
 
     def close(self) -> None:
-        """Flush TensorBoard and release the run folder (idempotent)."""
+        """Stop a trace in progress, flush TensorBoard and release the run folder (idempotent)."""
+        self.profiler.close()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
