@@ -5,6 +5,7 @@
   to-folder DATASET OUT      extract the images into OUT/<identity>/<key>.<ext>
   inspect DATASET [--verify] counts, layout, labels, image sizes; --verify decodes and re-frames everything
   repack DATASET OUT         flat, shuffled, images-only copy with scalar labels (DALI's reader layout)
+  make-pairs ROOT OUT        a balanced, seeded pair list of identity folders (held-out identities)
   make-bin PAIRS ROOT OUT    verification pack (insightface .bin) from 'path_a path_b 1|0' lines
   reindex DATASET            rebuild a lost .idx by scanning the .rec
 
@@ -20,12 +21,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sface_dist.atomic_write import atomic_write_text
 from sface_dist.cli import run_cli
 from sface_dist.data.convert import (
     EncodeOptions,
     folder_to_rec,
     list_to_rec,
     make_bin,
+    pair_list,
     rec_to_folder,
     repack,
 )
@@ -67,6 +70,13 @@ def _repack(args: argparse.Namespace) -> int:
     shuffle = not args.no_shuffle
     summary = repack(args.dataset, args.out, shuffle, args.seed, args.skip_bad, not args.quiet, args.exclude)
     print(summary.describe("repacked into"))
+    return 0
+
+
+def _make_pairs(args: argparse.Namespace) -> int:
+    pairs = pair_list(args.root, args.pairs, args.seed)
+    atomic_write_text(args.out, "".join(f"{first} {second} {int(same)}\n" for first, second, same in pairs))
+    print(f"wrote {args.out}: {len(pairs)} pairs ({len(pairs) // 2} of one identity) of {args.root}")
     return 0
 
 
@@ -149,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude", metavar="LIST", help="leave out the records whose keys LIST names (one per line, or a CSV)"
     )
     command.set_defaults(run=_repack)
+
+    command = add("make-pairs", "a balanced pair list of identity folders, for make-bin")
+    command.add_argument("root", help="one sub-folder of images per identity (held-out identities)")
+    command.add_argument("out", help="pair list to write: lines 'path_a path_b 1|0', paths relative to ROOT")
+    command.add_argument("--pairs", type=int, default=600, help="pairs, half of one identity (600)")
+    command.add_argument("--seed", type=int, default=0, help="seed of the draw (0)")
+    command.set_defaults(run=_make_pairs)
 
     command = add("make-bin", "verification pack from a pair list")
     command.add_argument("pairs", help="lines 'path_a path_b 1|0' (same identity or not)")

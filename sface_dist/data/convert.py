@@ -280,6 +280,45 @@ def rec_to_folder(
     return ConvertSummary(out_dir, len(index), len(labels), written, time.perf_counter() - start_time)
 
 
+def pair_list(root: str | os.PathLike[str], count: int, seed: int = 0) -> list[tuple[str, str, bool]]:
+    """``count`` distinct verification pairs of the identity folders under ``root``, half of one identity and half
+    of two, alternating (so that every fold of an even size holds as many of each), drawn with ``seed``.
+
+    Paths are relative to ``root``; a path with white space, which ``make_bin``'s ``path_a path_b 1|0`` lines
+    cannot hold, is refused in one line, and so is a folder that has fewer distinct pairs of a kind than asked.
+    """
+    root = Path(root)
+    if count < 2 or count % 2:
+        raise ConvertError(f"--pairs {count}: an even number >= 2 (half of one identity, half of two)")
+    identities = [[image.relative_to(root).as_posix() for image in images] for _, images in _list_identities(root)]
+    for images in identities:
+        spaced = next((name for name in images if len(name.split()) != 1), None)
+        if spaced is not None:
+            raise ConvertError(f"{root / spaced}: white space in the path, which a pair line cannot hold: rename it")
+    half = count // 2
+    same_total = sum(len(images) * (len(images) - 1) // 2 for images in identities)
+    sizes = [len(images) for images in identities]
+    different_total = (sum(sizes) ** 2 - sum(size**2 for size in sizes)) // 2
+    for kind, total in (("of one identity", same_total), ("of two identities", different_total)):
+        if total < half:
+            raise ConvertError(f"{root}: {len(identities)} identities hold {total} distinct pairs {kind}, fewer "
+                               f"than the {half} asked for: ask for fewer, or add images")
+    rng = np.random.default_rng(seed)
+    several = [images for images in identities if len(images) > 1]
+    same: dict[tuple[str, str], None] = {}
+    while len(same) < half:
+        images = several[rng.integers(len(several))]
+        first, second = rng.choice(len(images), 2, replace=False)
+        same.setdefault(tuple(sorted((images[first], images[second]))), None)
+    different: dict[tuple[str, str], None] = {}
+    while len(different) < half:
+        one, other = rng.choice(len(identities), 2, replace=False)
+        pair = identities[one][rng.integers(sizes[one])], identities[other][rng.integers(sizes[other])]
+        different.setdefault(tuple(sorted(pair)), None)
+    alternating = zip(((*pair, True) for pair in same), ((*pair, False) for pair in different), strict=True)
+    return [pair for both in alternating for pair in both]
+
+
 def make_bin(
     pairs_path: str | os.PathLike[str],
     root: str | os.PathLike[str],
