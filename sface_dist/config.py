@@ -329,6 +329,14 @@ class TrainConfig:
     """Keys that define the run (data, model, loss, seed: docs/checkpoints.md, One run per folder) allowed to
     differ from the checkpoint's config on this resume, e.g. ``[data.root]`` after moving the dataset. Without
     it such a change is refused; every change is printed and recorded in ``OUTPUT/history.jsonl``."""
+    init_backbone: str = ""
+    """A new run's backbone weights: a checkpoint (any path the evaluation tools take) or insightface's saved
+    backbone (``model.pt``, ``backbone.pth``); its architecture and embedding size must be ``model``'s. The head
+    starts fresh. A resume takes the weights from its checkpoint instead (docs/training.md, Fine-tuning)."""
+    freeze_backbone_steps: int = 0
+    """Optimizer steps at the start of the run that train the head alone (the backbone's weights stay; its batch
+    norms still track the new data), so that a fresh head warms up on a pretrained backbone. ``train.engine: ddp``
+    only."""
     profile: list[int] = field(default_factory=list)
     """``[first, last]``: trace optimizer steps first to last with ``torch.profiler`` (CPU operators, and CUDA
     kernels on a GPU), written per rank to ``OUTPUT/profile/`` for Perfetto or TensorBoard (docs/training.md,
@@ -394,7 +402,7 @@ RUN_DEFINING_KEYS = (
     "head.type", "head.s", "head.k", "head.a", "head.b", "head.margin", "head.margin_grad", "head.sample_rate",
     "head.sample_correction", "head.sample_update", "head.init",
     "optim.name",
-    "train.seed",
+    "train.seed", "train.init_backbone", "train.freeze_backbone_steps",
 )
 """The keys that make a run what it is: its data, model, loss and seed (and the optimizer whose state the
 checkpoint holds). A resume that changes one would be another run; it is refused unless ``train.accept_changes``
@@ -590,6 +598,7 @@ def validate(cfg: Config, origins: Origins | None = None) -> None:
         "head.chunk_size": cfg.head.chunk_size,
         "head.skip_threshold": cfg.head.skip_threshold,
         "train.steps": cfg.train.steps,
+        "train.freeze_backbone_steps": cfg.train.freeze_backbone_steps,
         "train.epochs": cfg.train.epochs,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip,
@@ -635,6 +644,9 @@ def validate(cfg: Config, origins: Origins | None = None) -> None:
                     or not 1 <= profile[0] <= profile[1]):
         raise ConfigError(f"{at('train.profile')}: expected [first, last] optimizer steps, 1 <= first <= last, "
                           f"got {profile}")
+    if cfg.train.freeze_backbone_steps and cfg.train.engine != "ddp":
+        raise ConfigError(f"{at('train.freeze_backbone_steps')}: needs train.engine=ddp (DeepSpeed steps every "
+                          "partition it holds)")
     if cfg.deepspeed.stage not in (1, 2):
         raise ConfigError(f"{at('deepspeed.stage')}: expected 1 or 2, got {cfg.deepspeed.stage}")
     if cfg.deepspeed.bucket_size <= 0:

@@ -53,6 +53,11 @@ class BackboneEngine(Protocol):
         """Drop this step's gradients without changing the weights (a skipped non-finite step)."""
         ...
 
+    def load_weights(self, weights: dict[str, Tensor]) -> None:
+        """Load the backbone's weights alone (a pretrained backbone at the start of a run); ``ValueError`` (one
+        line) when they do not fit."""
+        ...
+
     def state_dict(self) -> dict[str, Any]:
         """Collective under DeepSpeed: ``{"backbone": its fp32 state dict, "backbone_optimizer": the optimizer's
         whole state as the torch optimizer's ``state_dict`` lays it out}``, whatever engine and world size."""
@@ -123,11 +128,14 @@ class DDPEngine:
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def load_weights(self, weights: dict[str, Tensor]) -> None:
+        load_backbone(self.backbone, weights)
+
     def state_dict(self) -> dict[str, Any]:
         return {"backbone": self.backbone.state_dict(), "backbone_optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_backbone(self.backbone, state["backbone"])
+        self.load_weights(state["backbone"])
         try:
             check_optimizer_state([group["params"] for group in self.optimizer.param_groups],
                                   state["backbone_optimizer"])
@@ -243,9 +251,13 @@ class DeepSpeedEngine:
     def state_dict(self) -> dict[str, Any]:
         return {"backbone": self.backbone.state_dict(), "backbone_optimizer": self._optimizer_state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_backbone(self.backbone, state["backbone"])
+    def load_weights(self, weights: dict[str, Tensor]) -> None:
+        """Into the model and DeepSpeed's fp32 master partitions."""
+        load_backbone(self.backbone, weights)
         self.zero.refresh_fp32_params()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_weights(state["backbone"])
         try:
             self._load_optimizer_state(state["backbone_optimizer"])
         except (ValueError, KeyError) as error:

@@ -161,12 +161,14 @@ class Optimization:
         before clipping, on the device."""
         return self.engine.clip_grad_norm(self.grad_clip)
 
-    def step(self, apply: bool = True, head_rows: Tensor | None = None) -> None:
+    def step(self, apply: bool = True, head_rows: Tensor | None = None, backbone: bool = True) -> None:
         """Step both optimizers (unless ``apply`` is false: the weights stay as they are), the head's on
-        ``head_rows`` (the Partial-FC rows scored this step; None: every row), update the loss scaler and
-        advance the schedule. Call ``unscale_and_clip`` first."""
+        ``head_rows`` (the Partial-FC rows scored this step; None: every row), the backbone's unless ``backbone``
+        is false (a frozen backbone: no decay, no momentum), update the loss scaler and advance the schedule.
+        Call ``unscale_and_clip`` first."""
         if apply:
-            self.engine.step()
+            if backbone:
+                self.engine.step()
             self.grad_scaler.step(self.head_optimizer, head_rows)
             self.grad_scaler.update()
         else:

@@ -29,6 +29,7 @@ from sface_dist.config import Config, ModelConfig, to_dict
 from sface_dist.console import say
 from sface_dist.data.errors import DataError
 from sface_dist.data.loader import FaceLoader, build_loader
+from sface_dist.evaluation.checkpoint_backbone import load_backbone
 from sface_dist.evaluation.monitor import VerificationMonitor
 from sface_dist.evaluation.verification import VerificationResult
 from sface_dist.heads import build_head, check_shard_fits
@@ -175,6 +176,8 @@ class Trainer:
         """Resume if asked; unless the run had already finished, record this start in the run's history and open
         TensorBoard and the verification monitor. A finished run writes nothing."""
         resumed = self._resume() if cfg.train.resume and not cfg.train.overwrite else None
+        if resumed is None and cfg.train.init_backbone:
+            self._init_backbone(cfg.train.init_backbone)
         if resumed is not None and self._finished():
             self.finished_before = resumed.path
             return
@@ -193,6 +196,16 @@ class Trainer:
             best_dir=self.output / "best" if cfg.eval.keep_best else None,
             run_config=to_dict(cfg),
         )
+
+    def _init_backbone(self, path: str) -> None:
+        """Start from the backbone weights at ``path`` (``train.init_backbone``), every rank reading them."""
+        loaded = load_backbone(path)
+        wanted = (self.cfg.model.backbone, self.cfg.model.embedding_size)
+        if (loaded.backbone, loaded.embedding_size) != wanted:
+            raise ValueError(f"train.init_backbone {path}: holds a {loaded.backbone} ({loaded.embedding_size}-d); "
+                             f"the config trains a {wanted[0]} ({wanted[1]}-d) (model.backbone, model.embedding_size)")
+        self.engine.load_weights(loaded.model.state_dict())
+        self.log(f"backbone from {loaded.description}; a fresh head")
 
     def _schedule_samples(self) -> int:
         """Samples the whole run trains on: ``train.steps`` or ``train.epochs`` in the schedule batch."""
@@ -339,11 +352,12 @@ class Trainer:
         """
         metrics = []
         sampled_rows = []
+        frozen = self.step < self.cfg.train.freeze_backbone_steps
         for i, (images, labels) in enumerate(batches):
             if self.cfg.model.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self.engine.accumulate(last=i == len(batches) - 1):
-                with self._autocast():
+                with self._autocast(), torch.set_grad_enabled(not frozen):
                     embeddings = self.engine.model(images)
                 out = self.head(embeddings.float(), labels, step=self.step + 1, micro_step=i)
                 self.engine.backward(out.loss / len(batches))
@@ -357,7 +371,7 @@ class Trainer:
         if not apply:
             self.log(f"step {self.step + 1}: skipped ({self.watch.describe(*self.watch.streak_start)}, "
                      f"{self.watch.in_a_row} in a row)")
-        self.optimization.step(apply, rows)
+        self.optimization.step(apply, rows, backbone=not frozen)
         self.optimization.zero_grad()
         if not apply:  # every rank took this branch: the outcome was agreed on
             error = self.watch.error(self._kept())

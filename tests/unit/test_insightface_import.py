@@ -1,8 +1,9 @@
 """arcface_torch's backbones load as they are, checked against what insightface's own code computed
 (tests/golden/insightface: written by make_golden.py with insightface's iresnet.py and mobilefacenet.py).
 
-The golden weights are rebuilt here from their names (``fill_rule``), saved the way arcface_torch saves them, and
-read back through the tools' loader; the project's model must give insightface's outputs to 1e-5.
+The golden weights are rebuilt here from their names (tests/support/insightface_weights.py), saved the way
+arcface_torch saves them, and read back through the tools' loader; the project's model must give insightface's
+outputs to 1e-5.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from insightface_weights import filled, inputs
 
 from sface_dist.backbones import build_backbone
 from sface_dist.backbones.insightface import identify
@@ -21,9 +23,6 @@ from sface_dist.evaluation.checkpoint_backbone import load_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "insightface"
-sys.path.insert(0, str(GOLDEN))
-
-from fill_rule import filled, inputs  # noqa: E402
 
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())["models"]
 

@@ -6,9 +6,9 @@ https://github.com/deepinsight/insightface, outside this repository) on the path
     python tests/golden/insightface/make_golden.py PATH/TO/insightface/recognition/arcface_torch/backbones
 
 For each arcface_torch backbone it builds insightface's model, fills every tensor of its state dict by
-``fill_rule.filled`` (a rule keyed by the tensor's name, so that the test rebuilds the same weights without
-insightface's code), and records the state dict's names and shapes and the model's eval-mode output on fixed
-inputs (``fill_rule.inputs``) in ``expected.json``. Nothing of insightface's code is copied here.
+``filled`` of tests/support/insightface_weights.py (a rule keyed by the tensor's name, so that the test rebuilds
+the same weights without insightface's code), and records the state dict's names and shapes and the model's
+eval-mode output on fixed inputs (``inputs``) in ``expected.json``. Nothing of insightface's code is copied here.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1] / "support"))
 
-from fill_rule import filled, inputs  # noqa: E402
+from insightface_weights import filled, inputs  # noqa: E402
 
 MODELS = {"r18": ("iresnet18", 512), "r50": ("iresnet50", 512), "r100": ("iresnet100", 512),
           "r200": ("iresnet200", 512), "mbf": ("mobilefacenet", 512), "r18-128": ("iresnet18", 128)}
