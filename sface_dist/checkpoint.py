@@ -421,6 +421,20 @@ def head_classes(path: str | Path) -> int:
     return int(manifest["num_classes"])
 
 
+def names_a_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is one of the places ``resolve_checkpoint`` takes (any folder, or a ``latest`` file), rather
+    than a weights file from elsewhere (``read_foreign_weights``)."""
+    path = Path(path)
+    return not path.is_file() or path.name == LATEST
+
+
+def read_foreign_weights(path: str | os.PathLike[str]) -> Any:
+    """A weights file that no checkpoint of this project lists (insightface's saved backbone): read as every
+    weights file here is (``load_weights``: tensors and containers only, archive records bounded), unverified, since
+    no manifest records its digest."""
+    return load_weights(path)
+
+
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """The checkpoint directory that ``path`` designates: a step directory or a best-backbone folder (each with
     ``manifest.json``), a run's ``checkpoints`` directory or its ``latest`` file, or a run directory."""

@@ -20,10 +20,10 @@ from torch import nn
 from sface_dist.backbones import build_backbone
 from sface_dist.backbones.insightface import backbone_state, checked_state, identify
 from sface_dist.checkpoint import (
-    LATEST,
     CheckpointError,
-    load_weights,
+    names_a_checkpoint,
     read_backbone,
+    read_foreign_weights,
     read_model_config,
     resolve_checkpoint,
     state_dict_mismatch,
@@ -52,7 +52,7 @@ class LoadedBackbone:
 
 def load_insightface_backbone(path: Path) -> LoadedBackbone:
     """Rebuild and load the arcface_torch backbone saved in the file ``path``."""
-    state = backbone_state(load_weights(path), str(path))
+    state = backbone_state(read_foreign_weights(path), str(path))
     name, embedding_size = identify(state, str(path))
     model = build_backbone(name, embedding_size)
     model.load_state_dict(checked_state(model, state, f"{name} ({embedding_size}-d)", str(path)))
@@ -62,7 +62,7 @@ def load_insightface_backbone(path: Path) -> LoadedBackbone:
 
 def load_backbone(path: str | os.PathLike[str]) -> LoadedBackbone:
     """Rebuild and load the backbone of the checkpoint, or of insightface's weights file, at ``path``."""
-    if Path(path).is_file() and Path(path).name != LATEST:
+    if not names_a_checkpoint(path):
         return load_insightface_backbone(Path(path))
     checkpoint = resolve_checkpoint(path)
     config, step = read_model_config(checkpoint)

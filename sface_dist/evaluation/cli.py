@@ -20,7 +20,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 128) 
     """``--checkpoint`` | ``--onnx``, ``--device`` and ``--batch-size``."""
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="training checkpoint (step dir, run dir, checkpoints dir or its 'latest') "
-                       "or insightface's backbone file (arcface_torch's model.pt, backbone.pth)")
+                       "or insightface's saved backbone (arcface_torch's model.pt)")
     model.add_argument("--onnx", help="exported ONNX model (tools/export_onnx.py)")
     parser.add_argument("--onnx-input", choices=ONNX_INPUTS, default="auto",
                         help="what --onnx takes: 0-255 pixels (raw: the project's exports), (x - 127.5) / 127.5 "
