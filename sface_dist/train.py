@@ -31,8 +31,7 @@ def leave_the_broken_group(error: CollectiveError) -> NoReturn:
     process at once, without tearing the process group down: its threads may still wait on the lost peer, and
     their teardown can hang or abort the process (``terminate called without an active exception``)."""
     report_error(error)
-    sys.stdout.flush()
-    os._exit(FAILED)
+    exit_now(FAILED)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,5 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: train(args))
 
 
+def exit_now(status: int) -> NoReturn:
+    """End the process with ``status`` once the run is over: its checkpoints and logs are written and closed and its
+    process group destroyed, so the interpreter's teardown has nothing left to do but collect C++ objects, where a
+    thread of a torn-down gloo group can still abort the process (``terminate called without an active exception``,
+    seen after restarts under torchrun) and turn a finished run into a failed one."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
