@@ -144,12 +144,12 @@ def test_ctrl_c_under_timeout_and_torchrun_writes_the_checkpoint(
     after it."""
     run = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", demo_data, run, RUN_KEYS)
-    job = subprocess.Popen(["timeout", "600", *TORCHRUN, "-m", "sface_dist.train", str(config), "--set",
-                            "data.num_workers=1", "--set", "eval.bins=[]"], cwd=ROOT, stdout=subprocess.PIPE,
+    job = subprocess.Popen(["timeout", "600", *TORCHRUN, "tests/support/rank_hooks.py", "slow-stop=2", str(config),
+                            "--set", "data.num_workers=1", "--set", "eval.bins=[]"], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     out = wait_for_step(job, 3)
     os.killpg(job.pid, signal.SIGINT)
-    time.sleep(0.5)
+    time.sleep(0.5)  # the key still held: the copy reaches torchrun while the workers write their checkpoint
     os.killpg(job.pid, signal.SIGINT)
     rest, err = job.communicate(timeout=120)
     out += rest

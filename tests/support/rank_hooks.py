@@ -6,7 +6,9 @@ Hooks (the trainer itself has none, so no setting can trigger them in production
 * ``every-rank-logs``: every rank prints the trainer's log lines, not only rank 0, so that each
   rank's own loss can be read from its torchrun log file;
 * ``kill-before-publish=STEP``: rank 0 of torchrun's first attempt SIGKILLs itself while writing the
-  checkpoint of ``STEP``, after every file of ``step-N.tmp`` is written and before it is renamed.
+  checkpoint of ``STEP``, after every file of ``step-N.tmp`` is written and before it is renamed;
+* ``slow-stop=SECONDS``: every rank waits that long before writing the checkpoint of a stop signal, as a large
+  model's write would take, so that signals sent meanwhile find the workers still stopping.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from sface_dist import checkpoint, train
@@ -36,6 +39,17 @@ def kill_before_publish(step: int) -> None:
     checkpoint._publish = killing_publish
 
 
+def slow_stop(seconds: float) -> None:
+    save = Trainer.save
+
+    def slow_save(self: Trainer) -> Path:
+        if self.stop_signal:
+            time.sleep(seconds)
+        return save(self)
+
+    Trainer.save = slow_save  # type: ignore[method-assign]
+
+
 def main() -> int:
     hook, argv = sys.argv[1], sys.argv[2:]
     name, _, value = hook.partition("=")
@@ -43,6 +57,8 @@ def main() -> int:
         every_rank_logs()
     elif name == "kill-before-publish":
         kill_before_publish(int(value))
+    elif name == "slow-stop":
+        slow_stop(float(value))
     else:
         raise SystemExit(f"unknown hook {hook}")
     return train.main(argv)
