@@ -13,8 +13,6 @@ number: 130, 143, 138); other signals meanwhile join that stop, the same one rep
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import NoReturn
 
 from sface_dist.cli import FAILED, report_error, run_cli
@@ -22,7 +20,7 @@ from sface_dist.config import load_config
 from sface_dist.console import say
 from sface_dist.parallel.agreement import CollectiveError
 from sface_dist.parallel.collectives import barrier
-from sface_dist.parallel.launch import destroy_distributed, init_distributed
+from sface_dist.parallel.launch import destroy_distributed, exit_now, init_distributed
 from sface_dist.training.trainer import Trainer, naming_run_collective_failures
 
 
@@ -75,16 +73,6 @@ def train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_cli(lambda: train(args))
-
-
-def exit_now(status: int) -> NoReturn:
-    """End the process with ``status`` once the run is over: its checkpoints and logs are written and closed and its
-    process group destroyed, so the interpreter's teardown has nothing left to do but collect C++ objects, where a
-    thread of a torn-down gloo group can still abort the process (``terminate called without an active exception``,
-    seen after restarts under torchrun) and turn a finished run into a failed one."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 if __name__ == "__main__":

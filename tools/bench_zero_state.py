@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 from sface_dist.backbones import build_backbone
 from sface_dist.config import DeepSpeedConfig, OptimConfig
-from sface_dist.parallel.launch import DistEnv
+from sface_dist.parallel.launch import DistEnv, exit_now
 from sface_dist.training.optimization import build_backbone_optimizer
 
 MIB = 2**20
@@ -93,6 +93,7 @@ def _measure_rank(rank: int, world: int, backbone_name: str, tmp: str, results: 
                 results[f"{engine} {optimizer_name}"] = Row(engine, optimizer_name, "fp32", state, master, gradients)
             dist.barrier()
     dist.destroy_process_group()
+    exit_now(0)
 
 
 def measure(backbone: str, world: int) -> list[Row]:

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sface_dist.parallel.launch import exit_now
+
 multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "sface_dist.training.trainer"])
 
 
@@ -32,6 +34,7 @@ def _entry(
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_now(0)
 
 
 def run_ranks(
