@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sface_dist.cli import run_cli
 from sface_dist.evaluation.noisy_labels import DEFAULT_THRESHOLD, find_noisy_labels
-from sface_dist.parallel.launch import destroy_distributed, init_distributed
+from sface_dist.parallel.launch import destroy_distributed, exit_now, init_distributed
 
 
 def find(args: argparse.Namespace) -> int:
@@ -71,4 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
