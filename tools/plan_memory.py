@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
+
+import torch
 
 from sface_dist.cli import run_cli
 from sface_dist.config import Config, load_config
+from sface_dist.data.dataset_checks import read_property
 from sface_dist.parallel.launch import destroy_distributed, exit_now, init_distributed
 from sface_dist.training.memory_plan import PHASES, MemoryPlan, measure_step_peak, plan_memory
 
 GIB = 2**30
 MIB = 2**20
+MAX_BATCH = 8192
+"""The largest batch a rank the verdict looks for."""
 ENGINES = {"ddp": ("ddp", 1), "zero1": ("deepspeed", 1), "zero2": ("deepspeed", 2)}
 
 
@@ -48,24 +54,58 @@ def describe(cfg: Config, plan: MemoryPlan) -> list[str]:
     return lines
 
 
-def verdict(plan: MemoryPlan, gpu_gib: float, reserve_gib: float) -> str:
-    room = gpu_gib - reserve_gib - plan.peak / GIB
+def largest_batch(cfg: Config, world_size: int, budget: float) -> int:
+    """The largest ``data.batch_size`` whose planned peak stays within ``budget`` bytes (0: not even one image).
+    The peak grows with the batch, so a doubling and then a bisection find it."""
+    def fits(batch: int) -> bool:
+        batched = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch))
+        return plan_memory(batched, cfg.data.num_classes, world_size).peak <= budget
+
+    if not fits(2):
+        return 0
+    low, high = 2, 4
+    while fits(high) and high < MAX_BATCH:
+        low, high = high, 2 * high
+    if high >= MAX_BATCH and fits(high):
+        return high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def verdict(cfg: Config, plan: MemoryPlan, gpu_gib: float, reserve_gib: float) -> str:
+    budget = (gpu_gib - reserve_gib) * GIB
+    room = (budget - plan.peak) / GIB
+    largest = largest_batch(cfg, plan.world_size, budget)
+    most = f"data.batch_size up to {largest:,}" if largest < MAX_BATCH else f"data.batch_size {MAX_BATCH:,} and more"
     if room >= 0:
-        return f"fits a {gpu_gib:g} GiB GPU with {room:.1f} GiB to spare (after {reserve_gib:g} GiB reserved)"
+        return (f"fits a {gpu_gib:g} GiB GPU with {room:.1f} GiB to spare (after {reserve_gib:g} GiB reserved); "
+                f"{most} would fit")
     return (f"does not fit a {gpu_gib:g} GiB GPU: {-room:.1f} GiB over (after {reserve_gib:g} GiB reserved); "
-            f"lower data.batch_size, or shard further (more ranks, train.engine deepspeed)")
+            f"{most} would fit, or shard further (more ranks, train.engine deepspeed)")
+
+
+def class_count(cfg: Config, config: str) -> int:
+    """``data.num_classes`` where the config leaves it to the dataset: its ``property`` file."""
+    found = Path(cfg.data.root) / "property"
+    if cfg.data.backend != "synthetic" and cfg.data.root and found.is_file():
+        return read_property(found)[0]
+    raise ValueError(f"{config}: data.num_classes: 0 and no {found} to read it from: set the class count "
+                     f"(--set data.num_classes=N) to plan the head's shard")
 
 
 def plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if cfg.data.num_classes <= 0:
-        raise ValueError(f"{args.config}: data.num_classes: set the class count to plan the head's shard")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_classes=class_count(cfg, args.config)))
     if args.measure:
         return measure(cfg)
     for engine in args.engines.split(","):
         engine_cfg = with_engine(cfg, engine)
         result = plan_memory(engine_cfg, cfg.data.num_classes, args.world_size, on_gpu=True)
-        print("\n".join([*describe(engine_cfg, result), verdict(result, args.gpu_gib, args.reserve_gib), ""]))
+        fit = verdict(engine_cfg, result, args.gpu_gib, args.reserve_gib)
+        print("\n".join([*describe(engine_cfg, result), fit, ""]))
     return 0
 
 
@@ -75,10 +115,11 @@ def measure(cfg: Config) -> int:
         peak = measure_step_peak(cfg, env)
     finally:
         destroy_distributed()
-    result = plan_memory(cfg, cfg.data.num_classes, env.world_size, on_gpu=False)
+    result = plan_memory(cfg, cfg.data.num_classes, env.world_size, on_gpu=env.device.type == "cuda")
     if env.is_main:
+        where = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "this CPU"
         print("\n".join(describe(cfg, result)))
-        print(f"measured on this CPU, rank 0, two steps: {peak / MIB:.1f} MiB; plan {result.peak / MIB:.1f} MiB "
+        print(f"measured on {where}, rank 0, two steps: {peak / MIB:.1f} MiB; plan {result.peak / MIB:.1f} MiB "
               f"({result.peak / peak:.3f} x)")
     return 0
 

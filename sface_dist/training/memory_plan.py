@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import math
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ logits, their scaled copy, the softmax it saves, a masked copy for the statistic
 NORMALISED_ROW_COPIES = 5
 """[C, D] tensors of a margin head's normalised weight rows at its backward: the rows, their gradient and the
 three temporaries of ``normalize``'s backward (the logits are freed by then, the head's gradient not yet made)."""
+ACTIVATION_GRADIENTS = 3
+"""Gradients the size of an operation's saved input it holds during its backward: the one coming in, the one it
+computes and a contiguous copy (a convolution's backward, the largest)."""
 Phase = Literal["held", "forward", "backward", "step"]
 PHASES: dict[Phase, str] = {
     "held": "held through the step",
@@ -103,15 +107,17 @@ class BackwardProfile:
 
     def backward_peak(self, gradient_cap: int | None = None, copies: int = 1) -> int:
         """Most bytes of saved activations and gradients held at once while the backward walks the forward in
-        reverse, freeing what an operation saved once it has its gradient; ``gradient_cap`` bounds the gradients
-        held (ZeRO-2 reduces them bucket by bucket), ``copies`` counts each gradient that many times."""
+        reverse, freeing what an operation saved once it has its gradient; meanwhile the operation holds
+        ``ACTIVATION_GRADIENTS`` gradients the size of what it saved (the gradient coming in, the one going out, a
+        contiguous copy). ``gradient_cap`` bounds the parameter gradients held (ZeRO-2 reduces them bucket by
+        bucket), ``copies`` counts each of them that many times."""
         remaining = sum(self.saved)
         grads = copies * self.unsaved_grads
         peak = remaining + grads + self.output
         for saved, grad in zip(reversed(self.saved), reversed(self.grads)):
             grads += copies * grad
             held = grads if gradient_cap is None else min(grads, gradient_cap)
-            peak = max(peak, remaining + held)
+            peak = max(peak, remaining + held + ACTIVATION_GRADIENTS * saved)
             remaining -= saved
         return peak
 
@@ -147,18 +153,24 @@ def trace_backward(model: nn.Module, images: torch.Tensor, amp: Amp) -> Backward
     return BackwardProfile(tuple(saved), tuple(grads), unused, output.untyped_storage().nbytes())
 
 
+@functools.lru_cache(maxsize=8)
+def _small_batch_traces(backbone: str, embedding_size: int, image_size: int, amp: Amp
+                        ) -> tuple[BackwardProfile, BackwardProfile]:
+    model = build_backbone(backbone, embedding_size).train()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        two, four = (trace_backward(model, torch.randn(n, 3, image_size, image_size), amp) for n in (2, 4))
+    if len(two.saved) != len(four.saved):
+        raise RuntimeError(f"{backbone}: its forward saves different tensors at 2 and 4 images")
+    return two, four
+
+
 def backward_profile(cfg: Config, batch: int) -> BackwardProfile:
     """``trace_backward`` of the configured backbone at ``batch`` images, traced on the CPU at 2 and 4 images
     (batch norm needs two) and extended linearly, each saved tensor on its own. fp16 is traced as bf16, its
     element size (the CPU has no fp16 autocast)."""
-    model = build_backbone(cfg.model.backbone, cfg.model.embedding_size).train()
-    size = cfg.data.image_size
     amp: Amp = "bf16" if cfg.train.amp == "fp16" else cfg.train.amp
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        two, four = (trace_backward(model, torch.randn(n, 3, size, size), amp) for n in (2, 4))
-    if len(two.saved) != len(four.saved):
-        raise RuntimeError(f"{cfg.model.backbone}: its forward saves different tensors at 2 and 4 images")
+    two, four = _small_batch_traces(cfg.model.backbone, cfg.model.embedding_size, cfg.data.image_size, amp)
 
     def at_batch(small: int, large: int) -> int:
         return int(small + (large - small) / 2 * (batch - 2))
@@ -307,7 +319,8 @@ class AllocationTrace:
 def measure_step_peak(cfg: Config, env: DistEnv, steps: int = 2) -> int:
     """The most bytes allocated at once on this rank while a ``Trainer`` of ``cfg`` (on synthetic faces, so that
     no dataset is needed) is built and trains ``steps`` steps of random images: the reference the plan is
-    checked against on the CPU. Collective where the trainer is."""
+    checked against. On a GPU, CUDA's peak of allocated bytes over those held before; on the CPU,
+    ``AllocationTrace``. Collective where the trainer is."""
     data = dataclasses.replace(cfg.data, backend="synthetic", synthetic_images_per_class=1, num_workers=0)
     cfg = dataclasses.replace(cfg, data=data, eval=dataclasses.replace(cfg.eval, bins=[]))
     generator = torch.Generator().manual_seed(env.rank)
@@ -315,13 +328,26 @@ def measure_step_peak(cfg: Config, env: DistEnv, steps: int = 2) -> int:
 
     def micro_batch() -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.randn(batch, 3, size, size, generator=generator)
-        return images.to(env.device), torch.randint(0, cfg.data.num_classes, (batch,), generator=generator)
+        labels = torch.randint(0, cfg.data.num_classes, (batch,), generator=generator)
+        return images.to(env.device), labels.to(env.device)
 
-    with AllocationTrace() as trace:
+    def train() -> None:
         trainer = Trainer(cfg, env)
         try:
             for _ in range(steps):
                 trainer.train_step([micro_batch() for _ in range(cfg.train.grad_accum)])
         finally:
             trainer.close()
+
+    if env.device.type == "cuda":
+        gc.collect()
+        torch.cuda.synchronize(env.device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(env.device)
+        torch.cuda.reset_peak_memory_stats(env.device)
+        train()
+        torch.cuda.synchronize(env.device)
+        return torch.cuda.max_memory_allocated(env.device) - before
+    with AllocationTrace() as trace:
+        train()
     return trace.peak

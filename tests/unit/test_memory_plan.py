@@ -83,18 +83,19 @@ def test_the_plan_is_within_tolerance_of_the_measured_peak_of_each_engine_on_two
 
 
 def test_the_activation_trace_matches_a_hand_count() -> None:
-    """Linear saves its input, ReLU its output, the second Linear its input (ReLU's output, counted once); walking
-    back, the last Linear's gradients arrive while every activation is still held, which is the peak here."""
+    """Linear saves its input, ReLU its output, the second Linear its input (ReLU's output, counted once). Walking
+    back: the last Linear's gradients arrive while every activation is held, then ReLU's backward adds three
+    gradients the size of its output; that is the peak."""
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
     profile = trace_backward(model, torch.zeros(50, 32), "none")
-    saved = 4 * (50 * 32 + 50 * 64)
-    assert sum(profile.saved) == saved
+    first_input, relu_output = 4 * 50 * 32, 4 * 50 * 64
+    assert profile.saved == (0, first_input, relu_output, 0)
     assert profile.output == 4 * 50 * 8
-    assert sum(profile.grads) + profile.unsaved_grads == 4 * sum(p.numel() for p in model.parameters())
     last, every = 4 * (64 * 8 + 8), 4 * (32 * 64 + 64 + 64 * 8 + 8)
-    assert profile.backward_peak() == saved + last
-    assert profile.backward_peak(copies=3) == max(saved + 3 * last, 3 * every)  # here the end: every gradient x 3
-    assert profile.backward_peak(gradient_cap=100) == saved + max(profile.output, 100)  # the start: the output
+    assert profile.grads == (4 * (32 * 64 + 64), 0, 0, last) and profile.unsaved_grads == 0
+    assert profile.backward_peak() == first_input + relu_output + last + 3 * relu_output
+    assert profile.backward_peak(copies=3) == max(first_input + relu_output + 3 * last + 3 * relu_output, 3 * every)
+    assert profile.backward_peak(gradient_cap=100) == first_input + relu_output + 100 + 3 * relu_output
 
 
 def test_the_command_plans_the_published_recipe_and_says_whether_it_fits() -> None:
