@@ -15,6 +15,8 @@
 #      bf16 as the GPU configs run it: the loss curves side by side and the step time each takes.
 #   7. model.compile: vit_t and iresnet50 compiled by inductor against eager (same embeddings),
 #      the compilation time and the training step time of each.
+#   8. tools/plan_memory.py --measure: the planned peak of the MS1M step (iresnet100, bf16, Triton head, one GPU,
+#      batch 64 and 128) against CUDA's measured peak of allocated bytes.
 # Usage: tools/check_gpu.sh [RESULTS_DIR]   (default: runs/check_gpu; uses $PYTHON or python3)
 # Each part writes its log under RESULTS_DIR and a failing part does not stop the next.
 set -uo pipefail
@@ -155,6 +157,11 @@ for name in ("vit_t", "iresnet50"):
           f"step at batch 128: eager {1e3 * times['eager']:.1f} ms, compiled {1e3 * times['compiled']:.1f} ms")
     assert error < 2e-2, f"{name}: compiled embeddings differ from eager by {error:.1e}"
 EOF
+
+for batch in 64 128; do
+    part "plan_memory_$batch" "$python" tools/plan_memory.py configs/ms1m.yaml --measure --set data.batch_size=$batch \
+        --set train.output="$results/plan_memory_$batch"
+done
 
 if ((${#failed[@]})); then
     echo "failed: ${failed[*]}"
