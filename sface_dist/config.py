@@ -233,6 +233,10 @@ class HeadConfig:
     sample_update: SampleUpdate = "rows"
     """Partial FC: the head optimizer updates the sampled ``rows`` only, or the whole ``shard`` (insightface's
     PartialFC_V2: unsampled rows still decay and move with their momentum)."""
+    sub_centers: int = 1
+    """Centres per class, K: a class's cosine is the largest over its K (sub-center ArcFace is ``type: arcface``
+    with 3), so a class's noisy images can gather at a centre of their own (docs/heads.md, Sub-centres). The K
+    centres of a class live on the rank that owns it; ``head.impl: auto`` is ``chunked`` with K > 1."""
     init: HeadInit = "xavier"
     """``xavier`` (official SFace init: normal, std 2·sqrt(2/num_classes)) or ``normal`` (std 0.01)."""
     check_inputs: bool = False
@@ -400,7 +404,7 @@ RUN_DEFINING_KEYS = (
     "data.root", "data.image_size", "data.flip", "data.augment", "data.synthetic_images_per_class",
     "model.backbone", "model.embedding_size",
     "head.type", "head.s", "head.k", "head.a", "head.b", "head.margin", "head.margin_grad", "head.sample_rate",
-    "head.sample_correction", "head.sample_update", "head.init",
+    "head.sample_correction", "head.sample_update", "head.init", "head.sub_centers",
     "optim.name",
     "train.seed", "train.init_backbone", "train.freeze_backbone_steps",
 )
@@ -408,7 +412,7 @@ RUN_DEFINING_KEYS = (
 checkpoint holds). A resume that changes one would be another run; it is refused unless ``train.accept_changes``
 names the key. So is a change of ``data.backend`` to or from ``synthetic`` (other data)."""
 
-STATE_SHAPING_KEYS = ("model.backbone", "model.embedding_size", "optim.name")
+STATE_SHAPING_KEYS = ("model.backbone", "model.embedding_size", "optim.name", "head.sub_centers")
 """Run-defining keys whose change no resume can accept: the checkpoint's tensors would not fit."""
 
 NOT_COMPARED_ON_RESUME = ("data.num_classes", "train.output", "train.resume", "train.overwrite",
@@ -626,6 +630,11 @@ def validate(cfg: Config, origins: Origins | None = None) -> None:
         raise ConfigError(f"{at('head.margin')}: must be finite, got {cfg.head.margin}")
     if not 0.0 <= cfg.head.sample_rate <= 1.0:
         raise ConfigError(f"{at('head.sample_rate')}: must be in [0, 1], got {cfg.head.sample_rate}")
+    if cfg.head.sub_centers < 1:
+        raise ConfigError(f"{at('head.sub_centers')}: must be at least 1, got {cfg.head.sub_centers}")
+    if cfg.head.sub_centers > 1 and cfg.head.type == "sface" and cfg.head.impl == "triton":
+        raise ConfigError(f"{at('head.sub_centers')}: {cfg.head.sub_centers} needs head.impl chunked, dense or auto "
+                          f"(the fused kernels score one centre a class)")
     if cfg.head.margin and len(cfg.head.margin) != 3:
         raise ConfigError(f"{at('head.margin')}: expected [m1, m2, m3], got {cfg.head.margin}")
     if cfg.train.steps == 0 and cfg.train.epochs == 0:

@@ -53,24 +53,27 @@ class LabelScores:
 def score_labels(
     embeddings: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, block: int = 4096
 ) -> LabelScores:
-    """Score ``embeddings [N, D]`` labelled ``labels [N]`` against class ``centres [C, D]`` (any scale).
+    """Score ``embeddings [N, D]`` labelled ``labels [N]`` against class ``centres [C, D]`` (any scale), or
+    ``[C, K, D]`` sub-centres, where a class's cosine is the largest of its K.
 
     Works in blocks of ``block`` images and classes, so memory stays O(block²) at millions of each.
     """
-    if embeddings.shape[0] != labels.shape[0] or embeddings.shape[1] != centres.shape[1]:
+    if embeddings.shape[0] != labels.shape[0] or embeddings.shape[1] != centres.shape[-1]:
         raise ValueError(f"shapes do not match: embeddings {tuple(embeddings.shape)}, labels "
                          f"{tuple(labels.shape)}, centres {tuple(centres.shape)}")
     if len(labels) and (labels.min() < 0 or labels.max() >= centres.shape[0]):
         raise ValueError(f"labels must lie in [0, {centres.shape[0]}), got [{labels.min()}, {labels.max()}]")
     x = F.normalize(embeddings.float(), dim=1)
-    w = F.normalize(centres.float(), dim=1)
-    own = (x * w[labels]).sum(dim=1)
+    w = F.normalize(centres.float(), dim=-1)
+    w = w if w.dim() == 3 else w.unsqueeze(1)
+    own = torch.einsum("nd,nkd->nk", x, w[labels]).amax(dim=1)
     nearest = torch.full_like(own, -2.0)
     nearest_class = torch.zeros_like(labels)
     for start in range(0, len(x), block):
         rows = slice(start, start + block)
         for first in range(0, len(w), block):
-            cos = x[rows] @ w[first : first + block].t()
+            classes = w[first : first + block]
+            cos = (x[rows] @ classes.flatten(0, 1).t()).view(-1, classes.shape[0], classes.shape[1]).amax(dim=2)
             local = labels[rows] - first
             inside = (local >= 0) & (local < cos.shape[1])
             cos[inside.nonzero().squeeze(1), local[inside]] = -2.0
@@ -78,7 +81,7 @@ def score_labels(
             better = best > nearest[rows]
             nearest[rows] = torch.where(better, best, nearest[rows])
             nearest_class[rows] = torch.where(better, where + first, nearest_class[rows])
-    sums = torch.zeros_like(w).index_add_(0, labels, x)
+    sums = torch.zeros(len(w), x.shape[1]).index_add_(0, labels, x)
     counts = torch.bincount(labels, minlength=len(w))
     others = F.normalize(sums[labels] - x, dim=1)
     identity = torch.where(counts[labels] > 1, (x * others).sum(dim=1), torch.nan)

@@ -20,16 +20,18 @@ OPTIMIZER_ROW_STATES = {"sgd": 1, "adamw": 2}
 
 
 def check_shard_fits(
-    num_classes: int, embedding_size: int, rank: int, world_size: int, optimizer: str, device: torch.device
+    num_classes: int, embedding_size: int, rank: int, world_size: int, optimizer: str, device: torch.device,
+    sub_centers: int = 1,
 ) -> None:
     """One line, before anything is allocated, when this rank's head shard and its optimizer state (fp32) need more
     memory than ``device`` has free: a class count or an embedding size out of proportion to the machine."""
     start, end = class_range(num_classes, rank, world_size)
-    needed = (end - start) * embedding_size * 4 * (1 + OPTIMIZER_ROW_STATES[optimizer])
+    needed = (end - start) * sub_centers * embedding_size * 4 * (1 + OPTIMIZER_ROW_STATES[optimizer])
     available = available_memory(device)
     if available is not None and needed > available:
+        centres = f" x {sub_centers} centres" if sub_centers > 1 else ""
         raise ValueError(
-            f"the head shard of rank {rank} ({end - start} of {num_classes} classes x {embedding_size}, with "
+            f"the head shard of rank {rank} ({end - start} of {num_classes} classes{centres} x {embedding_size}, with "
             f"{optimizer}'s state) needs {needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB free on "
             f"{device}: check data.num_classes (or the dataset's property) and model.embedding_size, or add ranks"
         )
@@ -50,10 +52,11 @@ def build_head(
         seed=seed,
         init=cfg.init,
         check_inputs=cfg.check_inputs,
+        sub_centers=cfg.sub_centers,
     )
     if cfg.type == "sface":
         params = SFaceParams(s=cfg.s, k=cfg.k, a=cfg.a, b=cfg.b)
-        choice = choose_impl(cfg.impl, cfg.precision, embedding_size, params, process_group)
+        choice = choose_impl(cfg.impl, cfg.precision, embedding_size, params, process_group, cfg.sub_centers)
         if choice.worth_saying:
             say(choice.line(), group_rank(process_group))
         return ShardedSFaceHead(

@@ -66,15 +66,20 @@ def _without_gpu(asked: SFaceImplOrAuto) -> ImplChoice:
 
 
 def choose_impl(
-    asked: SFaceImplOrAuto, precision: Precision, dim: int, params: SFaceParams, process_group: ProcessGroup | None
+    asked: SFaceImplOrAuto, precision: Precision, dim: int, params: SFaceParams, process_group: ProcessGroup | None,
+    sub_centers: int = 1,
 ) -> ImplChoice:
     """The implementation for ``head.impl`` = ``asked`` on this machine (see the module docstring).
 
     Where the self-check runs and fails, ``auto`` falls back to ``chunked`` with the cause found on the lowest
-    failing rank, and ``triton`` raises ``SelfCheckError`` there (``PeerError`` on the other ranks).
+    failing rank, and ``triton`` raises ``SelfCheckError`` there (``PeerError`` on the other ranks). The fused
+    kernels score one centre a class: with sub-centres ``auto`` is ``chunked``.
     """
     check_choice(asked, SFaceImplOrAuto, "head.impl")
     check_precision(precision)
+    if sub_centers > 1 and asked == "auto":
+        return ImplChoice(asked, "chunked", f"head.sub_centers {sub_centers}: the fused kernels score one centre "
+                                            f"a class")
     device = self_check_device(asked)
     if device is None:
         return _without_gpu(asked)

@@ -139,9 +139,11 @@ class ShardedMarginHead(ShardedHead):
         init: HeadInit = "normal",
         check_inputs: bool = False,
         sample_correction: SampleCorrectionOrAuto = "auto",
+        sub_centers: int = 1,
     ) -> None:
         super().__init__(
-            num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs, sample_correction
+            num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs, sample_correction,
+            sub_centers,
         )
         check_precision(precision)
         check_choice(params.margin_grad, MarginGrad, "head.margin_grad")
@@ -155,6 +157,8 @@ class ShardedMarginHead(ShardedHead):
         batch = self.gather(embeddings, labels, step, micro_step)
         w_hat = torch.nn.functional.normalize(batch.weight.to(batch.x_hat.dtype), dim=1)
         cos = matmul(batch.x_hat, w_hat.t(), self.precision).clamp(-1.0, 1.0)
+        if self.sub_centers > 1:  # sub-center ArcFace: a class scores its nearest centre
+            cos = cos.view(cos.shape[0], -1, self.sub_centers).amax(dim=2)
         target_mask = target_mask_of(batch.local_labels, 0, cos.shape[1])
         target_cos = torch.where(target_mask, cos, 0.0).sum(dim=1)
         logits = torch.where(target_mask, margin_target_cos(target_cos, self.params).unsqueeze(1), cos)

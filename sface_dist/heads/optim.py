@@ -72,8 +72,8 @@ class ShardOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, rows: Tensor | None) -> None:  # type: ignore[override]
-        """Update ``rows`` of the shard (sorted local indices; None: every row), or the whole shard with
-        ``sample_update="shard"``."""
+        """Update the centres of ``rows``, the shard's classes scored this step (sorted local class indices;
+        None: every class), or the whole shard with ``sample_update="shard"``."""
         weight = self.head.weight
         if weight.grad is None:
             return
@@ -82,6 +82,7 @@ class ShardOptimizer(torch.optim.Optimizer):
         if rows is None or self.sample_update == "shard":
             self._update(weight, weight.grad, state, group)
             return
+        rows = self.head.centre_rows(rows)
         picked = {key: value.index_select(0, rows) for key, value in state.items()}
         rows_weight = weight.index_select(0, rows)
         self._update(rows_weight, weight.grad.index_select(0, rows), picked, group)
@@ -118,7 +119,7 @@ class ShardOptimizer(torch.optim.Optimizer):
             "name": self.name,
             "class_start": self.head.class_start,
             "class_end": self.head.class_end,
-            "rows": dict(self.state[self.head.weight]),
+            "rows": {key: self.head.by_class(value) for key, value in self.state[self.head.weight].items()},
         }
 
     @torch.no_grad()
@@ -138,6 +139,7 @@ class ShardOptimizer(torch.optim.Optimizer):
         self.state[head.weight] = {}
         state = self._shard_state() if rows else self.state[head.weight]
         for key, value in rows.items():
-            if value.shape != state[key].shape:
-                raise ValueError(f"head optimizer {key} is {tuple(value.shape)}, the shard's {tuple(state[key].shape)}")
-            state[key].copy_(value)
+            expected = head.by_class(state[key]).shape
+            if value.shape != expected:
+                raise ValueError(f"head optimizer {key} is {tuple(value.shape)}, the shard's {tuple(expected)}")
+            state[key].copy_(value.reshape(state[key].shape))

@@ -69,6 +69,9 @@ class BlockOptions:
 
     inv_batch: float
     precision: Precision = "fp32"
+    sub_centers: int = 1
+    """Centres per class: the weight holds K rows per class, class-major, and a class's cosine is the largest of
+    its K (docs/heads.md, Sub-centres)."""
 
 
 BlockFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", SFaceParams, BlockOptions], BlockResult]
@@ -99,15 +102,34 @@ def cos_gradient(
     return torch.where(target_mask, -r_intra, r_inter) * (params.s * inv_batch)
 
 
-def target_cosines(x_hat: Tensor, weight: Tensor, local_labels: Tensor) -> Tensor:
-    """Each row's target cosine in the input precision ([B]; rows whose target is elsewhere get 0).
+def target_cosines(x_hat: Tensor, weight: Tensor, local_labels: Tensor, sub_centers: int = 1) -> Tensor:
+    """Each row's target cosine in the input precision ([B]; rows whose target is elsewhere get 0); with
+    sub-centres, the largest over the target's K.
 
     With k=80 the intra weight moves by up to 0.02 per 1e-3 of cosine error near θ=a,
-    so the target cosines — B dot products — are never taken from a low-precision matmul.
+    so the target cosines — B·K dot products — are never taken from a low-precision matmul.
     """
-    w = weight[local_labels.clamp_min(0)].to(x_hat.dtype)
-    cos = (x_hat * w).sum(dim=1) / w.norm(dim=1).clamp_min(1e-12)
-    return torch.where(local_labels >= 0, cos, 0.0)
+    centres = weight.view(-1, sub_centers, weight.shape[1])[local_labels.clamp_min(0)].to(x_hat.dtype)
+    cos = (x_hat.unsqueeze(1) * centres).sum(dim=2) / centres.norm(dim=2).clamp_min(1e-12)
+    return torch.where(local_labels >= 0, cos.amax(dim=1), 0.0)
+
+
+def class_cosines(centre_cosines: Tensor, sub_centers: int) -> tuple[Tensor, Tensor | None]:
+    """[B, C·K] cosines against every centre to [B, C] class cosines, each the largest of its class's K centres,
+    and which centre that is (None when K = 1)."""
+    if sub_centers == 1:
+        return centre_cosines, None
+    cos, nearest = centre_cosines.view(centre_cosines.shape[0], -1, sub_centers).max(dim=2)
+    return cos, nearest
+
+
+def centre_gradient(grad_cos: Tensor, nearest: Tensor | None, sub_centers: int) -> Tensor:
+    """∂L/∂(centre cosines) [B, C·K] from ∂L/∂(class cosines) [B, C]: all of it to each class's nearest centre."""
+    if nearest is None:
+        return grad_cos
+    grad = grad_cos.new_zeros(grad_cos.shape[0], grad_cos.shape[1], sub_centers)
+    grad.scatter_(2, nearest.unsqueeze(2), grad_cos.unsqueeze(2))
+    return grad.view(grad_cos.shape[0], -1)
 
 
 def target_mask_of(local_labels: Tensor, start: int, width: int) -> Tensor:
@@ -143,9 +165,11 @@ def _row_extremes(cos: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor]:
     return cos_target, max_nontarget
 
 
-def _exact_targets(x_hat: Tensor, weight: Tensor, local_labels: Tensor, precision: Precision) -> Tensor | None:
+def _exact_targets(x_hat: Tensor, weight: Tensor, local_labels: Tensor, options: BlockOptions) -> Tensor | None:
     """[B, 1] full-precision target cosines to replace the matmul's, or None when the matmul is fp32."""
-    return None if precision == "fp32" else target_cosines(x_hat, weight, local_labels).unsqueeze(1)
+    if options.precision == "fp32":
+        return None
+    return target_cosines(x_hat, weight, local_labels, options.sub_centers).unsqueeze(1)
 
 
 def _score(
@@ -157,14 +181,15 @@ def _score(
     inter_scale: Tensor | None,
     params: SFaceParams,
     options: BlockOptions,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Cosines of the rows against classes ``start ..`` (centres ``w_hat``), G = ∂L/∂cos, and the target mask."""
-    target_mask = target_mask_of(local_labels, start, w_hat.shape[0])
-    cos = matmul(x_hat, w_hat.t(), options.precision)
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Cosines of the rows against classes ``start ..`` (their centres ``w_hat``), G = ∂L/∂cos, the target mask
+    and each class's nearest sub-centre (None without sub-centres)."""
+    target_mask = target_mask_of(local_labels, start, w_hat.shape[0] // options.sub_centers)
+    cos, nearest = class_cosines(matmul(x_hat, w_hat.t(), options.precision), options.sub_centers)
     if exact_targets is not None:
         cos = torch.where(target_mask, exact_targets, cos)
     grad_cos = cos_gradient(cos, target_mask, inter_scale, params, options.inv_batch).to(cos.dtype)
-    return cos, grad_cos, target_mask
+    return cos, grad_cos, target_mask, nearest
 
 
 def _summarise(cos: Tensor, grad_cos: Tensor, target_mask: Tensor, inv_batch: float) -> BlockResult:
@@ -185,8 +210,8 @@ def sface_block_dense(
 ) -> BlockResult:
     """Reference: materialise the [B, C] cosines and let autograd differentiate."""
     w_hat = F.normalize(weight.to(x_hat.dtype), dim=1)
-    exact_targets = _exact_targets(x_hat, weight, local_labels, options.precision)
-    cos, grad_cos, target_mask = _score(x_hat, w_hat, local_labels, 0, exact_targets, inter_scale, params, options)
+    exact_targets = _exact_targets(x_hat, weight, local_labels, options)
+    cos, grad_cos, target_mask, _ = _score(x_hat, w_hat, local_labels, 0, exact_targets, inter_scale, params, options)
     return _summarise(cos, grad_cos, target_mask, options.inv_batch)
 
 
@@ -236,7 +261,8 @@ class _ChunkedSFace(GradientsInForward):
         options: BlockOptions,
         chunk_size: int,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        batch, num_classes = x_hat.shape[0], weight.shape[0]
+        k = options.sub_centers
+        batch, num_classes = x_hat.shape[0], weight.shape[0] // k
         compute_dtype = x_hat.dtype
         loss = x_hat.new_zeros((), dtype=torch.promote_types(compute_dtype, torch.float32))
         stats = loss.new_zeros(NUM_SCALAR_STATS)
@@ -244,13 +270,14 @@ class _ChunkedSFace(GradientsInForward):
         max_nontarget = x_hat.new_full((batch,), -math.inf)
         grad_x_hat = torch.zeros_like(x_hat)
         grad_weight = torch.empty_like(weight)
-        exact_targets = _exact_targets(x_hat, weight, local_labels, options.precision)
+        exact_targets = _exact_targets(x_hat, weight, local_labels, options)
         for start in range(0, num_classes, chunk_size):
-            w = weight[start : start + chunk_size].to(compute_dtype)
+            rows = slice(start * k, (start + chunk_size) * k)
+            w = weight[rows].to(compute_dtype)
             norm = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
             w_hat = w / norm
             scale = None if inter_scale is None else inter_scale[start : start + chunk_size]
-            cos, grad_cos, target_mask = _score(
+            cos, grad_cos, target_mask, nearest = _score(
                 x_hat, w_hat, local_labels, start, exact_targets, scale, params, options
             )
             chunk = _summarise(cos, grad_cos, target_mask, options.inv_batch)
@@ -258,10 +285,11 @@ class _ChunkedSFace(GradientsInForward):
             stats += chunk.scalar_stats
             cos_target += chunk.cos_target
             torch.maximum(max_nontarget, chunk.max_nontarget, out=max_nontarget)
-            grad_x_hat += matmul(grad_cos, w_hat, options.precision)
-            grad_w_hat = matmul(grad_cos.t(), x_hat, options.precision)
+            grad_centres = centre_gradient(grad_cos, nearest, k)
+            grad_x_hat += matmul(grad_centres, w_hat, options.precision)
+            grad_w_hat = matmul(grad_centres.t(), x_hat, options.precision)
             radial = (grad_w_hat * w_hat).sum(dim=1, keepdim=True)
-            grad_weight[start : start + chunk_size] = ((grad_w_hat - w_hat * radial) / norm).to(weight.dtype)
+            grad_weight[rows] = ((grad_w_hat - w_hat * radial) / norm).to(weight.dtype)
         ctx.gradients = (grad_x_hat, grad_weight)
         ctx.mark_non_differentiable(stats, cos_target, max_nontarget)
         return loss, stats, cos_target, max_nontarget
@@ -278,7 +306,8 @@ def sface_block_chunked(
 ) -> BlockResult:
     """Chunked single-pass SFace block; ``chunk_size`` 0 picks one from a memory budget."""
     if chunk_size <= 0:
-        chunk_size = auto_chunk_size(x_hat.shape[0], weight.shape[0])
+        k = options.sub_centers
+        chunk_size = auto_chunk_size(x_hat.shape[0] * k, weight.shape[0] // k)
     loss, stats, cos_target, max_nontarget = _ChunkedSFace.apply(
         x_hat, weight, local_labels, inter_scale, params, options, chunk_size
     )

@@ -96,6 +96,8 @@ class GatheredBatch:
 
 
 INIT_BLOCK_CLASSES = 4096
+SUB_CENTER_SEED_STRIDE = 7919
+"""Sub-centre k is initialised from seed + k · this (a prime): k = 0 is the one-centre head's draw."""
 
 
 def initial_weight_rows(
@@ -148,9 +150,12 @@ class ShardedHead(nn.Module):
         init: HeadInit = "xavier",
         check_inputs: bool = False,
         sample_correction: SampleCorrectionOrAuto = "auto",
+        sub_centers: int = 1,
     ) -> None:
         super().__init__()
         world = group_size(process_group)
+        if sub_centers < 1:
+            raise ValueError(f"head.sub_centers: expected a count >= 1, got {sub_centers}")
         if num_classes < world:
             raise ValueError(f"num_classes={num_classes} is smaller than the {world} ranks that shard it")
         if not 0.0 <= sample_rate <= 1.0:
@@ -167,25 +172,44 @@ class ShardedHead(nn.Module):
         self.check_inputs = check_inputs
         self.rank = group_rank(process_group)
         self.class_start, self.class_end = class_range(num_classes, self.rank, world)
-        self.weight = nn.Parameter(torch.empty(self.class_end - self.class_start, embedding_size))
+        self.sub_centers = sub_centers
+        self.weight = nn.Parameter(torch.empty((self.class_end - self.class_start) * sub_centers, embedding_size))
+        """The centres, class-major: class ``class_start + c`` owns rows ``c·K .. c·K + K - 1``."""
         self.reset_parameters(init)
 
     @property
     def class_range(self) -> tuple[int, int]:
         return self.class_start, self.class_end
 
+    def centre_rows(self, classes: Tensor) -> Tensor:
+        """The weight rows of local ``classes``: each class's K sub-centres, in class-major order."""
+        if self.sub_centers == 1:
+            return classes
+        offsets = torch.arange(self.sub_centers, device=classes.device)
+        return (classes.unsqueeze(1) * self.sub_centers + offsets).flatten()
+
+    def by_class(self, rows: Tensor) -> Tensor:
+        """A per-centre tensor [C·K, ...] as [C, K, ...] with sub-centres, unchanged without: what checkpoints
+        hold, so that they re-partition by class."""
+        return rows if self.sub_centers == 1 else rows.view(-1, self.sub_centers, *rows.shape[1:])
+
     @torch.no_grad()
     def reset_parameters(self, init: HeadInit) -> None:
-        self.weight.copy_(initial_weight_rows(self.num_classes, self.embedding_size, self.class_range, init, self.seed))
+        """Sub-centre k of every class draws from its own seed (k = 0 from the head's: one centre a class is the
+        plain head's initialisation), each the same whatever the world size."""
+        centres = [initial_weight_rows(self.num_classes, self.embedding_size, self.class_range, init,
+                                       self.seed + SUB_CENTER_SEED_STRIDE * k) for k in range(self.sub_centers)]
+        self.weight.copy_(torch.stack(centres, dim=1).flatten(0, 1))
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The weight rows with the class range they hold: ``{"class_start", "class_end", "num_classes",
-        "rows": {"weight": [end - start, D]}}``. Checkpoints re-partition it by slicing ``rows``."""
+        "rows": {"weight": [end - start, D]}}`` (with sub-centres ``[end - start, K, D]``). Checkpoints
+        re-partition it by slicing ``rows``."""
         return {
             "class_start": self.class_start,
             "class_end": self.class_end,
             "num_classes": self.num_classes,
-            "rows": {"weight": self.weight.detach()},
+            "rows": {"weight": self.by_class(self.weight.detach())},
         }
 
     @torch.no_grad()
@@ -198,11 +222,14 @@ class ShardedHead(nn.Module):
                 f"[{self.class_start}, {self.class_end}) of {self.num_classes}"
             )
         weight = state["rows"]["weight"]
-        if weight.shape != self.weight.shape:
-            raise ValueError(
-                f"head rows are {weight.shape[1]}-d, the head's embedding size is {self.weight.shape[1]}"
-            )
-        self.weight.copy_(weight)
+        expected = self.by_class(self.weight).shape
+        if weight.shape != expected:
+            saved_k = 1 if weight.dim() == 2 else weight.shape[1]
+            if saved_k != self.sub_centers:
+                raise ValueError(f"head state holds {saved_k} centre(s) a class, the head {self.sub_centers} "
+                                 f"(head.sub_centers)")
+            raise ValueError(f"head rows are {weight.shape[-1]}-d, the head's embedding size is {expected[-1]}")
+        self.weight.copy_(weight.reshape(self.weight.shape))
 
     def _check(self, embeddings: Tensor, labels: Tensor) -> None:
         """Validation that needs a host sync: only with ``check_inputs`` (a debug option)."""
@@ -236,10 +263,11 @@ class ShardedHead(nn.Module):
         if step is None:
             raise ValueError("head.sample_rate < 1: the Partial-FC draw needs its step, as in head(x, y, step=...)")
         generator = step_generator(self.seed, self.rank, step, local_labels.device, micro_step)
-        sample = sample_classes(local_labels, self.weight.shape[0], self.sample_rate, generator, self.sample_correction)
-        weight = self.weight.index_select(0, sample.rows)
+        sample = sample_classes(local_labels, self.class_end - self.class_start, self.sample_rate, generator,
+                                self.sample_correction)
+        weight = self.weight.index_select(0, self.centre_rows(sample.rows))
         if sample.centre_grad_scale is not None and weight.requires_grad:
-            centre_scale = sample.centre_grad_scale.to(weight.dtype).unsqueeze(1)
+            centre_scale = sample.centre_grad_scale.to(weight.dtype).repeat_interleave(self.sub_centers).unsqueeze(1)
             weight.register_hook(lambda grad: grad * centre_scale)
         inter_scale = None if sample.inter_scale is None else sample.inter_scale.to(x_hat.dtype)
         return GatheredBatch(x_hat, all_labels, sample.labels, weight, inter_scale, sample.rows)
@@ -265,14 +293,19 @@ class ShardedSFaceHead(ShardedHead):
         check_inputs: bool = False,
         skip_threshold: float = 0.0,
         sample_correction: SampleCorrectionOrAuto = "auto",
+        sub_centers: int = 1,
     ) -> None:
         super().__init__(
-            num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs, sample_correction
+            num_classes, embedding_size, process_group, sample_rate, seed, init, check_inputs, sample_correction,
+            sub_centers,
         )
         check_precision(precision)
         if skip_threshold < 0.0:
             raise ValueError(f"head.skip_threshold: expected a value >= 0, got {skip_threshold}")
         check_choice(impl, SFaceImpl, "head.impl")
+        if impl == "triton" and sub_centers > 1:
+            raise ValueError("head.impl=triton: the fused kernels score one centre a class; with head.sub_centers "
+                             f"{sub_centers} use head.impl=chunked (auto picks it)")
         self.params = params
         self.impl = impl
         self.precision = precision
@@ -290,7 +323,8 @@ class ShardedSFaceHead(ShardedHead):
         ``step`` and ``micro_step`` pick the Partial-FC draw (required when sampling; see ``ShardedHead``).
         """
         batch = self.gather(embeddings, labels, step, micro_step)
-        options = BlockOptions(inv_batch=1.0 / batch.x_hat.shape[0], precision=self.precision)
+        options = BlockOptions(inv_batch=1.0 / batch.x_hat.shape[0], precision=self.precision,
+                               sub_centers=self.sub_centers)
         block = self.block_fn(batch.x_hat, batch.weight, batch.local_labels, batch.inter_scale, self.params, options)
         group = self.process_group
         loss = reduce_from_shards(block.loss, group)

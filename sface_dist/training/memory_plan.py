@@ -227,21 +227,25 @@ def _backbone_lines(cfg: Config, params: int, world_size: int, backward: Backwar
 
 def _head_lines(cfg: Config, num_classes: int, world_size: int, on_gpu: bool) -> list[MemoryLine]:
     start, end = class_range(num_classes, 0, world_size)
-    rows, dim = end - start, cfg.model.embedding_size
-    scored = rows if cfg.head.sample_rate >= 1.0 else min(rows, math.ceil(rows * cfg.head.sample_rate))
+    k, dim = cfg.head.sub_centers, cfg.model.embedding_size
+    rows = (end - start) * k  # centres, K a class
+    scored = rows if cfg.head.sample_rate >= 1.0 else min(rows, math.ceil((end - start) * cfg.head.sample_rate) * k)
     gathered = cfg.data.batch_size * world_size
     shard = FP32 * rows * dim
     lines = [
-        MemoryLine("head weights", shard, "held", f"{rows:,} classes x {dim} x 4 B"),
+        MemoryLine("head weights", shard, "held", f"{rows:,} centres x {dim} x 4 B"),
         MemoryLine("head optimizer state", optimizer_states(cfg) * shard, "held",
                    f"{optimizer_states(cfg)} x the shard ({cfg.optim.name})"),
     ]
     impl = cfg.head.impl
     if cfg.head.type == "sface" and impl == "auto":
-        impl = "triton" if on_gpu else "chunked"
+        impl = "triton" if on_gpu and k == 1 else "chunked"
     autograd_block = cfg.head.type != "sface" or impl == "dense"
-    for phase in ("backward", "step") if autograd_block else ("forward", "backward", "step"):
-        lines.append(MemoryLine("head gradient", shard, phase, f"{rows:,} classes x {dim} x 4 B"))
+    # the fused and chunked blocks make the shard's gradient in the forward pass, unless they score sampled rows,
+    # whose gradient (below) reaches the shard's in the backward pass
+    in_forward = not autograd_block and scored == rows
+    for phase in ("forward", "backward", "step") if in_forward else ("backward", "step"):
+        lines.append(MemoryLine("head gradient", shard, phase, f"{rows:,} centres x {dim} x 4 B"))
     lines.append(MemoryLine("gathered embeddings", 4 * FP32 * gathered * dim, "forward",
                             f"{gathered:,} rows x {dim} x 4 B: gathered, normalised and their two gradients"))
     if scored < rows:

@@ -113,7 +113,7 @@ class Trainer:
         """Where ranks agree on host-side outcomes (a bad batch on one rank stops all of them)."""
 
         check_shard_fits(self.num_classes, cfg.model.embedding_size, env.rank, env.world_size, cfg.optim.name,
-                         env.device)
+                         env.device, cfg.head.sub_centers)
         self.backbone = build_model(cfg.model, env.device)
         self.head = build_head(
             cfg.head, self.num_classes, cfg.model.embedding_size, process_group=None, seed=cfg.train.seed

@@ -9,10 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _cosines(embeddings: Tensor, weight: Tensor) -> Tensor:
+def _cosines(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> Tensor:
+    """[B, C] cosines; with sub-centres ``weight`` is [C·K, D], class-major, and a class's cosine the largest of
+    its K (sub-center ArcFace's definition)."""
     x = embeddings.double()
     w = weight.double()
-    return (x / x.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).t()
+    cos = (x / x.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).t()
+    return cos.view(cos.shape[0], -1, sub_centers).amax(dim=2)
 
 
 def sface_reference(
@@ -24,12 +27,15 @@ def sface_reference(
     a: float,
     b: float,
     inter_scale: Tensor | None = None,
+    sub_centers: int = 1,
 ) -> dict[str, Tensor]:
     """Loss and diagnostics of one process over all classes of ``weight``, computed in fp64.
 
-    ``inter_scale`` [C] multiplies each class's inter term (Partial-FC correction).
+    ``inter_scale`` [C] multiplies each class's inter term (Partial-FC correction). With ``sub_centers`` K the
+    class cosine is the largest over the class's K centres, in the intra term (the target's nearest centre) and
+    in every inter term (each other class's nearest centre).
     """
-    cos = _cosines(embeddings, weight)
+    cos = _cosines(embeddings, weight, sub_centers)
     theta = torch.acos(cos.detach().clamp(-1.0, 1.0))
     r_intra = 1.0 / (1.0 + torch.exp(-k * (theta - a)))
     r_inter = 1.0 / (1.0 + torch.exp(k * (theta - b)))
@@ -53,7 +59,7 @@ def sface_reference(
 
 def margin_reference(
     embeddings: Tensor, weight: Tensor, labels: Tensor, s: float, m1: float, m2: float, m3: float,
-    margin_grad: str = "cos", class_weight: Tensor | None = None,
+    margin_grad: str = "cos", class_weight: Tensor | None = None, sub_centers: int = 1,
 ) -> dict[str, Tensor]:
     """Cross-entropy with target logit s·(cos(m1·θ + m2) - m3) (ArcFace / CosFace / combined), fp64.
 
@@ -61,7 +67,7 @@ def margin_reference(
     ``class_weight`` [C] multiplies each class's exponential in the softmax (Partial-FC correction). ``accuracy``
     is the plain top-1 of the cosines, as for SFace: the margin is the loss's, not the prediction's.
     """
-    cos = _cosines(embeddings, weight).clamp(-1.0, 1.0)
+    cos = _cosines(embeddings, weight, sub_centers).clamp(-1.0, 1.0)
     rows = torch.arange(cos.shape[0])
     target_cos = cos[rows, labels]
     theta = torch.acos(target_cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7))

@@ -191,3 +191,42 @@ def test_head_files_of_the_first_layout_still_load(tmp_path: Path, momentum: boo
         torch.testing.assert_close(optimizer.state[head.weight]["momentum_buffer"], buffer, rtol=0, atol=0)
     else:
         assert optimizer.state_dict()["rows"] == {}
+
+
+def test_sub_centre_heads_repartition_by_class_and_refuse_another_count(tmp_path: Path) -> None:
+    """A head with 3 centres a class, stepped by AdamW on sampled classes in one process, splits into 2 or 3
+    shards whose rows are the classes' [K, D] blocks; each shard loads and steps exactly as the whole head does.
+    A one-centre head does not load it."""
+    head = ShardedSFaceHead(NUM_CLASSES, DIM, impl="dense", seed=4, sub_centers=3)
+    optimizer = ShardOptimizer(head, name="adamw", lr=0.01, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for draw in ADAMW_DRAWS:
+        head.weight.grad = torch.randn(NUM_CLASSES * 3, DIM, generator=gen)
+        optimizer.step(torch.tensor(draw, dtype=torch.long))
+    steps = optimizer.state_dict()["rows"]["step"]
+    assert steps.shape == (NUM_CLASSES, 3) and steps[:, 0].tolist() == [2, 1, 0, 3, 1, 1, 0, 1, 0, 1]
+    save_step(0, 1, str(tmp_path), 3, head, optimizer)
+    path = latest_checkpoint(tmp_path)
+    grad = torch.randn(NUM_CLASSES * 3, DIM, generator=gen)
+    centres = head.weight.detach().view(NUM_CLASSES, 3, DIM).clone()
+    head.weight.grad = grad.clone()
+    optimizer.step(torch.tensor([1, 4, 8]))
+    stepped = head.weight.detach().view(NUM_CLASSES, 3, DIM)
+    for world in (2, 3):
+        for rank in range(world):
+            start, end = class_range(NUM_CLASSES, rank, world)
+            head_state, optimizer_state = load_head_shard(path, (start, end), NUM_CLASSES)
+            torch.testing.assert_close(head_state["rows"]["weight"], centres[start:end], rtol=0, atol=0)
+            shard = ShardedSFaceHead(NUM_CLASSES, DIM, impl="dense", sub_centers=3)
+            shard.class_start, shard.class_end = start, end
+            shard.weight = torch.nn.Parameter(torch.empty((end - start) * 3, DIM))
+            shard.load_state_dict(head_state)
+            shard_optimizer = ShardOptimizer(shard, name="adamw", lr=0.01, weight_decay=0.1)
+            shard_optimizer.load_state_dict(optimizer_state)
+            shard.weight.grad = grad[start * 3 : end * 3].clone()
+            local = torch.tensor([c - start for c in (1, 4, 8) if start <= c < end], dtype=torch.long)
+            shard_optimizer.step(local)
+            torch.testing.assert_close(shard.weight.detach().view(-1, 3, DIM), stepped[start:end], rtol=0, atol=0)
+    one_centre = ShardedSFaceHead(NUM_CLASSES, DIM, impl="dense")
+    with pytest.raises(ValueError, match=r"head state holds 3 centre\(s\) a class, the head 1 \(head.sub_centers\)"):
+        one_centre.load_state_dict(load_head_shard(path, (0, NUM_CLASSES), NUM_CLASSES)[0])

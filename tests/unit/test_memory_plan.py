@@ -42,6 +42,8 @@ ONE_RANK = {
     "tiny, cosface, Partial FC 0.5": ("tiny", 128, 8_000, HeadConfig(type="cosface", margin=[1.0, 0.0, 0.35],
                                                                      sample_rate=0.5), "none", "sgd"),
     "tiny, sface dense": ("tiny", 32, 10_000, HeadConfig(impl="dense"), "none", "sgd"),
+    "tiny, sface chunked, 3 sub-centres, Partial FC 0.5": ("tiny", 64, 10_000, HeadConfig(
+        impl="chunked", sub_centers=3, sample_rate=0.5), "none", "sgd"),
 }
 
 

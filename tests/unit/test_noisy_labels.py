@@ -78,6 +78,24 @@ def noisy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, set
     return root / "run", root / "noisy" / "train.rec", {record.key for record in corrupted}
 
 
+def test_sub_centre_scores_take_each_class_at_its_nearest_centre() -> None:
+    """[C, K, D] centres: the own cosine is the largest over the label's K centres, the nearest other class the
+    largest over every other class's K (brute force in fp64)."""
+    gen = torch.Generator().manual_seed(3)
+    centres = torch.randn(6, 3, 5, generator=gen)
+    labels = torch.randint(0, 6, (19,), generator=gen)
+    embeddings = centres[labels, torch.randint(0, 3, (19,), generator=gen)] + 0.5 * torch.randn(19, 5, generator=gen)
+    scores = score_labels(embeddings, labels, centres, block=4)
+    x = embeddings.double() / embeddings.double().norm(dim=1, keepdim=True)
+    w = centres.double() / centres.double().norm(dim=2, keepdim=True)
+    cos = torch.einsum("nd,ckd->nck", x, w).amax(dim=2)
+    others = cos.clone()
+    others[torch.arange(19), labels] = -np.inf
+    np.testing.assert_allclose(scores.own, cos[torch.arange(19), labels].numpy(), atol=1e-6)
+    np.testing.assert_allclose(scores.nearest, others.max(dim=1).values.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(scores.nearest_class, others.argmax(dim=1).numpy())
+
+
 def test_finder_recovers_planted_label_errors(noisy_run: tuple[Path, Path, set[int]], tmp_path: Path) -> None:
     run, rec, planted = noisy_run
     result = subprocess.run([sys.executable, "tools/find_noisy_labels.py", "--checkpoint", str(run), "--out",

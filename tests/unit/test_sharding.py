@@ -62,6 +62,15 @@ HEADS: dict[str, HeadConfig] = {
     ),
     "arcface-sampled-inverse": HeadConfig(type="arcface", s=16.0, sample_rate=0.5, sample_correction="inverse_rate"),
     "arcface-exact": HeadConfig(type="arcface", s=16.0, margin_grad="exact"),
+    "sface-dense-subcentres": HeadConfig(impl="dense", sub_centers=3, **SOFT),
+    "sface-chunked-subcentres": HeadConfig(impl="chunked", chunk_size=2, sub_centers=3, **OFFICIAL),
+    "sface-chunked-subcentres-soft": HeadConfig(impl="chunked", chunk_size=2, sub_centers=3, **SOFT),
+    "sface-chunked-subcentres-sampled": HeadConfig(
+        impl="chunked", chunk_size=2, sub_centers=2, sample_rate=0.5, sample_correction="inverse_rate_centres", **SOFT
+    ),
+    "arcface-subcentres": HeadConfig(type="arcface", s=16.0, sub_centers=3),
+    "arcface-subcentres-sampled": HeadConfig(type="arcface", s=16.0, sub_centers=3, sample_rate=0.5,
+                                             sample_correction="none"),
     "combined-exact": HeadConfig(type="combined", s=16.0, margin_grad="exact"),
 }
 STAT_NAMES = {"sface": ("loss", "intra", "inter", "cos_target", "cos_nontarget", "accuracy")}
@@ -75,16 +84,25 @@ def make_backbone() -> nn.Module:
     return nn.Sequential(nn.Linear(IN_FEATURES, 16), nn.Tanh(), nn.Linear(16, EMBEDDING))
 
 
-def make_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Global inputs, labels and full head weight; one row is a copy of its class centre (cos = 1)."""
+def make_problem(sub_centers: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global inputs, labels and full head weight [C·K, D] (class-major); one row is a copy of its class's first
+    centre (cos = 1)."""
     gen = torch.Generator().manual_seed(0)
     inputs = torch.randn(12, IN_FEATURES, generator=gen)
     labels = torch.randint(0, NUM_CLASSES, (12,), generator=gen)
     assert len(set(labels.tolist())) < NUM_CLASSES - 8, "the problem needs negatives to sample"
     weight = torch.randn(NUM_CLASSES, EMBEDDING, generator=gen)
+    if sub_centers > 1:
+        others = torch.randn(NUM_CLASSES, sub_centers - 1, EMBEDDING, generator=gen)
+        weight = torch.cat([weight.unsqueeze(1), others], dim=1).flatten(0, 1)
     with torch.no_grad():
-        weight[labels[0]] = make_backbone()(inputs[:1])[0]
+        weight[labels[0] * sub_centers] = make_backbone()(inputs[:1])[0]
     return inputs, labels, weight
+
+
+def centre_rows(classes: torch.Tensor, sub_centers: int) -> torch.Tensor:
+    """The weight rows of ``classes``, each class's K centres in order."""
+    return (classes.unsqueeze(1) * sub_centers + torch.arange(sub_centers)).flatten()
 
 
 def stat_names(cfg: HeadConfig) -> tuple[str, ...]:
@@ -93,7 +111,6 @@ def stat_names(cfg: HeadConfig) -> tuple[str, ...]:
 
 def shard_worker(rank: int, world: int) -> dict[str, dict[str, Any]]:
     """Every head configuration on this rank's rows: one spawn per world size."""
-    inputs, labels, weight = make_problem()
     sizes = ROWS_PER_RANK[world]
     start = sum(sizes[:rank])
     rows = slice(start, start + sizes[rank])
@@ -102,7 +119,9 @@ def shard_worker(rank: int, world: int) -> dict[str, dict[str, Any]]:
     for name, cfg in HEADS.items():
         if cfg.impl == "triton":
             assert interpreter_enabled(), "the Triton heads must run their kernels, not the chunked fallback"
+        inputs, labels, weight = make_problem(cfg.sub_centers)
         results[name] = train_step(cfg, env, inputs[rows], labels[rows], weight, "fp32")
+    inputs, labels, weight = make_problem()
     results["bf16-grad-comm"] = train_step(HEADS[BF16_GRAD_COMM_HEAD], env, inputs[rows], labels[rows], weight, "bf16")
     return results
 
@@ -113,7 +132,7 @@ def train_step(cfg: HeadConfig, env: DistEnv, inputs: torch.Tensor, labels: torc
     backbone = data_parallel(make_backbone(), env, grad_comm=grad_comm)
     head = build_head(cfg, NUM_CLASSES, EMBEDDING, process_group=None, seed=5)
     with torch.no_grad():
-        head.weight.copy_(weight[head.class_start : head.class_end])
+        head.weight.copy_(weight[head.class_start * cfg.sub_centers : head.class_end * cfg.sub_centers])
     out = head(backbone(inputs), labels, step=1)
     out.loss.backward()
     sample = out.sampled_rows
@@ -142,11 +161,13 @@ def test_sharded_heads_match_single_process_fp64(world: int) -> None:
 def reference(cfg: HeadConfig, embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
               negative_weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
     if cfg.type == "sface":
-        return sface_reference(embeddings, weight, labels, cfg.s, cfg.k, cfg.a, cfg.b, negative_weight)
+        return sface_reference(embeddings, weight, labels, cfg.s, cfg.k, cfg.a, cfg.b, negative_weight,
+                               cfg.sub_centers)
     from sface_dist.heads.margin import MARGIN_TYPES
 
     m1, m2, m3 = cfg.margin or MARGIN_TYPES[cfg.type]
-    return margin_reference(embeddings, weight, labels, cfg.s, m1, m2, m3, cfg.margin_grad, negative_weight)
+    return margin_reference(embeddings, weight, labels, cfg.s, m1, m2, m3, cfg.margin_grad, negative_weight,
+                            cfg.sub_centers)
 
 
 def sampled_weights(correction: str, weights: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -174,7 +195,8 @@ def expected_inter_scale(result: dict[str, Any], positives: set[int]) -> torch.T
 def check_against_reference(name: str, cfg: HeadConfig, results: list[dict[str, Any]], world: int,
                             backbone_tolerance: float = 1e-5) -> list[float]:
     """Assert each rank's results against one fp64 process; return the backbone gradients' relative errors."""
-    inputs, labels, weight = make_problem()
+    k = cfg.sub_centers
+    inputs, labels, weight = make_problem(k)
     backbone = make_backbone().double()
     weight = weight.double().requires_grad_(True)
     classes = torch.arange(NUM_CLASSES)
@@ -186,9 +208,10 @@ def check_against_reference(name: str, cfg: HeadConfig, results: list[dict[str, 
         assert set(labels.tolist()) <= set(classes.tolist()), f"{name}: a positive class was not sampled"
     position = torch.full((NUM_CLASSES,), -1, dtype=torch.long)
     position[classes] = torch.arange(classes.numel())
-    expected = reference(cfg, backbone(inputs.double()), weight[classes], position[labels], negative_weight)
+    rows = centre_rows(classes, k)
+    expected = reference(cfg, backbone(inputs.double()), weight[rows], position[labels], negative_weight)
     expected["loss"].backward()
-    weight.grad[classes] *= centre_factor.unsqueeze(1)
+    weight.grad[rows] *= centre_factor.repeat_interleave(k).unsqueeze(1)
 
     assert [r["range"] for r in results] == [class_range(NUM_CLASSES, r, world) for r in range(world)]
     for r in results:

@@ -240,6 +240,9 @@ def sface_block_triton(
     """Fused SFace block (``BlockFn``); ``skip_threshold`` > 0 skips the gradient matmuls of tiles whose
     inter weights r_inter·inter_scale are all at or below it (docs/kernels.md: sparse mode)."""
     check_kernel_inputs(x_hat, weight)
+    if options.sub_centers != 1:
+        raise ValueError("head.impl=triton: the fused kernels score one centre a class; with head.sub_centers > 1 "
+                         "use head.impl=chunked (auto picks it)")
     if weight.shape[0] == 0 or x_hat.shape[0] == 0:  # nothing to tile: the chunked block's empty sums
         return sface_block_chunked(x_hat, weight, local_labels, inter_scale, params, options)
     tiles = tiles or default_tiles(x_hat.device, options.precision)
