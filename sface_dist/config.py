@@ -384,6 +384,26 @@ class EvalConfig:
 
 
 @dataclass
+class CleanConfig:
+    """``clean``: find the mislabelled images inside the run and train on without them (docs/noise.md)."""
+
+    at_epochs: list[int] = field(default_factory=list)
+    """After which epochs (counted from 1) to score every training image with the label-noise finder's rule and
+    leave the suspects out of every later epoch; [] never cleans. Needs ``train.steps`` (cleaning keeps the step
+    budget)."""
+    threshold: float = 0.5
+    """The finder's cosine threshold: an image is a suspect when another class's centre is nearer than its own,
+    or its cosine to the mean of its identity's other images is below this."""
+    flip: bool = True
+    """Embed each image and its mirror (the finder's default)."""
+    batch_size: int = 256
+    """Images per forward pass while scoring."""
+    corrupted: str = ""
+    """A ``corrupted.json`` manifest of the planted noise (``tools/noise_study.py``'s): the console and TensorBoard
+    then report the precision and recall of each cleaning."""
+
+
+@dataclass
 class Config:
     """A whole run: one section per component."""
 
@@ -394,6 +414,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
 
 
 MAX_EMBEDDING_SIZE = 65536
@@ -407,6 +428,7 @@ RUN_DEFINING_KEYS = (
     "head.sample_correction", "head.sample_update", "head.init", "head.sub_centers",
     "optim.name",
     "train.seed", "train.init_backbone", "train.freeze_backbone_steps",
+    "clean.at_epochs", "clean.threshold", "clean.flip",
 )
 """The keys that make a run what it is: its data, model, loss and seed (and the optimizer whose state the
 checkpoint holds). A resume that changes one would be another run; it is refused unless ``train.accept_changes``
@@ -630,6 +652,15 @@ def validate(cfg: Config, origins: Origins | None = None) -> None:
         raise ConfigError(f"{at('head.margin')}: must be finite, got {cfg.head.margin}")
     if not 0.0 <= cfg.head.sample_rate <= 1.0:
         raise ConfigError(f"{at('head.sample_rate')}: must be in [0, 1], got {cfg.head.sample_rate}")
+    if cfg.clean.at_epochs and cfg.train.steps == 0:
+        raise ConfigError(f"{at('clean.at_epochs')}: needs train.steps > 0 (cleaning keeps the run's step budget; "
+                          f"with train.epochs the epochs after it would be shorter)")
+    if any(epoch < 1 for epoch in cfg.clean.at_epochs):
+        raise ConfigError(f"{at('clean.at_epochs')}: epochs are counted from 1, got {cfg.clean.at_epochs}")
+    if not -1.0 <= cfg.clean.threshold <= 1.0:
+        raise ConfigError(f"{at('clean.threshold')}: a cosine in [-1, 1], got {cfg.clean.threshold}")
+    if cfg.clean.batch_size < 1:
+        raise ConfigError(f"{at('clean.batch_size')}: must be at least 1, got {cfg.clean.batch_size}")
     if cfg.head.sub_centers < 1:
         raise ConfigError(f"{at('head.sub_centers')}: must be at least 1, got {cfg.head.sub_centers}")
     if cfg.head.sub_centers > 1 and cfg.head.type == "sface" and cfg.head.impl == "triton":

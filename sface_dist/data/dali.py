@@ -106,7 +106,7 @@ class DaliFaceLoader:
         if not dali_available():
             raise DataError("data.backend=dali needs NVIDIA DALI: pip install nvidia-dali-cuda130")
         self.num_classes = dataset.num_classes
-        self.num_images = len(dataset)
+        self.dataset = dataset
         self.skipped_records = 0
         cuda = device.type == "cuda"
         self.device_id = (torch.cuda.current_device() if device.index is None else device.index) if cuda else None
@@ -118,6 +118,19 @@ class DaliFaceLoader:
 
     def __len__(self) -> int:
         return self._sampler.batches_per_epoch
+
+    @property
+    def num_images(self) -> int:
+        """The images an epoch goes through (the dataset's, less those excluded)."""
+        return self._sampler.kept_images
+
+    def exclude(self, indices: np.ndarray) -> None:
+        """Leave dataset images ``indices`` out of every epoch from the next ``set_epoch`` on."""
+        self._sampler.exclude(indices)
+
+    @property
+    def excluded(self) -> np.ndarray:
+        return self._sampler.excluded
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, first_sample: int = 0) -> None:
         """Select the epoch (its permutation, flips and augmentations), where its batch grid starts and the batch

@@ -85,6 +85,7 @@ class SyntheticFaceDataset(Dataset[tuple[np.ndarray, int]]):
                 f"got {num_classes} and {images_per_class}"
             )
         self.faces = SyntheticFaces(num_classes, image_size)
+        self.image_size = image_size
         self.num_classes = num_classes
         self.images_per_class = images_per_class
 

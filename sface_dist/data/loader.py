@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 
 from sface_dist.config import Backend, BadRecordPolicy, choices
@@ -46,8 +47,23 @@ class FaceLoader(Protocol):
     """
 
     num_classes: int
-    num_images: int
     skipped_records: int
+    dataset: RecordFaceDataset | SyntheticFaceDataset
+    """Every image, by index (what cleaning inside a run scores)."""
+
+    @property
+    def num_images(self) -> int:
+        """The images an epoch goes through: the dataset's, less those ``exclude`` took out."""
+        ...
+
+    @property
+    def excluded(self) -> np.ndarray:
+        """Sorted dataset indices left out of every epoch."""
+        ...
+
+    def exclude(self, indices: np.ndarray) -> None:
+        """Leave dataset images ``indices`` out of every epoch from the next ``set_epoch`` on."""
+        ...
 
     def __len__(self) -> int: ...
 

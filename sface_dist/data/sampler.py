@@ -12,6 +12,9 @@ Global batch ``b`` is the contiguous slice ``[b·G, (b+1)·G)`` of the permutati
 ``world_size * batch_size``), so a position in an epoch is a sample count that means the
 same at every world size. A run resumed at another world size continues from that count:
 ``set_epoch(epoch, first_sample=n)`` starts the batch grid at position ``n``.
+
+``exclude(indices)`` takes images out of every later epoch (cleaning inside a run): an epoch's order is then
+its permutation of all images with the excluded ones left out, so it too is the same at every world size.
 """
 
 from __future__ import annotations
@@ -86,20 +89,38 @@ class EpochShardSampler:
         self.epoch = 0
         self.skip_batches = 0
         self.first_sample = 0
+        self.excluded = np.zeros(0, dtype=np.int64)
+        """Sorted indices of the images left out of every epoch."""
 
     @property
     def global_batch(self) -> int:
         return self.world_size * self.batch_size
 
     @property
+    def kept_images(self) -> int:
+        """The images an epoch goes through: all of them but the excluded ones."""
+        return self.num_images - len(self.excluded)
+
+    @property
     def batches_per_epoch(self) -> int:
         """Global batches of the current epoch from ``first_sample`` on (the remainder is dropped)."""
-        return (self.num_images - self.first_sample) // self.global_batch
+        return (self.kept_images - self.first_sample) // self.global_batch
+
+    def exclude(self, indices: np.ndarray) -> None:
+        """Leave images ``indices`` out of every epoch from the next ``set_epoch`` on; the excluded set grows."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.num_images):
+            raise DataError(f"exclude: image indices must lie in [0, {self.num_images})")
+        excluded = np.union1d(self.excluded, indices)
+        if (self.num_images - len(excluded)) // self.global_batch == 0:
+            raise DataError(f"excluding {len(excluded)} of {self.num_images} images leaves less than one global "
+                            f"batch of {self.global_batch}")
+        self.excluded = excluded
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, first_sample: int = 0) -> None:
         """Select ``epoch``, the permutation position its batch grid starts at, and the batches to skip."""
-        if not 0 <= first_sample <= self.num_images:
-            raise DataError(f"set_epoch needs 0 <= first_sample <= {self.num_images}, got {first_sample}")
+        if not 0 <= first_sample <= self.kept_images:
+            raise DataError(f"set_epoch needs 0 <= first_sample <= {self.kept_images}, got {first_sample}")
         self.first_sample = first_sample
         if epoch < 0 or not 0 <= skip_batches <= self.batches_per_epoch:
             raise DataError(
@@ -118,6 +139,8 @@ class EpochShardSampler:
     def batches(self, epoch: int, start: int) -> Iterator[list[Sample]]:
         """Batches ``start..`` of ``epoch`` (``set_epoch`` and iteration use this)."""
         order = np.random.default_rng((self.seed, epoch)).permutation(self.num_images)
+        if len(self.excluded):
+            order = order[~np.isin(order, self.excluded)]
         first = self.first_sample
         used = first + self.batches_per_epoch * self.global_batch
         shard = order[first + self.rank : used : self.world_size]

@@ -104,7 +104,7 @@ class TorchFaceLoader:
         skip_bad: bool = False,
     ) -> None:
         self.num_classes = dataset.num_classes
-        self.num_images = len(dataset)
+        self.dataset = dataset
         self.skipped_records = 0
         self._sampler = sampler
         self._skip_bad = skip_bad
@@ -123,6 +123,19 @@ class TorchFaceLoader:
 
     def __len__(self) -> int:
         return self._sampler.batches_per_epoch
+
+    @property
+    def num_images(self) -> int:
+        """The images an epoch goes through (the dataset's, less those excluded)."""
+        return self._sampler.kept_images
+
+    def exclude(self, indices: np.ndarray) -> None:
+        """Leave dataset images ``indices`` out of every epoch from the next ``set_epoch`` on."""
+        self._sampler.exclude(indices)
+
+    @property
+    def excluded(self) -> np.ndarray:
+        return self._sampler.excluded
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, first_sample: int = 0) -> None:
         """Select the epoch (its permutation, flips and augmentations), where its batch grid starts and the batch

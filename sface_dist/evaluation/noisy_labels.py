@@ -51,11 +51,14 @@ class LabelScores:
 
 
 def score_labels(
-    embeddings: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, block: int = 4096
+    embeddings: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, block: int = 4096,
+    identity_sums: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LabelScores:
     """Score ``embeddings [N, D]`` labelled ``labels [N]`` against class ``centres [C, D]`` (any scale), or
     ``[C, K, D]`` sub-centres, where a class's cosine is the largest of its K.
 
+    ``identity_sums``: each class's sum of normalised embeddings [C, D] and image count [C] over a whole dataset
+    of which these images are a part (sharded scoring); None: over these images.
     Works in blocks of ``block`` images and classes, so memory stays O(block²) at millions of each.
     """
     if embeddings.shape[0] != labels.shape[0] or embeddings.shape[1] != centres.shape[-1]:
@@ -81,8 +84,11 @@ def score_labels(
             better = best > nearest[rows]
             nearest[rows] = torch.where(better, best, nearest[rows])
             nearest_class[rows] = torch.where(better, where + first, nearest_class[rows])
-    sums = torch.zeros(len(w), x.shape[1]).index_add_(0, labels, x)
-    counts = torch.bincount(labels, minlength=len(w))
+    if identity_sums is None:
+        sums = torch.zeros(len(w), x.shape[1]).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=len(w))
+    else:
+        sums, counts = identity_sums
     others = F.normalize(sums[labels] - x, dim=1)
     identity = torch.where(counts[labels] > 1, (x * others).sum(dim=1), torch.nan)
     return LabelScores(own.numpy(), nearest.numpy(), nearest_class.numpy(), identity.numpy())

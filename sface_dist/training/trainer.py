@@ -37,6 +37,7 @@ from sface_dist.parallel.agreement import control_group, naming_collective_failu
 from sface_dist.parallel.launch import DistEnv
 from sface_dist.stop_signals import StopRequest, signal_name, stop_at_step_boundary
 from sface_dist.training.checkpoint_manager import CheckpointManager, Resumed
+from sface_dist.training.cleaning import CleaningState, clean
 from sface_dist.training.engine import build_engine
 from sface_dist.training.nonfinite import NonFiniteWatch
 from sface_dist.training.optimization import (
@@ -109,6 +110,8 @@ class Trainer:
         self.global_batch = self.micro_batch * cfg.train.grad_accum
         """Images in one optimizer step, over all ranks."""
         self.progress = TrainingProgress(step=0, samples=0, epoch=0, epoch_samples=0, schedule_batch=self.global_batch)
+        self.cleaning = CleaningState.empty()
+        """The images ``clean`` left out, and after which epochs."""
         self.control = control_group(cfg.train.collective_timeout_minutes)
         """Where ranks agree on host-side outcomes (a bad batch on one rank stops all of them)."""
 
@@ -136,7 +139,7 @@ class Trainer:
             num_classes=self.num_classes,
             config=to_dict(cfg),
             trainer_state={"backbone": self.engine, "optimization": self.optimization, "rng": RNGState(),
-                           "progress": self.progress},
+                           "progress": self.progress, "cleaning": self.cleaning},
             head_shard={"head": self.head, "optimizer": head_optimizer},
             class_range=self.head.class_range,
         )
@@ -176,6 +179,8 @@ class Trainer:
         """Resume if asked; unless the run had already finished, record this start in the run's history and open
         TensorBoard and the verification monitor. A finished run writes nothing."""
         resumed = self._resume() if cfg.train.resume and not cfg.train.overwrite else None
+        if len(self.cleaning.excluded):
+            self.loader.exclude(self.cleaning.excluded)
         if resumed is None and cfg.train.init_backbone:
             self._init_backbone(cfg.train.init_backbone)
         if resumed is not None and self._finished():
@@ -433,6 +438,7 @@ class Trainer:
             while not self._finished():
                 if self._end_epoch_if_no_step_fits():
                     continue
+                self._clean_if_due()
                 self._start_epoch()
                 batches = AgreedBatches(self.loader, self.control, stop_request, self.collective)
                 for group in self._optimizer_batches(batches):
@@ -466,6 +472,27 @@ class Trainer:
                     return {}
         self.log(f"checkpoint {self.save()}")
         return self.evaluate()
+
+    def _clean_if_due(self) -> None:
+        """Collective: at the start of the epoch after one ``clean.at_epochs`` names, score every training image,
+        leave the suspects out of this and every later epoch and write a checkpoint (a resume never cleans
+        twice)."""
+        epoch = self.progress.epoch
+        due = epoch in self.cfg.clean.at_epochs and epoch not in self.cleaning.cleaned_epochs
+        if self.progress.epoch_samples or not due:
+            return
+        with self.collective(f"a collective of the cleaning after epoch {epoch}"):
+            report = clean(self.backbone, self.head, self.loader.dataset, self.cfg.clean, self.env, self.cleaning,
+                           epoch, self.output)
+        self.loader.exclude(self.cleaning.excluded)
+        self.log(report.line())
+        if self.writer is not None:
+            self.writer.add_scalar("clean/suspects", len(report.suspects), self.step)
+            self.writer.add_scalar("clean/excluded", len(self.cleaning.excluded), self.step)
+            if report.precision is not None:
+                self.writer.add_scalar("clean/precision", report.precision, self.step)
+                self.writer.add_scalar("clean/recall", report.recall, self.step)
+        self.log(f"checkpoint {self.save()}")
 
     def _optimizer_batches(self, batches: AgreedBatches) -> Iterator[list[tuple[Tensor, Tensor]]]:
         """This epoch's micro-batches on the device, ``train.grad_accum`` at a time; a partial group at the epoch's
