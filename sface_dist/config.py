@@ -237,6 +237,12 @@ class HeadConfig:
     """Centres per class, K: a class's cosine is the largest over its K (sub-center ArcFace is ``type: arcface``
     with 3), so a class's noisy images can gather at a centre of their own (docs/heads.md, Sub-centres). The K
     centres of a class live on the rank that owns it; ``head.impl: auto`` is ``chunked`` with K > 1."""
+    sub_center_drop_epoch: int = 0
+    """With sub-centres: after this epoch (counted from 1) keep each class's dominant centre (the one most of its
+    images are nearest), leave out of later epochs the images farther than ``sub_center_drop_degrees`` from it,
+    and train on with one centre a class (sub-center ArcFace's drop step); 0 never drops. Needs ``train.steps``."""
+    sub_center_drop_degrees: float = 75.0
+    """The drop step's angle: an image farther than this from its class's dominant centre is left out."""
     init: HeadInit = "xavier"
     """``xavier`` (official SFace init: normal, std 2·sqrt(2/num_classes)) or ``normal`` (std 0.01)."""
     check_inputs: bool = False
@@ -425,7 +431,8 @@ RUN_DEFINING_KEYS = (
     "data.root", "data.image_size", "data.flip", "data.augment", "data.synthetic_images_per_class",
     "model.backbone", "model.embedding_size",
     "head.type", "head.s", "head.k", "head.a", "head.b", "head.margin", "head.margin_grad", "head.sample_rate",
-    "head.sample_correction", "head.sample_update", "head.init", "head.sub_centers",
+    "head.sample_correction", "head.sample_update", "head.init", "head.sub_centers", "head.sub_center_drop_epoch",
+    "head.sub_center_drop_degrees",
     "optim.name",
     "train.seed", "train.init_backbone", "train.freeze_backbone_steps",
     "clean.at_epochs", "clean.threshold", "clean.flip",
@@ -661,6 +668,18 @@ def validate(cfg: Config, origins: Origins | None = None) -> None:
         raise ConfigError(f"{at('clean.threshold')}: a cosine in [-1, 1], got {cfg.clean.threshold}")
     if cfg.clean.batch_size < 1:
         raise ConfigError(f"{at('clean.batch_size')}: must be at least 1, got {cfg.clean.batch_size}")
+    if cfg.head.sub_center_drop_epoch < 0:
+        raise ConfigError(f"{at('head.sub_center_drop_epoch')}: an epoch counted from 1, or 0 (never), got "
+                          f"{cfg.head.sub_center_drop_epoch}")
+    if cfg.head.sub_center_drop_epoch and cfg.head.sub_centers < 2:
+        raise ConfigError(f"{at('head.sub_center_drop_epoch')}: drops sub-centres, and head.sub_centers is "
+                          f"{cfg.head.sub_centers}")
+    if cfg.head.sub_center_drop_epoch and cfg.train.steps == 0:
+        raise ConfigError(f"{at('head.sub_center_drop_epoch')}: needs train.steps > 0 (the drop keeps the run's step "
+                          f"budget; with train.epochs the epochs after it would be shorter)")
+    if not 0.0 < cfg.head.sub_center_drop_degrees <= 180.0:
+        raise ConfigError(f"{at('head.sub_center_drop_degrees')}: an angle in (0, 180], got "
+                          f"{cfg.head.sub_center_drop_degrees}")
     if cfg.head.sub_centers < 1:
         raise ConfigError(f"{at('head.sub_centers')}: must be at least 1, got {cfg.head.sub_centers}")
     if cfg.head.sub_centers > 1 and cfg.head.type == "sface" and cfg.head.impl == "triton":

@@ -59,6 +59,25 @@ class ShardOptimizer(torch.optim.Optimizer):
             return ()
         return STATE_ROWS[self.name]
 
+    def _follow_the_head(self) -> None:
+        """Optimise the head's current weight (the sub-centre drop replaces it), keeping the state already moved
+        to it."""
+        weight = self.head.weight
+        if self.param_groups[0]["params"][0] is not weight:
+            old = self.param_groups[0]["params"][0]
+            self.param_groups[0]["params"] = [weight]
+            self.state[weight] = self.state.pop(old, {})
+
+    @torch.no_grad()
+    def keep_centres(self, which: Tensor, sub_centers: int) -> None:
+        """After ``head.keep_centres(which)``: keep the state rows of the same centres."""
+        old = self.param_groups[0]["params"][0]
+        rows = torch.arange(len(which), device=which.device)
+        state = {key: value.view(len(which), sub_centers, *value.shape[1:])[rows, which].clone()
+                 for key, value in self.state.pop(old, {}).items()}
+        self.param_groups[0]["params"] = [self.head.weight]
+        self.state[self.head.weight] = state
+
     def _shard_state(self) -> dict[str, Tensor]:
         """The per-row state tensors, created as zeros on the first step."""
         weight = self.head.weight
@@ -132,6 +151,7 @@ class ShardOptimizer(torch.optim.Optimizer):
         if saved != head.class_range:
             raise ValueError(f"head optimizer state holds classes [{saved[0]}, {saved[1]}), this shard "
                              f"[{head.class_start}, {head.class_end})")
+        self._follow_the_head()
         rows = state_dict["rows"]
         if rows and set(rows) != set(self._state_names()):
             raise ValueError(f"head optimizer state holds {sorted(rows)}, {self.name} here keeps "

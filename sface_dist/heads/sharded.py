@@ -188,6 +188,15 @@ class ShardedHead(nn.Module):
         offsets = torch.arange(self.sub_centers, device=classes.device)
         return (classes.unsqueeze(1) * self.sub_centers + offsets).flatten()
 
+    @torch.no_grad()
+    def keep_centres(self, which: Tensor) -> None:
+        """Keep centre ``which[c]`` of each local class c and train on with one centre a class (the sub-centre
+        drop step): the weight becomes a new [C, D] parameter."""
+        rows = torch.arange(self.class_end - self.class_start, device=which.device)
+        kept = self.weight.view(-1, self.sub_centers, self.embedding_size)[rows, which]
+        self.weight = nn.Parameter(kept.clone())
+        self.sub_centers = 1
+
     def by_class(self, rows: Tensor) -> Tensor:
         """A per-centre tensor [C·K, ...] as [C, K, ...] with sub-centres, unchanged without: what checkpoints
         hold, so that they re-partition by class."""
@@ -222,6 +231,8 @@ class ShardedHead(nn.Module):
                 f"[{self.class_start}, {self.class_end}) of {self.num_classes}"
             )
         weight = state["rows"]["weight"]
+        if weight.dim() == 2 and self.sub_centers > 1:  # written after the sub-centre drop: one centre a class
+            self.keep_centres(torch.zeros(self.class_end - self.class_start, dtype=torch.long))
         expected = self.by_class(self.weight).shape
         if weight.shape != expected:
             saved_k = 1 if weight.dim() == 2 else weight.shape[1]

@@ -1,5 +1,6 @@
 """Cleaning inside a run (``clean``): after chosen epochs, score every training image with the label-noise
-finder's rule on the run's own ranks and leave the suspects out of every later epoch, without a restart.
+finder's rule on the run's own ranks and leave the suspects out of every later epoch, without a restart. The
+sub-centre drop step (``head.sub_center_drop_epoch``) is the same kind of pass with sub-center ArcFace's rule.
 
 Scoring is sharded: each rank embeds a contiguous ``1/world_size`` of the images with the current backbone (eval
 mode, and the mirror with ``clean.flip``); the class sums of the normalised embeddings and the class counts are
@@ -40,10 +41,12 @@ from sface_dist.parallel.partition import class_range, even_split, even_split_si
 
 @dataclass
 class CleaningState:
-    """What the run's cleanings decided: the dataset indices left out and the epochs cleaned after."""
+    """What the run's cleanings and its sub-centre drop decided: the dataset indices left out, the epochs cleaned
+    after, and the epoch after which the sub-centres were dropped (0: not dropped)."""
 
     excluded: np.ndarray
     cleaned_epochs: list[int]
+    dropped_after: int = 0
 
     @classmethod
     def empty(cls) -> CleaningState:
@@ -51,20 +54,24 @@ class CleaningState:
 
     def state_dict(self) -> dict[str, Any]:
         """``trainer.pt``'s ``cleaning``."""
-        return {"cleaning": {"excluded": torch.from_numpy(self.excluded), "cleaned_epochs": list(self.cleaned_epochs)}}
+        return {"cleaning": {"excluded": torch.from_numpy(self.excluded), "cleaned_epochs": list(self.cleaned_epochs),
+                             "sub_centers_dropped_after": self.dropped_after}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A checkpoint from before cleaning existed, or of a run that never cleaned, excludes nothing."""
         saved = state.get("cleaning")
         if saved is None:
-            self.excluded, self.cleaned_epochs = CleaningState.empty().excluded, []
+            self.excluded, self.cleaned_epochs, self.dropped_after = CleaningState.empty().excluded, [], 0
             return
         excluded, epochs = saved.get("excluded"), saved.get("cleaned_epochs")
+        dropped = saved.get("sub_centers_dropped_after", 0)
         if not isinstance(excluded, Tensor) or excluded.dim() != 1 or excluded.dtype != torch.int64:
             raise ValueError("cleaning.excluded: expected a 1-d int64 tensor of image indices")
         if not isinstance(epochs, list) or not all(isinstance(epoch, int) for epoch in epochs):
             raise ValueError("cleaning.cleaned_epochs: expected a list of epoch numbers")
-        self.excluded, self.cleaned_epochs = excluded.numpy().copy(), list(epochs)
+        if not isinstance(dropped, int):
+            raise ValueError("cleaning.sub_centers_dropped_after: expected an epoch number")
+        self.excluded, self.cleaned_epochs, self.dropped_after = excluded.numpy().copy(), list(epochs), dropped
 
 
 @dataclass(frozen=True)
@@ -199,3 +206,72 @@ def clean(backbone: nn.Module, head: ShardedHead, dataset: RecordFaceDataset | S
         precision = found / len(suspects) if len(suspects) else 1.0
         recall = found / len(planted) if len(planted) else 1.0
     return CleaningReport(epoch, len(dataset), suspects, len(state.excluded) - before, folder, precision, recall)
+
+
+@dataclass(frozen=True)
+class DropReport:
+    """The sub-centre drop's outcome, the same on every rank."""
+
+    epoch: int
+    scored: int
+    dominant_share: float
+    """The share of the images nearest their class's dominant centre."""
+    far: np.ndarray
+    """Dataset indices farther than the angle from their class's dominant centre."""
+    newly_excluded: int
+
+    def line(self, degrees: float) -> str:
+        return (f"sub-centres dropped after epoch {self.epoch}: each class keeps its dominant centre (nearest to "
+                f"{self.dominant_share:.1%} of the {self.scored} images); {len(self.far)} images farther than "
+                f"{degrees:g} degrees from it, {self.newly_excluded} newly left out of later epochs")
+
+
+def dominant_centres(embeddings: Tensor, labels: Tensor, readable: Tensor, centres: Tensor) -> tuple[Tensor, Tensor]:
+    """Each image's cosines [n, K] to its class's centres ([C, K, D], normalised), and each class's count of
+    readable images nearest each of its centres [C, K] (this rank's images)."""
+    classes, k, _ = centres.shape
+    cosines = torch.einsum("nd,nkd->nk", embeddings, centres[labels])
+    nearest = cosines.argmax(dim=1)
+    counts = torch.zeros(classes * k, dtype=torch.float64)
+    counts.index_add_(0, (labels * k + nearest)[readable], torch.ones(int(readable.sum()), dtype=torch.float64))
+    return cosines, counts.view(classes, k)
+
+
+def drop_sub_centres(backbone: nn.Module, head: ShardedHead, optimizer: Any, dataset: RecordFaceDataset |
+                     SyntheticFaceDataset, cfg: CleanConfig, degrees: float, env: DistEnv, state: CleaningState,
+                     epoch: int) -> DropReport:
+    """Collective: the drop step of sub-center ArcFace. Each class's dominant centre is the one most of its images
+    are nearest (counts all-reduced; a tie goes to the lowest index); the images farther than ``degrees`` from
+    their class's dominant centre join ``state.excluded``; the head and ``optimizer`` (a ``ShardOptimizer``) keep
+    the dominant centre of each class and train on with one."""
+    first, last = even_split(len(dataset), env.rank, env.world_size)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        local, labels, readable = embed_images(backbone, dataset, first, last, cfg.batch_size, cfg.flip, env.device)
+    finally:
+        backbone.train(was_training)
+    if not len(local):
+        local = torch.zeros(0, head.embedding_size)
+    centres = F.normalize(gather_centres(head, env), dim=2)
+    cosines, counts = dominant_centres(local, labels, readable, centres)
+    if env.world_size > 1:
+        counts = counts.to(env.device)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+    dominant = counts.argmax(dim=1)
+    to_dominant = cosines.gather(1, dominant[labels].unsqueeze(1)).squeeze(1) if len(labels) else cosines[:, 0]
+    nearest_is_dominant = (cosines.argmax(dim=1) == dominant[labels]) & readable
+    far = (to_dominant < torch.cos(torch.deg2rad(torch.tensor(degrees, dtype=torch.float64))).float()) & readable
+    flags = torch.stack([far.double(), nearest_is_dominant.double()], dim=1).to(env.device)
+    every = gather_rows(flags, even_split_sizes(len(dataset), env.world_size), None).cpu()
+    far_images = np.flatnonzero(every[:, 0].numpy() > 0.5)
+    before = len(state.excluded)
+    state.excluded = np.union1d(state.excluded, far_images)
+    state.dropped_after = epoch
+    sub_centers = head.sub_centers
+    which = dominant[head.class_start : head.class_end].to(head.weight.device)
+    head.keep_centres(which)
+    optimizer.keep_centres(which, sub_centers)
+    return DropReport(epoch, len(dataset), float(every[:, 1].mean()) if len(every) else 1.0, far_images,
+                      len(state.excluded) - before)

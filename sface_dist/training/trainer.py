@@ -37,7 +37,7 @@ from sface_dist.parallel.agreement import control_group, naming_collective_failu
 from sface_dist.parallel.launch import DistEnv
 from sface_dist.stop_signals import StopRequest, signal_name, stop_at_step_boundary
 from sface_dist.training.checkpoint_manager import CheckpointManager, Resumed
-from sface_dist.training.cleaning import CleaningState, clean
+from sface_dist.training.cleaning import CleaningState, clean, drop_sub_centres
 from sface_dist.training.engine import build_engine
 from sface_dist.training.nonfinite import NonFiniteWatch
 from sface_dist.training.optimization import (
@@ -438,6 +438,7 @@ class Trainer:
             while not self._finished():
                 if self._end_epoch_if_no_step_fits():
                     continue
+                self._drop_sub_centres_if_due()
                 self._clean_if_due()
                 self._start_epoch()
                 batches = AgreedBatches(self.loader, self.control, stop_request, self.collective)
@@ -472,6 +473,22 @@ class Trainer:
                     return {}
         self.log(f"checkpoint {self.save()}")
         return self.evaluate()
+
+    def _drop_sub_centres_if_due(self) -> None:
+        """Collective: at the start of the epoch after ``head.sub_center_drop_epoch``, the sub-centre drop step
+        (``cleaning.drop_sub_centres``), then a checkpoint."""
+        epoch, drop_after = self.progress.epoch, self.cfg.head.sub_center_drop_epoch
+        if not drop_after or self.progress.epoch_samples or epoch != drop_after or self.cleaning.dropped_after:
+            return
+        with self.collective(f"a collective of the sub-centre drop after epoch {epoch}"):
+            report = drop_sub_centres(self.backbone, self.head, self.optimization.head_optimizer, self.loader.dataset,
+                                      self.cfg.clean, self.cfg.head.sub_center_drop_degrees, self.env, self.cleaning,
+                                      epoch)
+        self.loader.exclude(self.cleaning.excluded)
+        self.log(report.line(self.cfg.head.sub_center_drop_degrees))
+        if self.writer is not None:
+            self.writer.add_scalar("clean/excluded", len(self.cleaning.excluded), self.step)
+        self.log(f"checkpoint {self.save()}")
 
     def _clean_if_due(self) -> None:
         """Collective: at the start of the epoch after one ``clean.at_epochs`` names, score every training image,

@@ -16,16 +16,16 @@ import pytest
 import torch
 
 from sface_dist.backbones import build_backbone
-from sface_dist.checkpoint import load_trainer_state, read_backbone
+from sface_dist.checkpoint import load_head_shard, load_trainer_state, read_backbone
 from sface_dist.config import CleanConfig
 from sface_dist.data.dataset_edits import add_label_noise
 from sface_dist.data.datasets import SyntheticFaceDataset
 from sface_dist.data.errors import DataError
 from sface_dist.data.sampler import EpochShardSampler
 from sface_dist.evaluation.noisy_labels import score_labels
-from sface_dist.heads import ShardedSFaceHead
+from sface_dist.heads import ShardedSFaceHead, ShardOptimizer
 from sface_dist.parallel.launch import DistEnv
-from sface_dist.training.cleaning import embed_images, score_training_images
+from sface_dist.training.cleaning import CleaningState, drop_sub_centres, embed_images, score_training_images
 
 from rank_launcher import run_ranks
 from training_runs import ROOT, torchrun
@@ -85,6 +85,68 @@ def test_sharded_scores_equal_the_single_process_finder() -> None:
         assert bool(result["readable"].all())
         for key, value in expected.items():
             np.testing.assert_allclose(result[key].numpy(), value, atol=1e-5, err_msg=key)
+
+
+DROP_DEGREES = 40.0
+
+
+def dropping_head(rank: int, world: int) -> tuple[ShardedSFaceHead, ShardOptimizer]:
+    """A 3-centre head shard whose centres are the embeddings of each class's first 3 images (so the 4th image
+    decides the dominant one), after one SGD step with momentum on a small fixed gradient."""
+    backbone, dataset = make_model()
+    backbone.eval()
+    embeddings = embed_images(backbone, dataset, 0, len(dataset), 24, True, torch.device("cpu"))[0]
+    head = ShardedSFaceHead(CLASSES, DIM, impl="dense", seed=5, sub_centers=3,
+                            process_group=None if world == 1 else torch.distributed.group.WORLD)
+    centres = embeddings.view(CLASSES, PER_CLASS, DIM)[:, :3].reshape(CLASSES * 3, DIM)
+    with torch.no_grad():
+        head.weight.copy_(centres[head.class_start * 3 : head.class_end * 3])
+    optimizer = ShardOptimizer(head, lr=0.1, momentum=0.9)
+    gradient = 0.01 * torch.randn(CLASSES * 3, DIM, generator=torch.Generator().manual_seed(9))
+    head.weight.grad = gradient[head.class_start * 3 : head.class_end * 3].clone()
+    optimizer.step(None)
+    return head, optimizer
+
+
+def drop_on_ranks(rank: int, world: int) -> dict[str, torch.Tensor]:
+    backbone, dataset = make_model()
+    head, optimizer = dropping_head(rank, world)
+    env = DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    state = CleaningState.empty()
+    drop_sub_centres(backbone, head, optimizer, dataset, CleanConfig(batch_size=5), DROP_DEGREES, env, state, 2)
+    return {"weight": head.weight.detach().clone(), "momentum": optimizer.state_dict()["rows"]["momentum_buffer"],
+            "excluded": torch.from_numpy(state.excluded), "dropped_after": torch.tensor(state.dropped_after),
+            "sub_centers": torch.tensor(head.sub_centers)}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_sub_centre_drop_matches_a_single_process_reference(world: int) -> None:
+    """Dominant centre by assignment count, images beyond the angle left out, one centre a class kept with its
+    optimizer state: the shards of 1-3 ranks together equal the rule applied in fp64 to every embedding at once."""
+    per_rank = run_ranks(drop_on_ranks, world)
+    backbone, dataset = make_model()
+    backbone.eval()
+    embeddings, labels, _ = embed_images(backbone, dataset, 0, len(dataset), 24, True, torch.device("cpu"))
+    head, optimizer = dropping_head(0, 1)
+    weight = head.weight.detach().double().view(CLASSES, 3, DIM)
+    centres = weight / weight.norm(dim=2, keepdim=True)
+    cosines = torch.stack([centres[label] @ embedding for embedding, label in zip(embeddings.double(), labels)])
+    counts = torch.zeros(CLASSES, 3)
+    for label, nearest in zip(labels.tolist(), cosines.argmax(dim=1).tolist()):
+        counts[label, nearest] += 1
+    dominant = torch.tensor([max(range(3), key=lambda k: (counts[c, k], -k)) for c in range(CLASSES)])
+    far = [i for i in range(len(labels)) if cosines[i, dominant[labels[i]]] < np.cos(np.deg2rad(DROP_DEGREES))]
+    assert 0 < len(far) < len(labels) and len(set(dominant.tolist())) > 1, "the problem must exercise the rule"
+    momentum = optimizer.state_dict()["rows"]["momentum_buffer"]
+    rows = torch.arange(CLASSES)
+    # the ranks embed with one thread, this process with more: the centres they start from agree to rounding
+    kept = head.weight.detach().view(CLASSES, 3, DIM)[rows, dominant]
+    torch.testing.assert_close(torch.cat([r["weight"] for r in per_rank]), kept, rtol=0, atol=1e-6)
+    kept_momentum = momentum[rows, dominant]
+    torch.testing.assert_close(torch.cat([r["momentum"] for r in per_rank]), kept_momentum, rtol=0, atol=1e-6)
+    for result in per_rank:
+        assert result["excluded"].tolist() == far
+        assert int(result["dropped_after"]) == 2 and int(result["sub_centers"]) == 1
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +218,29 @@ def test_a_cleaned_run_stopped_after_cleaning_resumes_on_the_same_images(noisy_d
     ours, theirs = (read_backbone(tmp_path / run / "checkpoints" / final)[1] for run in ("one", "straight"))
     for name, value in theirs.items():
         torch.testing.assert_close(ours[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+DROPPED = re.compile(r"^sub-centres dropped after epoch 2: each class keeps its dominant centre \(nearest to "
+                     r"[0-9.]+% of the 1200 images\); (\d+) images farther than 75 degrees", re.MULTILINE)
+
+
+def test_sub_center_arcface_drops_to_one_centre_and_resumes_on_two_ranks(noisy_data: Path, tmp_path: Path) -> None:
+    """Sub-center ArcFace (3 centres) with the drop after epoch 2: the run says what it kept and left out, its
+    checkpoint right after holds one centre a class, and a resume from it on 2 ranks trains on without dropping
+    again."""
+    path = config(noisy_data, tmp_path / "subcentres", 80, 99, 1000)
+    path.write_text(path.read_text().replace("clean: {at_epochs: [99]", "clean: {at_epochs: []") +
+                    "head: {type: arcface, sub_centers: 3, sub_center_drop_epoch: 2, init: normal}\n")
+    log = torchrun(1, path)
+    dropped = DROPPED.search(log)
+    assert dropped is not None, log
+    dropped_checkpoint = tmp_path / "subcentres" / "checkpoints" / "step-00000074"
+    assert load_trainer_state(dropped_checkpoint)["cleaning"]["sub_centers_dropped_after"] == 2
+    head_state, optimizer_state = load_head_shard(dropped_checkpoint, (0, 60), 60)
+    assert head_state["rows"]["weight"].shape == (60, 64)
+    assert optimizer_state["rows"]["momentum_buffer"].shape == (60, 64)
+    kept = f"on {1200 - int(dropped.group(1))} images"
+    resumed = resume_from(dropped_checkpoint, tmp_path / "two", 2, path, "data.batch_size=16")
+    assert "at step 74" in resumed and kept in resumed and "sub-centres dropped" not in resumed, resumed
+    assert load_head_shard(tmp_path / "two" / "checkpoints" / "step-00000080", (0, 60), 60)[0]["rows"][
+        "weight"].shape == (60, 64)
