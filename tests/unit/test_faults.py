@@ -147,8 +147,12 @@ def test_truncated_checkpoint_file_is_one_line(trained_run: Path, tmp_path: Path
 
 def test_trainer_checkpoint_holds_only_weights(trained_run: Path) -> None:
     state = load_weights(step_dir(trained_run) / "trainer.pt")
-    assert set(state) == {"step", "backbone", "backbone_optimizer", "rng", "progress", "schedulers", "grad_scaler"}
+    assert set(state) == {"step", "backbone", "backbone_optimizer", "rng", "progress", "schedulers", "grad_scaler",
+                          "cleaning"}
     assert state["progress"] == {"samples": 4 * 8, "epoch": 0, "epoch_samples": 4 * 8, "schedule_batch": 8}
+    cleaning = state["cleaning"]
+    assert cleaning["excluded"].numel() == 0 and cleaning["cleaned_epochs"] == []
+    assert cleaning["sub_centers_dropped_after"] == 0
 
 
 def save_step(root: Path, step: int, keep: int, value: float = 0.0) -> Path:
