@@ -24,7 +24,7 @@ import torch
 from sface_dist.data.datasets import BadRecord, RecordFaceDataset, every_image_bad, log_skipped
 from sface_dist.data.errors import BadRecordError, DataError
 from sface_dist.data.pixels import PIXEL_MEAN, PIXEL_STD
-from sface_dist.data.sampler import EpochShardSampler, Sample
+from sface_dist.data.sampler import EpochShardSampler, ExcludingLoader, Sample
 
 _PREFETCH = 2
 """Batches DALI prepares ahead of the one in use."""
@@ -92,7 +92,7 @@ class _BatchSource:
         return inputs
 
 
-class DaliFaceLoader:
+class DaliFaceLoader(ExcludingLoader):
     """The ``dali`` backend (see the module docstring and ``FaceLoader``)."""
 
     def __init__(
@@ -118,19 +118,6 @@ class DaliFaceLoader:
 
     def __len__(self) -> int:
         return self._sampler.batches_per_epoch
-
-    @property
-    def num_images(self) -> int:
-        """The images an epoch goes through (the dataset's, less those excluded)."""
-        return self._sampler.kept_images
-
-    def exclude(self, indices: np.ndarray) -> None:
-        """Leave dataset images ``indices`` out of every epoch from the next ``set_epoch`` on."""
-        self._sampler.exclude(indices)
-
-    @property
-    def excluded(self) -> np.ndarray:
-        return self._sampler.excluded
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, first_sample: int = 0) -> None:
         """Select the epoch (its permutation, flips and augmentations), where its batch grid starts and the batch

@@ -164,3 +164,22 @@ class EpochShardSampler:
         saturation = np.where(rng.random(count) < GRAY_PROBABILITY, 0.0, saturation)
         columns = (indices, flips, downscale, blur, hue, saturation)
         return [Sample(*values) for values in zip(*(column.tolist() for column in columns), strict=True)]
+
+
+class ExcludingLoader:
+    """What a loader over an ``EpochShardSampler`` (its ``_sampler``) says of the images its epochs go through."""
+
+    _sampler: EpochShardSampler
+
+    @property
+    def num_images(self) -> int:
+        """The images an epoch goes through (the dataset's, less those excluded)."""
+        return self._sampler.kept_images
+
+    def exclude(self, indices: np.ndarray) -> None:
+        """Leave dataset images ``indices`` out of every epoch from the next ``set_epoch`` on."""
+        self._sampler.exclude(indices)
+
+    @property
+    def excluded(self) -> np.ndarray:
+        return self._sampler.excluded

@@ -25,7 +25,7 @@ from sface_dist.data.datasets import (
 )
 from sface_dist.data.errors import BadRecordError
 from sface_dist.data.pixels import PIXEL_MEAN, PIXEL_STD
-from sface_dist.data.sampler import EpochShardSampler, Sample
+from sface_dist.data.sampler import EpochShardSampler, ExcludingLoader, Sample
 from sface_dist.stop_signals import leave_stop_signals_to_the_main_process
 
 
@@ -91,7 +91,7 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return images
 
 
-class TorchFaceLoader:
+class TorchFaceLoader(ExcludingLoader):
     """The ``torch`` and ``synthetic`` backends: decode in DataLoader workers; for a CUDA ``device``,
     pinned memory and each batch copied to the GPU on a side stream one batch ahead (see ``FaceLoader``)."""
 
@@ -123,19 +123,6 @@ class TorchFaceLoader:
 
     def __len__(self) -> int:
         return self._sampler.batches_per_epoch
-
-    @property
-    def num_images(self) -> int:
-        """The images an epoch goes through (the dataset's, less those excluded)."""
-        return self._sampler.kept_images
-
-    def exclude(self, indices: np.ndarray) -> None:
-        """Leave dataset images ``indices`` out of every epoch from the next ``set_epoch`` on."""
-        self._sampler.exclude(indices)
-
-    @property
-    def excluded(self) -> np.ndarray:
-        return self._sampler.excluded
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, first_sample: int = 0) -> None:
         """Select the epoch (its permutation, flips and augmentations), where its batch grid starts and the batch

@@ -129,6 +129,19 @@ def embed_images(backbone: nn.Module, dataset: RecordFaceDataset | SyntheticFace
             torch.tensor(readable, dtype=torch.bool))
 
 
+def embed_share(backbone: nn.Module, dataset: RecordFaceDataset | SyntheticFaceDataset, cfg: CleanConfig,
+                env: DistEnv, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``embed_images`` of this rank's contiguous share of the dataset, the backbone in eval mode meanwhile."""
+    first, last = even_split(len(dataset), env.rank, env.world_size)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        local, labels, readable = embed_images(backbone, dataset, first, last, cfg.batch_size, cfg.flip, env.device)
+    finally:
+        backbone.train(was_training)
+    return (local if len(local) else torch.zeros(0, dim)), labels, readable
+
+
 def gather_centres(head: ShardedHead, env: DistEnv) -> Tensor:
     """Every class's centres, [C, K, D] on the CPU, from the shards of every rank."""
     sizes = [(end - start) * head.sub_centers for start, end in
@@ -141,16 +154,8 @@ def score_training_images(backbone: nn.Module, head: ShardedHead, dataset: Recor
                           cfg: CleanConfig, env: DistEnv) -> tuple[LabelScores, np.ndarray, np.ndarray]:
     """Collective: the finder's scores of every image, its label, and whether it was readable (same on every
     rank)."""
-    first, last = even_split(len(dataset), env.rank, env.world_size)
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        local, labels, readable = embed_images(backbone, dataset, first, last, cfg.batch_size, cfg.flip, env.device)
-    finally:
-        backbone.train(was_training)
+    local, labels, readable = embed_share(backbone, dataset, cfg, env, head.embedding_size)
     classes, dim = head.num_classes, head.embedding_size
-    if not len(local):
-        local = torch.zeros(0, dim)
     kept = readable.nonzero().squeeze(1)
     sums = torch.zeros(classes, dim).index_add_(0, labels[kept], local[kept])
     counts = torch.bincount(labels[kept], minlength=classes)
@@ -244,15 +249,7 @@ def drop_sub_centres(backbone: nn.Module, head: ShardedHead, optimizer: Any, dat
     are nearest (counts all-reduced; a tie goes to the lowest index); the images farther than ``degrees`` from
     their class's dominant centre join ``state.excluded``; the head and ``optimizer`` (a ``ShardOptimizer``) keep
     the dominant centre of each class and train on with one."""
-    first, last = even_split(len(dataset), env.rank, env.world_size)
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        local, labels, readable = embed_images(backbone, dataset, first, last, cfg.batch_size, cfg.flip, env.device)
-    finally:
-        backbone.train(was_training)
-    if not len(local):
-        local = torch.zeros(0, head.embedding_size)
+    local, labels, readable = embed_share(backbone, dataset, cfg, env, head.embedding_size)
     centres = F.normalize(gather_centres(head, env), dim=2)
     cosines, counts = dominant_centres(local, labels, readable, centres)
     if env.world_size > 1:
