@@ -2,6 +2,7 @@
 
     python tools/noise_study.py --out study/demo                        # synthetic demo data, ~70 min on 2 cores
     python tools/noise_study.py --out study/quick --quick               # a smoke test, under a minute
+    python tools/noise_study.py --out study/cleaning --heads sface arcface subcenter-arcface --clean
     python tools/noise_study.py --out study/mine --rec data/mine/train.rec --bin data/mine/lfw.bin \\
         --hold-out 500 --nproc 8 --set model.backbone=iresnet50 --steps 20000
 
@@ -11,7 +12,10 @@ outside identities added under labels of the set), ratio and seed, a noisy copy 
 with a manifest of every corrupted record (``OUT/data/<noise>-<ratio>-seed<seed>/``). Each
 head type is trained on each copy through ``sface_dist.train`` with the same config, budget
 and seed, evaluated on the clean held-out pack, and the noisy-label finder is run on its
-final checkpoint and scored against the manifest.
+final checkpoint and scored against the manifest. ``subcenter-arcface`` is ArcFace with 3
+sub-centres a class, dropped to the dominant one after ``--clean-epoch``; ``--clean`` adds every
+head again as ``HEAD+clean``, cleaned inside the run after ``--clean-epoch`` (``clean.at_epochs``)
+within the same step budget.
 
 ``OUT/report.md`` holds the table (mean ± std over seeds), ``OUT/results.csv`` every cell,
 ``OUT/accuracy.png`` accuracy against the noise ratio per loss and ``OUT/target_cosine.png``
@@ -32,7 +36,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +81,8 @@ class Grid:
     identities: int
     images: int
     hold_out: int
+    clean_epoch: int = 4
+    """After which epoch the ``+clean`` heads are cleaned and ``subcenter-arcface`` drops its sub-centres."""
 
 
 DEFAULT = Grid(("sface", "arcface", "cosface"), ("closed", "open"), (0.0, 0.2, 0.4), (0, 1, 2), steps=600,
@@ -102,6 +108,20 @@ class Cell:
     @property
     def data_name(self) -> str:
         return f"clean-seed{self.seed}" if self.noise == "clean" else f"{self.noise}-{self.ratio:g}-seed{self.seed}"
+
+
+SUB_CENTER_ARCFACE = "subcenter-arcface"
+"""ArcFace with 3 sub-centres a class, dropped to the dominant one after the study's clean epoch."""
+CLEANED = "+clean"
+"""The suffix of a head cleaned inside the run."""
+
+
+def head_overrides(head: str, clean_epoch: int) -> list[str]:
+    """The training overrides of a study head: a head type, ``subcenter-arcface``, either with ``+clean``."""
+    name = head.removesuffix(CLEANED)
+    overrides = [f"head.type={name}"] if name != SUB_CENTER_ARCFACE else [
+        "head.type=arcface", "head.sub_centers=3", f"head.sub_center_drop_epoch={clean_epoch}"]
+    return overrides + ([f"clean.at_epochs=[{clean_epoch}]"] if head.endswith(CLEANED) else [])
 
 
 def cells_of(grid: Grid) -> list[Cell]:
@@ -137,7 +157,8 @@ def prepare_data(cell: Cell, kept: Path, outside: Path, data: Path) -> Path:
 
 def train(cell: Cell, root: Path, run: Path, args: argparse.Namespace, grid: Grid, log: Path) -> None:
     """``sface_dist.train`` on ``root`` with the study's overrides."""
-    overrides = [f"data.root={root}", f"train.output={run}", f"head.type={cell.head}", f"train.seed={cell.seed}",
+    overrides = [f"data.root={root}", f"train.output={run}", *head_overrides(cell.head, grid.clean_epoch),
+                 f"train.seed={cell.seed}",
                  f"train.steps={grid.steps}", "train.epochs=0", "eval.bins=[]", f"train.checkpoint_every={grid.steps}",
                  f"train.log_every={max(1, grid.steps // 10)}", *args.overrides]
     launch_training(args.config, overrides, args.nproc, log, f"cell {cell.name}")
@@ -189,8 +210,11 @@ def study_settings(args: argparse.Namespace, grid: Grid) -> dict[str, object]:
 
 def cell_settings(cell: Cell, args: argparse.Namespace, grid: Grid) -> dict[str, object]:
     """Everything that determines a cell's result besides the study's data."""
-    return {**asdict(cell), "steps": grid.steps, "nproc": args.nproc, "config": file_identity(args.config),
-            "overrides": args.overrides}
+    settings = {**asdict(cell), "steps": grid.steps, "nproc": args.nproc, "config": file_identity(args.config),
+                "overrides": args.overrides}
+    if cell.head.endswith(CLEANED) or cell.head.startswith(SUB_CENTER_ARCFACE):
+        settings["clean_epoch"] = grid.clean_epoch
+    return settings
 
 
 def run_study(args: argparse.Namespace, grid: Grid) -> list[dict[str, object]]:
@@ -222,12 +246,18 @@ def describe_setup(args: argparse.Namespace, out: Path, cells: list[Cell]) -> st
     overrides = ", ".join(f"`{item}`" for item in args.overrides) or "none"
     heads = {}
     for cell in {cell.head: cell for cell in cells}.values():
-        head = yaml.safe_load((out / "cells" / cell.name / "run" / "config.yaml").read_text())["head"]
+        config = yaml.safe_load((out / "cells" / cell.name / "run" / "config.yaml").read_text())
+        head = config["head"]
         if head["type"] == "sface":
-            heads["sface"] = ", ".join(f"{key} {head[key]}" for key in ("s", "k", "a", "b"))
+            described = ", ".join(f"{key} {head[key]}" for key in ("s", "k", "a", "b"))
         else:
             margins = head["margin"] or list(MARGIN_TYPES[head["type"]])
-            heads[head["type"]] = f"s {head['s']}, (m1, m2, m3) {tuple(margins)}, margin_grad {head['margin_grad']}"
+            described = f"s {head['s']}, (m1, m2, m3) {tuple(margins)}, margin_grad {head['margin_grad']}"
+        if head.get("sub_centers", 1) > 1:
+            described += f", {head['sub_centers']} sub-centres dropped after epoch {head['sub_center_drop_epoch']}"
+        if config.get("clean", {}).get("at_epochs"):
+            described += f", cleaned after epoch {config['clean']['at_epochs'][0]}"
+        heads[cell.head] = described
     described = "; ".join(f"{name}: {values}" for name, values in heads.items())
     return f"Config `{args.config.name}`, overrides for every run: {overrides}. Heads: {described}."
 
@@ -328,12 +358,17 @@ def parse_grid(args: argparse.Namespace) -> Grid:
         identities=base.identities,
         images=base.images,
         hold_out=base.hold_out if args.hold_out is None else args.hold_out,
+        clean_epoch=args.clean_epoch,
     )
+    if args.clean:
+        grid = replace(grid, heads=(*grid.heads, *(head + CLEANED for head in grid.heads)))
     if not grid.seeds or not grid.ratios or any(not 0.0 <= ratio <= 1.0 for ratio in grid.ratios):
         raise ValueError(f"need seeds and ratios in [0, 1], got seeds {grid.seeds}, ratios {grid.ratios}")
     if not any(ratio > 0 for ratio in grid.ratios):
         raise ValueError(f"--ratios {' '.join(f'{r:g}' for r in grid.ratios)}: no noisy condition to compare "
                          "(give a ratio above 0)")
+    if grid.clean_epoch < 1:
+        raise ValueError(f"--clean-epoch must be at least 1, got {grid.clean_epoch}")
     if grid.steps < 1 or grid.hold_out < 1:
         raise ValueError(f"--steps and --hold-out must be positive, got {grid.steps}, {grid.hold_out}")
     if args.rec is None and grid.hold_out > grid.identities:
@@ -351,8 +386,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: synthetic identities rendered into OUT/data)")
     parser.add_argument("--bin", help="clean held-out verification pack for --rec")
     parser.add_argument("--hold-out", type=int, help="identities set aside for open-set noise (default: 100)")
-    parser.add_argument("--heads", nargs="+", choices=choices(HeadType),
-                        help="head types (default: sface arcface cosface)")
+    parser.add_argument("--heads", nargs="+", choices=(*choices(HeadType), SUB_CENTER_ARCFACE),
+                        help="head types, or subcenter-arcface (default: sface arcface cosface)")
+    parser.add_argument("--clean", action="store_true",
+                        help="also train every head cleaned inside the run (HEAD+clean), in the same budget")
+    parser.add_argument("--clean-epoch", type=int, default=4,
+                        help="after which epoch to clean, and subcenter-arcface to drop (default: %(default)s)")
     parser.add_argument("--noise", nargs="+", choices=("closed", "open"), help="noise types (default: both)")
     parser.add_argument("--ratios", nargs="+", type=float, help="noise ratios (default: 0 0.2 0.4)")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds of noise and training (default: 0 1 2)")

@@ -57,6 +57,11 @@ class FaceLoader(Protocol):
         ...
 
     @property
+    def dataset_size(self) -> int:
+        """Every image of the dataset, excluded or not."""
+        ...
+
+    @property
     def excluded(self) -> np.ndarray:
         """Sorted dataset indices left out of every epoch."""
         ...

@@ -176,6 +176,11 @@ class ExcludingLoader:
         """The images an epoch goes through (the dataset's, less those excluded)."""
         return self._sampler.kept_images
 
+    @property
+    def dataset_size(self) -> int:
+        """Every image of the dataset, excluded or not."""
+        return self._sampler.num_images
+
     def exclude(self, indices: np.ndarray) -> None:
         """Leave dataset images ``indices`` out of every epoch from the next ``set_epoch`` on."""
         self._sampler.exclude(indices)

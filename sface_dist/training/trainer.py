@@ -474,6 +474,14 @@ class Trainer:
         self.log(f"checkpoint {self.save()}")
         return self.evaluate()
 
+    def _exclude(self, what: str, advice: str) -> None:
+        """Leave ``self.cleaning.excluded`` out of later epochs; one line naming ``what`` left too few images."""
+        kept = self.loader.dataset_size - len(self.cleaning.excluded)
+        if kept // self.micro_batch == 0:
+            raise DataError(f"{what} leaves {kept} of {self.loader.dataset_size} images, less than one global batch "
+                            f"of {self.micro_batch}: {advice}")
+        self.loader.exclude(self.cleaning.excluded)
+
     def _drop_sub_centres_if_due(self) -> None:
         """Collective: at the start of the epoch after ``head.sub_center_drop_epoch``, the sub-centre drop step
         (``cleaning.drop_sub_centres``), then a checkpoint."""
@@ -484,7 +492,8 @@ class Trainer:
             report = drop_sub_centres(self.backbone, self.head, self.optimization.head_optimizer, self.loader.dataset,
                                       self.cfg.clean, self.cfg.head.sub_center_drop_degrees, self.env, self.cleaning,
                                       epoch)
-        self.loader.exclude(self.cleaning.excluded)
+        self._exclude(f"the sub-centre drop after epoch {epoch}",
+                      "drop later (head.sub_center_drop_epoch) or at a wider angle (head.sub_center_drop_degrees)")
         self.log(report.line(self.cfg.head.sub_center_drop_degrees))
         if self.writer is not None:
             self.writer.add_scalar("clean/excluded", len(self.cleaning.excluded), self.step)
@@ -501,7 +510,8 @@ class Trainer:
         with self.collective(f"a collective of the cleaning after epoch {epoch}"):
             report = clean(self.backbone, self.head, self.loader.dataset, self.cfg.clean, self.env, self.cleaning,
                            epoch, self.output)
-        self.loader.exclude(self.cleaning.excluded)
+        self._exclude(f"cleaning after epoch {epoch}",
+                      "clean later (clean.at_epochs), once the model tells its identities apart")
         self.log(report.line())
         if self.writer is not None:
             self.writer.add_scalar("clean/suspects", len(report.suspects), self.step)

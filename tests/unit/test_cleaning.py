@@ -244,3 +244,18 @@ def test_sub_center_arcface_drops_to_one_centre_and_resumes_on_two_ranks(noisy_d
     assert "at step 74" in resumed and kept in resumed and "sub-centres dropped" not in resumed, resumed
     assert load_head_shard(tmp_path / "two" / "checkpoints" / "step-00000080", (0, 60), 60)[0]["rows"][
         "weight"].shape == (60, 64)
+
+
+def test_a_drop_that_would_leave_too_few_images_is_one_line(tmp_path: Path) -> None:
+    """A sub-centre drop at an angle no image is within leaves nothing to train on: one line naming the step and
+    the keys to change, exit status 1."""
+    command = [sys.executable, "-m", "sface_dist.train", "configs/demo.yaml", *(item for value in (
+        "data.backend=synthetic", "data.num_classes=8", "data.synthetic_images_per_class=8", "data.batch_size=16",
+        "data.num_workers=0", "model.embedding_size=16", "head.type=arcface", "head.sub_centers=2",
+        "head.sub_center_drop_epoch=1", "head.sub_center_drop_degrees=0.01", "train.steps=8", "train.epochs=0",
+        "eval.bins=[]", f"train.output={tmp_path / 'run'}") for item in ("--set", value))]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == ("error: the sub-centre drop after epoch 1 leaves 0 of 64 images, less than one global "
+                             "batch of 16: drop later (head.sub_center_drop_epoch) or at a wider angle "
+                             "(head.sub_center_drop_degrees)\n")

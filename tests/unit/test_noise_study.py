@@ -102,3 +102,26 @@ def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
                             text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr == "error: need seeds and ratios in [0, 1], got seeds (0,), ratios (1.5,)\n"
+
+
+def test_sub_center_arcface_and_cleaning_inside_the_run_are_cells_of_the_study(tmp_path: Path) -> None:
+    """``--heads subcenter-arcface --clean``: the head trained as is and cleaned, each run dropping its sub-centres
+    (and cleaning) after ``--clean-epoch`` within the same step budget; the report names what each row ran."""
+    command = [sys.executable, "tools/noise_study.py", "--quick", "--heads", "subcenter-arcface", "--clean",
+               "--noise", "closed", "--steps", "40", "--clean-epoch", "8", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = {(row["noise"], row["head"]) for row in read_results(tmp_path)}
+    assert rows == {(noise, head) for noise in ("clean", "closed")
+                    for head in ("subcenter-arcface", "subcenter-arcface+clean")}
+    for cell in ("subcenter-arcface-closed-0.2-seed0", "subcenter-arcface+clean-closed-0.2-seed0"):
+        log = (tmp_path / "cells" / cell / "train.log").read_text()
+        assert "sub-centres dropped after epoch 8" in log and "step 40/40" in log
+        assert ("cleaning after epoch 8" in log) == cell.startswith("subcenter-arcface+clean")
+        settings = json.loads((tmp_path / "cells" / cell / "settings.json").read_text())["settings"]
+        assert settings["steps"] == 40 and settings["clean_epoch"] == 8
+    report = (tmp_path / "report.md").read_text()
+    assert "subcenter-arcface: s 64.0, (m1, m2, m3) (1.0, 0.5, 0.0), margin_grad cos, 3 sub-centres dropped after " \
+           "epoch 8" in report
+    assert "subcenter-arcface+clean: " in report and ", cleaned after epoch 8." in report
+    assert "| closed | 0.2 | subcenter-arcface+clean |" in report
