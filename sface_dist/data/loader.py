@@ -61,11 +61,6 @@ class FaceLoader(Protocol):
         """Every image of the dataset, excluded or not."""
         ...
 
-    @property
-    def excluded(self) -> np.ndarray:
-        """Sorted dataset indices left out of every epoch."""
-        ...
-
     def exclude(self, indices: np.ndarray) -> None:
         """Leave dataset images ``indices`` out of every epoch from the next ``set_epoch`` on."""
         ...

@@ -184,7 +184,3 @@ class ExcludingLoader:
     def exclude(self, indices: np.ndarray) -> None:
         """Leave dataset images ``indices`` out of every epoch from the next ``set_epoch`` on."""
         self._sampler.exclude(indices)
-
-    @property
-    def excluded(self) -> np.ndarray:
-        return self._sampler.excluded

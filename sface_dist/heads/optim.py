@@ -73,10 +73,9 @@ class ShardOptimizer(torch.optim.Optimizer):
         """After ``head.keep_centres(which)``: keep the state rows of the same centres."""
         old = self.param_groups[0]["params"][0]
         rows = torch.arange(len(which), device=which.device)
-        state = {key: value.view(len(which), sub_centers, *value.shape[1:])[rows, which].clone()
-                 for key, value in self.state.pop(old, {}).items()}
-        self.param_groups[0]["params"] = [self.head.weight]
-        self.state[self.head.weight] = state
+        self.state[old] = {key: value.view(len(which), sub_centers, *value.shape[1:])[rows, which].clone()
+                           for key, value in self.state.pop(old, {}).items()}
+        self._follow_the_head()
 
     def _shard_state(self) -> dict[str, Tensor]:
         """The per-row state tensors, created as zeros on the first step."""

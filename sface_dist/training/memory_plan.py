@@ -15,7 +15,6 @@ allocation events, ``AllocationTrace``) while a real ``Trainer`` is built and tr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import gc
@@ -33,6 +32,7 @@ from sface_dist.config import Amp, Config
 from sface_dist.heads.sface import DEFAULT_CHUNK_BUDGET_BYTES
 from sface_dist.parallel.launch import DistEnv
 from sface_dist.parallel.partition import class_range
+from sface_dist.training.optimization import autocast
 from sface_dist.training.trainer import Trainer
 
 FP32 = 4
@@ -81,13 +81,6 @@ class MemoryPlan:
     @property
     def peak(self) -> int:
         return self.phase_bytes("held") + self.phase_bytes(self.peak_phase)
-
-
-def autocast(amp: Amp, device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """The forward's autocast region for ``train.amp`` (the trainer's own)."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 @dataclass(frozen=True)
@@ -186,7 +179,6 @@ def optimizer_states(cfg: Config) -> int:
 def _backbone_lines(cfg: Config, params: int, world_size: int, backward: BackwardProfile) -> list[MemoryLine]:
     states = optimizer_states(cfg)
     lines = [MemoryLine("backbone weights", FP32 * params, "held", f"{params:,} parameters x 4 B (fp32)")]
-    weight_decay_copy = FP32 * params if cfg.optim.weight_decay else 0
     if cfg.train.engine == "deepspeed":
         stage = cfg.deepspeed.stage
         share = math.ceil(params / world_size)
@@ -208,9 +200,11 @@ def _backbone_lines(cfg: Config, params: int, world_size: int, backward: Backwar
             lines.append(MemoryLine("backbone gradients", backward.backward_peak(gradient_cap=bucket), "backward",
                                     "activations freed as gradients arrive, at most a bucket of them unreduced"))
             step_grads = 0
-        lines.append(MemoryLine("backbone gradients", step_grads + weight_decay_copy * share // max(params, 1),
-                                "step", "this rank's partition and its weight-decay temporary"))
+        weight_decay_share = FP32 * share if cfg.optim.weight_decay else 0
+        lines.append(MemoryLine("backbone gradients", step_grads + weight_decay_share, "step",
+                                "this rank's partition and its weight-decay temporary"))
         return lines
+    weight_decay_copy = FP32 * params if cfg.optim.weight_decay else 0
     if world_size > 1:
         lines.append(MemoryLine("DDP all-reduce buckets", FP32 * params, "held", "4 B a parameter"))
     lines += [

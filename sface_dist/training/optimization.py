@@ -10,6 +10,7 @@ run resumed at another world size keeps its schedule.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
@@ -101,6 +102,13 @@ def build_head_optimizer(
         head, lr=lr, name=cfg.name, momentum=cfg.momentum, betas=(beta1, beta2), eps=cfg.eps,
         weight_decay=cfg.weight_decay, sample_update=sample_update,
     )
+
+
+def autocast(amp: Amp, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The forward's autocast region for ``train.amp`` on ``device`` (none for fp32)."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def build_grad_scaler(amp: Amp, device: torch.device) -> torch.amp.GradScaler:

@@ -43,6 +43,7 @@ from sface_dist.training.nonfinite import NonFiniteWatch
 from sface_dist.training.optimization import (
     Optimization,
     Schedule,
+    autocast,
     build_backbone_optimizer,
     build_grad_scaler,
     build_head_optimizer,
@@ -251,13 +252,6 @@ class Trainer:
     def log(self, message: str) -> None:
         say(message, self.env.rank)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[None]:
-        amp = self.cfg.train.amp
-        if amp == "none":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-        return torch.autocast(device_type=self.env.device.type, dtype=dtype)
-
     def _resume(self) -> Resumed | None:
         """Restore the newest checkpoint, if any, continue its schedule, and say what changed since it (one line
         per key)."""
@@ -362,7 +356,7 @@ class Trainer:
             if self.cfg.model.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self.engine.accumulate(last=i == len(batches) - 1):
-                with self._autocast(), torch.set_grad_enabled(not frozen):
+                with autocast(self.cfg.train.amp, self.env.device), torch.set_grad_enabled(not frozen):
                     embeddings = self.engine.model(images)
                 out = self.head(embeddings.float(), labels, step=self.step + 1, micro_step=i)
                 self.engine.backward(out.loss / len(batches))
