@@ -120,6 +120,7 @@ MarginHeadType = Literal["arcface", "cosface", "combined", "softmax"]
 HeadType = Literal["sface", MarginHeadType]
 SFaceImpl = Literal["dense", "chunked", "triton"]
 SFaceImplOrAuto = Literal["auto", SFaceImpl]
+CleanRule = Literal["outlier", "finder"]
 MarginGrad = Literal["cos", "exact"]
 Precision = Literal["fp32", "tf32", "bf16", "fp16"]
 HeadInit = Literal["xavier", "normal"]
@@ -394,12 +395,18 @@ class CleanConfig:
     """``clean``: find the mislabelled images inside the run and train on without them (docs/noise.md)."""
 
     at_epochs: list[int] = field(default_factory=list)
-    """After which epochs (counted from 1) to score every training image with the label-noise finder's rule and
-    leave the suspects out of every later epoch; [] never cleans. Needs ``train.steps`` (cleaning keeps the step
+    """After which epochs (counted from 1) to score every training image (``clean.rule``) and leave the suspects
+    out of every later epoch; [] never cleans. Needs ``train.steps`` (cleaning keeps the step
     budget)."""
+    rule: CleanRule = "outlier"
+    """Which images are suspects. ``outlier``: those whose cosine to the mean of their identity's other kept images
+    lies more than ``clean.mads`` median absolute deviations below the median over the kept images (holds early in
+    a run). ``finder``: ``tools/find_noisy_labels.py``'s rule, meant for a trained model: another class's centre
+    nearer than the own one, or an identity cosine below ``clean.threshold``."""
+    mads: float = 3.0
+    """``outlier``: how many median absolute deviations below the median."""
     threshold: float = 0.5
-    """The finder's cosine threshold: an image is a suspect when another class's centre is nearer than its own,
-    or its cosine to the mean of its identity's other images is below this."""
+    """``finder``: the identity-cosine threshold."""
     flip: bool = True
     """Embed each image and its mirror (the finder's default)."""
     batch_size: int = 256
@@ -435,7 +442,7 @@ RUN_DEFINING_KEYS = (
     "head.sub_center_drop_degrees",
     "optim.name",
     "train.seed", "train.init_backbone", "train.freeze_backbone_steps",
-    "clean.at_epochs", "clean.threshold", "clean.flip",
+    "clean.at_epochs", "clean.rule", "clean.mads", "clean.threshold", "clean.flip",
 )
 """The keys that make a run what it is: its data, model, loss and seed (and the optimizer whose state the
 checkpoint holds). A resume that changes one would be another run; it is refused unless ``train.accept_changes``
@@ -666,6 +673,8 @@ def validate(cfg: Config, origins: Origins | None = None) -> None:
         raise ConfigError(f"{at('clean.at_epochs')}: epochs are counted from 1, got {cfg.clean.at_epochs}")
     if not -1.0 <= cfg.clean.threshold <= 1.0:
         raise ConfigError(f"{at('clean.threshold')}: a cosine in [-1, 1], got {cfg.clean.threshold}")
+    if not (math.isfinite(cfg.clean.mads) and cfg.clean.mads > 0):
+        raise ConfigError(f"{at('clean.mads')}: a positive number of median absolute deviations, got {cfg.clean.mads}")
     if cfg.clean.batch_size < 1:
         raise ConfigError(f"{at('clean.batch_size')}: must be at least 1, got {cfg.clean.batch_size}")
     if cfg.head.sub_center_drop_epoch < 0:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ from study_runs import (
 from sface_dist.cli import run_cli
 from sface_dist.config import HeadType, choices
 from sface_dist.data.bin_pack import read_bin
+from sface_dist.data.convert import repack
 from sface_dist.data.dataset_checks import dataset_rec_path
 from sface_dist.data.dataset_edits import add_label_noise, hold_out_identities
 from sface_dist.evaluation.cli import default_device
@@ -67,6 +69,8 @@ from sface_dist.parallel.launch import DistEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_FAR = "1e-03"
+MAX_JOBS = 4
+"""The default's cap on concurrent runs: the synthetic study's runs are small, a core each is enough."""
 
 
 @dataclass(frozen=True)
@@ -81,14 +85,20 @@ class Grid:
     identities: int
     images: int
     hold_out: int
-    clean_epoch: int = 4
-    """After which epoch the ``+clean`` heads are cleaned and ``subcenter-arcface`` drops its sub-centres."""
+    pairs: int = 3000
+    """Verification pairs of the synthetic held-out pack."""
+    clean_epoch: int = 2
+    """After which epoch the ``+clean`` heads are cleaned."""
+    drop_epoch: int = 6
+    """After which epoch ``subcenter-arcface`` drops its sub-centres."""
 
 
-DEFAULT = Grid(("sface", "arcface", "cosface"), ("closed", "open"), (0.0, 0.2, 0.4), (0, 1, 2), steps=600,
-               identities=200, images=20, hold_out=100)
+DEFAULT = Grid(("sface", "arcface", "subcenter-arcface", "sface+clean"), ("closed", "open"), (0.0, 0.2, 0.4),
+               (0, 1, 2), steps=600, identities=200, images=20, hold_out=100)
+FULL = replace(DEFAULT, heads=tuple(head + suffix for suffix in ("", "+clean")
+                                    for head in ("sface", "arcface", "cosface", "subcenter-arcface")))
 QUICK = Grid(("sface", "arcface"), ("closed", "open"), (0.0, 0.2), (0,), steps=40, identities=24, images=10,
-             hold_out=12)
+             hold_out=12, pairs=96)
 
 
 @dataclass(frozen=True)
@@ -103,25 +113,34 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.head}-{self.data_name}"
+        return f"{self.head}-{self.noisy_data_name}"
+
+    @property
+    def noisy_data_name(self) -> str:
+        """The noisy copy this cell's data come from."""
+        return f"clean-seed{self.seed}" if self.noise == "clean" else f"{self.noise}-{self.ratio:g}-seed{self.seed}"
 
     @property
     def data_name(self) -> str:
-        return f"clean-seed{self.seed}" if self.noise == "clean" else f"{self.noise}-{self.ratio:g}-seed{self.seed}"
+        """The data this cell trains on: the noisy copy, or (``+hand-cleaned``) the copy without its planted images."""
+        return self.noisy_data_name + ("-hand-cleaned" if self.head.endswith(HAND_CLEANED) else "")
 
 
 SUB_CENTER_ARCFACE = "subcenter-arcface"
 """ArcFace with 3 sub-centres a class, dropped to the dominant one after the study's clean epoch."""
 CLEANED = "+clean"
 """The suffix of a head cleaned inside the run."""
+HAND_CLEANED = "+hand-cleaned"
+"""The suffix of a head trained on the noisy copy without the images its manifest lists: the hand-cleaned set, the
+reference that cleaning aims at."""
 
 
-def head_overrides(head: str, clean_epoch: int) -> list[str]:
+def head_overrides(head: str, grid: Grid) -> list[str]:
     """The training overrides of a study head: a head type, ``subcenter-arcface``, either with ``+clean``."""
-    name = head.removesuffix(CLEANED)
+    name = head.removesuffix(CLEANED).removesuffix(HAND_CLEANED)
     overrides = [f"head.type={name}"] if name != SUB_CENTER_ARCFACE else [
-        "head.type=arcface", "head.sub_centers=3", f"head.sub_center_drop_epoch={clean_epoch}"]
-    return overrides + ([f"clean.at_epochs=[{clean_epoch}]"] if head.endswith(CLEANED) else [])
+        "head.type=arcface", "head.sub_centers=3", f"head.sub_center_drop_epoch={grid.drop_epoch}"]
+    return overrides + ([f"clean.at_epochs=[{grid.clean_epoch}]"] if head.endswith(CLEANED) else [])
 
 
 def cells_of(grid: Grid) -> list[Cell]:
@@ -129,7 +148,7 @@ def cells_of(grid: Grid) -> list[Cell]:
     conditions = [("clean", 0.0)] if 0.0 in grid.ratios else []
     conditions += [(noise, ratio) for noise in grid.noises for ratio in grid.ratios if ratio > 0]
     return [Cell(head, noise, ratio, seed) for seed in grid.seeds for noise, ratio in conditions
-            for head in grid.heads]  # fmt: skip
+            for head in grid.heads if noise != "clean" or not head.endswith(HAND_CLEANED)]  # fmt: skip
 
 
 def prepare_source(args: argparse.Namespace, grid: Grid, out: Path) -> tuple[Path, Path]:
@@ -138,7 +157,7 @@ def prepare_source(args: argparse.Namespace, grid: Grid, out: Path) -> tuple[Pat
         return dataset_rec_path(args.rec), Path(args.bin)
     source = out / "data" / "source"
     render_synthetic(source, grid.identities + grid.hold_out, grid.images, heldout=max(2, grid.identities // 2),
-                     pairs=min(600, 4 * grid.identities))
+                     pairs=grid.pairs)
     return source / "train.rec", source / "heldout.bin"
 
 
@@ -146,22 +165,34 @@ def prepare_data(cell: Cell, kept: Path, outside: Path, data: Path) -> Path:
     """The training set of ``cell``, written once per noise, ratio and seed with ``corrupted.json``, its manifest."""
     if cell.noise == "clean":
         return kept.parent
-    folder = data / cell.data_name
+    folder = data / cell.noisy_data_name
     manifest = folder / "corrupted.json"
     if not manifest.is_file():
         closed, opened = (cell.ratio, 0.0) if cell.noise == "closed" else (0.0, cell.ratio)
         corrupted = add_label_noise(kept, folder, closed, opened, outside, seed=cell.seed, progress=False)
         write_json(manifest, [asdict(record) for record in corrupted])
-    return folder
+    if not cell.head.endswith(HAND_CLEANED):
+        return folder
+    cleaned = data / cell.data_name
+    if not (cleaned / "property").is_file():
+        listing = folder / "corrupted.txt"
+        listing.write_text("".join(f"{record['key']}\n" for record in json.loads(manifest.read_text())))
+        repack(folder, cleaned, seed=cell.seed, progress=False, exclude=listing)
+    return cleaned
 
 
 def train(cell: Cell, root: Path, run: Path, args: argparse.Namespace, grid: Grid, log: Path) -> None:
     """``sface_dist.train`` on ``root`` with the study's overrides."""
-    overrides = [f"data.root={root}", f"train.output={run}", *head_overrides(cell.head, grid.clean_epoch),
+    overrides = [f"data.root={root}", f"train.output={run}", *head_overrides(cell.head, grid),
                  f"train.seed={cell.seed}",
                  f"train.steps={grid.steps}", "train.epochs=0", "eval.bins=[]", f"train.checkpoint_every={grid.steps}",
                  f"train.log_every={max(1, grid.steps // 10)}", *args.overrides]
-    launch_training(args.config, overrides, args.nproc, log, f"cell {cell.name}")
+    launch_training(args.config, overrides, args.nproc, log, f"cell {cell.name}", threads=threads_per_job(args))
+
+
+def threads_per_job(args: argparse.Namespace) -> int:
+    """CPU threads for each of ``--jobs`` concurrent runs: the cores shared out (0: the run's own choice)."""
+    return max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
 
 
 def run_cell(
@@ -204,7 +235,7 @@ def study_settings(args: argparse.Namespace, grid: Grid) -> dict[str, object]:
     if args.rec is not None:
         data: dict[str, object] = {**dataset_identity(dataset_rec_path(args.rec)), "bin": file_identity(args.bin)}
     else:
-        data = {"synthetic_identities": grid.identities, "synthetic_images": grid.images}
+        data = {"synthetic_identities": grid.identities, "synthetic_images": grid.images, "pairs": grid.pairs}
     return {"tool": "noise_study", "data": data, "hold_out": grid.hold_out}
 
 
@@ -212,8 +243,10 @@ def cell_settings(cell: Cell, args: argparse.Namespace, grid: Grid) -> dict[str,
     """Everything that determines a cell's result besides the study's data."""
     settings = {**asdict(cell), "steps": grid.steps, "nproc": args.nproc, "config": file_identity(args.config),
                 "overrides": args.overrides}
-    if cell.head.endswith(CLEANED) or cell.head.startswith(SUB_CENTER_ARCFACE):
+    if cell.head.endswith(CLEANED):
         settings["clean_epoch"] = grid.clean_epoch
+    if cell.head.startswith(SUB_CENTER_ARCFACE):
+        settings["drop_epoch"] = grid.drop_epoch
     return settings
 
 
@@ -225,18 +258,20 @@ def run_study(args: argparse.Namespace, grid: Grid) -> list[dict[str, object]]:
     if not (outside_rec.with_name("property").is_file() and kept_rec.with_name("property").is_file()):
         hold_out_identities(rec, out / "data", grid.hold_out, progress=False)
     cells = cells_of(grid)
+    roots = [prepare_data(cell, kept_rec, outside_rec, out / "data") for cell in cells]
 
     def run(index: int) -> dict[str, object]:
         cell = cells[index]
-        root = prepare_data(cell, kept_rec, outside_rec, out / "data")
-        return {**run_cell(cell, root, heldout, out / "cells" / cell.name, args, grid), **finder_counts(out, cell)}
+        return {**run_cell(cell, roots[index], heldout, out / "cells" / cell.name, args, grid),
+                **finder_counts(out, cell)}
 
     def summary(result: dict[str, object]) -> str:
         return (f"accuracy {result['accuracy']:.4f}, TAR@FAR={REPORT_FAR} {result['tar']:.4f}, {result['suspects']} "
                 f"suspects ({result['found']} of {result['corrupted']} corrupted) in {result['seconds']:.0f} s")
 
     results = run_each([(cell.name, out / "cells" / cell.name, cell_settings(cell, args, grid)) for cell in cells],
-                       run, summary, lambda index, result: {**result, **finder_counts(out, cells[index])})
+                       run, summary, lambda index, result: {**result, **finder_counts(out, cells[index])},
+                       parallel=args.jobs)
     write_report(out, results, grid, describe_setup(args, out, cells))
     return results
 
@@ -256,7 +291,9 @@ def describe_setup(args: argparse.Namespace, out: Path, cells: list[Cell]) -> st
         if head.get("sub_centers", 1) > 1:
             described += f", {head['sub_centers']} sub-centres dropped after epoch {head['sub_center_drop_epoch']}"
         if config.get("clean", {}).get("at_epochs"):
-            described += f", cleaned after epoch {config['clean']['at_epochs'][0]}"
+            described += f", cleaned after epoch {config['clean']['at_epochs'][0]} ({config['clean']['rule']} rule)"
+        if cell.head.endswith(HAND_CLEANED):
+            described += ", trained on the noisy copy without its planted images"
         heads[cell.head] = described
     described = "; ".join(f"{name}: {values}" for name, values in heads.items())
     return f"Config `{args.config.name}`, overrides for every run: {overrides}. Heads: {described}."
@@ -293,9 +330,30 @@ def write_report(out: Path, results: list[dict[str, object]], grid: Grid, setup:
         precision = f"{found / flagged:.3f}" if corrupted and flagged else "-"
         recall = f"{found / corrupted:.3f}" if corrupted else "-"
         lines.append(f"| {noise} | {ratio:g} | {head} | {accuracy} | {tar} | {suspects} | {precision} | {recall} |")
+    lines += ["", *gap_table(groups)]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot_accuracy(out / "accuracy.png", groups, grid)
     plot_target_cosines(out / "target_cosine.png", out, grid)
+
+
+def gap_table(groups: dict[tuple[str, float, str], list[dict[str, object]]]) -> list[str]:
+    """Each head's mean accuracy on each noisy copy against its own on clean data (a ``+hand-cleaned`` head against
+    its base head's), in points: what the noise costs after what the pipeline does against it."""
+    def mean(rows: list[dict[str, object]]) -> float:
+        return 100 * float(np.mean([float(row["accuracy"]) for row in rows]))
+
+    conditions = sorted({(noise, ratio) for noise, ratio, _ in groups if noise != "clean"})
+    heads = list(dict.fromkeys(head for _, _, head in groups))
+    lines = ["Points of held-out accuracy against the same loss on clean data (a hand-cleaned row against its "
+             "loss's clean runs):", "",
+             "| loss | " + " | ".join(f"{noise} {ratio:g}" for noise, ratio in conditions) + " |",
+             "|---|" + "---|" * len(conditions)]
+    for head in heads:
+        clean = groups.get(("clean", 0.0, head)) or groups.get(("clean", 0.0, head.removesuffix(HAND_CLEANED)))
+        cells = [f"{mean(groups[(noise, ratio, head)]) - mean(clean):+.2f}"
+                 if clean and (noise, ratio, head) in groups else "-" for noise, ratio in conditions]
+        lines.append(f"| {head} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_accuracy(path: Path, groups: dict[tuple[str, float, str], list[dict[str, object]]], grid: Grid) -> None:
@@ -328,17 +386,18 @@ def plot_target_cosines(path: Path, out: Path, grid: Grid) -> None:
     from matplotlib import pyplot as plt
 
     conditions = [(noise, ratio) for noise in grid.noises for ratio in grid.ratios if ratio > 0]
-    size = (3.6 * len(conditions), 2.6 * len(grid.heads))
-    figure, axes = plt.subplots(len(grid.heads), len(conditions), figsize=size, squeeze=False, sharex=True)
+    heads = [head for head in grid.heads if not head.endswith(HAND_CLEANED)]
+    size = (3.6 * len(conditions), 2.6 * len(heads))
+    figure, axes = plt.subplots(len(heads), len(conditions), figsize=size, squeeze=False, sharex=True)
     bins = np.linspace(-0.4, 1.0, 57)
-    for row, head in enumerate(grid.heads):
+    for row, head in enumerate(heads):
         for column, (noise, ratio) in enumerate(conditions):
             axis = axes[row][column]
             scores, planted = cell_scores(out, Cell(head, noise, ratio, grid.seeds[0]))
             axis.hist(scores.own[~planted], bins=bins, density=True, alpha=0.6, label="clean")
             axis.hist(scores.own[planted], bins=bins, density=True, alpha=0.6, label="corrupted")
             axis.set_title(f"{head}, {noise} {ratio:g}", fontsize=9)
-            if row == len(grid.heads) - 1:
+            if row == len(heads) - 1:
                 axis.set_xlabel("cosine to the given label's centre")
             if row == 0 and column == 0:
                 axis.legend(fontsize=8)
@@ -348,7 +407,7 @@ def plot_target_cosines(path: Path, out: Path, grid: Grid) -> None:
 
 
 def parse_grid(args: argparse.Namespace) -> Grid:
-    base = QUICK if args.quick else DEFAULT
+    base = QUICK if args.quick else FULL if args.full else DEFAULT
     grid = Grid(
         heads=tuple(args.heads or base.heads),
         noises=tuple(args.noise or base.noises),
@@ -358,17 +417,21 @@ def parse_grid(args: argparse.Namespace) -> Grid:
         identities=base.identities,
         images=base.images,
         hold_out=base.hold_out if args.hold_out is None else args.hold_out,
-        clean_epoch=args.clean_epoch,
+        pairs=base.pairs,
+        clean_epoch=base.clean_epoch if args.clean_epoch is None else args.clean_epoch,
+        drop_epoch=base.drop_epoch if args.drop_epoch is None else args.drop_epoch,
     )
     if args.clean:
-        grid = replace(grid, heads=(*grid.heads, *(head + CLEANED for head in grid.heads)))
+        cleaned = [head + CLEANED for head in grid.heads if not head.endswith((CLEANED, HAND_CLEANED))]
+        grid = replace(grid, heads=tuple(dict.fromkeys((*grid.heads, *cleaned))))
     if not grid.seeds or not grid.ratios or any(not 0.0 <= ratio <= 1.0 for ratio in grid.ratios):
         raise ValueError(f"need seeds and ratios in [0, 1], got seeds {grid.seeds}, ratios {grid.ratios}")
     if not any(ratio > 0 for ratio in grid.ratios):
         raise ValueError(f"--ratios {' '.join(f'{r:g}' for r in grid.ratios)}: no noisy condition to compare "
                          "(give a ratio above 0)")
-    if grid.clean_epoch < 1:
-        raise ValueError(f"--clean-epoch must be at least 1, got {grid.clean_epoch}")
+    if grid.clean_epoch < 1 or grid.drop_epoch < 1:
+        raise ValueError(f"--clean-epoch and --drop-epoch must be at least 1, got {grid.clean_epoch}, "
+                         f"{grid.drop_epoch}")
     if grid.steps < 1 or grid.hold_out < 1:
         raise ValueError(f"--steps and --hold-out must be positive, got {grid.steps}, {grid.hold_out}")
     if args.rec is None and grid.hold_out > grid.identities:
@@ -386,23 +449,37 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: synthetic identities rendered into OUT/data)")
     parser.add_argument("--bin", help="clean held-out verification pack for --rec")
     parser.add_argument("--hold-out", type=int, help="identities set aside for open-set noise (default: 100)")
-    parser.add_argument("--heads", nargs="+", choices=(*choices(HeadType), SUB_CENTER_ARCFACE),
-                        help="head types, or subcenter-arcface (default: sface arcface cosface)")
+    heads = (*choices(HeadType), SUB_CENTER_ARCFACE)
+    parser.add_argument("--heads", nargs="+", choices=[head + suffix for suffix in ("", CLEANED, HAND_CLEANED)
+                                                       for head in heads], metavar="HEAD",
+                        help=f"head types or subcenter-arcface, each optionally HEAD{CLEANED} (cleaned inside the run) "
+                        f"or HEAD{HAND_CLEANED} (trained on the noisy copy without its planted images) "
+                        f"(default: {' '.join(DEFAULT.heads)}; --full: {' '.join(FULL.heads)})")
+    parser.add_argument("--full", action="store_true", help="the full grid: every head with and without cleaning")
     parser.add_argument("--clean", action="store_true",
                         help="also train every head cleaned inside the run (HEAD+clean), in the same budget")
-    parser.add_argument("--clean-epoch", type=int, default=4,
-                        help="after which epoch to clean, and subcenter-arcface to drop (default: %(default)s)")
+    parser.add_argument("--clean-epoch", type=int,
+                        help=f"after which epoch the +clean heads clean (default: {DEFAULT.clean_epoch})")
+    parser.add_argument("--drop-epoch", type=int,
+                        help="after which epoch subcenter-arcface drops its sub-centres "
+                        f"(default: {DEFAULT.drop_epoch})")
     parser.add_argument("--noise", nargs="+", choices=("closed", "open"), help="noise types (default: both)")
     parser.add_argument("--ratios", nargs="+", type=float, help="noise ratios (default: 0 0.2 0.4)")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds of noise and training (default: 0 1 2)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 600)")
     parser.add_argument("--nproc", type=int, default=1, help="ranks per run, launched with torchrun (default: 1)")
+    parser.add_argument("--jobs", type=int, help="runs at a time, sharing the CPU cores (default: the cores, at most "
+                        f"{MAX_JOBS}, on the synthetic data; 1 with --rec)")
     parser.add_argument("--quick", action="store_true", help="a small grid on a small synthetic set")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for every run (repeatable)")
     args = parser.parse_args(argv)
     if (args.rec is None) != (args.bin is None):
         parser.error("--rec and --bin go together")
+    if args.jobs is None:
+        args.jobs = 1 if args.rec is not None else max(1, min(MAX_JOBS, os.cpu_count() or 1))
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     return run_cli(lambda: study(args), also=(RuntimeError, subprocess.CalledProcessError),
                    interrupted="interrupted: run the same command again to continue")
 

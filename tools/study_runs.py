@@ -10,9 +10,12 @@ in one line naming what differs, before anything is trained or overwritten.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +96,13 @@ def run_each(
     run: Callable[[int], Result],
     summary: Callable[[Result], str],
     complete: Callable[[int, Result], Result] = lambda _, result: result,
+    parallel: int = 1,
 ) -> list[Result]:
     """The result of every (name, folder, settings) job: ``complete(i, FOLDER/result.json)`` where that file exists
     (the job ran in an earlier invocation with the same settings), else ``run(i)``, which writes it, announced with
-    the time left and followed by its ``summary``. ``run``'s result carries its ``seconds``; every result carries
-    its ``settings`` and the ``code`` version that produced it.
+    the time left and followed by its ``summary``; ``parallel`` jobs at a time, in threads (``run`` launches its
+    training as a subprocess). ``run``'s result carries its ``seconds``; every result carries its ``settings`` and
+    the ``code`` version that produced it.
 
     Before any job runs, one whose folder records other settings (or holds a result without them) is refused
     (``ValueError``, one line).
@@ -112,39 +117,68 @@ def run_each(
         if saved is not None and saved["settings"] != settings:
             raise _refuse(folder, f"made with other settings ({differences(saved['settings'], settings)})")
     reused: dict[str, int] = {}
-    results, trained, spent = [], 0, 0.0
-    for number, (name, folder, settings) in enumerate(jobs, 1):
+    results: dict[int, Result] = {}
+    pending = []
+    for index, (name, folder, settings) in enumerate(jobs):
         saved = recorded[folder]
         if saved is not None and (folder / "result.json").is_file():
             if saved["code"] != code:
                 reused[saved["code"]] = reused.get(saved["code"], 0) + 1
-            result = complete(number - 1, json.loads((folder / "result.json").read_text()))
-            results.append({**result, "settings": settings, "code": saved["code"]})
-            continue
-        if saved is None:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json(folder / SETTINGS, {"settings": settings, "code": code})
-        left = len(jobs) - number + 1
-        eta = f", ~{spent / trained * left / 60:.0f} min left" if trained else ""
-        print(f"[{number}/{len(jobs)}] {name}{eta}", flush=True)
-        result = run(number - 1)
-        trained, spent = trained + 1, spent + float(result["seconds"])
-        print(f"    {summary(result)}", flush=True)
-        results.append({**result, "settings": settings, "code": code})
+            result = complete(index, json.loads((folder / "result.json").read_text()))
+            results[index] = {**result, "settings": settings, "code": saved["code"]}
+        else:
+            pending.append(index)
+    progress = {"started": 0, "trained": 0, "spent": 0.0}
+    lock = threading.Lock()
+
+    def start(index: int) -> Result:
+        name, folder, settings = jobs[index]
+        with lock:
+            if recorded[folder] is None:
+                folder.mkdir(parents=True, exist_ok=True)
+                write_json(folder / SETTINGS, {"settings": settings, "code": code})
+            progress["started"] += 1
+            left = len(pending) - progress["trained"]
+            eta = (f", ~{progress['spent'] / progress['trained'] * left / parallel / 60:.0f} min left"
+                   if progress["trained"] else "")
+            print(f"[{index + 1}/{len(jobs)}] {name}{eta}", flush=True)
+        result = run(index)
+        with lock:
+            progress["trained"] += 1
+            progress["spent"] += float(result["seconds"])
+            label = f"{name}: " if parallel > 1 else ""
+            print(f"    {label}{summary(result)}", flush=True)
+        return {**result, "settings": settings, "code": code}
+
+    if parallel == 1:
+        for index in pending:
+            results[index] = start(index)
+    else:
+        with ThreadPoolExecutor(parallel) as pool:
+            futures = {index: pool.submit(start, index) for index in pending}
+            try:
+                for index, future in futures.items():
+                    results[index] = future.result()
+            except BaseException:
+                for future in futures.values():
+                    future.cancel()
+                raise
     for made_by, count in reused.items():
         print(f"reused {count} result(s) made by code {made_by} (this is {code})", flush=True)
-    return results
+    return [results[index] for index in range(len(jobs))]
 
 
-def launch_training(config: Path, overrides: list[str], nproc: int, log: Path, name: str) -> None:
-    """``sface_dist.train CONFIG --set ...`` (under torchrun for more than one rank), its output appended to ``log``."""
+def launch_training(config: Path, overrides: list[str], nproc: int, log: Path, name: str, threads: int = 0) -> None:
+    """``sface_dist.train CONFIG --set ...`` (under torchrun for more than one rank), its output appended to ``log``;
+    ``threads`` > 0 caps its CPU threads (``OMP_NUM_THREADS``), for runs that share the machine."""
     launcher = [sys.executable, "-m", "sface_dist.train"]
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                     "-m", "sface_dist.train"]
     command = [*launcher, str(config), *[item for value in overrides for item in ("--set", value)]]
     with open(log, "a") as stream:
-        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, cwd=ROOT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads > 0 else None
+        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         try:
             status = process.wait()
         except KeyboardInterrupt:

@@ -33,6 +33,10 @@ DEFAULT_THRESHOLD = 0.5
 """Cosine to the mean of its identity's other images below which an image is a suspect even when no other
 centre is nearer its own (chosen on one seed of the noise study, checked on two others: docs/noise.md)."""
 
+DEFAULT_OUTLIER_MADS = 3.0
+"""How many median absolute deviations below the median identity cosine makes an image an outlier of its label
+(cleaning inside the run, chosen on the noise study: docs/noise.md)."""
+
 
 @dataclass(frozen=True)
 class LabelScores:
@@ -48,6 +52,21 @@ class LabelScores:
         """Indices of the suspects, most suspicious first (largest lead of another centre over the own one)."""
         flagged = np.flatnonzero((self.nearest > self.own) | (self.identity < threshold))
         return flagged[np.argsort(self.own[flagged] - self.nearest[flagged], kind="stable")]
+
+    def identity_outliers(self, mads: float = DEFAULT_OUTLIER_MADS, among: np.ndarray | None = None) -> np.ndarray:
+        """Indices of the images whose identity cosine lies more than ``mads`` median absolute deviations below the
+        median of the images ``among`` (a boolean mask; None: all), lowest first.
+
+        Relative to the whole set rather than a fixed cosine, so that it holds early in a run, when every image is
+        still near every other one and the head's centres do not yet tell identities apart."""
+        usable = ~np.isnan(self.identity) & (True if among is None else among)
+        values = self.identity[usable]
+        if not len(values):
+            return np.zeros(0, dtype=np.int64)
+        median = float(np.median(values))
+        spread = float(np.median(np.abs(values - median)))
+        flagged = np.flatnonzero(usable & (self.identity < median - mads * spread))
+        return flagged[np.argsort(self.identity[flagged], kind="stable")]
 
 
 def score_labels(
@@ -95,13 +114,13 @@ def score_labels(
 
 
 def write_suspects(
-    out_dir: str | os.PathLike[str], keys: np.ndarray, labels: np.ndarray, scores: LabelScores, threshold: float
+    out_dir: str | os.PathLike[str], keys: np.ndarray, labels: np.ndarray, scores: LabelScores, order: np.ndarray
 ) -> tuple[Path, Path, int]:
-    """Write ``suspects.csv`` (most suspicious first), ``exclude.txt`` (their keys, for ``repack --exclude``)
-    and ``scores.npz`` (every image's key, label and scores, to re-threshold without embedding again)."""
+    """Write ``suspects.csv`` (the images ``order`` lists, in its order: most suspicious first), ``exclude.txt``
+    (their keys, for ``repack --exclude``) and ``scores.npz`` (every image's key, label and scores, to apply another
+    rule without embedding again)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    order = scores.suspects(threshold)
     table, listing = out_dir / "suspects.csv", out_dir / "exclude.txt"
     with open(table, "w", newline="") as f:
         writer = csv.writer(f)
@@ -168,5 +187,5 @@ def find_noisy_labels(
         )
     centres = read_head_rows(checkpoint)
     scores = score_labels(embeddings, labels, centres)
-    table, listing, count = write_suspects(out_dir, source.keys, labels.numpy(), scores, threshold)
+    table, listing, count = write_suspects(out_dir, source.keys, labels.numpy(), scores, scores.suspects(threshold))
     return FinderReport(rec_path, len(source), count, table, listing, float(np.median(scores.own)))

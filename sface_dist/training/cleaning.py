@@ -151,12 +151,18 @@ def gather_centres(head: ShardedHead, env: DistEnv) -> Tensor:
 
 
 def score_training_images(backbone: nn.Module, head: ShardedHead, dataset: RecordFaceDataset | SyntheticFaceDataset,
-                          cfg: CleanConfig, env: DistEnv) -> tuple[LabelScores, np.ndarray, np.ndarray]:
+                          cfg: CleanConfig, env: DistEnv, excluded: np.ndarray | None = None,
+                          ) -> tuple[LabelScores, np.ndarray, np.ndarray]:
     """Collective: the finder's scores of every image, its label, and whether it was readable (same on every
-    rank)."""
+    rank). The identity means leave out the unreadable images and the dataset indices ``excluded``."""
     local, labels, readable = embed_share(backbone, dataset, cfg, env, head.embedding_size)
     classes, dim = head.num_classes, head.embedding_size
-    kept = readable.nonzero().squeeze(1)
+    first, last = even_split(len(dataset), env.rank, env.world_size)
+    counted = readable.clone()
+    if excluded is not None and len(excluded):
+        inside = excluded[(excluded >= first) & (excluded < last)] - first
+        counted[torch.from_numpy(inside)] = False
+    kept = counted.nonzero().squeeze(1)
     sums = torch.zeros(classes, dim).index_add_(0, labels[kept], local[kept])
     counts = torch.bincount(labels[kept], minlength=classes)
     if env.world_size > 1:
@@ -194,13 +200,18 @@ def clean(backbone: nn.Module, head: ShardedHead, dataset: RecordFaceDataset | S
           cfg: CleanConfig, env: DistEnv, state: CleaningState, epoch: int, output: Path) -> CleaningReport:
     """Collective: score every image, add the suspects to ``state.excluded`` and record ``epoch`` as cleaned; rank
     0 writes the suspects under ``output/cleaning/epoch-<epoch>/``."""
-    scores, labels, _ = score_training_images(backbone, head, dataset, cfg, env)
-    suspects = scores.suspects(cfg.threshold)
+    scores, labels, readable = score_training_images(backbone, head, dataset, cfg, env, state.excluded)
+    if cfg.rule == "outlier":
+        kept = readable.copy()
+        kept[state.excluded] = False
+        suspects = scores.identity_outliers(cfg.mads, among=kept)
+    else:
+        suspects = scores.suspects(cfg.threshold)
     keys = image_keys(dataset)
     folder = output / "cleaning" / f"epoch-{epoch}"
     if env.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        write_suspects(folder, keys, labels, scores, cfg.threshold)
+        write_suspects(folder, keys, labels, scores, suspects)
     before = len(state.excluded)
     state.excluded = np.union1d(state.excluded, suspects)
     state.cleaned_epochs.append(epoch)

@@ -10,14 +10,19 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
 
+import sface_dist.training.trainer as trainer_module
 from sface_dist.backbones import build_backbone
 from sface_dist.checkpoint import load_head_shard, load_trainer_state, read_backbone
-from sface_dist.config import CleanConfig
+from sface_dist.config import CleanConfig, Config, DataConfig, HeadConfig, ModelConfig, OptimConfig, TrainConfig
 from sface_dist.data.dataset_edits import add_label_noise
 from sface_dist.data.datasets import SyntheticFaceDataset
 from sface_dist.data.errors import DataError
@@ -26,6 +31,7 @@ from sface_dist.evaluation.noisy_labels import score_labels
 from sface_dist.heads import ShardedSFaceHead, ShardOptimizer
 from sface_dist.parallel.launch import DistEnv
 from sface_dist.training.cleaning import CleaningState, drop_sub_centres, embed_images, score_training_images
+from sface_dist.training.trainer import Trainer
 
 from rank_launcher import run_ranks
 from training_runs import ROOT, torchrun
@@ -259,3 +265,58 @@ def test_a_drop_that_would_leave_too_few_images_is_one_line(tmp_path: Path) -> N
     assert result.stderr == ("error: the sub-centre drop after epoch 1 leaves 0 of 64 images, less than one global "
                              "batch of 16: drop later (head.sub_center_drop_epoch) or at a wider angle "
                              "(head.sub_center_drop_degrees)\n")
+
+
+def mlp_backbone(*_: Any, embedding_size: int = 16, **__: Any) -> nn.Module:
+    """A backbone without batch norm, so that a step is the same at every world size (batch norm's statistics
+    would see each rank's images, not the global batch)."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.AvgPool2d(8), nn.Flatten(), nn.Linear(3 * 14 * 14, 32), nn.Tanh(),
+                         nn.Linear(32, embedding_size))
+
+
+def cleaned_run_worker(rank: int, world: int, output: str, checkpoint: str | None) -> dict[str, Any]:
+    """Train 8 synthetic identities x 8 images in global batches of 16 to step 14, cleaning after epoch 2 (step 8)
+    with a rule strict enough to leave images out; from ``checkpoint`` when given. The weights at the end."""
+    env = DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    if checkpoint is not None and rank == 0:
+        (Path(output) / "checkpoints").mkdir(parents=True)
+        shutil.copytree(checkpoint, Path(output) / "checkpoints" / Path(checkpoint).name)
+        (Path(output) / "checkpoints" / "latest").write_text(Path(checkpoint).name)
+    cfg = Config(
+        data=DataConfig(backend="synthetic", num_classes=8, synthetic_images_per_class=8, batch_size=16 // world,
+                        num_workers=0, flip=False),
+        model=ModelConfig(backbone="tiny", embedding_size=16),
+        head=HeadConfig(s=30.0, k=4.0, a=1.2, b=1.4),
+        optim=OptimConfig(lr=0.05, warmup_steps=0, grad_clip=0.0),
+        train=TrainConfig(output=output, steps=14, checkpoint_every=1000, keep_checkpoints=10, log_every=14),
+        clean=CleanConfig(at_epochs=[2], mads=1.0, batch_size=32),
+    )
+    if world > 1:
+        dist.barrier()
+    with mock.patch.object(trainer_module, "build_backbone", mlp_backbone):
+        trainer = Trainer(cfg, env)
+    try:
+        trainer.fit()
+        return {"backbone": {name: p.detach().clone() for name, p in trainer.backbone.named_parameters()},
+                "head": trainer.head.weight.detach().clone(),
+                "excluded": torch.from_numpy(trainer.cleaning.excluded.copy())}
+    finally:
+        trainer.close()
+
+
+def test_a_run_cleaned_and_resumed_at_another_world_size_ends_with_the_straight_runs_weights(tmp_path: Path) -> None:
+    """The straight run on 1 rank cleans after epoch 2 and trains on to step 14; the same run resumed on 2 ranks
+    from the checkpoint written right after the cleaning ends with the same weights and the same images left out
+    (a backbone without batch norm: tests/unit/test_sharding.py holds the head's sharding to fp64)."""
+    straight = cleaned_run_worker(0, 1, str(tmp_path / "straight"), None)
+    cleaned = tmp_path / "straight" / "checkpoints" / "step-00000008"
+    assert load_trainer_state(cleaned)["cleaning"]["cleaned_epochs"] == [2]
+    assert 0 < len(straight["excluded"]) < 32, straight["excluded"]
+    resumed = run_ranks(cleaned_run_worker, 2, str(tmp_path / "resumed"), str(cleaned))
+    for rank in resumed:
+        assert torch.equal(rank["excluded"], straight["excluded"])
+    torch.testing.assert_close(torch.cat([rank["head"] for rank in resumed]), straight["head"], rtol=1e-5, atol=1e-6)
+    for name, value in straight["backbone"].items():
+        for rank in resumed:
+            torch.testing.assert_close(rank["backbone"][name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from sface_dist.evaluation.image_sources import RecordImages
+
 ROOT = Path(__file__).resolve().parents[2]
 STUDY = [sys.executable, "tools/noise_study.py", "--quick", "--heads", "sface", "--noise", "closed", "--steps", "20"]
 
@@ -70,7 +72,7 @@ def test_a_rerun_trains_only_the_cells_without_a_result(study: tuple[Path, str])
 
 @pytest.mark.parametrize(("other", "differs"), [
     ([], "made with other settings (data.synthetic_identities: 24 -> 200; data.synthetic_images: 10 -> 20; "
-         "hold_out: 12 -> 100)"),
+         "data.pairs: 96 -> 3000 (and 1 more))"),
     (["--quick", "--steps", "30"], "made with other settings (steps: 20 -> 30)"),
 ])
 def test_a_study_with_other_settings_is_refused_in_the_same_folder(
@@ -104,23 +106,37 @@ def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
     assert result.stderr == "error: need seeds and ratios in [0, 1], got seeds (0,), ratios (1.5,)\n"
 
 
-def test_sub_center_arcface_and_cleaning_inside_the_run_are_cells_of_the_study(tmp_path: Path) -> None:
-    """``--heads subcenter-arcface --clean``: the head trained as is and cleaned, each run dropping its sub-centres
-    (and cleaning) after ``--clean-epoch`` within the same step budget; the report names what each row ran."""
-    command = [sys.executable, "tools/noise_study.py", "--quick", "--heads", "subcenter-arcface", "--clean",
-               "--noise", "closed", "--ratios", "0.2", "--steps", "40", "--clean-epoch", "8", "--out", str(tmp_path)]
+def test_sub_center_arcface_cleaning_and_the_hand_cleaned_set_are_cells_of_the_study(tmp_path: Path) -> None:
+    """``--heads subcenter-arcface sface+hand-cleaned --clean``: sub-center ArcFace as is and cleaned, dropping its
+    sub-centres after ``--drop-epoch`` and cleaning after ``--clean-epoch`` within the same step budget, and SFace
+    on the noisy copy without the images its manifest lists; the report names what each row ran."""
+    command = [sys.executable, "tools/noise_study.py", "--quick", "--heads", "subcenter-arcface", "sface+hand-cleaned",
+               "--clean", "--noise", "closed", "--ratios", "0.2", "--steps", "40", "--drop-epoch", "8",
+               "--clean-epoch", "7", "--out", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = {(row["noise"], row["head"]) for row in read_results(tmp_path)}
-    assert rows == {("closed", "subcenter-arcface"), ("closed", "subcenter-arcface+clean")}
+    assert rows == {("closed", "subcenter-arcface"), ("closed", "subcenter-arcface+clean"),
+                    ("closed", "sface+hand-cleaned")}
     for cell in ("subcenter-arcface-closed-0.2-seed0", "subcenter-arcface+clean-closed-0.2-seed0"):
         log = (tmp_path / "cells" / cell / "train.log").read_text()
         assert "sub-centres dropped after epoch 8" in log and "step 40/40" in log
-        assert ("cleaning after epoch 8" in log) == cell.startswith("subcenter-arcface+clean")
+        cleaned = cell.startswith("subcenter-arcface+clean")
+        assert ("cleaning after epoch 7" in log) == cleaned
         settings = json.loads((tmp_path / "cells" / cell / "settings.json").read_text())["settings"]
-        assert settings["steps"] == 40 and settings["clean_epoch"] == 8
+        assert settings["steps"] == 40 and settings["drop_epoch"] == 8 and settings.get("clean_epoch") == (
+            7 if cleaned else None)
+    planted = {record["key"] for record in json.loads(
+        (tmp_path / "data" / "closed-0.2-seed0" / "corrupted.json").read_text())}
+    noisy = RecordImages(tmp_path / "data" / "closed-0.2-seed0")
+    hand_cleaned = RecordImages(tmp_path / "data" / "closed-0.2-seed0-hand-cleaned")
+    assert len(planted) == 48 and len(hand_cleaned) == len(noisy) - len(planted)
+    run_config = (tmp_path / "cells" / "sface+hand-cleaned-closed-0.2-seed0" / "run" / "config.yaml").read_text()
+    assert "closed-0.2-seed0-hand-cleaned" in run_config
     report = (tmp_path / "report.md").read_text()
     assert "subcenter-arcface: s 64.0, (m1, m2, m3) (1.0, 0.5, 0.0), margin_grad cos, 3 sub-centres dropped after " \
            "epoch 8" in report
-    assert "subcenter-arcface+clean: " in report and ", cleaned after epoch 8." in report
+    assert "subcenter-arcface+clean: " in report and ", cleaned after epoch 7 (outlier rule)" in report
+    assert "sface+hand-cleaned: " in report and "without its planted images" in report
+    assert "| closed | 0.2 | sface+hand-cleaned | " in report
     assert "| closed | 0.2 | subcenter-arcface+clean |" in report
