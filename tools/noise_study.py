@@ -93,9 +93,10 @@ class Grid:
     """After which epoch ``subcenter-arcface`` drops its sub-centres."""
 
 
-DEFAULT = Grid(("sface", "arcface", "subcenter-arcface", "sface+clean"), ("closed", "open"), (0.0, 0.2, 0.4),
+DEFAULT = Grid(("sface", "arcface", "subcenter-arcface", "sface+clean", "sface+hand-cleaned"), ("closed", "open"),
+               (0.0, 0.2, 0.4),
                (0, 1, 2), steps=600, identities=200, images=20, hold_out=100)
-FULL = replace(DEFAULT, heads=tuple(head + suffix for suffix in ("", "+clean")
+FULL = replace(DEFAULT, heads=tuple(head + suffix for suffix in ("", "+clean", "+hand-cleaned")
                                     for head in ("sface", "arcface", "cosface", "subcenter-arcface")))
 QUICK = Grid(("sface", "arcface"), ("closed", "open"), (0.0, 0.2), (0,), steps=40, identities=24, images=10,
              hold_out=12, pairs=96)
