@@ -468,13 +468,20 @@ class Trainer:
         self.log(f"checkpoint {self.save()}")
         return self.evaluate()
 
-    def _exclude(self, what: str, advice: str) -> None:
-        """Leave ``self.cleaning.excluded`` out of later epochs; one line naming ``what`` left too few images."""
+    def _exclude_and_save(self, what: str, advice: str, line: str, scalars: dict[str, float]) -> None:
+        """After a drop or a cleaning (``what``): leave ``self.cleaning.excluded`` out of later epochs (one line
+        naming ``what`` and ``advice`` when too few images are left), log ``line``, write ``clean/<name>`` scalars
+        and ``clean/excluded`` to TensorBoard, and a checkpoint."""
         kept = self.loader.dataset_size - len(self.cleaning.excluded)
         if kept // self.micro_batch == 0:
             raise DataError(f"{what} leaves {kept} of {self.loader.dataset_size} images, less than one global batch "
                             f"of {self.micro_batch}: {advice}")
         self.loader.exclude(self.cleaning.excluded)
+        self.log(line)
+        if self.writer is not None:
+            for name, value in {**scalars, "excluded": len(self.cleaning.excluded)}.items():
+                self.writer.add_scalar(f"clean/{name}", value, self.step)
+        self.log(f"checkpoint {self.save()}")
 
     def _drop_sub_centres_if_due(self) -> None:
         """Collective: at the start of the epoch after ``head.sub_center_drop_epoch``, the sub-centre drop step
@@ -486,12 +493,9 @@ class Trainer:
             report = drop_sub_centres(self.backbone, self.head, self.optimization.head_optimizer, self.loader.dataset,
                                       self.cfg.clean, self.cfg.head.sub_center_drop_degrees, self.env, self.cleaning,
                                       epoch)
-        self._exclude(f"the sub-centre drop after epoch {epoch}",
-                      "drop later (head.sub_center_drop_epoch) or at a wider angle (head.sub_center_drop_degrees)")
-        self.log(report.line(self.cfg.head.sub_center_drop_degrees))
-        if self.writer is not None:
-            self.writer.add_scalar("clean/excluded", len(self.cleaning.excluded), self.step)
-        self.log(f"checkpoint {self.save()}")
+        self._exclude_and_save(f"the sub-centre drop after epoch {epoch}", "drop later (head.sub_center_drop_epoch) "
+                               "or at a wider angle (head.sub_center_drop_degrees)",
+                               report.line(self.cfg.head.sub_center_drop_degrees), {})
 
     def _clean_if_due(self) -> None:
         """Collective: at the start of the epoch after one ``clean.at_epochs`` names, score every training image,
@@ -504,16 +508,9 @@ class Trainer:
         with self.collective(f"a collective of the cleaning after epoch {epoch}"):
             report = clean(self.backbone, self.head, self.loader.dataset, self.cfg.clean, self.env, self.cleaning,
                            epoch, self.output)
-        self._exclude(f"cleaning after epoch {epoch}",
-                      "clean later (clean.at_epochs), once the model tells its identities apart")
-        self.log(report.line())
-        if self.writer is not None:
-            self.writer.add_scalar("clean/suspects", len(report.suspects), self.step)
-            self.writer.add_scalar("clean/excluded", len(self.cleaning.excluded), self.step)
-            if report.precision is not None:
-                self.writer.add_scalar("clean/precision", report.precision, self.step)
-                self.writer.add_scalar("clean/recall", report.recall, self.step)
-        self.log(f"checkpoint {self.save()}")
+        planted = {} if report.precision is None else {"precision": report.precision, "recall": report.recall}
+        self._exclude_and_save(f"cleaning after epoch {epoch}", "clean later (clean.at_epochs), once the model tells "
+                               "its identities apart", report.line(), {"suspects": len(report.suspects), **planted})
 
     def _optimizer_batches(self, batches: AgreedBatches) -> Iterator[list[tuple[Tensor, Tensor]]]:
         """This epoch's micro-batches on the device, ``train.grad_accum`` at a time; a partial group at the epoch's
