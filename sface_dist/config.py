@@ -398,11 +398,12 @@ class CleanConfig:
     """After which epochs (counted from 1) to score every training image (``clean.rule``) and leave the suspects
     out of every later epoch; [] never cleans. Needs ``train.steps`` (cleaning keeps the step
     budget)."""
-    rule: CleanRule = "outlier"
-    """Which images are suspects. ``outlier``: those whose cosine to the mean of their identity's other kept images
-    lies more than ``clean.mads`` median absolute deviations below the median over the kept images (holds early in
-    a run). ``finder``: ``tools/find_noisy_labels.py``'s rule, meant for a trained model: another class's centre
-    nearer than the own one, or an identity cosine below ``clean.threshold``."""
+    rule: CleanRule | list[CleanRule] = "outlier"
+    """Which images are suspects: one rule for every cleaning, or one per ``at_epochs`` entry (``[outlier,
+    finder]``). ``outlier``: those whose cosine to the mean of their identity's other kept images lies more than
+    ``clean.mads`` median absolute deviations below the median over the kept images (holds early in a run).
+    ``finder``: ``tools/find_noisy_labels.py``'s rule, meant for a trained model: another class's centre nearer
+    than the own one, or an identity cosine below ``clean.threshold``."""
     mads: float = 3.0
     """``outlier``: how many median absolute deviations below the median."""
     threshold: float = 0.5
@@ -414,6 +415,10 @@ class CleanConfig:
     corrupted: str = ""
     """A ``corrupted.json`` manifest of the planted noise (``tools/noise_study.py``'s): the console and TensorBoard
     then report the precision and recall of each cleaning."""
+
+    def rule_after(self, epoch: int) -> CleanRule:
+        """The rule of the cleaning after ``epoch`` (one of ``at_epochs``)."""
+        return self.rule if isinstance(self.rule, str) else self.rule[self.at_epochs.index(epoch)]
 
 
 @dataclass
@@ -508,6 +513,14 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[Confi
 
 
 def _type_name(tp: Any) -> str:
+    """``tp`` in words: a class's name, a ``Literal``'s choices, a list's items, a union's options."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in choices(tp))
+    if origin is list:
+        return f"a list of ({_type_name(typing.get_args(tp)[0])})"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -521,7 +534,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: expected {tp}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         kind = type(choices(tp)[0])
         if not isinstance(value, kind):
@@ -673,6 +686,9 @@ def validate(cfg: Config, origins: Origins | None = None) -> None:
         raise ConfigError(f"{at('clean.at_epochs')}: epochs are counted from 1, got {cfg.clean.at_epochs}")
     if not -1.0 <= cfg.clean.threshold <= 1.0:
         raise ConfigError(f"{at('clean.threshold')}: a cosine in [-1, 1], got {cfg.clean.threshold}")
+    if isinstance(cfg.clean.rule, list) and len(cfg.clean.rule) != len(cfg.clean.at_epochs):
+        raise ConfigError(f"{at('clean.rule')}: one rule for every cleaning, or one per clean.at_epochs entry "
+                          f"({len(cfg.clean.at_epochs)}), got {len(cfg.clean.rule)}: {cfg.clean.rule}")
     if not (math.isfinite(cfg.clean.mads) and cfg.clean.mads > 0):
         raise ConfigError(f"{at('clean.mads')}: a positive number of median absolute deviations, got {cfg.clean.mads}")
     if cfg.clean.batch_size < 1:

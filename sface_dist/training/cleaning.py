@@ -201,7 +201,7 @@ def clean(backbone: nn.Module, head: ShardedHead, dataset: RecordFaceDataset | S
     """Collective: score every image, add the suspects to ``state.excluded`` and record ``epoch`` as cleaned; rank
     0 writes the suspects under ``output/cleaning/epoch-<epoch>/``."""
     scores, labels, readable = score_training_images(backbone, head, dataset, cfg, env, state.excluded)
-    if cfg.rule == "outlier":
+    if cfg.rule_after(epoch) == "outlier":
         kept = readable.copy()
         kept[state.excluded] = False
         suspects = scores.identity_outliers(cfg.mads, among=kept)

@@ -94,6 +94,19 @@ def test_loop_settings_out_of_range_name_their_key(tmp_path: Path, override: str
         load_config(write(tmp_path, "data: {root: d}\n"), [override])
 
 
+def test_cleaning_takes_one_rule_for_every_cleaning_or_one_per_cleaning(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: {root: d}\ntrain: {steps: 10}\nclean: {at_epochs: [2, 6]}\n")
+    assert [load_config(path).clean.rule_after(epoch) for epoch in (2, 6)] == ["outlier", "outlier"]
+    each = load_config(path, ["clean.rule=[outlier, finder]"])
+    assert [each.clean.rule_after(epoch) for epoch in (2, 6)] == ["outlier", "finder"]
+    with pytest.raises(ConfigError, match=r"^--set clean.rule=\[finder\]: one rule for every cleaning, or one per "
+                       r"clean.at_epochs entry \(2\), got 1: \['finder'\]$"):
+        load_config(path, ["clean.rule=[finder]"])
+    with pytest.raises(ConfigError, match=r"^--set clean.rule=bogus: expected one of 'outlier', 'finder' or a list of "
+                       r"\(one of 'outlier', 'finder'\), got str 'bogus'$"):
+        load_config(path, ["clean.rule=bogus"])
+
+
 def test_step_schedule_with_increasing_milestones_and_full_decay_range_loads(tmp_path: Path) -> None:
     overrides = ["optim.schedule=step", "optim.milestones=[2.5, 10]", "optim.decay_factor=1", "train.grad_accum=1"]
     cfg = load_config(write(tmp_path, "data: {root: d}\n"), overrides)
