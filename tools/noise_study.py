@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import yaml
 from study_runs import (
+    FAILED,
     claim_study,
     dataset_identity,
     file_identity,
@@ -272,7 +273,8 @@ def run_study(args: argparse.Namespace, grid: Grid) -> list[dict[str, object]]:
 
     results = run_each([(cell.name, out / "cells" / cell.name, cell_settings(cell, args, grid)) for cell in cells],
                        run, summary, lambda index, result: {**result, **finder_counts(out, cells[index])},
-                       parallel=args.jobs)
+                       parallel=args.jobs, keep_going=True)
+    results = [{**asdict(cells[index]), **result} for index, result in enumerate(results)]
     write_report(out, results, grid, describe_setup(args, out, cells))
     return results
 
@@ -301,14 +303,22 @@ def describe_setup(args: argparse.Namespace, out: Path, cells: list[Cell]) -> st
 
 
 def write_report(out: Path, results: list[dict[str, object]], grid: Grid, setup: str) -> None:
-    """``results.csv``, ``report.md`` and the two figures; the header says what the reported cells were made with."""
+    """``results.csv``, ``report.md`` and the two figures; the header says what the reported cells were made with,
+    and the runs that failed are listed with why."""
+    trained = [result for result in results if FAILED not in result]
+    failed = [result for result in results if FAILED in result]
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[key for key in results[0] if key != "settings"], extrasaction="ignore")
+        fields = [key for key in (trained or results)[0] if key not in ("settings", FAILED)]
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(results)
+        writer.writerows(trained)
     groups: dict[tuple[str, float, str], list[dict[str, object]]] = {}
-    for result in results:
+    for result in trained:
         groups.setdefault((str(result["noise"]), float(result["ratio"]), str(result["head"])), []).append(result)
+    failed_groups: dict[tuple[str, float, str], int] = {}
+    for result in failed:
+        key = (str(result["noise"]), float(result["ratio"]), str(result["head"]))
+        failed_groups[key] = failed_groups.get(key, 0) + 1
     steps = " or ".join(str(value) for value in sorted({int(result["settings"]["steps"]) for result in results}))
     seeds = ", ".join(str(value) for value in sorted({int(result["seed"]) for result in results}))
     code = ", ".join(sorted({str(result["code"]) for result in results}))
@@ -323,8 +333,14 @@ def write_report(out: Path, results: list[dict[str, object]], grid: Grid, setup:
         "finder recall |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (noise, ratio, head), rows in sorted(groups.items(), key=lambda item: (item[0][0] != "clean", item[0])):
+    for noise, ratio, head in sorted({*groups, *failed_groups}, key=lambda key: (key[0] != "clean", key)):
+        rows = groups.get((noise, ratio, head), [])
+        if not rows:
+            lines.append(f"| {noise} | {ratio:g} | {head} | failed | - | - | - | - |")
+            continue
         accuracy = mean_std([float(row["accuracy"]) for row in rows])
+        if (noise, ratio, head) in failed_groups:
+            accuracy += f" ({len(rows)} of {len(rows) + failed_groups[(noise, ratio, head)]} seeds)"
         tar = mean_std([float(row["tar"]) for row in rows])
         suspects = mean_std([int(row["suspects"]) / int(row["images"]) for row in rows])
         found, flagged, corrupted = (sum(int(row[key]) for row in rows) for key in ("found", "suspects", "corrupted"))
@@ -332,6 +348,10 @@ def write_report(out: Path, results: list[dict[str, object]], grid: Grid, setup:
         recall = f"{found / corrupted:.3f}" if corrupted else "-"
         lines.append(f"| {noise} | {ratio:g} | {head} | {accuracy} | {tar} | {suspects} | {precision} | {recall} |")
     lines += ["", *gap_table(groups)]
+    if failed:
+        lines += ["", "Runs that failed (a rerun tries them again):", ""]
+        lines += [f"- {result['head']}, {result['noise']} {float(result['ratio']):g}, seed {result['seed']}: "
+                  f"{str(result[FAILED]).split(' (log: ')[0]}" for result in failed]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot_accuracy(out / "accuracy.png", groups, grid)
     plot_target_cosines(out / "target_cosine.png", out, grid)
@@ -394,7 +414,11 @@ def plot_target_cosines(path: Path, out: Path, grid: Grid) -> None:
     for row, head in enumerate(heads):
         for column, (noise, ratio) in enumerate(conditions):
             axis = axes[row][column]
-            scores, planted = cell_scores(out, Cell(head, noise, ratio, grid.seeds[0]))
+            cell = Cell(head, noise, ratio, grid.seeds[0])
+            if not (out / "cells" / cell.name / "finder" / "scores.npz").is_file():
+                axis.set_title(f"{head}, {noise} {ratio:g}: failed", fontsize=9)
+                continue
+            scores, planted = cell_scores(out, cell)
             axis.hist(scores.own[~planted], bins=bins, density=True, alpha=0.6, label="clean")
             axis.hist(scores.own[planted], bins=bins, density=True, alpha=0.6, label="corrupted")
             axis.set_title(f"{head}, {noise} {ratio:g}", fontsize=9)
@@ -488,8 +512,9 @@ def main(argv: list[str] | None = None) -> int:
 def study(args: argparse.Namespace) -> int:
     """Run (or continue) the study ``args`` describe and write its report."""
     results = run_study(args, parse_grid(args))
-    print(f"{len(results)} runs: {args.out / 'report.md'}, {args.out / 'accuracy.png'}, "
-          f"{args.out / 'target_cosine.png'}")
+    failed = sum(FAILED in result for result in results)
+    print(f"{len(results)} runs{f' ({failed} failed)' if failed else ''}: {args.out / 'report.md'}, "
+          f"{args.out / 'accuracy.png'}, {args.out / 'target_cosine.png'}")
     return 0
 
 

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +32,8 @@ STUDY = "study.json"
 
 
 Result = dict[str, Any]
+FAILED = "failed"
+"""The key of a failed job's result: why it failed."""
 
 
 def code_version() -> str:
@@ -97,12 +100,15 @@ def run_each(
     summary: Callable[[Result], str],
     complete: Callable[[int, Result], Result] = lambda _, result: result,
     parallel: int = 1,
+    keep_going: bool = False,
 ) -> list[Result]:
     """The result of every (name, folder, settings) job: ``complete(i, FOLDER/result.json)`` where that file exists
     (the job ran in an earlier invocation with the same settings), else ``run(i)``, which writes it, announced with
     the time left and followed by its ``summary``; ``parallel`` jobs at a time, in threads (``run`` launches its
     training as a subprocess). ``run``'s result carries its ``seconds``; every result carries its ``settings`` and
-    the ``code`` version that produced it.
+    the ``code`` version that produced it. With ``keep_going`` a job whose ``run`` raises ``RuntimeError`` (its
+    training failed) is reported and returned as ``{FAILED: message, ...}`` and the others go on; it writes no
+    result, so the next invocation tries it again.
 
     Before any job runs, one whose folder records other settings (or holds a result without them) is refused
     (``ValueError``, one line).
@@ -142,11 +148,19 @@ def run_each(
             eta = (f", ~{progress['spent'] / progress['trained'] * left / parallel / 60:.0f} min left"
                    if progress["trained"] else "")
             print(f"[{index + 1}/{len(jobs)}] {name}{eta}", flush=True)
-        result = run(index)
+        started = time.perf_counter()
+        label = f"{name}: " if parallel > 1 else ""
+        try:
+            result = run(index)
+        except RuntimeError as error:
+            if not keep_going:
+                raise
+            with lock:
+                print(f"    {label}failed: {error}", flush=True)
+            return {FAILED: str(error), "seconds": time.perf_counter() - started, "settings": settings, "code": code}
         with lock:
             progress["trained"] += 1
             progress["spent"] += float(result["seconds"])
-            label = f"{name}: " if parallel > 1 else ""
             print(f"    {label}{summary(result)}", flush=True)
         return {**result, "settings": settings, "code": code}
 

@@ -140,3 +140,22 @@ def test_sub_center_arcface_cleaning_and_the_hand_cleaned_set_are_cells_of_the_s
     assert "sface+hand-cleaned: " in report and "without its planted images" in report
     assert "| closed | 0.2 | sface+hand-cleaned | " in report
     assert "| closed | 0.2 | subcenter-arcface+clean |" in report
+
+
+def test_a_run_that_fails_is_reported_and_the_others_go_on(tmp_path: Path) -> None:
+    """A sub-centre drop at an angle no image is within stops that run (one line naming the keys); the study
+    trains the other run, reports the failure in report.md, exits 0, and a rerun tries the failed run again."""
+    command = [sys.executable, "tools/noise_study.py", "--quick", "--heads", "subcenter-arcface", "sface", "--noise",
+               "closed", "--ratios", "0.2", "--steps", "30", "--drop-epoch", "1", "--jobs", "1",
+               "--set", "head.sub_center_drop_degrees=0.01", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "2 runs (1 failed): " in result.stdout
+    assert [row["head"] for row in read_results(tmp_path)] == ["sface"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| closed | 0.2 | subcenter-arcface | failed | - | - | - | - |" in report
+    assert ("- subcenter-arcface, closed 0.2, seed 0: cell subcenter-arcface-closed-0.2-seed0: training exited with "
+            "status 1: error: the sub-centre drop after epoch 1 leaves 0 of ") in report
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "subcenter-arcface-closed-0.2-seed0" in again.stdout
+    assert "sface-closed-0.2-seed0" not in again.stdout.replace("subcenter-arcface-closed-0.2-seed0", "")
