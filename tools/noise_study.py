@@ -89,7 +89,9 @@ class Grid:
     pairs: int = 3000
     """Verification pairs of the synthetic held-out pack."""
     clean_epoch: int = 2
-    """After which epoch the ``+clean`` heads are cleaned."""
+    """After which epoch the ``+clean`` heads are cleaned with the outlier rule."""
+    finder_epoch: int = 6
+    """After which epoch the ``+clean`` heads are cleaned again, with the finder's rule (0: not again)."""
     drop_epoch: int = 6
     """After which epoch ``subcenter-arcface`` drops its sub-centres."""
 
@@ -142,7 +144,11 @@ def head_overrides(head: str, grid: Grid) -> list[str]:
     name = head.removesuffix(CLEANED).removesuffix(HAND_CLEANED)
     overrides = [f"head.type={name}"] if name != SUB_CENTER_ARCFACE else [
         "head.type=arcface", "head.sub_centers=3", f"head.sub_center_drop_epoch={grid.drop_epoch}"]
-    return overrides + ([f"clean.at_epochs=[{grid.clean_epoch}]"] if head.endswith(CLEANED) else [])
+    if not head.endswith(CLEANED):
+        return overrides
+    if not grid.finder_epoch:
+        return [*overrides, f"clean.at_epochs=[{grid.clean_epoch}]", "clean.rule=outlier"]
+    return [*overrides, f"clean.at_epochs=[{grid.clean_epoch}, {grid.finder_epoch}]", "clean.rule=[outlier, finder]"]
 
 
 def cells_of(grid: Grid) -> list[Cell]:
@@ -247,6 +253,7 @@ def cell_settings(cell: Cell, args: argparse.Namespace, grid: Grid) -> dict[str,
                 "overrides": args.overrides}
     if cell.head.endswith(CLEANED):
         settings["clean_epoch"] = grid.clean_epoch
+        settings["finder_epoch"] = grid.finder_epoch
     if cell.head.startswith(SUB_CENTER_ARCFACE):
         settings["drop_epoch"] = grid.drop_epoch
     return settings
@@ -294,7 +301,10 @@ def describe_setup(args: argparse.Namespace, out: Path, cells: list[Cell]) -> st
         if head.get("sub_centers", 1) > 1:
             described += f", {head['sub_centers']} sub-centres dropped after epoch {head['sub_center_drop_epoch']}"
         if config.get("clean", {}).get("at_epochs"):
-            described += f", cleaned after epoch {config['clean']['at_epochs'][0]} ({config['clean']['rule']} rule)"
+            epochs, rules = config["clean"]["at_epochs"], config["clean"]["rule"]
+            rules = rules if isinstance(rules, list) else [rules] * len(epochs)
+            described += ", cleaned after " + " and ".join(
+                f"epoch {epoch} ({rule} rule)" for epoch, rule in zip(epochs, rules, strict=True))
         if cell.head.endswith(HAND_CLEANED):
             described += ", trained on the noisy copy without its planted images"
         heads[cell.head] = described
@@ -444,6 +454,7 @@ def parse_grid(args: argparse.Namespace) -> Grid:
         hold_out=base.hold_out if args.hold_out is None else args.hold_out,
         pairs=base.pairs,
         clean_epoch=base.clean_epoch if args.clean_epoch is None else args.clean_epoch,
+        finder_epoch=base.finder_epoch if args.finder_epoch is None else args.finder_epoch,
         drop_epoch=base.drop_epoch if args.drop_epoch is None else args.drop_epoch,
     )
     if args.clean:
@@ -454,6 +465,9 @@ def parse_grid(args: argparse.Namespace) -> Grid:
     if not any(ratio > 0 for ratio in grid.ratios):
         raise ValueError(f"--ratios {' '.join(f'{r:g}' for r in grid.ratios)}: no noisy condition to compare "
                          "(give a ratio above 0)")
+    if grid.finder_epoch and grid.finder_epoch <= grid.clean_epoch:
+        raise ValueError(f"--finder-epoch {grid.finder_epoch}: the second cleaning comes after the first "
+                         f"(--clean-epoch {grid.clean_epoch}), or 0 for none")
     if grid.clean_epoch < 1 or grid.drop_epoch < 1:
         raise ValueError(f"--clean-epoch and --drop-epoch must be at least 1, got {grid.clean_epoch}, "
                          f"{grid.drop_epoch}")
@@ -484,7 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clean", action="store_true",
                         help="also train every head cleaned inside the run (HEAD+clean), in the same budget")
     parser.add_argument("--clean-epoch", type=int,
-                        help=f"after which epoch the +clean heads clean (default: {DEFAULT.clean_epoch})")
+                        help="after which epoch the +clean heads clean with the outlier rule "
+                        f"(default: {DEFAULT.clean_epoch})")
+    parser.add_argument("--finder-epoch", type=int,
+                        help="after which epoch the +clean heads clean again with the finder's rule, 0: not again "
+                        f"(default: {DEFAULT.finder_epoch})")
     parser.add_argument("--drop-epoch", type=int,
                         help="after which epoch subcenter-arcface drops its sub-centres "
                         f"(default: {DEFAULT.drop_epoch})")

@@ -108,11 +108,12 @@ def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
 
 def test_sub_center_arcface_cleaning_and_the_hand_cleaned_set_are_cells_of_the_study(tmp_path: Path) -> None:
     """``--heads subcenter-arcface sface+hand-cleaned --clean``: sub-center ArcFace as is and cleaned, dropping its
-    sub-centres after ``--drop-epoch`` and cleaning after ``--clean-epoch`` within the same step budget, and SFace
+    sub-centres after ``--drop-epoch`` and cleaning after ``--clean-epoch`` (outlier rule) and ``--finder-epoch``
+    (the finder's) within the same step budget, and SFace
     on the noisy copy without the images its manifest lists; the report names what each row ran."""
     command = [sys.executable, "tools/noise_study.py", "--quick", "--heads", "subcenter-arcface", "sface+hand-cleaned",
                "--clean", "--noise", "closed", "--ratios", "0.2", "--steps", "40", "--drop-epoch", "8",
-               "--clean-epoch", "7", "--out", str(tmp_path)]
+               "--clean-epoch", "7", "--finder-epoch", "9", "--out", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = {(row["noise"], row["head"]) for row in read_results(tmp_path)}
@@ -122,10 +123,10 @@ def test_sub_center_arcface_cleaning_and_the_hand_cleaned_set_are_cells_of_the_s
         log = (tmp_path / "cells" / cell / "train.log").read_text()
         assert "sub-centres dropped after epoch 8" in log and "step 40/40" in log
         cleaned = cell.startswith("subcenter-arcface+clean")
-        assert ("cleaning after epoch 7" in log) == cleaned
+        assert ("cleaning after epoch 7" in log) == ("cleaning after epoch 9" in log) == cleaned
         settings = json.loads((tmp_path / "cells" / cell / "settings.json").read_text())["settings"]
-        assert settings["steps"] == 40 and settings["drop_epoch"] == 8 and settings.get("clean_epoch") == (
-            7 if cleaned else None)
+        assert settings["steps"] == 40 and settings["drop_epoch"] == 8
+        assert (settings.get("clean_epoch"), settings.get("finder_epoch")) == ((7, 9) if cleaned else (None, None))
     planted = {record["key"] for record in json.loads(
         (tmp_path / "data" / "closed-0.2-seed0" / "corrupted.json").read_text())}
     noisy = RecordImages(tmp_path / "data" / "closed-0.2-seed0")
@@ -136,7 +137,8 @@ def test_sub_center_arcface_cleaning_and_the_hand_cleaned_set_are_cells_of_the_s
     report = (tmp_path / "report.md").read_text()
     assert "subcenter-arcface: s 64.0, (m1, m2, m3) (1.0, 0.5, 0.0), margin_grad cos, 3 sub-centres dropped after " \
            "epoch 8" in report
-    assert "subcenter-arcface+clean: " in report and ", cleaned after epoch 7 (outlier rule)" in report
+    assert "subcenter-arcface+clean: " in report
+    assert ", cleaned after epoch 7 (outlier rule) and epoch 9 (finder rule)" in report
     assert "sface+hand-cleaned: " in report and "without its planted images" in report
     assert "| closed | 0.2 | sface+hand-cleaned | " in report
     assert "| closed | 0.2 | subcenter-arcface+clean |" in report
