@@ -23,18 +23,21 @@ import sface_dist.training.trainer as trainer_module
 from sface_dist.backbones import build_backbone
 from sface_dist.checkpoint import load_head_shard, load_trainer_state, read_backbone
 from sface_dist.config import CleanConfig, Config, DataConfig, HeadConfig, ModelConfig, OptimConfig, TrainConfig
+from sface_dist.data.bin_pack import read_bin
 from sface_dist.data.dataset_edits import add_label_noise
 from sface_dist.data.datasets import SyntheticFaceDataset
 from sface_dist.data.errors import DataError
 from sface_dist.data.sampler import EpochShardSampler
+from sface_dist.evaluation.embedder import open_model
 from sface_dist.evaluation.noisy_labels import score_labels
+from sface_dist.evaluation.verification import evaluate_embedder
 from sface_dist.heads import ShardedSFaceHead, ShardOptimizer
 from sface_dist.parallel.launch import DistEnv
 from sface_dist.training.cleaning import CleaningState, drop_sub_centres, embed_images, score_training_images
 from sface_dist.training.trainer import Trainer
 
 from rank_launcher import run_ranks
-from training_runs import ROOT, torchrun
+from training_runs import ROOT, torchrun, train_in_process
 
 CLASSES, PER_CLASS, DIM = 6, 4, 16
 
@@ -320,3 +323,51 @@ def test_a_run_cleaned_and_resumed_at_another_world_size_ends_with_the_straight_
     for name, value in straight["backbone"].items():
         for rank in resumed:
             torch.testing.assert_close(rank["backbone"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def planted_noise_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """40 synthetic identities x 20 images, a clean pack of 2,000 pairs of 20 others, and two copies with 20% of
+    the labels moved to another identity (seeds 0 and 1, each with its corrupted.json)."""
+    root = tmp_path_factory.mktemp("planted")
+    subprocess.run([sys.executable, "tools/make_demo_data.py", "--out", str(root / "source"), "--identities", "40",
+                    "--images", "20", "--heldout", "20", "--pairs", "2000"], cwd=ROOT, check=True, capture_output=True)
+    copies = []
+    for seed in (0, 1):
+        corrupted = add_label_noise(root / "source", root / f"noisy{seed}", 0.2, 0.0, None, seed=seed, progress=False)
+        (root / f"noisy{seed}" / "corrupted.json").write_text(json.dumps([asdict(record) for record in corrupted]))
+        copies.append(root / f"noisy{seed}")
+    return root / "source" / "heldout.bin", copies
+
+
+def test_cleaning_inside_the_run_finds_the_planted_noise_and_beats_the_same_run_without_it(
+    planted_noise_sets: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """The demo config (tiny backbone, SFace) for 250 steps of 32 images (10 epochs) on each noisy copy, with and
+    without cleaning after epoch 3, the same seed. Measured (2-core x86 CPU): precision 0.92 and 0.88, recall 0.50
+    and 0.48, held-out accuracy 78.9 -> 80.9 and 75.3 -> 78.3.
+
+    Bounds: flagging images at random finds the noise at its rate (precision 0.2) and recall the share flagged
+    (about 0.12 here); the rule must reach 3.5 times that precision (0.7) and 3 times that recall (0.35), which
+    leaves 0.13-0.22 below what it measured for other CPU kernels' rounding. The cleaned run must end more
+    accurate on both seeds."""
+    pack, copies = planted_noise_sets
+    verification = read_bin(pack)
+    for seed, noisy in enumerate(copies):
+        planted = {record["key"] for record in json.loads((noisy / "corrupted.json").read_text())}
+        accuracy = {}
+        for cleaned in (False, True):
+            output = tmp_path / f"seed{seed}-{'cleaned' if cleaned else 'straight'}"
+            status = train_in_process(
+                ROOT / "configs" / "demo.yaml", f"data.root={noisy}", "data.batch_size=32", "data.num_workers=0",
+                f"train.output={output}", f"train.seed={seed}", "train.steps=250", "train.epochs=0", "eval.bins=[]",
+                "train.checkpoint_every=250", "train.log_every=250", "model.embedding_size=64",
+                "optim.warmup_steps=10", "clean.at_epochs=[3]" if cleaned else "clean.at_epochs=[]")
+            assert status == 0
+            accuracy[cleaned] = evaluate_embedder(open_model(output, None, "cpu").embed, verification,
+                                                  batch_size=256).accuracy
+        suspects = {int(key) for key in (tmp_path / f"seed{seed}-cleaned" / "cleaning" / "epoch-3" /
+                                         "exclude.txt").read_text().split()}
+        found = len(suspects & planted)
+        assert found / len(suspects) >= 0.7 and found / len(planted) >= 0.35, (seed, len(suspects), found)
+        assert accuracy[True] > accuracy[False], (seed, accuracy)

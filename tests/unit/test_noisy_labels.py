@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 
 from sface_dist import train
 from sface_dist.data.dataset_edits import add_label_noise
-from sface_dist.evaluation.noisy_labels import score_labels
+from sface_dist.evaluation.noisy_labels import LabelScores, score_labels
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,6 +96,28 @@ def test_sub_centre_scores_take_each_class_at_its_nearest_centre() -> None:
     np.testing.assert_allclose(scores.own, cos[torch.arange(19), labels].numpy(), atol=1e-6)
     np.testing.assert_allclose(scores.nearest, others.max(dim=1).values.numpy(), atol=1e-6)
     np.testing.assert_array_equal(scores.nearest_class, others.argmax(dim=1).numpy())
+
+
+def test_identity_outliers_lie_the_given_deviations_below_the_median() -> None:
+    """The outlier rule against its definition written out with the standard library: the median and the median
+    absolute deviation of the identity cosines of the images ``among`` allows (an identity's only image, NaN, never
+    counts), the images more than ``mads`` deviations below, lowest first."""
+    rng = np.random.default_rng(4)
+    identity = rng.uniform(0.2, 0.9, 41).astype(np.float32)
+    identity[[3, 17]] = np.nan
+    among = rng.random(41) < 0.8
+    scores = LabelScores(np.zeros(41, np.float32), np.zeros(41, np.float32), np.zeros(41, np.int64), identity)
+    for mads in (0.5, 1.0, 2.0):
+        usable = [i for i in range(41) if among[i] and not math.isnan(identity[i])]
+        median = statistics.median(float(identity[i]) for i in usable)
+        spread = statistics.median(abs(float(identity[i]) - median) for i in usable)
+        expected = sorted((i for i in usable if identity[i] < median - mads * spread), key=lambda i: identity[i])
+        assert scores.identity_outliers(mads, among=among).tolist() == expected
+        assert len(expected) > 0
+    every = [i for i in range(41) if not math.isnan(identity[i])]
+    median = statistics.median(float(identity[i]) for i in every)
+    spread = statistics.median(abs(float(identity[i]) - median) for i in every)
+    assert set(scores.identity_outliers(1.0).tolist()) == {i for i in every if identity[i] < median - spread}
 
 
 def test_finder_recovers_planted_label_errors(noisy_run: tuple[Path, Path, set[int]], tmp_path: Path) -> None:
