@@ -1,6 +1,7 @@
-"""Cleaning inside a run (``clean``): after chosen epochs, score every training image with the label-noise
-finder's rule on the run's own ranks and leave the suspects out of every later epoch, without a restart. The
-sub-centre drop step (``head.sub_center_drop_epoch``) is the same kind of pass with sub-center ArcFace's rule.
+"""Cleaning inside a run (``clean``): after chosen epochs, score every training image on the run's own ranks and
+leave the suspects out of every later epoch, without a restart. Each cleaning takes its rule (``clean.rule``): the
+identity outliers (early in a run) or the label-noise finder's rule (once the model is trained). The sub-centre
+drop step (``head.sub_center_drop_epoch``) is the same kind of pass with sub-center ArcFace's rule.
 
 Scoring is sharded: each rank embeds a contiguous ``1/world_size`` of the images with the current backbone (eval
 mode, and the mirror with ``clean.flip``); the class sums of the normalised embeddings and the class counts are
