@@ -105,6 +105,13 @@ def centre_rows(classes: torch.Tensor, sub_centers: int) -> torch.Tensor:
     return (classes.unsqueeze(1) * sub_centers + torch.arange(sub_centers)).flatten()
 
 
+STAT_TOLERANCE = 5e-5
+"""The loss and its terms are fp32 sums over the batch of terms through SFace's steep sigmoid re-scaling, whose
+rounding follows the CPU's matmul kernels: up to 1.8e-5 relative to fp64 on an AMD EPYC (sub-centres with
+sampling), under 1e-5 on an Intel Xeon. A wrong shard, sample or reduction moves them by orders of magnitude more;
+the gradients below are held to 1e-5."""
+
+
 def stat_names(cfg: HeadConfig) -> tuple[str, ...]:
     return STAT_NAMES.get(cfg.type, MARGIN_STAT_NAMES)
 
@@ -216,7 +223,7 @@ def check_against_reference(name: str, cfg: HeadConfig, results: list[dict[str, 
     assert [r["range"] for r in results] == [class_range(NUM_CLASSES, r, world) for r in range(world)]
     for r in results:
         for stat in stat_names(cfg):
-            assert relative_error(r["stats"][stat], expected[stat]) < 1e-5, f"{name}: {stat}"
+            assert relative_error(r["stats"][stat], expected[stat]) < STAT_TOLERANCE, f"{name}: {stat}"
     head_grad = torch.cat([r["head_grad"] for r in results])
     assert relative_error(head_grad, weight.grad) < 1e-5, f"{name}: head gradient"
     errors = []
