@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -32,6 +33,9 @@ STUDY = "study.json"
 
 
 Result = dict[str, Any]
+STOPPED_BY_SIGNAL = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
+"""Exit statuses of a run stopped by Ctrl-C or SIGTERM: its checkpoint written (``sface_dist.train``) or killed
+before it could be; the study stops too, and the same command continues."""
 FAILED = "failed"
 """The key of a failed job's result: why it failed."""
 
@@ -198,6 +202,8 @@ def launch_training(config: Path, overrides: list[str], nproc: int, log: Path, n
         except KeyboardInterrupt:
             process.wait()  # Ctrl-C reached the run too: it stops at a step boundary with a checkpoint
             raise
+    if status in STOPPED_BY_SIGNAL:
+        raise KeyboardInterrupt  # the run stopped at a signal (Ctrl-C reached it in a thread of a parallel study)
     if status != 0:
         tail = log.read_text().strip().splitlines()[-1:] or [""]
         raise RuntimeError(f"{name}: training exited with status {status}: {tail[0]} (log: {log})")
