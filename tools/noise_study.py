@@ -1,6 +1,6 @@
 """Does the loss resist label noise? Train each head type on noisy copies of a dataset and compare.
 
-    python tools/noise_study.py --out study/demo                        # synthetic demo data, ~70 min on 2 cores
+    python tools/noise_study.py --out study/demo                        # synthetic demo data, ~51 min on 2 cores
     python tools/noise_study.py --out study/quick --quick               # a smoke test, under a minute
     python tools/noise_study.py --out study/cleaning --heads sface arcface subcenter-arcface --clean
     python tools/noise_study.py --out study/mine --rec data/mine/train.rec --bin data/mine/lfw.bin \\
@@ -13,9 +13,10 @@ with a manifest of every corrupted record (``OUT/data/<noise>-<ratio>-seed<seed>
 head type is trained on each copy through ``sface_dist.train`` with the same config, budget
 and seed, evaluated on the clean held-out pack, and the noisy-label finder is run on its
 final checkpoint and scored against the manifest. ``subcenter-arcface`` is ArcFace with 3
-sub-centres a class, dropped to the dominant one after ``--clean-epoch``; ``--clean`` adds every
-head again as ``HEAD+clean``, cleaned inside the run after ``--clean-epoch`` (``clean.at_epochs``)
-within the same step budget.
+sub-centres a class, dropped to the dominant one after ``--drop-epoch``; ``HEAD+clean`` is cleaned
+inside the run after ``--clean-epoch`` (outlier rule) and ``--finder-epoch`` (the finder's rule)
+within the same step budget (``--clean`` adds every head so); ``HEAD+hand-cleaned`` trains on the
+noisy copy without its planted images.
 
 ``OUT/report.md`` holds the table (mean ± std over seeds), ``OUT/results.csv`` every cell,
 ``OUT/accuracy.png`` accuracy against the noise ratio per loss and ``OUT/target_cosine.png``
@@ -37,6 +38,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -131,7 +133,7 @@ class Cell:
 
 
 SUB_CENTER_ARCFACE = "subcenter-arcface"
-"""ArcFace with 3 sub-centres a class, dropped to the dominant one after the study's clean epoch."""
+"""ArcFace with 3 sub-centres a class, dropped to the dominant one after the study's drop epoch."""
 CLEANED = "+clean"
 """The suffix of a head cleaned inside the run."""
 HAND_CLEANED = "+hand-cleaned"
@@ -140,7 +142,8 @@ reference that cleaning aims at."""
 
 
 def head_overrides(head: str, grid: Grid) -> list[str]:
-    """The training overrides of a study head: a head type, ``subcenter-arcface``, either with ``+clean``."""
+    """The training overrides of a study head: a head type or ``subcenter-arcface``, with ``+clean`` its cleanings
+    (``+hand-cleaned`` changes the data, not the run)."""
     name = head.removesuffix(CLEANED).removesuffix(HAND_CLEANED)
     overrides = [f"head.type={name}"] if name != SUB_CENTER_ARCFACE else [
         "head.type=arcface", "head.sub_centers=3", f"head.sub_center_drop_epoch={grid.drop_epoch}"]
@@ -325,10 +328,7 @@ def write_report(out: Path, results: list[dict[str, object]], grid: Grid, setup:
     groups: dict[tuple[str, float, str], list[dict[str, object]]] = {}
     for result in trained:
         groups.setdefault((str(result["noise"]), float(result["ratio"]), str(result["head"])), []).append(result)
-    failed_groups: dict[tuple[str, float, str], int] = {}
-    for result in failed:
-        key = (str(result["noise"]), float(result["ratio"]), str(result["head"]))
-        failed_groups[key] = failed_groups.get(key, 0) + 1
+    failed_groups = Counter((str(result["noise"]), float(result["ratio"]), str(result["head"])) for result in failed)
     steps = " or ".join(str(value) for value in sorted({int(result["settings"]["steps"]) for result in results}))
     seeds = ", ".join(str(value) for value in sorted({int(result["seed"]) for result in results}))
     code = ", ".join(sorted({str(result["code"]) for result in results}))

@@ -138,7 +138,7 @@ def run_each(
             results[index] = {**result, "settings": settings, "code": saved["code"]}
         else:
             pending.append(index)
-    progress = {"started": 0, "trained": 0, "spent": 0.0}
+    progress = {"trained": 0, "spent": 0.0}
     lock = threading.Lock()
 
     def start(index: int) -> Result:
@@ -147,7 +147,6 @@ def run_each(
             if recorded[folder] is None:
                 folder.mkdir(parents=True, exist_ok=True)
                 write_json(folder / SETTINGS, {"settings": settings, "code": code})
-            progress["started"] += 1
             left = len(pending) - progress["trained"]
             eta = (f", ~{progress['spent'] / progress['trained'] * left / parallel / 60:.0f} min left"
                    if progress["trained"] else "")
