@@ -11,8 +11,9 @@ noise type (closed: images relabelled to another identity of the set; open: imag
 outside identities added under labels of the set), ratio and seed, a noisy copy is written
 with a manifest of every corrupted record (``OUT/data/<noise>-<ratio>-seed<seed>/``). Each
 head type is trained on each copy through ``sface_dist.train`` with the same config, budget
-and seed, evaluated on the clean held-out pack, and the noisy-label finder is run on its
-final checkpoint and scored against the manifest. ``subcenter-arcface`` is ArcFace with 3
+and seed (the backbone compiled by ``torch.compile`` unless ``--no-compile``), evaluated on
+the clean held-out pack, and the noisy-label finder is run on its final checkpoint and
+scored against the manifest. ``subcenter-arcface`` is ArcFace with 3
 sub-centres a class, dropped to the dominant one after ``--drop-epoch``; ``HEAD+clean`` is cleaned
 inside the run after ``--clean-epoch`` (outlier rule) and ``--finder-epoch`` (the finder's rule)
 within the same step budget (``--clean`` adds every head so); ``HEAD+hand-cleaned`` trains on the
@@ -59,7 +60,7 @@ from study_runs import (
 
 from sface_dist.cli import run_cli
 from sface_dist.config import HeadType, choices
-from sface_dist.data.bin_pack import read_bin
+from sface_dist.data.bin_pack import VerificationPack, read_bin
 from sface_dist.data.convert import repack
 from sface_dist.data.dataset_checks import dataset_rec_path
 from sface_dist.data.dataset_edits import add_label_noise, hold_out_identities
@@ -96,6 +97,9 @@ class Grid:
     """After which epoch the ``+clean`` heads are cleaned again, with the finder's rule (0: not again)."""
     drop_epoch: int = 6
     """After which epoch ``subcenter-arcface`` drops its sub-centres."""
+    compile: bool = True
+    """``torch.compile`` every run's backbone: runs of one shape share the compiled kernels (torch's cache), so the
+    compilation is paid once and each step after it is cheaper; a 40-step smoke test does not earn it back."""
 
 
 DEFAULT = Grid(("sface", "arcface", "subcenter-arcface", "sface+clean", "sface+hand-cleaned"), ("closed", "open"),
@@ -104,7 +108,7 @@ DEFAULT = Grid(("sface", "arcface", "subcenter-arcface", "sface+clean", "sface+h
 FULL = replace(DEFAULT, heads=tuple(head + suffix for suffix in ("", "+clean", "+hand-cleaned")
                                     for head in ("sface", "arcface", "cosface", "subcenter-arcface")))
 QUICK = Grid(("sface", "arcface"), ("closed", "open"), (0.0, 0.2), (0,), steps=40, identities=24, images=10,
-             hold_out=12, pairs=96)
+             hold_out=12, pairs=96, compile=False)
 
 
 @dataclass(frozen=True)
@@ -197,8 +201,13 @@ def train(cell: Cell, root: Path, run: Path, args: argparse.Namespace, grid: Gri
     overrides = [f"data.root={root}", f"train.output={run}", *head_overrides(cell.head, grid),
                  f"train.seed={cell.seed}",
                  f"train.steps={grid.steps}", "train.epochs=0", "eval.bins=[]", f"train.checkpoint_every={grid.steps}",
-                 f"train.log_every={max(1, grid.steps // 10)}", *args.overrides]
+                 f"train.log_every={max(1, grid.steps // 10)}", *run_overrides(args, grid)]
     launch_training(args.config, overrides, args.nproc, log, f"cell {cell.name}", threads=threads_per_job(args))
+
+
+def run_overrides(args: argparse.Namespace, grid: Grid) -> list[str]:
+    """The config overrides of every run: the study's own, then the user's ``--set`` (which win)."""
+    return [*(["model.compile=true"] if grid.compile else []), *args.overrides]
 
 
 def threads_per_job(args: argparse.Namespace) -> int:
@@ -207,7 +216,7 @@ def threads_per_job(args: argparse.Namespace) -> int:
 
 
 def run_cell(
-    cell: Cell, root: Path, heldout: Path, folder: Path, args: argparse.Namespace, grid: Grid
+    cell: Cell, root: Path, heldout: VerificationPack, folder: Path, args: argparse.Namespace, grid: Grid
 ) -> dict[str, object]:
     """Train, evaluate and run the finder for one cell; its result is written last, so a cut cell reruns."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -215,7 +224,7 @@ def run_cell(
     run = folder / "run"
     train(cell, root, run, args, grid, folder / "train.log")
     model = open_model(run, None, default_device())
-    verification = evaluate_embedder(model.embed, read_bin(heldout), batch_size=128)
+    verification = evaluate_embedder(model.embed, heldout, batch_size=128)
     find_noisy_labels(run, folder / "finder", DistEnv(0, 1, 0, torch.device(default_device())), workers=2)
     result = {**asdict(cell), "accuracy": verification.accuracy, "accuracy_std": verification.std,
               "tar": verification.to_dict()["tar_at_far"][REPORT_FAR], "seconds": time.perf_counter() - start}
@@ -253,7 +262,7 @@ def study_settings(args: argparse.Namespace, grid: Grid) -> dict[str, object]:
 def cell_settings(cell: Cell, args: argparse.Namespace, grid: Grid) -> dict[str, object]:
     """Everything that determines a cell's result besides the study's data."""
     settings = {**asdict(cell), "steps": grid.steps, "nproc": args.nproc, "config": file_identity(args.config),
-                "overrides": args.overrides}
+                "overrides": run_overrides(args, grid)}
     if cell.head.endswith(CLEANED):
         settings["clean_epoch"] = grid.clean_epoch
         settings["finder_epoch"] = grid.finder_epoch
@@ -265,10 +274,11 @@ def cell_settings(cell: Cell, args: argparse.Namespace, grid: Grid) -> dict[str,
 def run_study(args: argparse.Namespace, grid: Grid) -> list[dict[str, object]]:
     out: Path = args.out
     claim_study(out, study_settings(args, grid))
-    rec, heldout = prepare_source(args, grid, out)
+    rec, heldout_path = prepare_source(args, grid, out)
     kept_rec, outside_rec = out / "data" / "kept" / "train.rec", out / "data" / "outside" / "train.rec"
     if not (outside_rec.with_name("property").is_file() and kept_rec.with_name("property").is_file()):
         hold_out_identities(rec, out / "data", grid.hold_out, progress=False)
+    heldout = read_bin(heldout_path)  # decoded once: every cell is evaluated on the same pack
     cells = cells_of(grid)
     roots = [prepare_data(cell, kept_rec, outside_rec, out / "data") for cell in cells]
 
@@ -285,13 +295,13 @@ def run_study(args: argparse.Namespace, grid: Grid) -> list[dict[str, object]]:
                        run, summary, lambda index, result: {**result, **finder_counts(out, cells[index])},
                        parallel=args.jobs, keep_going=True)
     results = [{**asdict(cells[index]), **result} for index, result in enumerate(results)]
-    write_report(out, results, grid, describe_setup(args, out, cells))
+    write_report(out, results, grid, describe_setup(args, grid, out, cells))
     return results
 
 
-def describe_setup(args: argparse.Namespace, out: Path, cells: list[Cell]) -> str:
+def describe_setup(args: argparse.Namespace, grid: Grid, out: Path, cells: list[Cell]) -> str:
     """The base config, the overrides of every run and the heads' resolved settings, for the report."""
-    overrides = ", ".join(f"`{item}`" for item in args.overrides) or "none"
+    overrides = ", ".join(f"`{item}`" for item in run_overrides(args, grid)) or "none"
     heads = {}
     for cell in {cell.head: cell for cell in cells}.values():
         config = yaml.safe_load((out / "cells" / cell.name / "run" / "config.yaml").read_text())
@@ -456,6 +466,7 @@ def parse_grid(args: argparse.Namespace) -> Grid:
         clean_epoch=base.clean_epoch if args.clean_epoch is None else args.clean_epoch,
         finder_epoch=base.finder_epoch if args.finder_epoch is None else args.finder_epoch,
         drop_epoch=base.drop_epoch if args.drop_epoch is None else args.drop_epoch,
+        compile=base.compile if args.compile is None else args.compile,
     )
     if args.clean:
         cleaned = [head + CLEANED for head in grid.heads if not head.endswith((CLEANED, HAND_CLEANED))]
@@ -514,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, help="runs at a time, sharing the CPU cores (default: the cores, at most "
                         f"{MAX_JOBS}, on the synthetic data; 1 with --rec)")
     parser.add_argument("--quick", action="store_true", help="a small grid on a small synthetic set")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="torch.compile every run's backbone (model.compile=true; default: on, off with --quick; "
+                        "on a CPU it needs a C++ compiler)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for every run (repeatable)")
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sface_dist.evaluation.image_sources import RecordImages
 
@@ -110,10 +111,11 @@ def test_sub_center_arcface_cleaning_and_the_hand_cleaned_set_are_cells_of_the_s
     """``--heads subcenter-arcface sface+hand-cleaned --clean``: sub-center ArcFace as is and cleaned, dropping its
     sub-centres after ``--drop-epoch`` and cleaning after ``--clean-epoch`` (outlier rule) and ``--finder-epoch``
     (the finder's) within the same step budget, and SFace
-    on the noisy copy without the images its manifest lists; the report names what each row ran."""
+    on the noisy copy without the images its manifest lists; the report names what each row ran. The backbones are
+    compiled as in the default grid (``--compile``: inductor's CPU kernels, the training and the evaluation mode)."""
     command = [sys.executable, "tools/noise_study.py", "--quick", "--heads", "subcenter-arcface", "sface+hand-cleaned",
                "--clean", "--noise", "closed", "--ratios", "0.2", "--steps", "40", "--drop-epoch", "8",
-               "--clean-epoch", "7", "--finder-epoch", "9", "--out", str(tmp_path)]
+               "--clean-epoch", "7", "--finder-epoch", "9", "--compile", "--out", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = {(row["noise"], row["head"]) for row in read_results(tmp_path)}
@@ -126,6 +128,8 @@ def test_sub_center_arcface_cleaning_and_the_hand_cleaned_set_are_cells_of_the_s
         assert ("cleaning after epoch 7" in log) == ("cleaning after epoch 9" in log) == cleaned
         settings = json.loads((tmp_path / "cells" / cell / "settings.json").read_text())["settings"]
         assert settings["steps"] == 40 and settings["drop_epoch"] == 8
+        assert settings["overrides"] == ["model.compile=true"]
+        assert yaml.safe_load((tmp_path / "cells" / cell / "run" / "config.yaml").read_text())["model"]["compile"]
         assert (settings.get("clean_epoch"), settings.get("finder_epoch")) == ((7, 9) if cleaned else (None, None))
     planted = {record["key"] for record in json.loads(
         (tmp_path / "data" / "closed-0.2-seed0" / "corrupted.json").read_text())}
@@ -135,6 +139,7 @@ def test_sub_center_arcface_cleaning_and_the_hand_cleaned_set_are_cells_of_the_s
     run_config = (tmp_path / "cells" / "sface+hand-cleaned-closed-0.2-seed0" / "run" / "config.yaml").read_text()
     assert "closed-0.2-seed0-hand-cleaned" in run_config
     report = (tmp_path / "report.md").read_text()
+    assert "overrides for every run: `model.compile=true`." in report
     assert "subcenter-arcface: s 64.0, (m1, m2, m3) (1.0, 0.5, 0.0), margin_grad cos, 3 sub-centres dropped after " \
            "epoch 8" in report
     assert "subcenter-arcface+clean: " in report
