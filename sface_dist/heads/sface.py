@@ -218,9 +218,12 @@ def sface_block_dense(
 DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
 
 
-def auto_chunk_size(batch: int, num_classes: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
-    """Classes per chunk so that the ~4 [B, chunk] fp32 temporaries fit in ``budget_bytes``."""
-    per_class = max(batch, 1) * 4 * 4
+def auto_chunk_size(batch: int, num_classes: int, dim: int, sub_centers: int = 1,
+                    budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
+    """Classes per chunk so that one chunk's temporaries fit in ``budget_bytes``: about 4 [B, rows] fp32 tensors
+    (cosines, their gradient, masks) and 4 [rows, D] (the rows cast, normalised, their gradient and its tangent
+    part), ``rows`` the chunk's ``sub_centers`` centres a class. At small batches the [rows, D] ones dominate."""
+    per_class = 4 * 4 * sub_centers * (max(batch, 1) + dim)
     return int(max(1, min(num_classes, budget_bytes // per_class)))
 
 
@@ -307,7 +310,7 @@ def sface_block_chunked(
     """Chunked single-pass SFace block; ``chunk_size`` 0 picks one from a memory budget."""
     if chunk_size <= 0:
         k = options.sub_centers
-        chunk_size = auto_chunk_size(x_hat.shape[0] * k, weight.shape[0] // k)
+        chunk_size = auto_chunk_size(x_hat.shape[0], weight.shape[0] // k, x_hat.shape[1], k)
     loss, stats, cos_target, max_nontarget = _ChunkedSFace.apply(
         x_hat, weight, local_labels, inter_scale, params, options, chunk_size
     )

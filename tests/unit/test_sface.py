@@ -101,9 +101,13 @@ def test_fp64_inputs_are_computed_in_fp64() -> None:
     assert relative_error(out.loss, ref["loss"]) < 1e-12
 
 
-def test_auto_chunk_size_respects_budget() -> None:
-    assert auto_chunk_size(1024, 100_000, budget_bytes=64 * 2**20) == 4096
-    assert auto_chunk_size(8, 10) == 10
+def test_auto_chunk_size_counts_both_kinds_of_temporaries_against_the_budget() -> None:
+    """4 [B, rows] and 4 [rows, D] fp32 tensors a chunk, rows = classes x sub-centres: at B=1,024, D=512 a 64 MiB
+    budget holds 2,730 classes (4,096 if only the [B, rows] ones counted); at B=8 the [rows, D] ones decide."""
+    assert auto_chunk_size(1024, 100_000, 512, budget_bytes=64 * 2**20) == 2730
+    assert auto_chunk_size(1024, 100_000, 512, sub_centers=3, budget_bytes=64 * 2**20) == 910
+    assert auto_chunk_size(8, 100_000, 512, budget_bytes=2**20) == 2**20 // (16 * 520) == 126
+    assert auto_chunk_size(8, 10, 128) == 10
 
 
 def test_bad_embedding_size_and_labels_are_named() -> None:
