@@ -112,9 +112,10 @@ class EpochShardSampler:
         if len(indices) and (indices.min() < 0 or indices.max() >= self.num_images):
             raise DataError(f"exclude: image indices must lie in [0, {self.num_images})")
         excluded = np.union1d(self.excluded, indices)
-        if (self.num_images - len(excluded)) // self.global_batch == 0:
-            raise DataError(f"excluding {len(excluded)} of {self.num_images} images leaves less than one global "
-                            f"batch of {self.global_batch}")
+        kept = self.num_images - len(excluded)
+        if kept // self.global_batch == 0:
+            raise DataError(f"excluding {len(excluded)} images leaves {kept} of {self.num_images}, less than one "
+                            f"global batch of {self.global_batch}")
         self.excluded = excluded
 
     def set_epoch(self, epoch: int, skip_batches: int = 0, first_sample: int = 0) -> None:

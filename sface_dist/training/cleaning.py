@@ -130,10 +130,11 @@ def embed_images(backbone: nn.Module, dataset: RecordFaceDataset | SyntheticFace
             torch.tensor(readable, dtype=torch.bool))
 
 
-def embed_share(backbone: nn.Module, dataset: RecordFaceDataset | SyntheticFaceDataset, cfg: CleanConfig,
-                env: DistEnv, dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``embed_images`` of this rank's contiguous share of the dataset, the backbone in eval mode meanwhile."""
-    first, last = even_split(len(dataset), env.rank, env.world_size)
+def embed_share(backbone: nn.Module, dataset: RecordFaceDataset | SyntheticFaceDataset, share: tuple[int, int],
+                cfg: CleanConfig, env: DistEnv, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``embed_images`` of images ``share`` (first, end: this rank's contiguous share), the backbone in eval mode
+    meanwhile."""
+    first, last = share
     was_training = backbone.training
     backbone.eval()
     try:
@@ -156,9 +157,9 @@ def score_training_images(backbone: nn.Module, head: ShardedHead, dataset: Recor
                           ) -> tuple[LabelScores, np.ndarray, np.ndarray]:
     """Collective: the finder's scores of every image, its label, and whether it was readable (same on every
     rank). The identity means leave out the unreadable images and the dataset indices ``excluded``."""
-    local, labels, readable = embed_share(backbone, dataset, cfg, env, head.embedding_size)
-    classes, dim = head.num_classes, head.embedding_size
     first, last = even_split(len(dataset), env.rank, env.world_size)
+    local, labels, readable = embed_share(backbone, dataset, (first, last), cfg, env, head.embedding_size)
+    classes, dim = head.num_classes, head.embedding_size
     counted = readable.clone()
     if excluded is not None and len(excluded):
         inside = excluded[(excluded >= first) & (excluded < last)] - first
@@ -261,7 +262,8 @@ def drop_sub_centres(backbone: nn.Module, head: ShardedHead, optimizer: Any, dat
     are nearest (counts all-reduced; a tie goes to the lowest index); the images farther than ``degrees`` from
     their class's dominant centre join ``state.excluded``; the head and ``optimizer`` (a ``ShardOptimizer``) keep
     the dominant centre of each class and train on with one."""
-    local, labels, readable = embed_share(backbone, dataset, cfg, env, head.embedding_size)
+    share = even_split(len(dataset), env.rank, env.world_size)
+    local, labels, readable = embed_share(backbone, dataset, share, cfg, env, head.embedding_size)
     centres = F.normalize(gather_centres(head, env), dim=2)
     cosines, counts = dominant_centres(local, labels, readable, centres)
     if env.world_size > 1:

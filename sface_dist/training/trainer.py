@@ -469,14 +469,13 @@ class Trainer:
         return self.evaluate()
 
     def _exclude_and_save(self, what: str, advice: str, line: str, scalars: dict[str, float]) -> None:
-        """After a drop or a cleaning (``what``): leave ``self.cleaning.excluded`` out of later epochs (one line
-        naming ``what`` and ``advice`` when too few images are left), log ``line``, write ``clean/<name>`` scalars
-        and ``clean/excluded`` to TensorBoard, and a checkpoint."""
-        kept = self.loader.dataset_size - len(self.cleaning.excluded)
-        if kept // self.micro_batch == 0:
-            raise DataError(f"{what} leaves {kept} of {self.loader.dataset_size} images, less than one global batch "
-                            f"of {self.micro_batch}: {advice}")
-        self.loader.exclude(self.cleaning.excluded)
+        """After a drop or a cleaning (``what``): leave ``self.cleaning.excluded`` out of later epochs (the loader's
+        one line, prefixed with ``what`` and followed by ``advice``, when too few images are left), log ``line``,
+        write ``clean/<name>`` scalars and ``clean/excluded`` to TensorBoard, and a checkpoint."""
+        try:
+            self.loader.exclude(self.cleaning.excluded)
+        except DataError as error:
+            raise DataError(f"{what}: {error}: {advice}") from None
         self.log(line)
         if self.writer is not None:
             for name, value in {**scalars, "excluded": len(self.cleaning.excluded)}.items():

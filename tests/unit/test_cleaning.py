@@ -62,7 +62,7 @@ def test_excluded_images_leave_every_later_epoch_at_every_world_size() -> None:
     for world, batches in orders.items():
         size = 5 * world
         assert batches == [sorted(kept[b * size : (b + 1) * size].tolist()) for b in range(95 // size)], world
-    with pytest.raises(DataError, match="excluding 8 of 12 images leaves less than one global batch of 5"):
+    with pytest.raises(DataError, match="excluding 8 images leaves 4 of 12, less than one global batch of 5"):
         EpochShardSampler(12, 5, 0, 1, seed=0, flip=False).exclude(np.arange(8))
 
 
@@ -265,8 +265,8 @@ def test_a_drop_that_would_leave_too_few_images_is_one_line(tmp_path: Path) -> N
         "eval.bins=[]", f"train.output={tmp_path / 'run'}") for item in ("--set", value))]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr == ("error: the sub-centre drop after epoch 1 leaves 0 of 64 images, less than one global "
-                             "batch of 16: drop later (head.sub_center_drop_epoch) or at a wider angle "
+    assert result.stderr == ("error: the sub-centre drop after epoch 1: excluding 64 images leaves 0 of 64, less "
+                             "than one global batch of 16: drop later (head.sub_center_drop_epoch) or at a wider angle "
                              "(head.sub_center_drop_degrees)\n")
 
 
