@@ -1,6 +1,6 @@
 """Does the loss resist label noise? Train each head type on noisy copies of a dataset and compare.
 
-    python tools/noise_study.py --out study/demo                        # synthetic demo data, ~51 min on 2 cores
+    python tools/noise_study.py --out study/demo                        # synthetic demo data, ~21 min on 2 cores
     python tools/noise_study.py --out study/quick --quick               # a smoke test, under a minute
     python tools/noise_study.py --out study/cleaning --heads sface arcface subcenter-arcface --clean
     python tools/noise_study.py --out study/mine --rec data/mine/train.rec --bin data/mine/lfw.bin \\
