@@ -14,7 +14,7 @@ from torch import nn
 
 from sface_dist.config import Config, DataConfig, DeepSpeedConfig, HeadConfig, ModelConfig, OptimConfig, TrainConfig
 from sface_dist.parallel.launch import DistEnv
-from sface_dist.training.memory_plan import measure_step_peak, plan_memory, trace_backward
+from sface_dist.training.memory_plan import measure_step_peak, peak_live_bytes, plan_memory, trace_backward
 
 from rank_launcher import run_ranks
 
@@ -82,6 +82,18 @@ def test_the_plan_is_within_tolerance_of_the_measured_peak_of_each_engine_on_two
         for rank, peaks in enumerate(measured):
             assert within_tolerance(planned, peaks[name]), (
                 f"{name}, rank {rank}: planned {planned / 2**20:.1f} MiB, measured {peaks[name] / 2**20:.1f} MiB")
+
+
+def test_the_peak_counts_a_buffer_freed_unrecorded_once() -> None:
+    """Bytes alive at once, by hand. A 100-byte buffer freed and allocated again at the same address holds 100
+    bytes, not 200, when its free is recorded at the time of the new allocation, or not at all (freed on another
+    thread): with B (10) and C (50) alive, the peak is 160 wherever before the reuse the free fell. A free of
+    memory allocated before the trace is skipped."""
+    in_order = [(10, 0xA, 100), (20, 0xB, 10), (30, 0xC, 50), (35, 0xA, -100), (40, 0xA, 100), (50, 0xA, -100)]
+    same_time = [(10, 0xA, 100), (20, 0xB, 10), (30, 0xC, 50), (40, 0xA, 100), (40, 0xA, -100), (50, 0xA, -100)]
+    unrecorded = [(10, 0xA, 100), (20, 0xB, 10), (30, 0xC, 50), (40, 0xA, 100), (50, 0xA, -100)]
+    assert peak_live_bytes(in_order) == peak_live_bytes(same_time) == peak_live_bytes(unrecorded) == 160
+    assert peak_live_bytes([(0, 0xD, -64), (1, 0xA, 100), (2, 0xB, 20), (3, 0xB, -20), (4, 0xC, 30)]) == 130
 
 
 def test_the_activation_trace_matches_a_hand_count() -> None:
