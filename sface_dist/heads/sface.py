@@ -218,12 +218,18 @@ def sface_block_dense(
 DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
 
 
+def chunk_temporary_bytes(batch: int, rows: int, dim: int) -> int:
+    """The chunked block's temporaries for a chunk of ``rows`` centres: about 4 [B, rows] fp32 tensors (cosines,
+    their gradient, masks) and 4 [rows, D] (the rows cast, normalised, their gradient and its tangent part). At
+    small batches the [rows, D] ones dominate."""
+    return 4 * 4 * rows * (max(batch, 1) + dim)
+
+
 def auto_chunk_size(batch: int, num_classes: int, dim: int, sub_centers: int = 1,
                     budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
-    """Classes per chunk so that one chunk's temporaries fit in ``budget_bytes``: about 4 [B, rows] fp32 tensors
-    (cosines, their gradient, masks) and 4 [rows, D] (the rows cast, normalised, their gradient and its tangent
-    part), ``rows`` the chunk's ``sub_centers`` centres a class. At small batches the [rows, D] ones dominate."""
-    per_class = 4 * 4 * sub_centers * (max(batch, 1) + dim)
+    """Classes per chunk so that one chunk's temporaries (``chunk_temporary_bytes``, ``sub_centers`` rows a class)
+    fit in ``budget_bytes``."""
+    per_class = chunk_temporary_bytes(batch, sub_centers, dim)
     return int(max(1, min(num_classes, budget_bytes // per_class)))
 
 

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from sface_dist.backbones import build_backbone
 from sface_dist.config import Amp, Config
-from sface_dist.heads.sface import auto_chunk_size
+from sface_dist.heads.sface import auto_chunk_size, chunk_temporary_bytes
 from sface_dist.parallel.launch import DistEnv
 from sface_dist.parallel.partition import class_range
 from sface_dist.training.optimization import autocast
@@ -256,7 +256,7 @@ def _head_lines(cfg: Config, num_classes: int, world_size: int, on_gpu: bool) ->
     elif impl == "chunked":
         classes_per_chunk = cfg.head.chunk_size or auto_chunk_size(gathered, scored // k, dim, k)
         chunk = min(classes_per_chunk * k, scored)
-        lines.append(MemoryLine("one chunk's temporaries", 4 * FP32 * (gathered + dim) * chunk, "forward",
+        lines.append(MemoryLine("one chunk's temporaries", chunk_temporary_bytes(gathered, chunk, dim), "forward",
                                 f"4 x [{gathered:,} x {chunk:,}] and 4 x [{chunk:,} x {dim}] x 4 B "
                                 f"(head.impl chunked)"))
     return lines
